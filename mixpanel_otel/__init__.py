@@ -1,0 +1,54 @@
+"""Turn the telemetry a service already produces into Mixpanel group profile updates.
+
+Front ends (stdlib logging, structlog, OpenTelemetry spans and logs,
+:class:`GroupClient`) translate records into group updates and hand them to
+one shared, background consumer per (token, API host).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._client import GroupClient
+from ._consumer import get_consumer
+from ._exceptions import MixpanelException
+
+if TYPE_CHECKING:
+    from ._logging import MixpanelGroupHandler
+    from ._otel import MixpanelLogExporter, MixpanelSpanExporter
+    from ._structlog import MixpanelGroupProcessor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GroupClient",
+    "MixpanelException",
+    "MixpanelGroupHandler",
+    "MixpanelGroupProcessor",
+    "MixpanelLogExporter",
+    "MixpanelSpanExporter",
+    "get_consumer",
+]
+
+# Front ends import their frameworks only when first used.
+_LAZY = {
+    "MixpanelGroupHandler": "._logging",
+    "MixpanelGroupProcessor": "._structlog",
+    "MixpanelSpanExporter": "._otel",
+    "MixpanelLogExporter": "._otel",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mixpanel_otel' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

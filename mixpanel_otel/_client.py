@@ -1,0 +1,120 @@
+"""GroupClient: the official SDK's ``group_*`` API on the shared consumer."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from ._consumer import Consumer, get_consumer
+from ._exceptions import MixpanelException
+from ._wire import updates_from_message
+
+__all__ = ["GroupClient", "resolve_consumer"]
+
+
+def resolve_consumer(
+    token: Optional[str], api_host: Optional[str], consumer: Optional[Consumer], options: dict
+) -> Consumer:
+    """The consumer a front end uses: the one given, else the shared one for (token, host)."""
+    if consumer is not None:
+        if options:
+            raise MixpanelException("pass consumer options to get_consumer(), not with consumer=")
+        return consumer
+    return get_consumer(token, api_host, **options)
+
+
+class GroupClient:
+    """Group profile updates with the official SDK's method names and messages.
+
+    Calls validate and queue (no I/O); the shared consumer delivers in the
+    background. With ``sync=True`` each call is sent at once and raises
+    :class:`MixpanelException` when it is not delivered, like the SDK's
+    ``Consumer``.
+    """
+
+    def __init__(
+        self,
+        token: Optional[str] = None,
+        *,
+        api_host: Optional[str] = None,
+        consumer: Optional[Consumer] = None,
+        sync: bool = False,
+        **options: Any,
+    ) -> None:
+        self.consumer = resolve_consumer(token, api_host, consumer, options)
+        self.sync = sync
+
+    def __repr__(self) -> str:
+        return f"<GroupClient {self.consumer.base_url}{' sync' if self.sync else ''}>"
+
+    def group_set(
+        self, group_key: str, group_id: Any, properties: dict, meta: Optional[dict] = None
+    ) -> None:
+        """Set properties of a group profile (creating it if needed)."""
+        self.group_update(
+            {"$group_key": group_key, "$group_id": group_id, "$set": properties}, meta=meta
+        )
+
+    def group_set_once(
+        self, group_key: str, group_id: Any, properties: dict, meta: Optional[dict] = None
+    ) -> None:
+        """Set properties of a group profile that are not already set."""
+        self.group_update(
+            {"$group_key": group_key, "$group_id": group_id, "$set_once": properties}, meta=meta
+        )
+
+    def group_union(
+        self, group_key: str, group_id: Any, properties: dict, meta: Optional[dict] = None
+    ) -> None:
+        """Merge values into list properties, ignoring duplicates."""
+        self.group_update(
+            {"$group_key": group_key, "$group_id": group_id, "$union": properties}, meta=meta
+        )
+
+    def group_remove(
+        self, group_key: str, group_id: Any, properties: dict, meta: Optional[dict] = None
+    ) -> None:
+        """Remove a value from list properties."""
+        self.group_update(
+            {"$group_key": group_key, "$group_id": group_id, "$remove": properties}, meta=meta
+        )
+
+    def group_unset(
+        self, group_key: str, group_id: Any, properties: list, meta: Optional[dict] = None
+    ) -> None:
+        """Remove properties from a group profile."""
+        self.group_update(
+            {"$group_key": group_key, "$group_id": group_id, "$unset": properties}, meta=meta
+        )
+
+    def group_delete(self, group_key: str, group_id: Any, meta: Optional[dict] = None) -> None:
+        """Delete a group profile."""
+        self.group_update(
+            {"$group_key": group_key, "$group_id": group_id, "$delete": ""}, meta=meta
+        )
+
+    def group_update(self, message: dict, meta: Optional[dict] = None) -> None:
+        """Send a generic update; several operations become several messages."""
+        consumer = self.consumer
+        try:
+            updates = updates_from_message(message, meta, None, consumer.truncations)
+        except MixpanelException:
+            consumer.count_invalid()
+            raise
+        if self.sync:
+            consumer.deliver_now(updates)
+        else:
+            consumer.enqueue(updates)
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Deliver everything pending; True when nothing is left within ``timeout``."""
+        return self.consumer.flush(timeout)
+
+    def close(self) -> None:
+        """Flush within the consumer's shutdown timeout. The shared consumer keeps running."""
+        self.consumer.flush(self.consumer.shutdown_timeout)
+
+    def __enter__(self) -> GroupClient:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()

@@ -1,0 +1,95 @@
+"""Configuration: argument, then environment, then default."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Optional
+
+from ._exceptions import MixpanelException
+from ._wire import DEFAULT_BATCH_SIZE, MAX_BATCH_MESSAGES, REGION_HOSTS
+
+__all__ = ["CONSUMER_OPTIONS", "resolve_options", "resolve_target"]
+
+
+def _positive_float(value: Any) -> float:
+    number = float(value)
+    if not number > 0 or number == float("inf"):
+        raise ValueError("must be a positive number")
+    return number
+
+
+def _batch_size(value: Any) -> int:
+    number = int(value)
+    if not 1 <= number <= MAX_BATCH_MESSAGES:
+        raise ValueError(f"must be between 1 and {MAX_BATCH_MESSAGES}")
+    return number
+
+
+def _positive_int(value: Any) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be at least 1")
+    return number
+
+
+def _callable_or_none(value: Any) -> Optional[Callable]:
+    if value is not None and not callable(value):
+        raise ValueError("must be callable")
+    return value
+
+
+def _path_or_none(value: Any) -> Optional[str]:
+    return os.fspath(value) if value else None
+
+
+# option -> (environment variable or None, default, parser)
+CONSUMER_OPTIONS: dict[str, tuple[Optional[str], Any, Callable[[Any], Any]]] = {
+    "flush_interval": ("MIXPANEL_OTEL_FLUSH_INTERVAL", 1.0, _positive_float),
+    "batch_size": ("MIXPANEL_OTEL_BATCH_SIZE", DEFAULT_BATCH_SIZE, _batch_size),
+    "max_pending": ("MIXPANEL_OTEL_MAX_PENDING", 10_000, _positive_int),
+    "max_pending_bytes": ("MIXPANEL_OTEL_MAX_PENDING_BYTES", 64 * 1024 * 1024, _positive_int),
+    "request_timeout": ("MIXPANEL_OTEL_TIMEOUT", 10.0, _positive_float),
+    "shutdown_timeout": ("MIXPANEL_OTEL_SHUTDOWN_TIMEOUT", 5.0, _positive_float),
+    "spool_dir": ("MIXPANEL_OTEL_SPOOL_DIR", None, _path_or_none),
+    "backoff_base": (None, 2.0, _positive_float),
+    "backoff_max": (None, 60.0, _positive_float),
+    "on_error": (None, None, _callable_or_none),
+    "before_send": (None, None, _callable_or_none),
+}
+
+
+def resolve_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Fill every consumer option; raise naming the option or variable that is wrong."""
+    unknown = set(options) - set(CONSUMER_OPTIONS)
+    if unknown:
+        raise MixpanelException(f"unknown option(s): {', '.join(sorted(unknown))}")
+    resolved = {}
+    for name, (env, default, parse) in CONSUMER_OPTIONS.items():
+        value, source = options.get(name), name
+        if value is None and env and os.environ.get(env):
+            value, source = os.environ[env], env
+        if value is None:
+            resolved[name] = default
+            continue
+        try:
+            resolved[name] = parse(value)
+        except (TypeError, ValueError) as exc:
+            raise MixpanelException(f"{source}={value!r}: {exc}") from None
+    return resolved
+
+
+def resolve_target(token: Optional[str], api_host: Optional[str], region: Optional[str] = None):
+    """Return ``(token, base_url)``; ``api_host`` may be a host or a full URL."""
+    token = token or os.environ.get("MIXPANEL_TOKEN")
+    if not token or not isinstance(token, str):
+        raise MixpanelException("no Mixpanel project token: pass token= or set MIXPANEL_TOKEN")
+    api_host = api_host or os.environ.get("MIXPANEL_API_HOST")
+    if not api_host:
+        region = (region or os.environ.get("MIXPANEL_REGION") or "us").lower()
+        if region not in REGION_HOSTS:
+            raise MixpanelException(
+                f"MIXPANEL_REGION={region!r}: expected one of {', '.join(REGION_HOSTS)}"
+            )
+        api_host = REGION_HOSTS[region]
+    base_url = api_host if "://" in api_host else f"https://{api_host}"
+    return token, base_url.rstrip("/")

@@ -1,0 +1,735 @@
+"""The shared consumer: pending updates per group, coalesced, sent in batches.
+
+Callers only append under a short lock (:meth:`Consumer.enqueue`); one worker
+thread per consumer encodes, batches and posts, retrying with backoff and
+splitting rejected batches. One consumer exists per (token, API host) per
+process (:func:`get_consumer`); it is fork-safe and flushed at exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import random
+import threading
+import time
+import weakref
+from collections import deque
+from time import monotonic
+from typing import Any, Callable, Iterable, Optional, Union
+from urllib.parse import quote_plus
+
+from ._config import resolve_options, resolve_target
+from ._exceptions import MixpanelException
+from ._transport import FATAL, OK, REJECTED, RETRY, Outcome, Transport
+from ._wire import (
+    ENDPOINTS,
+    MAX_BATCH_BYTES,
+    MAX_MESSAGE_BYTES,
+    GroupUpdate,
+    Truncations,
+    updates_from_message,
+    wire_message,
+)
+
+__all__ = ["Consumer", "get_consumer"]
+
+logger = logging.getLogger("mixpanel_otel")
+
+#: Idents of worker threads; front ends ignore records these threads emit.
+WORKER_THREADS: set[int] = set()
+
+_BODY_OPEN = "data=%5B"
+_BODY_CLOSE = "%5D&verbose=1&ip=0"
+_SEPARATOR = "%2C"
+_WARN_EVERY = 10.0
+_DEFAULT_FLUSH_TIMEOUT = 30.0
+
+_Entry = Union[GroupUpdate, str]
+
+
+class _Lane:
+    """Pending messages for one endpoint (and, for ``/import``, one credential)."""
+
+    __slots__ = ("path", "auth", "extra", "queue", "groups", "carry")
+
+    def __init__(self, path: str, auth: Optional[tuple] = None, extra: str = "") -> None:
+        self.path = path
+        self.auth = auth
+        self.extra = extra  # more form fields, e.g. "&api_key=..."
+        self.queue: deque[_Entry] = deque()  # arrival order
+        self.groups: dict[tuple, deque[GroupUpdate]] = {}  # per group, same order
+        # Encoded messages taken off ``queue`` and not yet delivered, oldest first:
+        # (json text, form-quoted text, accounted size).
+        self.carry: deque[tuple[str, str, int]] = deque()
+
+    def __len__(self) -> int:
+        return len(self.queue) + len(self.carry)
+
+
+def _touches(a: Any, b: Any) -> bool:
+    """Whether two payloads (dicts or name lists) share a property name."""
+    if len(a) > len(b):
+        a, b = b, a
+    return any(name in b for name in a)
+
+
+def _merge(into: GroupUpdate, new: GroupUpdate) -> bool:
+    """Merge ``new`` into the earlier ``into`` of the same operation, if exact."""
+    op, target, source = into.op, into.payload, new.payload
+    if op == "$set":
+        target.update(source)
+    elif op == "$set_once":
+        for name, value in source.items():
+            target.setdefault(name, value)
+    elif op == "$union":
+        for name, values in source.items():
+            current = target.get(name)
+            if current is None:
+                target[name] = values
+            else:
+                current.extend(v for v in values if v not in current)
+    elif op == "$remove":
+        # One message removes one value a property, so only new properties merge.
+        if _touches(target, source):
+            return False
+        target.update(source)
+    elif op == "$unset":
+        target.extend(name for name in source if name not in target)
+    else:
+        return False
+    into.time = new.time
+    into.size += new.size
+    return True
+
+
+def _redacted(text: str, token: str) -> dict:
+    """A message as given to ``on_error``: decoded, without the token."""
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return {"message": text.replace(token, "<token>")}
+    if isinstance(message, dict):
+        message.pop("$token", None)
+        return message
+    return {"message": message}
+
+
+class Consumer:
+    """Buffers, coalesces and delivers group updates for one (token, host).
+
+    Build it with :func:`get_consumer`. Also speaks the official SDK's
+    consumer protocol (:meth:`send`), so ``Mixpanel(token, consumer=...)``
+    gets background, batched delivery.
+    """
+
+    def __init__(self, token: str, base_url: str, **options: Any) -> None:
+        opts = resolve_options(options)
+        self._token = token
+        self.base_url = base_url
+        self.flush_interval: float = opts["flush_interval"]
+        self.batch_size: int = opts["batch_size"]
+        self.max_pending: int = opts["max_pending"]
+        self.max_pending_bytes: int = opts["max_pending_bytes"]
+        self.request_timeout: float = opts["request_timeout"]
+        self.shutdown_timeout: float = opts["shutdown_timeout"]
+        self.spool_dir: Optional[str] = opts["spool_dir"]
+        self._backoff_base: float = opts["backoff_base"]
+        self._backoff_max: float = opts["backoff_max"]
+        self.on_error: Optional[Callable] = opts["on_error"]
+        self.before_send: Optional[Callable] = opts["before_send"]
+        self.transport = Transport(base_url, self.request_timeout)
+        self.truncations = Truncations()
+        self._init_state()
+        _LIVE.add(self)
+
+    def _init_state(self) -> None:
+        """Everything a forked child must not inherit."""
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified when nothing is left
+        self._drain_lock = threading.Lock()  # one sender at a time
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._worker: Optional[threading.Thread] = None
+        self._deadline: Optional[float] = None  # set while shutting down
+        self._closed = False
+        self._groups_lane = _Lane("/groups")
+        self._lanes: dict[tuple, _Lane] = {("groups", None, None): self._groups_lane}
+        self._inflight: list = []  # the batch being posted, for spooling at exit
+        self._count = 0  # pending + in flight
+        self._bytes = 0
+        self._last_warning = -_WARN_EVERY
+        self._stats = dict.fromkeys(
+            (
+                "enqueued",
+                "coalesced",
+                "sent",
+                "failed",
+                "dropped",
+                "invalid",
+                "filtered",
+                "retries",
+                "requests",
+                "errors",
+                "spooled",
+                "replayed",
+            ),
+            0,
+        )
+        self.truncations.count = 0
+        self.transport.reset()
+        self._sync_lock = threading.Lock()
+        self._sync_transport: Optional[Transport] = None
+        self._spool = None
+
+    def __repr__(self) -> str:
+        return f"<mixpanel_otel Consumer {self.base_url} pending={self._count}>"
+
+    # -- caller side -----------------------------------------------------------------
+
+    def enqueue(self, updates: Iterable[GroupUpdate]) -> None:
+        """Add updates (from the caller's thread): no I/O, no encoding, never blocks long."""
+        if self._pid != os.getpid():
+            self._reset_in_child()
+        overflow = 0
+        with self._lock:
+            for update in updates:
+                if not self._add(update):
+                    overflow += 1
+            fill = len(self._groups_lane.queue)
+            if self._worker is None:
+                self._start_worker()
+        if fill >= self.batch_size and not self._wake.is_set():
+            self._wake.set()
+        if overflow:
+            self._overflowed(overflow)
+
+    def _add(self, update: GroupUpdate) -> bool:
+        """Coalesce or append one update; the lock is held. False on overflow."""
+        self._stats["enqueued"] += 1
+        gid = update.group_id
+        key = (update.group_key, gid if type(gid) is str else str(gid))
+        lane = self._groups_lane
+        queue = lane.groups.get(key)
+        if queue:
+            op = update.op
+            if op == "$delete":
+                # A delete supersedes everything still pending for the group.
+                for old in queue:
+                    old.dead = True
+                    self._count -= 1
+                    self._bytes -= old.size
+                self._stats["coalesced"] += len(queue)
+                queue.clear()
+            elif op is not None:
+                for old in reversed(queue):
+                    if old.op == op and old.meta == update.meta:
+                        if _merge(old, update):
+                            self._bytes += update.size
+                            self._stats["coalesced"] += 1
+                            return True
+                        break
+                    if old.op == "$delete" or _touches(old.payload, update.payload):
+                        break
+        if self._count >= self.max_pending or self._bytes >= self.max_pending_bytes:
+            self._stats["enqueued"] -= 1
+            self._stats["dropped"] += 1
+            if queue is not None and not queue:
+                del lane.groups[key]
+            return False
+        if queue is None:
+            queue = lane.groups[key] = deque()
+        queue.append(update)
+        lane.queue.append(update)
+        self._count += 1
+        self._bytes += update.size
+        return True
+
+    def _overflowed(self, count: int) -> None:
+        now = monotonic()
+        if now - self._last_warning >= _WARN_EVERY:
+            self._last_warning = now
+            logger.warning(
+                "mixpanel-otel: pending updates are at max_pending (%d updates / %d bytes); "
+                "dropped %d update(s) (stats()['dropped'] counts them all)",
+                self.max_pending,
+                self.max_pending_bytes,
+                count,
+            )
+
+    def count_invalid(self, count: int = 1) -> None:
+        """Count records a front end refused (they never reach the queue)."""
+        with self._lock:
+            self._stats["invalid"] += count
+
+    def send(
+        self,
+        endpoint: str,
+        json_message: str,
+        api_key: Any = None,
+        api_secret: Optional[str] = None,
+    ) -> None:
+        """The official SDK's consumer protocol: queue one JSON message for ``endpoint``."""
+        path = ENDPOINTS.get(endpoint)
+        if path is None:
+            raise MixpanelException(
+                f"No such endpoint {endpoint!r}. Valid endpoints are one of {list(ENDPOINTS)}"
+            )
+        if isinstance(api_key, tuple):
+            api_key, api_secret = api_key
+        if endpoint == "groups":
+            try:
+                message = json.loads(json_message)
+            except (TypeError, ValueError):
+                raise MixpanelException("groups message is not valid JSON") from None
+            if isinstance(message, dict) and message.get("$token", self._token) == self._token:
+                self.enqueue(updates_from_message(message, counter=self.truncations))
+                return
+        self._enqueue_raw(endpoint, path, json_message, api_key, api_secret)
+
+    def _enqueue_raw(self, endpoint, path, text, api_key, api_secret) -> None:
+        if self._pid != os.getpid():
+            self._reset_in_child()
+        with self._lock:
+            lane = self._lanes.get((endpoint, api_key, api_secret))
+            if lane is None:
+                auth = (api_secret, "") if api_secret else None
+                extra = f"&api_key={quote_plus(api_key)}" if api_secret and api_key else ""
+                lane = self._lanes[(endpoint, api_key, api_secret)] = _Lane(path, auth, extra)
+            self._stats["enqueued"] += 1
+            full = self._count >= self.max_pending or self._bytes >= self.max_pending_bytes
+            if full:
+                self._stats["enqueued"] -= 1
+                self._stats["dropped"] += 1
+            else:
+                lane.queue.append(text)
+                self._count += 1
+                self._bytes += len(text)
+            if self._worker is None:
+                self._start_worker()
+        if full:
+            self._overflowed(1)
+        elif len(lane.queue) >= self.batch_size:
+            self._wake.set()
+
+    def deliver_now(self, updates: list[GroupUpdate]) -> None:
+        """Send ``updates`` from this thread at once; raise unless Mixpanel accepted them.
+
+        Retries a failed connection or 5xx four times, as the official SDK's
+        ``Consumer`` does. Used by ``GroupClient(sync=True)``.
+        """
+        if self._pid != os.getpid():
+            self._reset_in_child()
+        texts = []
+        for update in updates:
+            message = wire_message(self._token, update)
+            if self.before_send is not None:
+                message = self._call_before_send(message)
+                if message is None:
+                    self._count_stat("filtered")
+                    continue
+            texts.append(_dumps(message))
+        if not texts:
+            return
+        self._count_stat("enqueued", len(texts))
+        body = _BODY_OPEN + _SEPARATOR.join(map(quote_plus, texts)) + _BODY_CLOSE
+        with self._sync_lock:
+            if self._sync_transport is None:
+                self._sync_transport = Transport(self.base_url, self.request_timeout)
+            for attempt in range(5):
+                self._count_stat("requests")
+                outcome = self._sync_transport.post("/groups", body)
+                if outcome.kind == OK:
+                    self._count_stat("sent", len(texts))
+                    return
+                if outcome.kind != RETRY or attempt == 4:
+                    break
+                self._count_stat("retries")
+                time.sleep(0.25 * 2**attempt)
+        self._count_stat("failed", len(texts))
+        raise MixpanelException(f"Mixpanel error: {self._scrub(outcome.reason)}")
+
+    def _count_stat(self, name: str, count: int = 1) -> None:
+        with self._lock:
+            self._stats[name] += count
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Send everything pending, waiting up to ``timeout`` s (default 30).
+
+        Returns True when nothing is left.
+        """
+        if self._pid != os.getpid():
+            self._reset_in_child()
+        deadline = monotonic() + (_DEFAULT_FLUSH_TIMEOUT if timeout is None else timeout)
+        with self._lock:
+            if self._count == 0:
+                return True
+            worker = self._worker
+        if worker is None or self._closed:
+            # Stopped (at exit, or after close): send from this thread, within the bound.
+            self._drain(deadline)
+        else:
+            self._wake.set()
+        with self._idle:
+            while self._count:
+                remaining = deadline - monotonic()
+                if remaining <= 0:
+                    return False
+                self._idle.wait(remaining)
+        return True
+
+    def stats(self) -> dict[str, int]:
+        """Counters since the consumer started (or since this process forked)."""
+        with self._lock:
+            stats = dict(self._stats)
+            stats["pending"] = self._count
+            stats["pending_bytes"] = self._bytes
+        stats["truncated"] = self.truncations.count
+        return stats
+
+    def shutdown(self, timeout: Optional[float] = None) -> bool:
+        """Deliver what is pending within ``timeout`` (default ``shutdown_timeout``), then stop.
+
+        Idempotent. Updates added later are still accepted and sent by the
+        next :meth:`flush` from the calling thread.
+        """
+        if self._pid != os.getpid():
+            self._reset_in_child()
+        if self._closed:
+            return self.flush(timeout if timeout is not None else self.shutdown_timeout)
+        timeout = self.shutdown_timeout if timeout is None else timeout
+        self._deadline = monotonic() + timeout
+        with self._lock:
+            self._closed = True
+            worker = self._worker
+        self._stop.set()
+        self._wake.set()
+        if worker is not None:
+            worker.join(max(0.0, self._deadline - monotonic()) + 0.5)
+        with self._lock:
+            left = self._count
+        if left and (worker is None or not worker.is_alive()):
+            self._drain(self._deadline)
+            with self._lock:
+                left = self._count
+        if left:
+            logger.warning(
+                "mixpanel-otel: %d update(s) not delivered within the %.1f s shutdown timeout",
+                left,
+                timeout,
+            )
+        with self._lock:
+            self._worker = None
+            self._deadline = None
+        self.transport.close()
+        return left == 0
+
+    # -- worker side -----------------------------------------------------------------
+
+    def _start_worker(self) -> None:
+        if self._closed:
+            return  # at exit: flush() sends from the caller instead
+        self._stop.clear()
+        worker = threading.Thread(target=self._run, name="mixpanel-otel-worker", daemon=True)
+        self._worker = worker
+        worker.start()
+
+    def _run(self) -> None:
+        WORKER_THREADS.add(threading.get_ident())
+        _suppress_instrumentation()
+        try:
+            while not self._stop.is_set():
+                self._wake.wait(self.flush_interval)
+                self._wake.clear()
+                try:
+                    self._drain(self._deadline)
+                except Exception as exc:  # a bug must not end delivery
+                    self._report_bug(exc)
+            self._drain(self._deadline)
+        except BaseException as exc:
+            self._report_bug(exc)
+        finally:
+            WORKER_THREADS.discard(threading.get_ident())
+            with self._lock:
+                if self._worker is threading.current_thread():
+                    self._worker = None  # restarted by the next enqueue
+
+    def _report_bug(self, exc: BaseException) -> None:
+        with self._lock:
+            self._stats["errors"] += 1
+        logger.error("mixpanel-otel worker error: %s", self._scrub(repr(exc)))
+
+    def _drain(self, deadline: Optional[float]) -> None:
+        """Send every lane until it is empty, or the deadline passes."""
+        with self._drain_lock:
+            for lane in list(self._lanes.values()):
+                while True:
+                    batch = self._take_batch(lane)
+                    if not batch:
+                        break
+                    left = self._deliver(lane, batch, deadline)
+                    self._inflight = []
+                    if left:
+                        lane.carry.extendleft(reversed(left))
+                        return
+
+    def _take_batch(self, lane: _Lane) -> list:
+        batch: list = []
+        size = len(_BODY_OPEN) + len(_BODY_CLOSE) + len(lane.extra)
+        while len(batch) < self.batch_size:
+            if not lane.carry and not self._encode_some(lane, self.batch_size - len(batch)):
+                break
+            if not lane.carry:
+                continue
+            item = lane.carry[0]
+            grown = size + len(item[1]) + len(_SEPARATOR)
+            if batch and grown > MAX_BATCH_BYTES:
+                break
+            batch.append(lane.carry.popleft())
+            size = grown
+        self._inflight = batch
+        return batch
+
+    def _encode_some(self, lane: _Lane, limit: int) -> bool:
+        """Move up to ``limit`` entries from the queue to the carry, encoded. False if none."""
+        entries = []
+        with self._lock:
+            queue = lane.queue
+            while queue and len(entries) < limit:
+                entry = queue.popleft()
+                if type(entry) is str:
+                    entries.append(entry)
+                    continue
+                if entry.dead:
+                    continue
+                gid = entry.group_id
+                key = (entry.group_key, gid if type(gid) is str else str(gid))
+                group = lane.groups[key]
+                group.popleft()
+                if not group:
+                    del lane.groups[key]
+                entries.append(entry)
+        if not entries:
+            return False
+        for entry in entries:
+            if type(entry) is str:
+                message: Any = entry
+                size = len(entry)
+                if self.before_send is not None:
+                    message = json.loads(entry)
+            else:
+                message = wire_message(self._token, entry)
+                size = entry.size
+            try:
+                if self.before_send is not None:
+                    message = self._call_before_send(message)
+                    if message is None:
+                        self._settle(size, "filtered")
+                        continue
+                text = message if type(message) is str else _dumps(message)
+                quoted = quote_plus(text)
+                if len(text) > MAX_MESSAGE_BYTES or len(quoted) > MAX_BATCH_BYTES - 64:
+                    raise MixpanelException(
+                        f"message of {len(text)} bytes is over Mixpanel's 1 MB limit; not sent"
+                    )
+            except MixpanelException as error:
+                self._settle(size, "failed")
+                self._report(error, [message] if type(message) is dict else [])
+                continue
+            lane.carry.append((text, quoted, size))
+        return True
+
+    def _call_before_send(self, message: Any) -> Any:
+        try:
+            return self.before_send(message)  # type: ignore[misc]
+        except Exception as exc:
+            with self._lock:
+                self._stats["errors"] += 1
+            raise MixpanelException(
+                f"before_send raised {self._scrub(repr(exc))}; message not sent"
+            ) from None
+
+    def _deliver(self, lane: _Lane, batch: list, deadline: Optional[float]) -> list:
+        """Post ``batch`` until it is delivered or refused; return what is left at the deadline."""
+        attempt = 0
+        while True:
+            timeout = self.request_timeout
+            deadline = deadline or self._deadline  # shutdown may begin while we retry
+            if deadline is not None:
+                remaining = deadline - monotonic()
+                if remaining <= 0.01:
+                    return batch
+                timeout = min(timeout, remaining)
+            body = _BODY_OPEN + _SEPARATOR.join(item[1] for item in batch) + _BODY_CLOSE
+            with self._lock:
+                self._stats["requests"] += 1
+            outcome = self.transport.post(lane.path, body + lane.extra, lane.auth, timeout)
+            if outcome.kind == OK:
+                self._settle(sum(item[2] for item in batch), "sent", len(batch))
+                return []
+            if outcome.kind == RETRY:
+                attempt += 1
+                with self._lock:
+                    self._stats["retries"] += 1
+                if not self._sleep(self._backoff(attempt, outcome), deadline):
+                    return batch
+                continue
+            if outcome.kind == REJECTED and len(batch) > 1:
+                half = len(batch) // 2
+                left = self._deliver(lane, batch[:half], deadline)
+                if left:
+                    return left + batch[half:]
+                return self._deliver(lane, batch[half:], deadline)
+            assert outcome.kind in (REJECTED, FATAL)
+            self._settle(sum(item[2] for item in batch), "failed", len(batch))
+            self._report(MixpanelException(self._scrub(outcome.reason)), [i[0] for i in batch])
+            return []
+
+    def _backoff(self, attempt: int, outcome: Outcome) -> float:
+        if outcome.retry_after is not None:
+            return min(outcome.retry_after, self._backoff_max)
+        if attempt == 1 and outcome.reset:
+            return random.uniform(0.05, 0.25)  # a reset connection: retry quickly once
+        ceiling = min(self._backoff_max, self._backoff_base * 2 ** (attempt - 1))
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+    def _sleep(self, delay: float, deadline: Optional[float]) -> bool:
+        """Wait before a retry; False when the deadline leaves no time for one."""
+        deadline = deadline or self._deadline
+        if deadline is None:
+            self._stop.wait(delay)  # shutdown cuts the wait short and sets a deadline
+            return True
+        remaining = deadline - monotonic()
+        if remaining <= 0.01:
+            return False
+        time.sleep(min(delay, remaining))
+        return deadline - monotonic() > 0.01
+
+    def _settle(self, size: int, outcome: str, count: int = 1) -> None:
+        with self._lock:
+            self._stats[outcome] += count
+            self._count -= count
+            self._bytes -= size
+            if not self._count:
+                self._idle.notify_all()
+
+    def _report(self, error: MixpanelException, texts: list) -> None:
+        """Tell ``on_error`` (or the log) which messages were lost and why."""
+        if self.on_error is None:
+            logger.warning("mixpanel-otel: %d message(s) not delivered: %s", len(texts), error)
+            return
+        try:
+            self.on_error(error, [_redacted(text, self._token) for text in texts])
+        except Exception as exc:
+            with self._lock:
+                self._stats["errors"] += 1
+            logger.error("mixpanel-otel: on_error raised %s", self._scrub(repr(exc)))
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._token, "<token>")
+
+    # -- fork ------------------------------------------------------------------------
+
+    def _reset_in_child(self) -> None:
+        """A forked child starts empty; the parent keeps (and delivers) its updates."""
+        self._init_state()
+
+
+def _dumps(message: Any) -> str:
+    try:
+        return json.dumps(message, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise MixpanelException(f"message cannot be encoded as JSON: {exc}") from None
+
+
+def _suppress_instrumentation() -> None:
+    """Keep the worker's own HTTP requests out of the service's traces."""
+    try:
+        from opentelemetry import context
+    except ImportError:  # pragma: no cover - opentelemetry-sdk is a dependency
+        return
+    ctx = context.get_current()
+    for key in (
+        getattr(context, "_SUPPRESS_INSTRUMENTATION_KEY", None),
+        getattr(context, "_SUPPRESS_HTTP_INSTRUMENTATION_KEY", None),
+        "suppress_instrumentation",
+    ):
+        if key:
+            ctx = context.set_value(key, True, ctx)
+    context.attach(ctx)
+
+
+# -- the shared consumers ---------------------------------------------------------------
+
+_LIVE: weakref.WeakSet[Consumer] = weakref.WeakSet()
+_SHARED: dict[tuple[str, str], Consumer] = {}
+_SHARED_LOCK = threading.Lock()
+_CAPTURE: Optional[Consumer] = None  # set by mixpanel_otel.testing.capture_groups
+
+
+def get_consumer(token: Optional[str] = None, api_host: Optional[str] = None, **options: Any):
+    """Return this process's consumer for (token, API host), creating it with ``options``.
+
+    ``token`` and ``api_host`` fall back to ``MIXPANEL_TOKEN`` and
+    ``MIXPANEL_API_HOST`` (or ``MIXPANEL_REGION``). Options only apply when
+    the consumer is created; a later call with other options gets the same
+    consumer.
+    """
+    if _CAPTURE is not None:
+        return _CAPTURE
+    region = options.pop("region", None)
+    token, base_url = resolve_target(token, api_host, region)
+    with _SHARED_LOCK:
+        consumer = _SHARED.get((token, base_url))
+        if consumer is None:
+            consumer = _SHARED[(token, base_url)] = Consumer(token, base_url, **options)
+        else:
+            resolve_options(options)  # still reject a misspelt option
+        return consumer
+
+
+def _shutdown_all() -> None:
+    consumers = list(_LIVE)
+    threads = [threading.Thread(target=c.shutdown, daemon=True) for c in consumers]
+    for thread in threads:
+        thread.start()
+    for consumer, thread in zip(consumers, threads):
+        thread.join(consumer.shutdown_timeout + 1.0)
+
+
+_fork_held: list[Consumer] = []
+
+
+def _before_fork() -> None:
+    _SHARED_LOCK.acquire()
+    _fork_held[:] = list(_LIVE)
+    for consumer in _fork_held:
+        consumer._lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    for consumer in _fork_held:
+        consumer._lock.release()
+    _fork_held.clear()
+    _SHARED_LOCK.release()
+
+
+def _after_fork_in_child() -> None:
+    global _SHARED_LOCK
+    for consumer in _fork_held:
+        consumer._reset_in_child()
+    _fork_held.clear()
+    _SHARED_LOCK = threading.Lock()
+    WORKER_THREADS.clear()
+
+
+atexit.register(_shutdown_all)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )

@@ -1,0 +1,328 @@
+"""Mixpanel's wire facts: limits, operations, value normalisation, messages.
+
+The one place that knows what Mixpanel accepts. Front ends build
+:class:`GroupUpdate` objects through :func:`make_update`, which validates and
+normalises on the caller's thread (cheap, no JSON); the worker turns them into
+wire messages with :func:`wire_message`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import decimal
+import math
+import time as _time
+import uuid
+from collections.abc import Mapping
+from typing import Any, Callable, Optional
+
+from ._exceptions import MixpanelException
+
+__all__ = [
+    "ENDPOINTS",
+    "MAX_BATCH_BYTES",
+    "MAX_BATCH_MESSAGES",
+    "DEFAULT_BATCH_SIZE",
+    "OPERATIONS",
+    "GroupUpdate",
+    "make_update",
+    "normalize_properties",
+    "wire_message",
+]
+
+#: Operations in the order a multi-operation record is split into messages.
+OPERATIONS = ("$set_once", "$set", "$union", "$remove", "$unset")
+ALL_OPERATIONS = frozenset((*OPERATIONS, "$delete"))
+#: Keys of a record or message that are merged into the message as meta.
+META_KEYS = ("$time", "$ip", "$ignore_time")
+
+MAX_BATCH_MESSAGES = 2000
+DEFAULT_BATCH_SIZE = 200  # what Mixpanel recommends
+MAX_BATCH_BYTES = 2 * 1024 * 1024  # on the encoded request body
+MAX_MESSAGE_BYTES = 1024 * 1024
+MAX_NAME_CHARS = 255
+MAX_STRING_BYTES = 255
+MAX_DEPTH = 3
+
+#: SDK endpoint name -> URL path, as the official consumer protocol names them.
+ENDPOINTS = {"events": "/track", "people": "/engage", "groups": "/groups", "imports": "/import"}
+
+REGION_HOSTS = {"us": "api.mixpanel.com", "eu": "api-eu.mixpanel.com", "in": "api-in.mixpanel.com"}
+
+
+class GroupUpdate:
+    """One operation on one group profile, validated and normalised.
+
+    ``payload`` is a fresh dict (list for ``$unset``) owned by the pipeline,
+    so merging into it never touches the caller's objects.
+    """
+
+    __slots__ = ("group_key", "group_id", "op", "payload", "time", "meta", "size", "dead")
+
+    def __init__(
+        self,
+        group_key: str,
+        group_id: str | int | float,
+        op: str,
+        payload: Any,
+        time: float,
+        meta: Optional[dict] = None,
+        size: int = 0,
+    ) -> None:
+        self.group_key = group_key
+        self.group_id = group_id
+        self.op = op
+        self.payload = payload
+        self.time = time
+        self.meta = meta
+        self.size = size
+        self.dead = False
+
+    def __repr__(self) -> str:
+        return f"GroupUpdate({self.group_key!r}, {self.group_id!r}, {self.op!r}, {self.payload!r})"
+
+
+class Truncations:
+    """Counts strings cut to Mixpanel's 255-byte limit (shared with stats)."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+def _truncate(value: str, counter: Optional[Truncations]) -> str:
+    data = value.encode("utf-8", "surrogatepass")
+    if len(data) <= MAX_STRING_BYTES:
+        return value
+    if counter is not None:
+        counter.count += 1
+    return data[:MAX_STRING_BYTES].decode("utf-8", "ignore")
+
+
+def normalize_value(value: Any, counter: Optional[Truncations] = None, depth: int = 0) -> Any:
+    """Return ``value`` in a JSON-ready form Mixpanel stores, or raise.
+
+    datetime/date -> ISO 8601 (``%Y-%m-%dT%H:%M:%S``, as the official SDK
+    writes them), Decimal -> number, UUID -> str, set/tuple -> list, strings
+    over 255 bytes cut at a UTF-8 boundary.
+    """
+    tp = type(value)
+    if tp is str:
+        # 63 chars can never exceed 255 bytes; skip the encode for them.
+        return value if len(value) <= 63 else _truncate(value, counter)
+    if tp is int or tp is bool or value is None:
+        return value
+    if tp is float:
+        if value != value or value in (math.inf, -math.inf):
+            raise MixpanelException(f"{value!r} is not a valid JSON number")
+        return value
+    if isinstance(value, str):
+        return normalize_value(str(value), counter, depth)
+    if isinstance(value, int):  # int and bool subclasses (IntEnum, numpy bools do not apply)
+        return bool(value) if isinstance(value, bool) else int(value)
+    if isinstance(value, float):
+        return normalize_value(float(value), counter, depth)
+    if isinstance(value, _dt.datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(_dt.timezone.utc).replace(tzinfo=None)
+        return value.strftime("%Y-%m-%dT%H:%M:%S")
+    if isinstance(value, _dt.date):
+        return value.strftime("%Y-%m-%dT00:00:00")
+    if isinstance(value, decimal.Decimal):
+        if not value.is_finite():
+            raise MixpanelException(f"{value!r} is not a valid JSON number")
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if depth >= MAX_DEPTH:
+        raise MixpanelException(f"nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, Mapping):
+        return normalize_properties(value, counter, depth + 1)
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [normalize_value(v, counter, depth + 1) for v in value]
+    raise MixpanelException(f"value of type {tp.__name__} is not JSON serializable")
+
+
+def normalize_properties(
+    properties: Any, counter: Optional[Truncations] = None, depth: int = 0
+) -> dict:
+    """Validate a property mapping and return a normalised copy."""
+    if not isinstance(properties, Mapping):
+        raise MixpanelException(f"properties must be a dict, not {type(properties).__name__}")
+    out = {}
+    for name, value in properties.items():
+        if type(name) is not str:
+            raise MixpanelException(f"property name {name!r} is not a string")
+        if len(name) > MAX_NAME_CHARS:
+            raise MixpanelException(
+                f"property name {name[:40]!r}... is over {MAX_NAME_CHARS} characters"
+            )
+        try:
+            out[name] = normalize_value(value, counter, depth)
+        except MixpanelException as exc:
+            raise MixpanelException(f"property {name!r}: {exc}") from None
+    return out
+
+
+def _normalize_union(properties: Any, counter: Optional[Truncations]) -> dict:
+    out = normalize_properties(properties, counter)
+    for name, value in out.items():
+        if type(value) is not list:
+            out[name] = [value]  # a scalar is wrapped, as the record conventions say
+    return out
+
+
+def _normalize_unset(names: Any, counter: Optional[Truncations]) -> list:
+    if isinstance(names, str) or not isinstance(names, (list, tuple, set, frozenset)):
+        raise MixpanelException(
+            f"$unset takes a list of property names, not {type(names).__name__}"
+        )
+    if not names:
+        raise MixpanelException("$unset needs at least one property name")
+    out = []
+    for name in names:
+        if type(name) is not str or not name:
+            raise MixpanelException(f"$unset property name {name!r} is not a non-empty string")
+        if len(name) > MAX_NAME_CHARS:
+            raise MixpanelException(f"$unset property name is over {MAX_NAME_CHARS} characters")
+        out.append(name)
+    return out
+
+
+def _normalize_delete(value: Any, counter: Optional[Truncations]) -> Any:
+    return ""  # the value is ignored by Mixpanel; the official SDK sends ""
+
+
+_NORMALIZERS: dict[str, Callable[[Any, Optional[Truncations]], Any]] = {
+    "$set": normalize_properties,
+    "$set_once": normalize_properties,
+    "$union": _normalize_union,
+    "$remove": normalize_properties,
+    "$unset": _normalize_unset,
+    "$delete": _normalize_delete,
+}
+
+
+def check_group(group_key: Any, group_id: Any) -> None:
+    """Raise unless the pair names a group profile Mixpanel accepts."""
+    if not isinstance(group_key, str) or not group_key:
+        raise MixpanelException(f"group_key must be a non-empty string, not {group_key!r:.40}")
+    if isinstance(group_id, str):
+        if not group_id:
+            raise MixpanelException("group_id must be a non-empty string or a number")
+    elif isinstance(group_id, bool) or not isinstance(group_id, (int, float)):
+        raise MixpanelException(
+            f"group_id must be a string or a number, not {type(group_id).__name__}"
+        )
+    elif group_id != group_id or group_id in (math.inf, -math.inf):
+        raise MixpanelException(f"group_id {group_id!r} is not a valid number")
+
+
+def normalize_meta(meta: Any) -> Optional[dict]:
+    if not meta:
+        return None
+    if not isinstance(meta, Mapping):
+        raise MixpanelException(f"meta must be a dict, not {type(meta).__name__}")
+    out = {}
+    for key, value in meta.items():
+        if key == "$time":
+            if type(value) is bool or not isinstance(value, (int, float)):
+                raise MixpanelException("meta $time must be a number of seconds")
+            if value != value or value in (math.inf, -math.inf):
+                raise MixpanelException("meta $time is not a valid number")
+        out[key] = normalize_value(value)
+    return out
+
+
+def make_update(
+    group_key: Any,
+    group_id: Any,
+    op: str,
+    payload: Any,
+    time: float,
+    meta: Optional[dict] = None,
+    counter: Optional[Truncations] = None,
+) -> GroupUpdate:
+    """Validate and normalise one operation; raise :class:`MixpanelException`."""
+    check_group(group_key, group_id)
+    normalizer = _NORMALIZERS.get(op)
+    if normalizer is None:
+        raise MixpanelException(f"unknown operation {op!r}")
+    try:
+        payload = normalizer(payload, counter)
+    except MixpanelException as exc:
+        raise MixpanelException(f"{op}: {exc}") from None
+    return GroupUpdate(group_key, group_id, op, payload, time, meta, approx_size(payload))
+
+
+def approx_size(payload: Any) -> int:
+    """A cheap estimate of an update's memory and wire size, for ``max_pending`` bytes."""
+    size = 96
+    for item in payload.items() if type(payload) is dict else enumerate(payload or ()):
+        value = item[1]
+        tp = type(value)
+        if tp is str:
+            size += 32 + len(value)
+        elif tp is list or tp is dict:
+            size += 32 + approx_size(value)
+        else:
+            size += 32
+    return size
+
+
+def wire_message(token: str, update: GroupUpdate) -> dict:
+    """The message the official SDK would send for ``update``, key for key."""
+    message = {
+        "$token": token,
+        "$time": update.time,
+        "$group_key": update.group_key,
+        "$group_id": update.group_id,
+        update.op: update.payload,
+    }
+    if update.meta:
+        message.update(update.meta)
+    return message
+
+
+_MESSAGE_FIELDS = frozenset(("$token", "$time", "$group_key", "$group_id")) | ALL_OPERATIONS
+
+
+def updates_from_message(
+    message: Any,
+    meta: Optional[Mapping] = None,
+    time: Optional[float] = None,
+    counter: Optional[Truncations] = None,
+) -> list[GroupUpdate]:
+    """Split a ``group_update``-style message into one update per operation.
+
+    Mixpanel applies one operation a message, so a message with several is
+    sent as several, in the order ``$set_once, $set, $union, $remove,
+    $unset`` (``$delete`` alone).
+    """
+    if not isinstance(message, Mapping):
+        raise MixpanelException(f"message must be a dict, not {type(message).__name__}")
+    for key in ("$group_key", "$group_id"):
+        if key not in message:
+            raise MixpanelException(f"message has no {key}")
+    extra = {k: v for k, v in message.items() if k not in _MESSAGE_FIELDS}
+    if meta:
+        extra.update(meta)
+    if "$time" in message and "$time" not in extra:
+        extra["$time"] = message["$time"]
+    meta_out = normalize_meta(extra)
+    if meta_out and "$time" in meta_out:
+        time = meta_out.pop("$time")
+        meta_out = meta_out or None
+    if time is None:
+        time = _time.time()
+    if "$delete" in message:
+        ops: tuple = ("$delete",)
+    else:
+        ops = tuple(op for op in OPERATIONS if op in message)
+        if not ops:
+            raise MixpanelException(
+                "message has no operation ($set, $set_once, $union, $remove, $unset or $delete)"
+            )
+    key, gid = message["$group_key"], message["$group_id"]
+    return [make_update(key, gid, op, message[op], time, meta_out, counter) for op in ops]

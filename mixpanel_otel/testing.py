@@ -1,0 +1,96 @@
+"""Helpers for users' own tests: capture group messages in memory, no network.
+
+>>> from mixpanel_otel.testing import capture_groups
+>>> with capture_groups() as captured:
+...     GroupClient().group_set("company", "acme", {"plan": "pro"})
+>>> captured.messages[0]["$set"]
+{'plan': 'pro'}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any, Iterator, Optional
+from urllib.parse import parse_qs
+
+from . import _consumer
+from ._consumer import Consumer
+from ._transport import OK, Outcome
+
+__all__ = ["Capture", "capture_groups"]
+
+
+class _MemoryTransport:
+    """Stands in for HTTP: keeps every message the consumer would post."""
+
+    base_url = "memory://"
+
+    def __init__(self) -> None:
+        self.messages: list[dict] = []
+        self.requests = 0
+
+    def post(self, path: str, body: str, auth: Any = None, timeout: Any = None) -> Outcome:
+        self.requests += 1
+        data = parse_qs(body)["data"][0]
+        for message in json.loads(data):
+            message["$endpoint"] = path
+            self.messages.append(message)
+        return Outcome(OK)
+
+    def reset(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Capture:
+    """What a :func:`capture_groups` block sent, after validation and coalescing."""
+
+    def __init__(self, consumer: Consumer, transport: _MemoryTransport) -> None:
+        self.consumer = consumer
+        self._transport = transport
+
+    @property
+    def messages(self) -> list[dict]:
+        """Group messages (wire dicts) delivered so far; flushes first."""
+        self.consumer.flush(5.0)
+        return [
+            {k: v for k, v in m.items() if k != "$endpoint"}
+            for m in self._transport.messages
+            if m["$endpoint"] == "/groups"
+        ]
+
+    def profiles(self) -> dict[tuple, dict]:
+        """The group profiles the messages produce, ``{(group_key, group_id): properties}``."""
+        from .sink import apply_message  # one implementation of Mixpanel's semantics
+
+        profiles: dict[tuple, dict] = {}
+        for message in self.messages:
+            apply_message(profiles, message)
+        return profiles
+
+    def stats(self) -> dict[str, int]:
+        return self.consumer.stats()
+
+
+@contextlib.contextmanager
+def capture_groups(token: str = "test-token", **options: Any) -> Iterator[Capture]:
+    """Route every front end created inside the block to an in-memory consumer.
+
+    ``get_consumer()`` returns the capturing consumer for any token or host
+    while the block runs, so handlers, exporters and ``GroupClient`` built
+    inside it (or given ``consumer=captured.consumer``) are captured.
+    """
+    options.setdefault("flush_interval", 3600.0)
+    consumer = Consumer(token, _MemoryTransport.base_url, **options)
+    transport = _MemoryTransport()
+    consumer.transport = transport  # type: ignore[assignment]
+    previous: Optional[Consumer] = _consumer._CAPTURE
+    _consumer._CAPTURE = consumer
+    try:
+        yield Capture(consumer, transport)
+    finally:
+        _consumer._CAPTURE = previous
+        consumer.flush(5.0)
