@@ -1,0 +1,95 @@
+"""MixpanelGroupHandler: group updates from stdlib ``logging`` records."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+from ._consumer import WORKER_THREADS, Consumer
+from ._frontend import FrontEnd, iso_utc
+
+__all__ = ["MixpanelGroupHandler"]
+
+
+class MixpanelGroupHandler(logging.Handler):
+    """A ``logging.Handler`` that turns group records into Mixpanel group updates.
+
+    ``logger.info("group", extra={"group_key": "company", "group_id": "acme",
+    "$set": {"plan": "pro"}})``. Records without both keys are ignored, so the
+    handler can sit on the root logger. ``emit`` only validates and queues:
+    no I/O, no JSON, and it never raises into the caller.
+    """
+
+    def __init__(
+        self,
+        token: Optional[str] = None,
+        *,
+        api_host: Optional[str] = None,
+        consumer: Optional[Consumer] = None,
+        rules: Any = None,
+        level: int = logging.NOTSET,
+        **options: Any,
+    ) -> None:
+        super().__init__(level)
+        self._front = FrontEnd(token, api_host, consumer, rules, options)
+        self.consumer = self._front.consumer
+        self._translate = self._front.translator.translate
+        self._has_rules = bool(self._front.translator.rules)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        attributes = record.__dict__
+        if (
+            not self._has_rules
+            and "group_id" not in attributes
+            and "mixpanel.group_id" not in attributes
+        ):
+            return  # not a group record
+        if record.name.startswith("mixpanel_otel") or record.thread in WORKER_THREADS:
+            return  # our own records: never feed back
+        try:
+            errors: list = []
+            updates = self._translate(
+                attributes,
+                record.created,
+                special=lambda name: _special(record, name),
+                counter=self.consumer.truncations,
+                errors=errors,
+            )
+            if updates:
+                self.consumer.enqueue(updates)
+            if errors:
+                self._front.report_invalid(_describe(record), errors)
+        except Exception as exc:  # never raise into the application's logging call
+            self._front.report_invalid(_describe(record), [repr(exc)])
+
+    def flush(self) -> None:
+        """Deliver what is pending, waiting at most the consumer's shutdown timeout."""
+        self.consumer.flush(self.consumer.shutdown_timeout)
+
+    def close(self) -> None:
+        """Flush (bounded) and detach; the shared consumer itself stops at exit."""
+        try:
+            self.flush()
+        finally:
+            super().close()
+
+
+def _special(record: logging.LogRecord, name: str) -> Any:
+    if name == "@name":
+        return record.getMessage()
+    if name == "@severity":
+        return record.levelname
+    if name in ("@start_time", "@end_time"):
+        return iso_utc(record.created)
+    return None
+
+
+def _describe(record: logging.LogRecord) -> str:
+    try:
+        message = record.getMessage()
+    except Exception:
+        message = str(record.msg)
+    return (
+        f"log record {message[:60]!r} from logger {record.name!r} "
+        f"({record.pathname}:{record.lineno})"
+    )

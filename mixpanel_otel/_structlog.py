@@ -1,0 +1,66 @@
+"""MixpanelGroupProcessor: group updates from structlog event dicts."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+from ._consumer import Consumer
+from ._frontend import FrontEnd, iso_utc
+from ._translate import FLAT_PREFIX
+from ._wire import ALL_OPERATIONS, META_KEYS
+
+__all__ = ["MixpanelGroupProcessor"]
+
+_GROUP_KEYS = frozenset(("group_key", "group_id", *ALL_OPERATIONS, *META_KEYS))
+
+
+class MixpanelGroupProcessor:
+    """A structlog processor reading the same keys as :class:`MixpanelGroupHandler`.
+
+    Queues the update and returns the event dict unchanged, so rendering goes
+    on; ``strip=True`` removes the group keys first (and keeps a stdlib
+    :class:`MixpanelGroupHandler` further down from sending them again).
+    """
+
+    def __init__(
+        self,
+        token: Optional[str] = None,
+        *,
+        api_host: Optional[str] = None,
+        consumer: Optional[Consumer] = None,
+        rules: Any = None,
+        strip: bool = False,
+        **options: Any,
+    ) -> None:
+        self._front = FrontEnd(token, api_host, consumer, rules, options)
+        self.consumer = self._front.consumer
+        self.strip = strip
+
+    def __call__(self, logger: Any, method_name: str, event_dict: dict) -> dict:
+        try:
+            errors: list = []
+            now = time.time()
+
+            def special(name: str) -> Any:
+                if name == "@name":
+                    return event_dict.get("event")
+                if name == "@severity":
+                    return event_dict.get("level", method_name)
+                if name in ("@start_time", "@end_time"):
+                    return iso_utc(now)
+                return None
+
+            updates = self._front.translator.translate(
+                event_dict, now, special=special, counter=self.consumer.truncations, errors=errors
+            )
+            if updates:
+                self.consumer.enqueue(updates)
+            if errors:
+                self._front.report_invalid(f"structlog event {event_dict.get('event')!r}", errors)
+        except Exception as exc:  # never raise into the application's logging call
+            self._front.report_invalid(f"structlog event {event_dict.get('event')!r}", [repr(exc)])
+        if self.strip:
+            for key in [k for k in event_dict if k in _GROUP_KEYS or k.startswith(FLAT_PREFIX)]:
+                del event_dict[key]
+        return event_dict
