@@ -89,6 +89,7 @@ class Translator:
         special: Special = _no_special,
         counter: Optional[Truncations] = None,
         errors: Optional[list] = None,
+        apply_rules: bool = True,
     ) -> list[GroupUpdate]:
         """All updates a record asks for. Problems go to ``errors`` (a reason each);
         a bad part of a record never costs its other parts."""
@@ -97,7 +98,7 @@ class Translator:
             self._guard(self._from_tags, (attributes, time, counter), updates, errors, "")
         if _FLAT_GROUP_KEY in attributes or _FLAT_GROUP_ID in attributes:
             self._guard(self.from_flat, (attributes, time, counter), updates, errors, "")
-        for rule in self.rules:
+        for rule in self.rules if apply_rules else ():
             self._guard(
                 self._from_rule,
                 (rule, attributes, resource, time, special, counter),
