@@ -18,7 +18,7 @@ from . import _consumer
 from ._consumer import Consumer
 from ._transport import OK, Outcome
 
-__all__ = ["Capture", "capture_groups"]
+__all__ = ["Capture", "capture_groups", "reset_consumers"]
 
 
 class _MemoryTransport:
@@ -94,3 +94,12 @@ def capture_groups(token: str = "test-token", **options: Any) -> Iterator[Captur
     finally:
         _consumer._CAPTURE = previous
         consumer.flush(5.0)
+
+
+def reset_consumers(timeout: float = 2.0) -> None:
+    """Shut down and forget every shared consumer (between tests)."""
+    with _consumer._SHARED_LOCK:
+        consumers = list(_consumer._SHARED.values())
+        _consumer._SHARED.clear()
+    for consumer in consumers:
+        consumer.shutdown(timeout)

@@ -1,0 +1,156 @@
+"""``mixpanel-otel demo``: a small instrumented service against an embedded sink.
+
+Uses every front end (GroupClient, the stdlib handler, the structlog
+processor, spans with a rules file, OpenTelemetry logs), flushes, and prints
+the profiles the telemetry produced.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+import time
+
+DEMO_TOKEN = "demo-token"
+
+RULES = """\
+# Derive company profiles from the spans the service already emits.
+[[rule]]
+group_key = "company"
+group_id = "tenant.id"
+[rule.set]
+plan = "tenant.plan"
+last_route = "http.route"
+last_seen = "@end_time"
+last_service = "service.name"
+[rule.set_once]
+first_seen = "@start_time"
+[rule.union]
+services = "service.name"
+"""
+
+TENANTS = {"acme": "enterprise", "globex": "pro", "initech": "free"}
+
+
+def run_demo(keep: bool = False, port: int = 0) -> int:
+    import structlog
+    from opentelemetry.sdk._logs import LoggerProvider
+    from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    from . import (
+        GroupClient,
+        MixpanelGroupHandler,
+        MixpanelGroupProcessor,
+        MixpanelLogExporter,
+        MixpanelSpanExporter,
+        get_consumer,
+    )
+    from .sink import Sink, format_profiles_table
+
+    started = time.monotonic()
+    workdir = tempfile.mkdtemp(prefix="mixpanel-otel-demo-")
+    sink = Sink(db_path=os.path.join(workdir, "sink.db"), port=port).start()
+    print(f"Embedded Mixpanel-compatible sink: {sink.url}  (database {sink.db_path})\n")
+    rules_path = os.path.join(workdir, "rules.toml")
+    with open(rules_path, "w") as handle:
+        handle.write(RULES)
+
+    consumer = get_consumer(DEMO_TOKEN, sink.url, flush_interval=0.2)
+
+    # 1. The explicit API, as the official SDK's group_* methods.
+    client = GroupClient(consumer=consumer)
+    for tenant, plan in TENANTS.items():
+        client.group_set("company", tenant, {"name": tenant.title(), "billing_plan": plan})
+    client.group_union("company", "acme", {"features": ["sso", "audit-log"]})
+
+    # 2. Stdlib logging: one handler on the root logger; untagged records are ignored.
+    handler = MixpanelGroupHandler(consumer=consumer)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    log = logging.getLogger("demo.billing")
+    log.warning("plain record, not a group update")
+    log.warning(
+        "seats changed",
+        extra={"group_key": "company", "group_id": "globex", "$set": {"seats": 42}},
+    )
+    log.warning(
+        "trial started",
+        extra={
+            "group_key": "team",
+            "group_id": "globex-data",
+            "$set_once": {"trial_started": "2024-05-01T00:00:00"},
+            "$set": {"company": "globex"},
+        },
+    )
+
+    # 3. structlog: the processor reads the same keys and leaves rendering alone.
+    processor = MixpanelGroupProcessor(consumer=consumer, strip=True)
+    structlog.configure(
+        processors=[processor, structlog.processors.KeyValueRenderer()],
+        logger_factory=structlog.ReturnLoggerFactory(),
+    )
+    slog = structlog.get_logger()
+    slog.info("renewal", group_key="company", group_id="initech", **{"$set": {"renewal": "2025"}})
+
+    # 4. Spans: auto-enrichment from attributes the service already sets, by rules.
+    exporter = MixpanelSpanExporter(consumer=consumer, rules=rules_path)
+    provider = TracerProvider(resource=Resource.create({"service.name": "checkout"}))
+    provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=100))
+    tracer = provider.get_tracer("demo")
+    rng = random.Random(7)
+    for _ in range(300):
+        tenant = rng.choice(list(TENANTS))
+        with tracer.start_as_current_span("POST /checkout") as span:
+            span.set_attribute("tenant.id", tenant)
+            span.set_attribute("tenant.plan", TENANTS[tenant])
+            span.set_attribute("http.route", "/checkout")
+            span.set_attribute("user.email", f"someone@{tenant}.example")  # never leaves
+    with tracer.start_as_current_span("admin") as span:
+        span.set_attribute("mixpanel.group_key", "company")
+        span.set_attribute("mixpanel.group_id", "acme")
+        span.set_attribute("mixpanel.$set.admin_console", True)
+
+    # 5. OpenTelemetry logs.
+    log_provider = LoggerProvider(resource=Resource.create({"service.name": "checkout"}))
+    log_provider.add_log_record_processor(
+        BatchLogRecordProcessor(MixpanelLogExporter(consumer=consumer))
+    )
+    log_provider.get_logger("demo").emit(
+        body="support ticket",
+        attributes={
+            "group_key": "company",
+            "group_id": "globex",
+            "$union": {"open_tickets": ["T-1001"]},
+        },
+    )
+
+    provider.force_flush()
+    log_provider.force_flush()
+    delivered = consumer.flush(10)
+    root.removeHandler(handler)
+    stats = consumer.stats()
+
+    print(format_profiles_table(sink.profiles(), width=140))
+    print(
+        f"\n{stats['enqueued']} updates from 5 front ends, {stats['coalesced']} coalesced, "
+        f"{stats['sent']} messages in {stats['requests']} request(s); "
+        f"{'all delivered' if delivered else 'NOT all delivered'} "
+        f"in {time.monotonic() - started:.1f} s."
+    )
+    print(f"Browse them at {sink.url}/")
+    provider.shutdown()
+    log_provider.shutdown()
+    if keep:
+        print("Serving until Ctrl-C ...")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    sink.stop()
+    return 0 if delivered else 1
