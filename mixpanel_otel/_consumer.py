@@ -23,6 +23,7 @@ from urllib.parse import quote_plus
 
 from ._config import resolve_options, resolve_target
 from ._exceptions import MixpanelException
+from ._spool import Spool
 from ._transport import FATAL, OK, REJECTED, RETRY, Outcome, Transport
 from ._wire import (
     ENDPOINTS,
@@ -144,6 +145,10 @@ class Consumer:
         self.truncations = Truncations()
         self._init_state()
         _LIVE.add(self)
+        if self._spool_rows:
+            with self._lock:
+                self._start_worker()  # replay what an earlier process left
+            self._wake.set()
 
     def _init_state(self) -> None:
         """Everything a forked child must not inherit."""
@@ -151,8 +156,9 @@ class Consumer:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified when nothing is left
         self._drain_lock = threading.Lock()  # one sender at a time
-        self._wake = threading.Event()
-        self._stop = threading.Event()
+        self._wake = threading.Event()  # send now
+        self._stop = threading.Event()  # shutting down
+        self._alert = threading.Event()  # cuts a retry wait short: stop or spill
         self._worker: Optional[threading.Thread] = None
         self._deadline: Optional[float] = None  # set while shutting down
         self._closed = False
@@ -183,7 +189,13 @@ class Consumer:
         self.transport.reset()
         self._sync_lock = threading.Lock()
         self._sync_transport: Optional[Transport] = None
-        self._spool = None
+        # With a spool, overflow is taken in up to a headroom and spilled to disk
+        # by the worker (callers never do I/O); without one it is dropped.
+        self._spool = Spool(self.spool_dir, self._token, self.base_url) if self.spool_dir else None
+        self._spool_rows = self._spool.count() if self._spool else 0
+        self._spill_needed = False
+        self._hard_cap = self.max_pending + max(64, self.max_pending // 4)
+        self._hard_cap_bytes = self.max_pending_bytes + self.max_pending_bytes // 4
 
     def __repr__(self) -> str:
         return f"<mixpanel_otel Consumer {self.base_url} pending={self._count}>"
@@ -202,7 +214,11 @@ class Consumer:
             fill = len(self._groups_lane.queue)
             if self._worker is None:
                 self._start_worker()
+            spill = self._spill_needed
         if fill >= self.batch_size and not self._wake.is_set():
+            self._wake.set()
+        if spill and not self._alert.is_set():
+            self._alert.set()
             self._wake.set()
         if overflow:
             self._overflowed(overflow)
@@ -235,11 +251,17 @@ class Consumer:
                     if old.op == "$delete" or _touches(old.payload, update.payload):
                         break
         if self._count >= self.max_pending or self._bytes >= self.max_pending_bytes:
-            self._stats["enqueued"] -= 1
-            self._stats["dropped"] += 1
-            if queue is not None and not queue:
-                del lane.groups[key]
-            return False
+            if (
+                self._spool is None
+                or self._count >= self._hard_cap
+                or self._bytes >= self._hard_cap_bytes
+            ):
+                self._stats["enqueued"] -= 1
+                self._stats["dropped"] += 1
+                if queue is not None and not queue:
+                    del lane.groups[key]
+                return False
+            self._spill_needed = True
         if queue is None:
             queue = lane.groups[key] = deque()
         queue.append(update)
@@ -364,17 +386,23 @@ class Consumer:
         if self._pid != os.getpid():
             self._reset_in_child()
         deadline = monotonic() + (_DEFAULT_FLUSH_TIMEOUT if timeout is None else timeout)
+        if self._spool is not None:
+            rows = self._spool.count()  # also replays what other processes left
+            with self._lock:
+                self._spool_rows = rows
         with self._lock:
-            if self._count == 0:
+            if not self._count and not self._spool_rows:
                 return True
+            if self._worker is None:
+                self._start_worker()
             worker = self._worker
-        if worker is None or self._closed:
-            # Stopped (at exit, or after close): send from this thread, within the bound.
+        if worker is None:
+            # Stopped (at exit, or after shutdown): send from this thread, within the bound.
             self._drain(deadline)
         else:
             self._wake.set()
         with self._idle:
-            while self._count:
+            while self._count or self._spool_rows:
                 remaining = deadline - monotonic()
                 if remaining <= 0:
                     return False
@@ -406,15 +434,19 @@ class Consumer:
             self._closed = True
             worker = self._worker
         self._stop.set()
+        self._alert.set()
         self._wake.set()
         if worker is not None:
             worker.join(max(0.0, self._deadline - monotonic()) + 0.5)
+        stuck = worker is not None and worker.is_alive()
         with self._lock:
             left = self._count
-        if left and (worker is None or not worker.is_alive()):
+        if left and not stuck:
             self._drain(self._deadline)
             with self._lock:
                 left = self._count
+        if left and self._spool is not None:
+            left -= self._spill(everything=True, stuck=stuck)
         if left:
             logger.warning(
                 "mixpanel-otel: %d update(s) not delivered within the %.1f s shutdown timeout",
@@ -467,6 +499,8 @@ class Consumer:
         with self._drain_lock:
             for lane in list(self._lanes.values()):
                 while True:
+                    if self._spill_needed:
+                        self._spill()
                     batch = self._take_batch(lane)
                     if not batch:
                         break
@@ -480,10 +514,15 @@ class Consumer:
         batch: list = []
         size = len(_BODY_OPEN) + len(_BODY_CLOSE) + len(lane.extra)
         while len(batch) < self.batch_size:
-            if not lane.carry and not self._encode_some(lane, self.batch_size - len(batch)):
-                break
             if not lane.carry:
-                continue
+                wanted = self.batch_size - len(batch)
+                if not (
+                    (lane is self._groups_lane and self._load_spool(wanted))
+                    or self._encode_some(lane, wanted)
+                ):
+                    break
+                if not lane.carry:
+                    continue
             item = lane.carry[0]
             grown = size + len(item[1]) + len(_SEPARATOR)
             if batch and grown > MAX_BATCH_BYTES:
@@ -493,16 +532,13 @@ class Consumer:
         self._inflight = batch
         return batch
 
-    def _encode_some(self, lane: _Lane, limit: int) -> bool:
-        """Move up to ``limit`` entries from the queue to the carry, encoded. False if none."""
-        entries = []
-        with self._lock:
-            queue = lane.queue
-            while queue and len(entries) < limit:
-                entry = queue.popleft()
-                if type(entry) is str:
-                    entries.append(entry)
-                    continue
+    def _pop(self, lane: _Lane, limit: int) -> list:
+        """Take up to ``limit`` live entries off the queue, oldest first; the lock is held."""
+        entries: list = []
+        queue = lane.queue
+        while queue and len(entries) < limit:
+            entry = queue.popleft()
+            if type(entry) is not str:
                 if entry.dead:
                     continue
                 gid = entry.group_id
@@ -511,36 +547,102 @@ class Consumer:
                 group.popleft()
                 if not group:
                     del lane.groups[key]
-                entries.append(entry)
-        if not entries:
-            return False
+            entries.append(entry)
+        return entries
+
+    def _encode_some(self, lane: _Lane, limit: int) -> bool:
+        """Move up to ``limit`` entries from the queue to the carry, encoded. False if none."""
+        with self._lock:
+            entries = self._pop(lane, limit)
         for entry in entries:
-            if type(entry) is str:
-                message: Any = entry
-                size = len(entry)
-                if self.before_send is not None:
-                    message = json.loads(entry)
+            item = self._encode(entry)
+            if item is not None:
+                lane.carry.append(item)
+        return bool(entries)
+
+    def _encode(self, entry: _Entry) -> Optional[tuple[str, str, int]]:
+        """The wire text of an entry (``before_send`` applied); None if it is not to be sent."""
+        if type(entry) is str:
+            message: Any = entry
+            size = len(entry)
+            if self.before_send is not None:
+                message = json.loads(entry)
+        else:
+            message = wire_message(self._token, entry)
+            size = entry.size
+        try:
+            if self.before_send is not None:
+                message = self._call_before_send(message)
+                if message is None:
+                    self._settle(size, "filtered")
+                    return None
+            text = message if type(message) is str else _dumps(message)
+            quoted = quote_plus(text)
+            if len(text) > MAX_MESSAGE_BYTES or len(quoted) > MAX_BATCH_BYTES - 64:
+                raise MixpanelException(
+                    f"message of {len(text)} bytes is over Mixpanel's 1 MB limit; not sent"
+                )
+        except MixpanelException as error:
+            self._settle(size, "failed")
+            self._report(error, [message] if type(message) is dict else [])
+            return None
+        return text, quoted, size
+
+    # -- spool -------------------------------------------------------------------------
+
+    def _load_spool(self, limit: int) -> bool:
+        """Replay up to ``limit`` spooled messages into the groups carry. False if none."""
+        if self._spool is None or not self._spool_rows:
+            return False
+        texts = self._spool.take(limit)
+        with self._lock:
+            if len(texts) < limit:
+                self._spool_rows = 0
             else:
-                message = wire_message(self._token, entry)
-                size = entry.size
-            try:
-                if self.before_send is not None:
-                    message = self._call_before_send(message)
-                    if message is None:
-                        self._settle(size, "filtered")
-                        continue
-                text = message if type(message) is str else _dumps(message)
-                quoted = quote_plus(text)
-                if len(text) > MAX_MESSAGE_BYTES or len(quoted) > MAX_BATCH_BYTES - 64:
-                    raise MixpanelException(
-                        f"message of {len(text)} bytes is over Mixpanel's 1 MB limit; not sent"
-                    )
-            except MixpanelException as error:
-                self._settle(size, "failed")
-                self._report(error, [message] if type(message) is dict else [])
-                continue
-            lane.carry.append((text, quoted, size))
-        return True
+                self._spool_rows = max(0, self._spool_rows - len(texts))
+            self._count += len(texts)
+            self._bytes += sum(map(len, texts))
+            self._stats["replayed"] += len(texts)
+            if not self._count and not self._spool_rows:
+                self._idle.notify_all()
+        carry = self._groups_lane.carry
+        for text in texts:
+            carry.append((text, quote_plus(text), len(text)))
+        return bool(texts)
+
+    def _spill(self, everything: bool = False, stuck: bool = False) -> int:
+        """Move the oldest pending group messages to the spool; return how many.
+
+        The carry (older than any spooled row) goes in front of the spool,
+        queue entries behind it, so replay keeps every group's order. Normally
+        keeps half of ``max_pending`` in memory; at exit moves everything (and,
+        when the worker is stuck in a request, its in-flight batch too).
+        """
+        lane = self._groups_lane
+        with self._lock:
+            self._spill_needed = False
+            keep = 0 if everything else self.max_pending // 2
+            front = (list(self._inflight) if stuck else []) + list(lane.carry)
+            lane.carry.clear()
+            room = max(0, self._count - len(front) - keep)
+            entries = self._pop(lane, room) if room else []
+        back = [item for item in map(self._encode, entries) if item is not None]
+        moved = front + back
+        if not moved:
+            return 0
+        size = sum(item[2] for item in moved)
+        stored = self._spool is not None and self._spool.put(
+            [item[0] for item in front], [item[0] for item in back]
+        )
+        with self._lock:
+            self._count -= len(moved)
+            self._bytes -= size
+            self._stats["spooled" if stored else "dropped"] += len(moved)
+            if stored:
+                self._spool_rows += len(moved)
+        if not stored:
+            logger.error("mixpanel-otel: spool unavailable; dropped %d update(s)", len(moved))
+        return len(moved)
 
     def _call_before_send(self, message: Any) -> Any:
         try:
@@ -600,7 +702,15 @@ class Consumer:
         """Wait before a retry; False when the deadline leaves no time for one."""
         deadline = deadline or self._deadline
         if deadline is None:
-            self._stop.wait(delay)  # shutdown cuts the wait short and sets a deadline
+            end = monotonic() + delay
+            while not self._stop.is_set():  # shutdown cuts the wait short, sets a deadline
+                remaining = end - monotonic()
+                if remaining <= 0:
+                    break
+                self._alert.wait(remaining)
+                self._alert.clear()
+                if self._spill_needed:
+                    self._spill()  # an outage: move overflow to disk while we wait
             return True
         remaining = deadline - monotonic()
         if remaining <= 0.01:
