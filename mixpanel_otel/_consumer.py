@@ -47,6 +47,7 @@ _BODY_CLOSE = "%5D&verbose=1&ip=0"
 _SEPARATOR = "%2C"
 _WARN_EVERY = 10.0
 _DEFAULT_FLUSH_TIMEOUT = 30.0
+_RETRY_AFTER_CAP = 60.0  # a server asking for longer gets retried after this
 
 _Entry = Union[GroupUpdate, str]
 
@@ -193,8 +194,13 @@ class Consumer:
         # by the worker (callers never do I/O); without one it is dropped.
         self._spool = Spool(self.spool_dir, self._token, self.base_url) if self.spool_dir else None
         self._spool_rows = self._spool.count() if self._spool else 0
+        # Past max_pending the worker is asked to spill; past the headroom the
+        # caller spills itself (the overflow policy), so nothing is dropped.
         self._spill_needed = False
-        self._hard_cap = self.max_pending + max(64, self.max_pending // 4)
+        self._spill_now = False
+        self._spill_lock = threading.Lock()  # spool order: one mover at a time
+        headroom = max(64, self.max_pending // 4)
+        self._hard_cap = self.max_pending + headroom
         self._hard_cap_bytes = self.max_pending_bytes + self.max_pending_bytes // 4
 
     def __repr__(self) -> str:
@@ -214,12 +220,14 @@ class Consumer:
             fill = len(self._groups_lane.queue)
             if self._worker is None:
                 self._start_worker()
-            spill = self._spill_needed
+            spill, spill_now = self._spill_needed, self._spill_now
         if fill >= self.batch_size and not self._wake.is_set():
             self._wake.set()
         if spill and not self._alert.is_set():
             self._alert.set()
             self._wake.set()
+        if spill_now:
+            self._spill(from_caller=True)
         if overflow:
             self._overflowed(overflow)
 
@@ -251,10 +259,12 @@ class Consumer:
                     if old.op == "$delete" or _touches(old.payload, update.payload):
                         break
         if self._count >= self.max_pending or self._bytes >= self.max_pending_bytes:
+            over = self._count >= self._hard_cap or self._bytes >= self._hard_cap_bytes
             if (
                 self._spool is None
-                or self._count >= self._hard_cap
-                or self._bytes >= self._hard_cap_bytes
+                # a spill is under way: room for one more headroom, then drop
+                or self._count >= 2 * self._hard_cap
+                or self._bytes >= 2 * self._hard_cap_bytes
             ):
                 self._stats["enqueued"] -= 1
                 self._stats["dropped"] += 1
@@ -262,6 +272,7 @@ class Consumer:
                     del lane.groups[key]
                 return False
             self._spill_needed = True
+            self._spill_now = self._spill_now or over
         if queue is None:
             queue = lane.groups[key] = deque()
         queue.append(update)
@@ -516,10 +527,12 @@ class Consumer:
         while len(batch) < self.batch_size:
             if not lane.carry:
                 wanted = self.batch_size - len(batch)
-                if not (
-                    (lane is self._groups_lane and self._load_spool(wanted))
-                    or self._encode_some(lane, wanted)
-                ):
+                if lane is self._groups_lane and self._spool is not None:
+                    with self._spill_lock:  # nothing may be spilled between the two
+                        refilled = self._load_spool(wanted) or self._encode_some(lane, wanted)
+                else:
+                    refilled = self._encode_some(lane, wanted)
+                if not refilled:
                     break
                 if not lane.carry:
                     continue
@@ -610,36 +623,48 @@ class Consumer:
             carry.append((text, quote_plus(text), len(text)))
         return bool(texts)
 
-    def _spill(self, everything: bool = False, stuck: bool = False) -> int:
+    def _spill(
+        self, everything: bool = False, stuck: bool = False, from_caller: bool = False
+    ) -> int:
         """Move the oldest pending group messages to the spool; return how many.
 
-        The carry (older than any spooled row) goes in front of the spool,
-        queue entries behind it, so replay keeps every group's order. Normally
-        keeps half of ``max_pending`` in memory; at exit moves everything (and,
-        when the worker is stuck in a request, its in-flight batch too).
+        Send order is carry, then spool, then queue. The worker (and exit)
+        moves the carry in front of the spool and queue entries behind it; a
+        caller over the headroom only moves queue entries.
+        Normally half of ``max_pending`` stays in memory; at exit nothing
+        does (and the in-flight batch goes too when the worker is stuck).
         """
-        lane = self._groups_lane
-        with self._lock:
-            self._spill_needed = False
-            keep = 0 if everything else self.max_pending // 2
-            front = (list(self._inflight) if stuck else []) + list(lane.carry)
-            lane.carry.clear()
-            room = max(0, self._count - len(front) - keep)
-            entries = self._pop(lane, room) if room else []
-        back = [item for item in map(self._encode, entries) if item is not None]
-        moved = front + back
-        if not moved:
+        # A caller waits for a spill under way (the overflow policy: a disk write
+        # instead of a drop), but never for long.
+        if not self._spill_lock.acquire(timeout=1.0 if from_caller else -1):
             return 0
-        size = sum(item[2] for item in moved)
-        stored = self._spool is not None and self._spool.put(
-            [item[0] for item in front], [item[0] for item in back]
-        )
-        with self._lock:
-            self._count -= len(moved)
-            self._bytes -= size
-            self._stats["spooled" if stored else "dropped"] += len(moved)
-            if stored:
-                self._spool_rows += len(moved)
+        try:
+            lane = self._groups_lane
+            with self._lock:
+                self._spill_needed = self._spill_now = False
+                keep = 0 if everything else self.max_pending // 2
+                front: list = []
+                if not from_caller:
+                    front = (list(self._inflight) if stuck else []) + list(lane.carry)
+                    lane.carry.clear()
+                room = max(0, self._count - len(front) - keep)
+                entries = self._pop(lane, room) if room else []
+            back = [item for item in map(self._encode, entries) if item is not None]
+            moved = front + back
+            if not moved:
+                return 0
+            size = sum(item[2] for item in moved)
+            stored = self._spool is not None and self._spool.put(
+                [item[0] for item in front], [item[0] for item in back]
+            )
+            with self._lock:
+                self._count -= len(moved)
+                self._bytes -= size
+                self._stats["spooled" if stored else "dropped"] += len(moved)
+                if stored:
+                    self._spool_rows += len(moved)
+        finally:
+            self._spill_lock.release()
         if not stored:
             logger.error("mixpanel-otel: spool unavailable; dropped %d update(s)", len(moved))
         return len(moved)
@@ -692,7 +717,7 @@ class Consumer:
 
     def _backoff(self, attempt: int, outcome: Outcome) -> float:
         if outcome.retry_after is not None:
-            return min(outcome.retry_after, self._backoff_max)
+            return min(outcome.retry_after, max(self._backoff_max, _RETRY_AFTER_CAP))
         if attempt == 1 and outcome.reset:
             return random.uniform(0.05, 0.25)  # a reset connection: retry quickly once
         ceiling = min(self._backoff_max, self._backoff_base * 2 ** (attempt - 1))
