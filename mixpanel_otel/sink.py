@@ -240,8 +240,12 @@ def _canon(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def _apply_operation(props: Optional[JSONDict], op: str, payload: Any) -> Optional[JSONDict]:
-    """Apply one group operation with Mixpanel's semantics; None means no profile."""
+def apply_operation(props: Optional[JSONDict], op: str, payload: Any) -> Optional[JSONDict]:
+    """Apply one group operation with Mixpanel's semantics; None means no profile.
+
+    The one implementation of those semantics (also used by
+    :mod:`mixpanel_otel.testing`).
+    """
     if op == "$delete":
         return None
     if op in ("$remove", "$unset") and props is None:
@@ -992,7 +996,7 @@ class Sink:
                 cache[key] = (json.loads(row[0]), row[1]) if row else (None, None)
             props, created = cache[key]
             op = next(op for op in GROUP_OPERATIONS if op in message)
-            new = _apply_operation(props, op, message[op])
+            new = apply_operation(props, op, message[op])
             if new is not None and created is None:
                 created = now
             cache[key] = (new, created if new is not None else None)
@@ -1135,6 +1139,23 @@ class Sink:
             for table in ("profiles", "updates", "received"):
                 self._db.execute(f"DELETE FROM {table}")
             self._db.execute("COMMIT")
+
+
+def read_profiles(
+    db_path: Union[str, os.PathLike], group_key: Optional[str] = None
+) -> List[JSONDict]:
+    """The profiles a sink database holds, as :meth:`Sink.profiles` gives them, without serving."""
+    uri = "file:" + os.path.abspath(os.fspath(db_path)) + "?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, timeout=10.0)
+    try:
+        sql = "SELECT group_key, group_id, properties FROM profiles"
+        params: tuple = ()
+        if group_key:
+            sql, params = sql + " WHERE group_key = ?", (group_key,)
+        rows = conn.execute(sql + " ORDER BY group_key, group_id", params).fetchall()
+    finally:
+        conn.close()
+    return [{"group_key": k, "group_id": i, "properties": json.loads(p)} for k, i, p in rows]
 
 
 # --------------------------------------------------------------------------- rendering

@@ -17,6 +17,7 @@ from urllib.parse import parse_qs
 from . import _consumer
 from ._consumer import Consumer
 from ._transport import OK, Outcome
+from ._wire import ALL_OPERATIONS as OPERATIONS
 
 __all__ = ["Capture", "capture_groups", "reset_consumers"]
 
@@ -64,11 +65,17 @@ class Capture:
 
     def profiles(self) -> dict[tuple, dict]:
         """The group profiles the messages produce, ``{(group_key, group_id): properties}``."""
-        from .sink import apply_message  # one implementation of Mixpanel's semantics
+        from .sink import apply_operation, group_id_key  # Mixpanel's semantics, once
 
         profiles: dict[tuple, dict] = {}
         for message in self.messages:
-            apply_message(profiles, message)
+            key = (message["$group_key"], group_id_key(message["$group_id"]))
+            op = next(op for op in OPERATIONS if op in message)
+            state = apply_operation(profiles.get(key), op, message[op])
+            if state is None:
+                profiles.pop(key, None)
+            else:
+                profiles[key] = state
         return profiles
 
     def stats(self) -> dict[str, int]:
