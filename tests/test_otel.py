@@ -54,7 +54,7 @@ def tracing(sink, make_consumer):
         exporter = MixpanelSpanExporter(consumer=consumer, **options)
         provider = TracerProvider(resource=Resource.create(resource or {"service.name": "shop"}))
         processor = (
-            BatchSpanProcessor(exporter, schedule_delay_millis=50)
+            BatchSpanProcessor(exporter, schedule_delay_millis=50, max_queue_size=8192)
             if batch
             else SimpleSpanProcessor(exporter)
         )
