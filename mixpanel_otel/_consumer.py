@@ -158,6 +158,8 @@ class Consumer:
         self._idle = threading.Condition(self._lock)  # notified when nothing is left
         self._drain_lock = threading.Lock()  # one sender at a time
         self._wake = threading.Event()  # send now
+        self._wake_sent = False  # a wake is on its way; saves callers an Event.set each
+        self._inbox: deque[GroupUpdate] = deque()  # appended by callers, lock-free
         self._stop = threading.Event()  # shutting down
         self._alert = threading.Event()  # cuts a retry wait short: stop or spill
         self._worker: Optional[threading.Thread] = None
@@ -198,7 +200,7 @@ class Consumer:
         # caller spills itself (the overflow policy), so nothing is dropped.
         self._spill_needed = False
         self._spill_now = False
-        self._spill_lock = threading.Lock()  # spool order: one mover at a time
+        self._spill_lock = threading.RLock()  # spool order: one mover at a time
         headroom = max(64, self.max_pending // 4)
         self._hard_cap = self.max_pending + headroom
         self._hard_cap_bytes = self.max_pending_bytes + self.max_pending_bytes // 4
@@ -209,25 +211,49 @@ class Consumer:
     # -- caller side -----------------------------------------------------------------
 
     def enqueue(self, updates: Iterable[GroupUpdate]) -> None:
-        """Add updates (from the caller's thread): no I/O, no encoding, never blocks long."""
+        """Add updates from the caller's thread: an append, no lock, no I/O, no encoding.
+
+        The worker absorbs the inbox into the per-group pending updates
+        (coalescing, bounds); a caller does it only when the inbox is four
+        batches long, i.e. when the worker is busy sending.
+        """
         if self._pid != os.getpid():
             self._reset_in_child()
+        inbox = self._inbox
+        inbox.extend(updates)
+        if len(inbox) >= self.batch_size:
+            if len(inbox) >= 4 * self.batch_size:
+                self._absorb()
+            elif not self._wake_sent:
+                self._wake_sent = True
+                self._wake.set()
+        if self._worker is None:
+            with self._lock:
+                if self._worker is None:
+                    self._start_worker()
+
+    def _absorb(self) -> None:
+        """Move the inbox into the pending updates, in order; apply the bounds."""
         overflow = 0
-        with self._lock:
-            for update in updates:
-                if not self._add(update):
-                    overflow += 1
-            fill = len(self._groups_lane.queue)
-            if self._worker is None:
-                self._start_worker()
-            spill, spill_now = self._spill_needed, self._spill_now
-        if fill >= self.batch_size and not self._wake.is_set():
-            self._wake.set()
-        if spill and not self._alert.is_set():
-            self._alert.set()
-            self._wake.set()
-        if spill_now:
-            self._spill(from_caller=True)
+        inbox = self._inbox
+        while True:
+            with self._lock:
+                add = self._add
+                while inbox and not self._spill_now:
+                    if not add(inbox.popleft()):
+                        overflow += 1
+                spill, spill_now = self._spill_needed, self._spill_now
+            if spill and not self._alert.is_set():
+                self._alert.set()
+                self._wake.set()
+            if spill_now:
+                # Over the headroom with a spool: spill now, then take the rest.
+                if not self._spill(from_caller=threading.get_ident() not in WORKER_THREADS):
+                    with self._lock:
+                        self._spill_now = False
+                if inbox:
+                    continue
+            break
         if overflow:
             self._overflowed(overflow)
 
@@ -402,7 +428,7 @@ class Consumer:
             with self._lock:
                 self._spool_rows = rows
         with self._lock:
-            if not self._count and not self._spool_rows:
+            if not self._count and not self._spool_rows and not self._inbox:
                 return True
             if self._worker is None:
                 self._start_worker()
@@ -413,7 +439,7 @@ class Consumer:
         else:
             self._wake.set()
         with self._idle:
-            while self._count or self._spool_rows:
+            while self._count or self._spool_rows or self._inbox:
                 remaining = deadline - monotonic()
                 if remaining <= 0:
                     return False
@@ -422,9 +448,10 @@ class Consumer:
 
     def stats(self) -> dict[str, int]:
         """Counters since the consumer started (or since this process forked)."""
+        self._absorb()
         with self._lock:
             stats = dict(self._stats)
-            stats["pending"] = self._count
+            stats["pending"] = self._count + len(self._inbox)
             stats["pending_bytes"] = self._bytes
         stats["truncated"] = self.truncations.count
         return stats
@@ -450,12 +477,11 @@ class Consumer:
         if worker is not None:
             worker.join(max(0.0, self._deadline - monotonic()) + 0.5)
         stuck = worker is not None and worker.is_alive()
+        if not stuck:
+            self._drain(self._deadline)
+        self._absorb()
         with self._lock:
             left = self._count
-        if left and not stuck:
-            self._drain(self._deadline)
-            with self._lock:
-                left = self._count
         if left and self._spool is not None:
             left -= self._spill(everything=True, stuck=stuck)
         if left:
@@ -487,6 +513,7 @@ class Consumer:
             while not self._stop.is_set():
                 self._wake.wait(self.flush_interval)
                 self._wake.clear()
+                self._wake_sent = False
                 try:
                     self._drain(self._deadline)
                 except Exception as exc:  # a bug must not end delivery
@@ -508,6 +535,7 @@ class Consumer:
     def _drain(self, deadline: Optional[float]) -> None:
         """Send every lane until it is empty, or the deadline passes."""
         with self._drain_lock:
+            self._absorb()
             for lane in list(self._lanes.values()):
                 while True:
                     if self._spill_needed:
@@ -527,8 +555,10 @@ class Consumer:
         while len(batch) < self.batch_size:
             if not lane.carry:
                 wanted = self.batch_size - len(batch)
-                if lane is self._groups_lane and self._spool is not None:
-                    with self._spill_lock:  # nothing may be spilled between the two
+                if lane is self._groups_lane:
+                    # Nothing may be spilled between choosing spool or queue and taking.
+                    with self._spill_lock:
+                        self._absorb()
                         refilled = self._load_spool(wanted) or self._encode_some(lane, wanted)
                 else:
                     refilled = self._encode_some(lane, wanted)
@@ -640,7 +670,7 @@ class Consumer:
             return 0
         try:
             lane = self._groups_lane
-            with self._lock:
+            with self._lock:  # the inbox is newer than the queue: it stays
                 self._spill_needed = self._spill_now = False
                 keep = 0 if everything else self.max_pending // 2
                 front: list = []

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import sys
 from typing import Any, Optional
 
 from ._consumer import WORKER_THREADS, Consumer
 from ._frontend import FrontEnd, iso_utc
 
 __all__ = ["MixpanelGroupHandler"]
+
+_EMPTY: dict = {}
+_RETURNS_RECORD = sys.version_info >= (3, 12)  # what Handler.handle returns there
 
 
 class MixpanelGroupHandler(logging.Handler):
@@ -36,6 +41,17 @@ class MixpanelGroupHandler(logging.Handler):
         self._translate = self._front.translator.translate
         self._has_rules = bool(self._front.translator.rules)
 
+    def handle(self, record: logging.LogRecord) -> Any:
+        """As ``logging.Handler.handle``, without the handler lock: ``emit`` is thread-safe."""
+        if self.filters:
+            result = self.filter(record)
+            if not result:
+                return result
+            if isinstance(result, logging.LogRecord):  # Python 3.12+ filters may replace it
+                record = result
+        self.emit(record)
+        return record if _RETURNS_RECORD else True
+
     def emit(self, record: logging.LogRecord) -> None:
         attributes = record.__dict__
         if (
@@ -48,15 +64,18 @@ class MixpanelGroupHandler(logging.Handler):
             return  # our own records: never feed back
         try:
             errors: list = []
-            updates = self._translate(
-                attributes,
-                record.created,
-                special=lambda name: _special(record, name),
-                counter=self.consumer.truncations,
-                errors=errors,
-            )
+            consumer = self.consumer
+            if self._has_rules:
+                special = functools.partial(_special, record)
+                updates = self._translate(
+                    attributes, record.created, _EMPTY, special, consumer.truncations, errors
+                )
+            else:
+                updates = self._translate(
+                    attributes, record.created, counter=consumer.truncations, errors=errors
+                )
             if updates:
-                self.consumer.enqueue(updates)
+                consumer.enqueue(updates)
             if errors:
                 self._front.report_invalid(_describe(record), errors)
         except Exception as exc:  # never raise into the application's logging call

@@ -94,8 +94,13 @@ class Translator:
         """All updates a record asks for. Problems go to ``errors`` (a reason each);
         a bad part of a record never costs its other parts."""
         updates: list[GroupUpdate] = []
-        if "group_key" in attributes or "group_id" in attributes:
-            self._guard(self._from_tags, (attributes, time, counter), updates, errors, "")
+        if "group_id" in attributes:
+            try:
+                updates = self._from_tags(attributes, time, counter)
+            except MixpanelException as exc:
+                if errors is None:
+                    raise
+                errors.append(str(exc))
         if _FLAT_GROUP_KEY in attributes or _FLAT_GROUP_ID in attributes:
             self._guard(self.from_flat, (attributes, time, counter), updates, errors, "")
         for rule in self.rules if apply_rules else ():
@@ -123,7 +128,19 @@ class Translator:
         group_id = attributes.get("group_id")
         if group_key is None or group_id is None:
             return []  # not a group record: not an error
-        operations = {op: attributes[op] for op in ALL_OPERATIONS if op in attributes}
+        operations = {}
+        for op in ALL_OPERATIONS:
+            if op in attributes:
+                operations[op] = attributes[op]
+        if (
+            len(operations) == 1
+            and "$time" not in attributes
+            and "$ip" not in attributes
+            and "$ignore_time" not in attributes
+        ):
+            # The usual record: one operation, no meta.
+            ((op, payload),) = operations.items()
+            return [make_update(group_key, group_id, op, payload, time, None, counter)]
         meta = {key: attributes[key] for key in META_KEYS if key in attributes}
         return build_updates(group_key, group_id, operations, meta, time, counter)
 

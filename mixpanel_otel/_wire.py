@@ -148,32 +148,49 @@ def normalize_properties(
     properties: Any, counter: Optional[Truncations] = None, depth: int = 0
 ) -> dict:
     """Validate a property mapping and return a normalised copy."""
-    if not isinstance(properties, Mapping):
+    return _properties(properties, counter, depth)[0]
+
+
+def _properties(properties: Any, counter: Optional[Truncations], depth: int = 0) -> tuple:
+    """``(normalised copy, approximate size)``; the hot path of every front end."""
+    if type(properties) is not dict and not isinstance(properties, Mapping):
         raise MixpanelException(f"properties must be a dict, not {type(properties).__name__}")
     out = {}
+    size = 96
     for name, value in properties.items():
-        if type(name) is not str:
-            raise MixpanelException(f"property name {name!r} is not a string")
-        if len(name) > MAX_NAME_CHARS:
+        if type(name) is not str or len(name) > MAX_NAME_CHARS:
+            if type(name) is not str:
+                raise MixpanelException(f"property name {name!r} is not a string")
             raise MixpanelException(
                 f"property name {name[:40]!r}... is over {MAX_NAME_CHARS} characters"
             )
-        try:
-            out[name] = normalize_value(value, counter, depth)
-        except MixpanelException as exc:
-            raise MixpanelException(f"property {name!r}: {exc}") from None
-    return out
+        tp = type(value)
+        # Plain str/int/bool/None need no work; everything else goes the long way.
+        if tp is str:
+            if len(value) > 63:
+                value = _truncate(value, counter)
+            size += 40 + len(value)
+        elif tp is int or tp is bool or value is None:
+            size += 40
+        else:
+            try:
+                value = normalize_value(value, counter, depth)
+            except MixpanelException as exc:
+                raise MixpanelException(f"property {name!r}: {exc}") from None
+            size += 40 + (approx_size(value) if type(value) in (list, dict) else 0)
+        out[name] = value
+    return out, size
 
 
-def _normalize_union(properties: Any, counter: Optional[Truncations]) -> dict:
-    out = normalize_properties(properties, counter)
+def _normalize_union(properties: Any, counter: Optional[Truncations]) -> tuple:
+    out, size = _properties(properties, counter)
     for name, value in out.items():
         if type(value) is not list:
             out[name] = [value]  # a scalar is wrapped, as the record conventions say
-    return out
+    return out, size
 
 
-def _normalize_unset(names: Any, counter: Optional[Truncations]) -> list:
+def _normalize_unset(names: Any, counter: Optional[Truncations]) -> tuple:
     if isinstance(names, str) or not isinstance(names, (list, tuple, set, frozenset)):
         raise MixpanelException(
             f"$unset takes a list of property names, not {type(names).__name__}"
@@ -187,18 +204,19 @@ def _normalize_unset(names: Any, counter: Optional[Truncations]) -> list:
         if len(name) > MAX_NAME_CHARS:
             raise MixpanelException(f"$unset property name is over {MAX_NAME_CHARS} characters")
         out.append(name)
-    return out
+    return out, 96 + sum(map(len, out))
 
 
-def _normalize_delete(value: Any, counter: Optional[Truncations]) -> Any:
-    return ""  # the value is ignored by Mixpanel; the official SDK sends ""
+def _normalize_delete(value: Any, counter: Optional[Truncations]) -> tuple:
+    return "", 96  # the value is ignored by Mixpanel; the official SDK sends ""
 
 
-_NORMALIZERS: dict[str, Callable[[Any, Optional[Truncations]], Any]] = {
-    "$set": normalize_properties,
-    "$set_once": normalize_properties,
+# op -> normaliser returning (payload, approximate size)
+_NORMALIZERS: dict[str, Callable[[Any, Optional[Truncations]], tuple]] = {
+    "$set": _properties,
+    "$set_once": _properties,
     "$union": _normalize_union,
-    "$remove": normalize_properties,
+    "$remove": _properties,
     "$unset": _normalize_unset,
     "$delete": _normalize_delete,
 }
@@ -245,15 +263,16 @@ def make_update(
     counter: Optional[Truncations] = None,
 ) -> GroupUpdate:
     """Validate and normalise one operation; raise :class:`MixpanelException`."""
-    check_group(group_key, group_id)
+    if type(group_key) is not str or not group_key or type(group_id) is not str or not group_id:
+        check_group(group_key, group_id)  # the slow path names the problem
     normalizer = _NORMALIZERS.get(op)
     if normalizer is None:
         raise MixpanelException(f"unknown operation {op!r}")
     try:
-        payload = normalizer(payload, counter)
+        payload, size = normalizer(payload, counter)
     except MixpanelException as exc:
         raise MixpanelException(f"{op}: {exc}") from None
-    return GroupUpdate(group_key, group_id, op, payload, time, meta, approx_size(payload))
+    return GroupUpdate(group_key, group_id, op, payload, time, meta, size)
 
 
 def approx_size(payload: Any) -> int:

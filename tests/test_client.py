@@ -245,7 +245,7 @@ def test_coalesced_state_equals_sending_every_update_in_order(tmp_path, make_con
 
 
 def test_eight_threads_lose_nothing_and_duplicate_nothing(sink, make_consumer):
-    consumer = make_consumer(sink, flush_interval=0.05)
+    consumer = make_consumer(sink, flush_interval=0.05, max_pending=20000)
     client = GroupClient(consumer=consumer)
 
     def work(thread):
