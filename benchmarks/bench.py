@@ -67,8 +67,10 @@ class SinkProcess:
                     raise
                 time.sleep(0.05)
 
-    def count(self) -> int:
-        return len(requests.get(self.url + "/api/profiles", timeout=60).json())
+    def count_prefix(self, prefix: str) -> int:
+        """Profiles whose id starts with ``prefix`` (the sink's search is a substring match)."""
+        profiles = requests.get(self.url + "/api/profiles", params={"q": prefix}, timeout=120)
+        return sum(p["group_id"].startswith(prefix) for p in profiles.json())
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -179,11 +181,14 @@ def end_to_end(sink: SinkProcess, counts: list) -> list:
             prefix = f"e{count}-{name.split()[-1]}-"
             cpu0, wall0 = time.process_time(), time.perf_counter()
             if name.startswith("mixpanel-otel"):
-                consumer = get_consumer(f"{TOKEN}-{count}", sink.url)
+                # max_pending holds the whole burst: this measures delivery, not overflow.
+                consumer = get_consumer(f"{TOKEN}-{count}", sink.url, max_pending=count)
                 client = GroupClient(consumer=consumer)
                 for i in range(count):
                     client.group_set("company", f"{prefix}{i}", {"i": i})
                 assert client.flush(300)
+                stats = consumer.stats()
+                assert stats["sent"] == count and stats["dropped"] == 0, stats
             else:
                 sdk_consumer = (
                     mixpanel.BufferedConsumer(groups_url=groups_url)
@@ -197,6 +202,8 @@ def end_to_end(sink: SinkProcess, counts: list) -> list:
                     sdk_consumer.flush()
             wall = time.perf_counter() - wall0
             cpu = time.process_time() - cpu0
+            delivered = sink.count_prefix(prefix)
+            assert delivered == count, (name, delivered, count)
             rows.append((name, count, wall, cpu / count * 1e6))
     return rows
 

@@ -159,6 +159,7 @@ class Consumer:
         self._drain_lock = threading.Lock()  # one sender at a time
         self._wake = threading.Event()  # send now
         self._wake_sent = False  # a wake is on its way; saves callers an Event.set each
+        self._flush_wanted = False  # flush() asked the worker to send everything
         self._inbox: deque[GroupUpdate] = deque()  # appended by callers, lock-free
         self._stop = threading.Event()  # shutting down
         self._alert = threading.Event()  # cuts a retry wait short: stop or spill
@@ -437,6 +438,7 @@ class Consumer:
             # Stopped (at exit, or after shutdown): send from this thread, within the bound.
             self._drain(deadline)
         else:
+            self._flush_wanted = True
             self._wake.set()
         with self._idle:
             while self._count or self._spool_rows or self._inbox:
@@ -510,12 +512,20 @@ class Consumer:
         WORKER_THREADS.add(threading.get_ident())
         _suppress_instrumentation()
         try:
+            next_send = monotonic() + self.flush_interval
             while not self._stop.is_set():
-                self._wake.wait(self.flush_interval)
+                self._wake.wait(max(0.0, next_send - monotonic()))
                 self._wake.clear()
                 self._wake_sent = False
                 try:
-                    self._drain(self._deadline)
+                    # Everything on the interval and on flush(); between ticks only
+                    # full batches, so what is still pending keeps coalescing.
+                    if self._flush_wanted or monotonic() >= next_send:
+                        self._flush_wanted = False
+                        self._drain(self._deadline)
+                        next_send = monotonic() + self.flush_interval
+                    else:
+                        self._drain(self._deadline, full_only=True)
                 except Exception as exc:  # a bug must not end delivery
                     self._report_bug(exc)
             self._drain(self._deadline)
@@ -532,14 +542,17 @@ class Consumer:
             self._stats["errors"] += 1
         logger.error("mixpanel-otel worker error: %s", self._scrub(repr(exc)))
 
-    def _drain(self, deadline: Optional[float]) -> None:
-        """Send every lane until it is empty, or the deadline passes."""
+    def _drain(self, deadline: Optional[float], full_only: bool = False) -> None:
+        """Send every lane until it is empty (or holds less than a batch, with
+        ``full_only``), or the deadline passes."""
         with self._drain_lock:
             self._absorb()
             for lane in list(self._lanes.values()):
                 while True:
                     if self._spill_needed:
                         self._spill()
+                    if full_only and len(lane) < self.batch_size:
+                        break
                     batch = self._take_batch(lane)
                     if not batch:
                         break

@@ -1,0 +1,36 @@
+"""gunicorn settings for an app that uses mixpanel-otel.
+
+The consumer is fork-safe on its own: a worker forked from a master that had
+already queued updates starts empty (the master keeps and delivers its own),
+and each worker starts its background thread on first use. With
+``--preload`` and OpenTelemetry, build the providers after the fork so each
+worker has its own BatchSpanProcessor thread:
+
+    gunicorn -c examples/gunicorn.conf.py app:app
+"""
+
+bind = "127.0.0.1:8000"
+workers = 2
+# Give the exit flush time to finish when a worker is stopped (SIGTERM).
+graceful_timeout = 10
+
+
+def post_fork(server, worker):
+    # OpenTelemetry's SDK threads do not survive fork: set the providers up here.
+    from opentelemetry import trace
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    from mixpanel_otel import MixpanelSpanExporter
+
+    provider = TracerProvider(resource=Resource.create({"service.name": "shop"}))
+    provider.add_span_processor(BatchSpanProcessor(MixpanelSpanExporter()))
+    trace.set_tracer_provider(provider)
+
+
+def worker_exit(server, worker):
+    # Deliver what this worker still holds before it goes (bounded by shutdown_timeout).
+    from mixpanel_otel import get_consumer
+
+    get_consumer().flush(5)

@@ -1,0 +1,111 @@
+"""Every example in examples/ runs as written against the local sink."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import requests
+
+from .conftest import TOKEN
+from .test_zero_code import _free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+
+
+def _env(sink, **extra):
+    env = dict(os.environ, MIXPANEL_TOKEN=TOKEN, MIXPANEL_API_HOST=sink.url, **extra)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def _run(name, sink):
+    result = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, name)],
+        env=_env(sink),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_plain_logging(sink):
+    _run("plain_logging.py", sink)
+    assert sink.profiles() == [
+        {
+            "group_key": "company",
+            "group_id": "acme",
+            "properties": {
+                "plan": "enterprise",
+                "first_purchase": "2024-05-01T10:00:00",
+                "products": ["analytics", "sso"],
+            },
+        }
+    ]
+
+
+def test_structlog_app(sink):
+    result = _run("structlog_app.py", sink)
+    assert sink.profile("company", "globex") == {"plan": "pro", "features": ["sso"]}
+    assert '"event": "signup"' in result.stdout and "$set" not in result.stdout
+
+
+def test_mixpanel_sdk_background(sink):
+    _run("mixpanel_sdk_background.py", sink)
+    assert sink.profile("company", "initech") == {
+        "plan": "free",
+        "seats": 12,
+        "integrations": ["slack"],
+    }
+    (event,) = sink.received("track")
+    assert event["event"] == "Report exported"
+
+
+def test_gunicorn_conf_with_post_fork(sink):
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            os.path.join(EXAMPLES, "gunicorn.conf.py"),
+            "--chdir",
+            EXAMPLES,
+            "-b",
+            f"127.0.0.1:{port}",
+            "gunicorn_app:app",
+        ],
+        env=_env(sink, MIXPANEL_OTEL_FLUSH_INTERVAL="0.2"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                requests.get(f"http://127.0.0.1:{port}/", timeout=1)
+                break
+            except requests.ConnectionError:
+                assert server.poll() is None, server.stdout.read()
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        for i in range(20):
+            tenant = ["acme", "globex"][i % 2]
+            requests.get(f"http://127.0.0.1:{port}/", headers={"X-Tenant-Id": tenant}, timeout=5)
+    finally:
+        server.send_signal(signal.SIGTERM)  # graceful: workers flush at exit
+        output, _ = server.communicate(timeout=30)
+    profiles = {p["group_id"]: p["properties"] for p in sink.profiles()}
+    assert set(profiles) >= {"acme", "globex"}, output
+    for tenant in ("acme", "globex"):
+        assert profiles[tenant]["seen"] is True, "log records from the workers arrived"
+        assert profiles[tenant]["workers"], "spans from the post_fork provider arrived"
