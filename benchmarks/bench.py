@@ -40,7 +40,7 @@ def free_port() -> int:
 class SinkProcess:
     """The local sink in a subprocess, so its CPU and GIL are not ours."""
 
-    def __init__(self) -> None:
+    def __init__(self, latency: float = 0.0) -> None:
         self.dir = tempfile.mkdtemp(prefix="mixpanel-otel-bench-")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -54,6 +54,8 @@ class SinkProcess:
                 str(self.port),
                 "--db",
                 os.path.join(self.dir, "sink.db"),
+                "--latency",
+                str(latency),
             ],
             stdout=subprocess.DEVNULL,
         )
@@ -66,6 +68,12 @@ class SinkProcess:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+
+    def cpu_seconds(self) -> float:
+        """CPU time the sink process has used (user + system)."""
+        with open(f"/proc/{self.proc.pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def count_prefix(self, prefix: str) -> int:
         """Profiles whose id starts with ``prefix`` (the sink's search is a substring match)."""
@@ -166,7 +174,7 @@ def caller_cost(sink: SinkProcess, calls: int) -> list:
     return rows
 
 
-def end_to_end(sink: SinkProcess, counts: list) -> list:
+def end_to_end(sink: SinkProcess, counts: list, with_consumer: bool = True) -> list:
     """Distinct-group updates from the first call until the sink holds them all."""
     rows = []
     groups_url = sink.url + "/groups"
@@ -176,10 +184,11 @@ def end_to_end(sink: SinkProcess, counts: list) -> list:
             "mixpanel-python BufferedConsumer",
             "mixpanel-python Consumer",
         ):
-            if name.endswith(" Consumer") and "Buffered" not in name and count > 20000:
+            is_consumer = name.endswith(" Consumer") and "Buffered" not in name
+            if is_consumer and (count > 20000 or not with_consumer):
                 continue
             prefix = f"e{count}-{name.split()[-1]}-"
-            cpu0, wall0 = time.process_time(), time.perf_counter()
+            cpu0, wall0, sink0 = time.process_time(), time.perf_counter(), sink.cpu_seconds()
             if name.startswith("mixpanel-otel"):
                 # max_pending holds the whole burst: this measures delivery, not overflow.
                 consumer = get_consumer(f"{TOKEN}-{count}", sink.url, max_pending=count)
@@ -202,9 +211,10 @@ def end_to_end(sink: SinkProcess, counts: list) -> list:
                     sdk_consumer.flush()
             wall = time.perf_counter() - wall0
             cpu = time.process_time() - cpu0
+            sink_cpu = sink.cpu_seconds() - sink0
             delivered = sink.count_prefix(prefix)
             assert delivered == count, (name, delivered, count)
-            rows.append((name, count, wall, cpu / count * 1e6))
+            rows.append((name, count, wall, cpu / count * 1e6, sink_cpu))
     return rows
 
 
@@ -334,16 +344,27 @@ def main() -> None:
 
         print("\n## 2. End to end: distinct-group updates until delivered\n")
         print(
-            "| client | updates | seconds | CPU µs per update (caller + worker) |\n"
-            "|---|---|---|---|"
+            "| client | updates | seconds | client CPU µs per update (caller + worker) "
+            "| sink CPU seconds |\n|---|---|---|---|---|"
         )
         rows = end_to_end(sink, counts)
-        for name, count, wall, cpu in rows:
-            print(f"| {name} | {count} | {wall:.2f} | {cpu:.1f} |")
+        for name, count, wall, cpu, sink_cpu in rows:
+            print(f"| {name} | {count} | {wall:.2f} | {cpu:.1f} | {sink_cpu:.2f} |")
         for count in counts:
             ours = next(r[2] for r in rows if r[1] == count and r[0].startswith("mixpanel-otel"))
             theirs = next(r[2] for r in rows if r[1] == count and "Buffered" in r[0])
             print(f"\n{count}: BufferedConsumer / ours = {theirs / ours:.1f}×")
+
+        print("\n## 2b. End to end with 20 ms added to each request (a nearby region's RTT)\n")
+        slow = SinkProcess(latency=0.02)
+        try:
+            print("| client | updates | seconds | client CPU µs per update |\n|---|---|---|---|")
+            rows = end_to_end(slow, counts[:1], with_consumer=False)
+            for name, count, wall, cpu, _ in rows:
+                print(f"| {name} | {count} | {wall:.2f} | {cpu:.1f} |")
+            print(f"\nBufferedConsumer / ours = {rows[1][2] / rows[0][2]:.1f}×")
+        finally:
+            slow.stop()
 
         print("\n## 3. Coalescing: updates over 100 groups\n")
         enqueued, sent, reqs = coalescing(sink, 10_000 if args.quick else 100_000)

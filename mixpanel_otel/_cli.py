@@ -16,7 +16,9 @@ DEFAULT_DB = "mixpanel-otel-sink.db"
 def _serve(args: argparse.Namespace) -> int:
     from .sink import Sink
 
-    sink = Sink(db_path=args.db, host=args.host, port=args.port, verbose=args.verbose)
+    sink = Sink(
+        db_path=args.db, host=args.host, port=args.port, verbose=args.verbose, latency=args.latency
+    )
     print(f"mixpanel-otel sink serving on {sink.url} (database {sink.db_path})")
     print(f"  export MIXPANEL_API_HOST={sink.url}")
     print(f"  browse the profiles at {sink.url}/   (Ctrl-C stops)")
@@ -60,6 +62,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     serve.add_argument("--port", type=int, default=8765, help="port (default 8765)")
     serve.add_argument("--db", default=DEFAULT_DB, help=f"SQLite file (default {DEFAULT_DB})")
     serve.add_argument("--verbose", action="store_true", help="log each request")
+    serve.add_argument(
+        "--latency",
+        type=float,
+        default=0.0,
+        help="seconds added to each POST, to stand in for a real network round trip",
+    )
     serve.set_defaults(run=_serve)
 
     profiles = commands.add_parser("profiles", help="print the group profiles a sink holds")

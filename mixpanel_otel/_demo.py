@@ -135,7 +135,7 @@ def run_demo(keep: bool = False, port: int = 0) -> int:
     root.removeHandler(handler)
     stats = consumer.stats()
 
-    print(format_profiles_table(sink.profiles(), width=140))
+    print(format_profiles_table(sink.profiles(), width=400))
     print(
         f"\n{stats['enqueued']} updates from 5 front ends, {stats['coalesced']} coalesced, "
         f"{stats['sent']} messages in {stats['requests']} request(s); "

@@ -503,6 +503,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         sink = self.server.sink
         sink._count(requests=1)
+        if sink.latency:
+            time.sleep(sink.latency)
         if sink.down:
             self._discard(self._safe_length())
             self._drop()
@@ -748,9 +750,12 @@ class Sink:
         host: str = "127.0.0.1",
         port: int = 0,
         verbose: bool = False,
+        latency: float = 0.0,
     ) -> None:
         host, family = _loopback_host(host)
         self.verbose = verbose
+        #: Seconds added to every POST, to stand in for the network round trip to Mixpanel.
+        self.latency = latency
         #: While True every POST has its connection dropped, like a dead server.
         self.down = False
         self._tempdir: Optional[str] = None

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(
     CHROMIUM is None and not os.environ.get("CI"), reason="chromium is not installed"
 )
 
-EVIL = '<img src=x onerror="document.title=\'pwned\'">'
+EVIL = "<img src=x onerror=\"document.title='pwned'\">"
 
 
 def _chromium(tmp_path, *args):
