@@ -24,7 +24,19 @@ from urllib.parse import quote_plus
 from ._config import resolve_options, resolve_target
 from ._exceptions import MixpanelException
 from ._spool import Spool
-from ._transport import FATAL, OK, REJECTED, RETRY, Outcome, Transport
+from ._transport import (
+    BODY_CLOSE,
+    BODY_OPEN,
+    FATAL,
+    OK,
+    REJECTED,
+    RETRY,
+    SEPARATOR,
+    Outcome,
+    Transport,
+    form_body,
+    form_quote,
+)
 from ._wire import (
     ENDPOINTS,
     MAX_BATCH_BYTES,
@@ -42,9 +54,6 @@ logger = logging.getLogger("mixpanel_otel")
 #: Idents of worker threads; front ends ignore records these threads emit.
 WORKER_THREADS: set[int] = set()
 
-_BODY_OPEN = "data=%5B"
-_BODY_CLOSE = "%5D&verbose=1&ip=0"
-_SEPARATOR = "%2C"
 _WARN_EVERY = 10.0
 _DEFAULT_FLUSH_TIMEOUT = 30.0
 _RETRY_AFTER_CAP = 60.0  # a server asking for longer gets retried after this
@@ -395,7 +404,7 @@ class Consumer:
         if not texts:
             return
         self._count_stat("enqueued", len(texts))
-        body = _BODY_OPEN + _SEPARATOR.join(map(quote_plus, texts)) + _BODY_CLOSE
+        body = form_body(map(form_quote, texts))
         with self._sync_lock:
             if self._sync_transport is None:
                 self._sync_transport = Transport(self.base_url, self.request_timeout)
@@ -564,7 +573,7 @@ class Consumer:
 
     def _take_batch(self, lane: _Lane) -> list:
         batch: list = []
-        size = len(_BODY_OPEN) + len(_BODY_CLOSE) + len(lane.extra)
+        size = len(BODY_OPEN) + len(BODY_CLOSE) + len(lane.extra)
         while len(batch) < self.batch_size:
             if not lane.carry:
                 wanted = self.batch_size - len(batch)
@@ -580,7 +589,7 @@ class Consumer:
                 if not lane.carry:
                     continue
             item = lane.carry[0]
-            grown = size + len(item[1]) + len(_SEPARATOR)
+            grown = size + len(item[1]) + len(SEPARATOR)
             if batch and grown > MAX_BATCH_BYTES:
                 break
             batch.append(lane.carry.popleft())
@@ -633,7 +642,7 @@ class Consumer:
                     self._settle(size, "filtered")
                     return None
             text = message if type(message) is str else _dumps(message)
-            quoted = quote_plus(text)
+            quoted = form_quote(text)
             if len(text) > MAX_MESSAGE_BYTES or len(quoted) > MAX_BATCH_BYTES - 64:
                 raise MixpanelException(
                     f"message of {len(text)} bytes is over Mixpanel's 1 MB limit; not sent"
@@ -663,7 +672,7 @@ class Consumer:
                 self._idle.notify_all()
         carry = self._groups_lane.carry
         for text in texts:
-            carry.append((text, quote_plus(text), len(text)))
+            carry.append((text, form_quote(text), len(text)))
         return bool(texts)
 
     def _spill(
@@ -733,10 +742,10 @@ class Consumer:
                 if remaining <= 0.01:
                     return batch
                 timeout = min(timeout, remaining)
-            body = _BODY_OPEN + _SEPARATOR.join(item[1] for item in batch) + _BODY_CLOSE
+            body = form_body((item[1] for item in batch), lane.extra)
             with self._lock:
                 self._stats["requests"] += 1
-            outcome = self.transport.post(lane.path, body + lane.extra, lane.auth, timeout)
+            outcome = self.transport.post(lane.path, body, lane.auth, timeout)
             if outcome.kind == OK:
                 self._settle(sum(item[2] for item in batch), "sent", len(batch))
                 return []

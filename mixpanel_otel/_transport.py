@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import email.utils
 import time
-from typing import Optional
+from typing import Iterable, Optional
+from urllib.parse import quote_plus
 
 import requests
 
-__all__ = ["Outcome", "Transport", "OK", "REJECTED", "RETRY", "FATAL"]
+__all__ = ["Outcome", "Transport", "OK", "REJECTED", "RETRY", "FATAL", "form_body", "form_quote"]
 
 OK = "ok"  # delivered
 REJECTED = "rejected"  # status 0 or 413: split the batch, lose only the bad messages
@@ -16,6 +17,27 @@ RETRY = "retry"  # connection error, timeout, 408, 429, 5xx
 FATAL = "fatal"  # 401, 403, other 4xx: not retried
 
 _USER_AGENT = "mixpanel-otel/0.1"
+
+# The official SDK posts ``data=<JSON array>&verbose=1&ip=0``, form-encoded by
+# ``urllib.parse.quote_plus``. Messages are quoted one by one so a batch can be
+# sized before it is joined.
+BODY_OPEN = "data=%5B"
+BODY_CLOSE = "%5D&verbose=1&ip=0"
+SEPARATOR = "%2C"
+_SAFE = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~"
+_FORM_TABLE = str.maketrans(
+    {i: chr(i) if chr(i) in _SAFE else "+" if i == 32 else f"%{i:02X}" for i in range(128)}
+)
+
+
+def form_quote(text: str) -> str:
+    """``quote_plus(text)``, twice as fast for the ASCII that ``json.dumps`` writes."""
+    return text.translate(_FORM_TABLE) if text.isascii() else quote_plus(text)
+
+
+def form_body(quoted: Iterable[str], extra: str = "") -> str:
+    """The request body for already quoted messages."""
+    return BODY_OPEN + SEPARATOR.join(quoted) + BODY_CLOSE + extra
 
 
 class Outcome:

@@ -408,3 +408,20 @@ def test_stats_has_the_documented_keys():
     for key in ("enqueued", "coalesced", "sent", "failed", "dropped", "invalid", "retries"):
         assert key in stats
     assert "requests" in stats and "pending" in stats
+
+
+def test_request_body_is_byte_identical_to_the_official_sdks_form_encoding():
+    from urllib.parse import urlencode
+
+    from mixpanel_otel._transport import form_body, form_quote
+
+    rng = random.Random(5)
+    alphabet = [chr(i) for i in range(32, 127)] + ["é", "☃", "\n", "\t"]
+    messages = [
+        mixpanel.json_dumps({"$group_id": "".join(rng.choice(alphabet) for _ in range(40))})
+        for _ in range(50)
+    ]
+    messages.append(json.dumps({"raw": "naïve ☃"}, ensure_ascii=False))  # non-ASCII path
+    # What requests sends for the SDK's Consumer: data=[...]&verbose=1&ip=0, urlencoded.
+    expected = urlencode({"data": "[" + ",".join(messages) + "]", "verbose": 1, "ip": 0})
+    assert form_body(map(form_quote, messages)) == expected
