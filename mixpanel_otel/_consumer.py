@@ -21,6 +21,10 @@ from time import monotonic
 from typing import Any, Callable, Iterable, Optional, Union
 from urllib.parse import quote_plus
 
+# Imported here, not in the worker: an import racing a fork or the main
+# thread's own import of it leaves a half-initialised module behind.
+from opentelemetry import context
+
 from ._config import resolve_options, resolve_target
 from ._exceptions import MixpanelException
 from ._spool import Spool
@@ -43,6 +47,7 @@ from ._wire import (
     MAX_MESSAGE_BYTES,
     GroupUpdate,
     Truncations,
+    group_id_key,
     updates_from_message,
     wire_message,
 )
@@ -212,6 +217,7 @@ class Consumer:
         self._spill_now = False
         self._spill_lock = threading.RLock()  # spool order: one mover at a time
         headroom = max(64, self.max_pending // 4)
+        self._absorb_at = max(4 * self.batch_size, self.max_pending // 4)
         self._hard_cap = self.max_pending + headroom
         self._hard_cap_bytes = self.max_pending_bytes + self.max_pending_bytes // 4
 
@@ -224,15 +230,15 @@ class Consumer:
         """Add updates from the caller's thread: an append, no lock, no I/O, no encoding.
 
         The worker absorbs the inbox into the per-group pending updates
-        (coalescing, bounds); a caller does it only when the inbox is four
-        batches long, i.e. when the worker is busy sending.
+        (coalescing, bounds); a caller does it only when the inbox has grown
+        to a quarter of ``max_pending`` (the worker is busy sending, or starved
+        of the GIL). A fork is caught by ``os.register_at_fork``; the pid
+        check is in :meth:`_absorb`, off this path.
         """
-        if self._pid != os.getpid():
-            self._reset_in_child()
         inbox = self._inbox
         inbox.extend(updates)
         if len(inbox) >= self.batch_size:
-            if len(inbox) >= 4 * self.batch_size:
+            if len(inbox) >= self._absorb_at:
                 self._absorb()
             elif not self._wake_sent:
                 self._wake_sent = True
@@ -244,6 +250,9 @@ class Consumer:
 
     def _absorb(self) -> None:
         """Move the inbox into the pending updates, in order; apply the bounds."""
+        if self._pid != os.getpid():
+            self._reset_in_child()  # a fork the at-fork hooks did not see
+            return
         overflow = 0
         inbox = self._inbox
         while True:
@@ -271,7 +280,7 @@ class Consumer:
         """Coalesce or append one update; the lock is held. False on overflow."""
         self._stats["enqueued"] += 1
         gid = update.group_id
-        key = (update.group_key, gid if type(gid) is str else str(gid))
+        key = (update.group_key, gid if type(gid) is str else group_id_key(gid))
         lane = self._groups_lane
         queue = lane.groups.get(key)
         if queue:
@@ -519,8 +528,8 @@ class Consumer:
 
     def _run(self) -> None:
         WORKER_THREADS.add(threading.get_ident())
-        _suppress_instrumentation()
         try:
+            _suppress_instrumentation()
             next_send = monotonic() + self.flush_interval
             while not self._stop.is_set():
                 self._wake.wait(max(0.0, next_send - monotonic()))
@@ -607,7 +616,7 @@ class Consumer:
                 if entry.dead:
                     continue
                 gid = entry.group_id
-                key = (entry.group_key, gid if type(gid) is str else str(gid))
+                key = (entry.group_key, gid if type(gid) is str else group_id_key(gid))
                 group = lane.groups[key]
                 group.popleft()
                 if not group:
@@ -834,10 +843,6 @@ def _dumps(message: Any) -> str:
 
 def _suppress_instrumentation() -> None:
     """Keep the worker's own HTTP requests out of the service's traces."""
-    try:
-        from opentelemetry import context
-    except ImportError:  # pragma: no cover - opentelemetry-sdk is a dependency
-        return
     ctx = context.get_current()
     for key in (
         getattr(context, "_SUPPRESS_INSTRUMENTATION_KEY", None),

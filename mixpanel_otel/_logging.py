@@ -8,7 +8,9 @@ import sys
 from typing import Any, Optional
 
 from ._consumer import WORKER_THREADS, Consumer
+from ._exceptions import MixpanelException
 from ._frontend import FrontEnd, iso_utc
+from ._translate import from_tags
 
 __all__ = ["MixpanelGroupHandler"]
 
@@ -62,22 +64,26 @@ class MixpanelGroupHandler(logging.Handler):
             return  # not a group record
         if record.name.startswith("mixpanel_otel") or record.thread in WORKER_THREADS:
             return  # our own records: never feed back
+        consumer = self.consumer
         try:
-            errors: list = []
-            consumer = self.consumer
-            if self._has_rules:
-                special = functools.partial(_special, record)
+            if self._has_rules or "mixpanel.group_id" in attributes:
+                errors: list = []
                 updates = self._translate(
-                    attributes, record.created, _EMPTY, special, consumer.truncations, errors
+                    attributes,
+                    record.created,
+                    _EMPTY,
+                    functools.partial(_special, record),
+                    consumer.truncations,
+                    errors,
                 )
-            else:
-                updates = self._translate(
-                    attributes, record.created, counter=consumer.truncations, errors=errors
-                )
+                if errors:
+                    self._front.report_invalid(_describe(record), errors)
+            else:  # the usual record: tags only
+                updates = from_tags(attributes, record.created, consumer.truncations)
             if updates:
                 consumer.enqueue(updates)
-            if errors:
-                self._front.report_invalid(_describe(record), errors)
+        except MixpanelException as exc:
+            self._front.report_invalid(_describe(record), [str(exc)])
         except Exception as exc:  # never raise into the application's logging call
             self._front.report_invalid(_describe(record), [repr(exc)])
 

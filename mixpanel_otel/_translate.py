@@ -15,7 +15,6 @@ from typing import Any, Callable, Optional
 from ._exceptions import MixpanelException
 from ._rules import Rule
 from ._wire import (
-    ALL_OPERATIONS,
     META_KEYS,
     OPERATIONS,
     GroupUpdate,
@@ -32,6 +31,7 @@ _FLAT_GROUP_KEY = "mixpanel.group_key"
 _FLAT_GROUP_ID = "mixpanel.group_id"
 _FLAT_OP_PREFIX = "mixpanel.$"
 _PROPERTY_OPS = frozenset(("$set", "$set_once", "$union", "$remove"))
+_TAG_OPERATIONS = ("$set", "$set_once", "$union", "$remove", "$unset", "$delete")  # likeliest first
 _EMPTY: Mapping = {}
 
 Special = Callable[[str], Any]
@@ -75,6 +75,26 @@ def build_updates(
     return updates
 
 
+def from_tags(attributes: Mapping, time: float, counter=None) -> list[GroupUpdate]:
+    """The record conventions: ``group_key``, ``group_id``, ``$set``... keys (the hot path)."""
+    group_key = attributes.get("group_key")
+    group_id = attributes.get("group_id")
+    if group_key is None or group_id is None:
+        return []  # not a group record: not an error
+    operations = {op: attributes[op] for op in _TAG_OPERATIONS if op in attributes}
+    if (
+        len(operations) == 1
+        and "$time" not in attributes
+        and "$ip" not in attributes
+        and "$ignore_time" not in attributes
+    ):
+        # The usual record: one operation, no meta.
+        ((op, payload),) = operations.items()
+        return [make_update(group_key, group_id, op, payload, time, None, counter)]
+    meta = {key: attributes[key] for key in META_KEYS if key in attributes}
+    return build_updates(group_key, group_id, operations, meta, time, counter)
+
+
 class Translator:
     """Reads tags, the flat form and rules from attribute mappings."""
 
@@ -96,7 +116,7 @@ class Translator:
         updates: list[GroupUpdate] = []
         if "group_id" in attributes:
             try:
-                updates = self._from_tags(attributes, time, counter)
+                updates = from_tags(attributes, time, counter)
             except MixpanelException as exc:
                 if errors is None:
                     raise
@@ -121,28 +141,6 @@ class Translator:
             if errors is None:
                 raise
             errors.append(f"{label}{exc}")
-
-    @staticmethod
-    def _from_tags(attributes: Mapping, time: float, counter) -> list[GroupUpdate]:
-        group_key = attributes.get("group_key")
-        group_id = attributes.get("group_id")
-        if group_key is None or group_id is None:
-            return []  # not a group record: not an error
-        operations = {}
-        for op in ALL_OPERATIONS:
-            if op in attributes:
-                operations[op] = attributes[op]
-        if (
-            len(operations) == 1
-            and "$time" not in attributes
-            and "$ip" not in attributes
-            and "$ignore_time" not in attributes
-        ):
-            # The usual record: one operation, no meta.
-            ((op, payload),) = operations.items()
-            return [make_update(group_key, group_id, op, payload, time, None, counter)]
-        meta = {key: attributes[key] for key in META_KEYS if key in attributes}
-        return build_updates(group_key, group_id, operations, meta, time, counter)
 
     @staticmethod
     def from_flat(attributes: Mapping, time: float, counter=None) -> list[GroupUpdate]:

@@ -237,6 +237,15 @@ def check_group(group_key: Any, group_id: Any) -> None:
         raise MixpanelException(f"group_id {group_id!r} is not a valid number")
 
 
+def group_id_key(group_id: Any) -> str:
+    """The form Mixpanel keys a profile by: 42, 42.0 and "42" name the same group."""
+    if isinstance(group_id, str):
+        return group_id
+    if isinstance(group_id, float) and group_id.is_integer():
+        return str(int(group_id))
+    return str(group_id)
+
+
 def normalize_meta(meta: Any) -> Optional[dict]:
     if not meta:
         return None

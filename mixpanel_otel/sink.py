@@ -37,6 +37,8 @@ from socketserver import TCPServer
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union
 from urllib.parse import parse_qs, quote, urlencode
 
+from ._wire import group_id_key
+
 __all__ = ["Fault", "Sink", "format_profiles_table", "validate_group_message"]
 
 logger = logging.getLogger(__name__)
@@ -224,15 +226,6 @@ def _validate_object(message: Any) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------- operations
-
-
-def group_id_key(group_id: Union[str, int, float]) -> str:
-    """The stored form of a group id: 42, 42.0 and "42" name the same profile."""
-    if isinstance(group_id, str):
-        return group_id
-    if isinstance(group_id, float) and group_id.is_integer():
-        return str(int(group_id))
-    return str(group_id)
 
 
 def _canon(value: Any) -> str:

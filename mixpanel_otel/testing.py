@@ -18,6 +18,7 @@ from . import _consumer
 from ._consumer import Consumer
 from ._transport import OK, Outcome
 from ._wire import ALL_OPERATIONS as OPERATIONS
+from ._wire import group_id_key
 
 __all__ = ["Capture", "capture_groups", "reset_consumers"]
 
@@ -65,7 +66,7 @@ class Capture:
 
     def profiles(self) -> dict[tuple, dict]:
         """The group profiles the messages produce, ``{(group_key, group_id): properties}``."""
-        from .sink import apply_operation, group_id_key  # Mixpanel's semantics, once
+        from .sink import apply_operation  # Mixpanel's semantics, once
 
         profiles: dict[tuple, dict] = {}
         for message in self.messages:
