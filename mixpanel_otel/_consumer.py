@@ -47,6 +47,7 @@ from ._wire import (
     MAX_MESSAGE_BYTES,
     GroupUpdate,
     Truncations,
+    approx_size,
     group_id_key,
     updates_from_message,
     wire_message,
@@ -92,6 +93,11 @@ def _touches(a: Any, b: Any) -> bool:
     return any(name in b for name in a)
 
 
+def _holds(values: list, value: Any) -> bool:
+    """JSON membership: ``True`` is not ``1`` and ``1`` is not ``1.0`` to Mixpanel."""
+    return any(v == value and type(v) is type(value) for v in values)
+
+
 def _merge(into: GroupUpdate, new: GroupUpdate) -> bool:
     """Merge ``new`` into the earlier ``into`` of the same operation, if exact."""
     op, target, source = into.op, into.payload, new.payload
@@ -106,7 +112,7 @@ def _merge(into: GroupUpdate, new: GroupUpdate) -> bool:
             if current is None:
                 target[name] = values
             else:
-                current.extend(v for v in values if v not in current)
+                current.extend(v for v in values if not _holds(current, v))
     elif op == "$remove":
         # One message removes one value a property, so only new properties merge.
         if _touches(target, source):
@@ -117,7 +123,7 @@ def _merge(into: GroupUpdate, new: GroupUpdate) -> bool:
     else:
         return False
     into.time = new.time
-    into.size += new.size
+    into.size = approx_size(target)  # what the merged update holds, not the sum of both
     return True
 
 
@@ -174,6 +180,7 @@ class Consumer:
         self._wake = threading.Event()  # send now
         self._wake_sent = False  # a wake is on its way; saves callers an Event.set each
         self._flush_wanted = False  # flush() asked the worker to send everything
+        self._gave_up = False  # closed, and the last send from a caller left updates
         self._inbox: deque[GroupUpdate] = deque()  # appended by callers, lock-free
         self._stop = threading.Event()  # shutting down
         self._alert = threading.Event()  # cuts a retry wait short: stop or spill
@@ -182,7 +189,6 @@ class Consumer:
         self._closed = False
         self._groups_lane = _Lane("/groups")
         self._lanes: dict[tuple, _Lane] = {("groups", None, None): self._groups_lane}
-        self._inflight: list = []  # the batch being posted, for spooling at exit
         self._count = 0  # pending + in flight
         self._bytes = 0
         self._last_warning = -_WARN_EVERY
@@ -216,6 +222,7 @@ class Consumer:
         self._spill_needed = False
         self._spill_now = False
         self._spill_lock = threading.RLock()  # spool order: one mover at a time
+        self._spilling = False
         headroom = max(64, self.max_pending // 4)
         self._absorb_at = max(4 * self.batch_size, self.max_pending // 4)
         self._hard_cap = self.max_pending + headroom
@@ -296,8 +303,9 @@ class Consumer:
             elif op is not None:
                 for old in reversed(queue):
                     if old.op == op and old.meta == update.meta:
+                        before = old.size
                         if _merge(old, update):
-                            self._bytes += update.size
+                            self._bytes += old.size - before
                             self._stats["coalesced"] += 1
                             return True
                         break
@@ -443,9 +451,10 @@ class Consumer:
             self._reset_in_child()
         deadline = monotonic() + (_DEFAULT_FLUSH_TIMEOUT if timeout is None else timeout)
         if self._spool is not None:
-            rows = self._spool.count()  # also replays what other processes left
-            with self._lock:
-                self._spool_rows = rows
+            with self._spill_lock:  # a spill in between would make the count stale
+                rows = self._spool.count()  # also replays what other processes left
+                with self._lock:
+                    self._spool_rows = max(self._spool_rows, rows)
         with self._lock:
             if not self._count and not self._spool_rows and not self._inbox:
                 return True
@@ -453,11 +462,19 @@ class Consumer:
                 self._start_worker()
             worker = self._worker
         if worker is None:
-            # Stopped (at exit, or after shutdown): send from this thread, within the bound.
+            # Stopped (at exit, or after shutdown): send from this thread, within the
+            # bound, and put back in the spool what the bound leaves.
+            if self._gave_up and not self._inbox:
+                return False  # nothing new since the last try failed: don't wait again
             self._drain(deadline)
-        else:
-            self._flush_wanted = True
-            self._wake.set()
+            self._absorb()
+            if self._spool is not None and self._count:
+                self._spill(everything=True)
+            with self._lock:
+                self._gave_up = bool(self._count)
+                return not self._count
+        self._flush_wanted = True
+        self._wake.set()
         with self._idle:
             while self._count or self._spool_rows or self._inbox:
                 remaining = deadline - monotonic()
@@ -496,14 +513,17 @@ class Consumer:
         self._wake.set()
         if worker is not None:
             worker.join(max(0.0, self._deadline - monotonic()) + 0.5)
+        # A worker still in a request past the bound (a hung DNS lookup, say) keeps
+        # its batch: it may yet be delivered, so it is neither spooled nor resent.
         stuck = worker is not None and worker.is_alive()
         if not stuck:
             self._drain(self._deadline)
         self._absorb()
+        if self._spool is not None and not stuck:
+            self._spill(everything=True)
         with self._lock:
             left = self._count
-        if left and self._spool is not None:
-            left -= self._spill(everything=True, stuck=stuck)
+            self._gave_up = bool(left)
         if left:
             logger.warning(
                 "mixpanel-otel: %d update(s) not delivered within the %.1f s shutdown timeout",
@@ -511,8 +531,9 @@ class Consumer:
                 timeout,
             )
         with self._lock:
-            self._worker = None
-            self._deadline = None
+            if not stuck:
+                self._worker = None
+                self._deadline = None
         self.transport.close()
         return left == 0
 
@@ -563,22 +584,29 @@ class Consumer:
     def _drain(self, deadline: Optional[float], full_only: bool = False) -> None:
         """Send every lane until it is empty (or holds less than a batch, with
         ``full_only``), or the deadline passes."""
-        with self._drain_lock:
-            self._absorb()
-            for lane in list(self._lanes.values()):
-                while True:
-                    if self._spill_needed:
-                        self._spill()
-                    if full_only and len(lane) < self.batch_size:
-                        break
-                    batch = self._take_batch(lane)
-                    if not batch:
-                        break
-                    left = self._deliver(lane, batch, deadline)
-                    self._inflight = []
-                    if left:
-                        lane.carry.extendleft(reversed(left))
-                        return
+        wait = -1 if deadline is None else max(0.0, deadline - monotonic())
+        if not self._drain_lock.acquire(timeout=wait):
+            return  # another thread (a worker stuck in a request) is sending
+        try:
+            self._drain_lanes(deadline, full_only)
+        finally:
+            self._drain_lock.release()
+
+    def _drain_lanes(self, deadline: Optional[float], full_only: bool) -> None:
+        self._absorb()
+        for lane in list(self._lanes.values()):
+            while True:
+                if self._spill_needed:
+                    self._spill()
+                if full_only and len(lane) < self.batch_size:
+                    break
+                batch = self._take_batch(lane)
+                if not batch:
+                    break
+                left = self._deliver(lane, batch, deadline)
+                if left:
+                    lane.carry.extendleft(reversed(left))
+                    return
 
     def _take_batch(self, lane: _Lane) -> list:
         batch: list = []
@@ -603,7 +631,6 @@ class Consumer:
                 break
             batch.append(lane.carry.popleft())
             size = grown
-        self._inflight = batch
         return batch
 
     def _pop(self, lane: _Lane, limit: int) -> list:
@@ -639,13 +666,16 @@ class Consumer:
         if type(entry) is str:
             message: Any = entry
             size = len(entry)
-            if self.before_send is not None:
-                message = json.loads(entry)
         else:
             message = wire_message(self._token, entry)
             size = entry.size
         try:
             if self.before_send is not None:
+                if type(message) is str:
+                    try:
+                        message = json.loads(message)
+                    except ValueError:
+                        raise MixpanelException("message is not valid JSON; not sent") from None
                 message = self._call_before_send(message)
                 if message is None:
                     self._settle(size, "filtered")
@@ -684,21 +714,22 @@ class Consumer:
             carry.append((text, form_quote(text), len(text)))
         return bool(texts)
 
-    def _spill(
-        self, everything: bool = False, stuck: bool = False, from_caller: bool = False
-    ) -> int:
+    def _spill(self, everything: bool = False, from_caller: bool = False) -> int:
         """Move the oldest pending group messages to the spool; return how many.
 
         Send order is carry, then spool, then queue. The worker (and exit)
         moves the carry in front of the spool and queue entries behind it; a
         caller over the headroom only moves queue entries.
-        Normally half of ``max_pending`` stays in memory; at exit nothing
-        does (and the in-flight batch goes too when the worker is stuck).
+        Normally half of ``max_pending`` stays in memory; at exit nothing does.
         """
         # A caller waits for a spill under way (the overflow policy: a disk write
         # instead of a drop), but never for long.
         if not self._spill_lock.acquire(timeout=1.0 if from_caller else -1):
             return 0
+        if self._spilling:  # re-entered from a callback inside this spill
+            self._spill_lock.release()
+            return 0
+        self._spilling = True
         try:
             lane = self._groups_lane
             with self._lock:  # the inbox is newer than the queue: it stays
@@ -706,7 +737,7 @@ class Consumer:
                 keep = 0 if everything else self.max_pending // 2
                 front: list = []
                 if not from_caller:
-                    front = (list(self._inflight) if stuck else []) + list(lane.carry)
+                    front = list(lane.carry)
                     lane.carry.clear()
                 room = max(0, self._count - len(front) - keep)
                 entries = self._pop(lane, room) if room else []
@@ -725,6 +756,7 @@ class Consumer:
                 if stored:
                     self._spool_rows += len(moved)
         finally:
+            self._spilling = False
             self._spill_lock.release()
         if not stored:
             logger.error("mixpanel-otel: spool unavailable; dropped %d update(s)", len(moved))

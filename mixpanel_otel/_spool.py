@@ -21,6 +21,8 @@ __all__ = ["Spool"]
 
 logger = logging.getLogger("mixpanel_otel")
 
+_BUSY_TIMEOUT = 2.0  # seconds to wait for another process's transaction
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     seq INTEGER PRIMARY KEY,   -- send order; rows put back in front get lower numbers
@@ -38,29 +40,34 @@ class Spool:
         self._lock = threading.Lock()
         self._db: Optional[sqlite3.Connection] = None
 
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(
+            self.path, timeout=_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+        )
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(_SCHEMA)
+            db.execute("SELECT count(*) FROM messages").fetchone()
+        except BaseException:
+            db.close()
+            raise
+        return db
+
     def _connect(self) -> Optional[sqlite3.Connection]:
         if self._db is not None:
             return self._db
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            db = sqlite3.connect(
-                self.path, timeout=10, isolation_level=None, check_same_thread=False
-            )
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
-            db.execute("SELECT count(*) FROM messages").fetchone()
-        except sqlite3.DatabaseError as exc:
-            self._move_aside(exc)
             try:
-                db = sqlite3.connect(
-                    self.path, timeout=10, isolation_level=None, check_same_thread=False
-                )
-                db.execute("PRAGMA journal_mode=WAL")
-                db.executescript(_SCHEMA)
-            except (OSError, sqlite3.Error) as again:
-                logger.error("mixpanel-otel: spool %s is unusable: %s", self.path, again)
+                db = self._open()
+            except sqlite3.OperationalError as exc:
+                # Busy or locked by another process, disk full: the file is fine.
+                logger.warning("mixpanel-otel: spool %s not available now: %s", self.path, exc)
                 return None
-        except OSError as exc:
+            except sqlite3.DatabaseError as exc:  # "not a database", "malformed"
+                self._move_aside(exc)
+                db = self._open()
+        except (OSError, sqlite3.Error) as exc:
             logger.error("mixpanel-otel: spool %s is unusable: %s", self.path, exc)
             return None
         self._db = db
@@ -92,7 +99,11 @@ class Spool:
                     db.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
-                self._move_aside(exc)
+                if isinstance(exc, sqlite3.OperationalError):
+                    # Busy, locked, full, I/O: the file is fine; try again later.
+                    logger.warning("mixpanel-otel: spool %s: %s", self.path, exc)
+                else:
+                    self._move_aside(exc)  # corrupt: "not a database", "malformed"
                 return default
 
     def put(self, front: list[str], back: list[str]) -> bool:

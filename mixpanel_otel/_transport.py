@@ -147,6 +147,8 @@ class Transport:
             return Outcome(RETRY, f"connection failed: {_short(exc)}", reset=True)
         except requests.RequestException as exc:
             return Outcome(FATAL, f"request failed: {_short(exc)}")
+        except Exception as exc:  # e.g. a bad proxy setting: report it, never raise
+            return Outcome(FATAL, f"request failed: {type(exc).__name__}: {_short(exc)}")
         return classify(response)
 
 

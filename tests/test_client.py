@@ -425,3 +425,13 @@ def test_request_body_is_byte_identical_to_the_official_sdks_form_encoding():
     # What requests sends for the SDK's Consumer: data=[...]&verbose=1&ip=0, urlencoded.
     expected = urlencode({"data": "[" + ",".join(messages) + "]", "verbose": 1, "ip": 0})
     assert form_body(map(form_quote, messages)) == expected
+
+
+def test_union_coalescing_keeps_json_types_apart():
+    with capture_groups() as captured:
+        client = GroupClient()
+        client.group_union("company", "acme", {"flags": [1, 0]})
+        client.group_union("company", "acme", {"flags": [True, 1.0, 0]})
+        (message,) = captured.messages
+    assert message["$union"] == {"flags": [1, 0, True, 1.0]}
+    assert [type(v) for v in message["$union"]["flags"]] == [int, int, bool, float]

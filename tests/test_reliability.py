@@ -287,3 +287,70 @@ def test_environment_spool_dir(sink, tmp_path, monkeypatch, make_consumer):
     consumer = make_consumer(sink)
     assert consumer.spool_dir == str(tmp_path)
     assert os.path.isdir(tmp_path)
+
+
+def test_exit_with_a_logging_handler_keeps_the_spool_and_stays_bounded(sink, tmp_path):
+    sink.down = True
+    result, took = run_script(
+        """
+        import logging
+        from mixpanel_otel import MixpanelGroupHandler
+        logging.getLogger().addHandler(MixpanelGroupHandler())
+        logging.getLogger("app").warning(
+            "g", extra={"group_key": "company", "group_id": "acme", "$set": {"plan": "pro"}}
+        )
+        """,
+        sink,
+        MIXPANEL_OTEL_SPOOL_DIR=str(tmp_path),
+        MIXPANEL_OTEL_SHUTDOWN_TIMEOUT="1",
+    )
+    # logging.shutdown() flushes the handler again after our own exit flush: the
+    # spooled update must stay on disk, and the exit must not wait once more.
+    assert Spool(str(tmp_path), TOKEN, sink.url).count() == 1
+    assert took < 6, took
+
+
+def test_a_busy_spool_is_not_mistaken_for_a_corrupt_one(tmp_path, caplog):
+    import sqlite3
+
+    spool = Spool(str(tmp_path), TOKEN, "http://127.0.0.1:9")
+    assert spool.put([], ["one", "two"])
+    other = sqlite3.connect(spool.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        with caplog.at_level(logging.WARNING, logger="mixpanel_otel"):
+            assert spool.put([], ["three"]) is False
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert not glob.glob(spool.path + ".corrupt-*")
+    assert "locked" in caplog.text
+    assert spool.take(10) == ["one", "two"]
+
+
+def test_coalescing_keeps_bytes_to_what_is_held(sink, make_consumer):
+    client, consumer = _client(make_consumer, sink, max_pending_bytes=100_000)
+    sink.down = True
+    for i in range(2000):
+        client.group_set("company", "hot", {"n": i})
+    client.group_set("company", "other", {"n": 1})
+    stats = consumer.stats()
+    assert stats["pending"] == 2 and stats["dropped"] == 0
+    assert stats["pending_bytes"] < 1_000
+    sink.down = False
+    assert client.flush(10)
+    assert sink.profile("company", "hot") == {"n": 1999}
+
+
+def test_a_raw_message_that_is_not_json_is_failed_not_stuck(sink, make_consumer):
+    errors = []
+    consumer = make_consumer(
+        sink,
+        before_send=lambda message: message,
+        on_error=lambda exc, messages: errors.append(str(exc)),
+    )
+    consumer.send("events", "{not json")
+    consumer.send("events", '{"event": "ok", "properties": {"token": "t"}}')
+    assert consumer.flush(10)
+    assert [e["event"] for e in sink.received("track")] == ["ok"]
+    assert consumer.stats()["failed"] == 1 and "not valid JSON" in errors[0]
