@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import threading
 from time import monotonic
@@ -13,19 +12,11 @@ from ._consumer import Consumer
 from ._rules import load_rules
 from ._translate import Translator
 
-__all__ = ["FrontEnd", "iso_utc"]
+__all__ = ["FrontEnd"]
 
 logger = logging.getLogger("mixpanel_otel")
 _WARN_EVERY = 10.0
 _reporting = threading.local()
-
-
-def iso_utc(seconds: Optional[float]) -> Optional[str]:
-    """``2024-01-02T03:04:05``: how Mixpanel stores datetimes (UTC, no zone suffix)."""
-    if seconds is None:
-        return None
-    moment = _dt.datetime.fromtimestamp(seconds, _dt.timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S")
 
 
 class FrontEnd:

@@ -9,8 +9,9 @@ from typing import Any, Optional
 
 from ._consumer import WORKER_THREADS, Consumer
 from ._exceptions import MixpanelException
-from ._frontend import FrontEnd, iso_utc
+from ._frontend import FrontEnd
 from ._translate import from_tags
+from ._wire import iso_utc
 
 __all__ = ["MixpanelGroupHandler"]
 

@@ -26,8 +26,9 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from ._consumer import Consumer
-from ._frontend import FrontEnd, iso_utc
+from ._frontend import FrontEnd
 from ._translate import EVENT_NAME
+from ._wire import iso_utc
 
 __all__ = ["MixpanelLogExporter", "MixpanelSpanExporter"]
 

@@ -6,9 +6,9 @@ import time
 from typing import Any, Optional
 
 from ._consumer import Consumer
-from ._frontend import FrontEnd, iso_utc
+from ._frontend import FrontEnd
 from ._translate import FLAT_PREFIX
-from ._wire import ALL_OPERATIONS, META_KEYS
+from ._wire import ALL_OPERATIONS, META_KEYS, iso_utc
 
 __all__ = ["MixpanelGroupProcessor"]
 

@@ -43,6 +43,8 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_NAME_CHARS = 255
 MAX_STRING_BYTES = 255
 MAX_DEPTH = 3
+#: How Mixpanel stores datetimes, and how the official SDK writes them (UTC, no zone).
+DATETIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
 
 #: SDK endpoint name -> URL path, as the official consumer protocol names them.
 ENDPOINTS = {"events": "/track", "people": "/engage", "groups": "/groups", "imports": "/import"}
@@ -100,6 +102,13 @@ def _truncate(value: str, counter: Optional[Truncations]) -> str:
     return data[:MAX_STRING_BYTES].decode("utf-8", "ignore")
 
 
+def iso_utc(seconds: Optional[float]) -> Optional[str]:
+    """A timestamp in seconds as Mixpanel stores datetimes (``2024-01-02T03:04:05``, UTC)."""
+    if seconds is None:
+        return None
+    return _dt.datetime.fromtimestamp(seconds, _dt.timezone.utc).strftime(DATETIME_FORMAT)
+
+
 def normalize_value(value: Any, counter: Optional[Truncations] = None, depth: int = 0) -> Any:
     """Return ``value`` in a JSON-ready form Mixpanel stores, or raise.
 
@@ -126,7 +135,7 @@ def normalize_value(value: Any, counter: Optional[Truncations] = None, depth: in
     if isinstance(value, _dt.datetime):
         if value.tzinfo is not None:
             value = value.astimezone(_dt.timezone.utc).replace(tzinfo=None)
-        return value.strftime("%Y-%m-%dT%H:%M:%S")
+        return value.strftime(DATETIME_FORMAT)
     if isinstance(value, _dt.date):
         return value.strftime("%Y-%m-%dT00:00:00")
     if isinstance(value, decimal.Decimal):
