@@ -544,8 +544,11 @@ class Consumer:
             return  # at exit: flush() sends from the caller instead
         self._stop.clear()
         worker = threading.Thread(target=self._run, name="mixpanel-otel-worker", daemon=True)
+        try:
+            worker.start()
+        except RuntimeError:  # "can't create new thread at interpreter shutdown"
+            return  # flush() and the exit flush send from the caller instead
         self._worker = worker
-        worker.start()
 
     def _run(self) -> None:
         WORKER_THREADS.add(threading.get_ident())
@@ -916,12 +919,19 @@ def get_consumer(token: Optional[str] = None, api_host: Optional[str] = None, **
 
 
 def _shutdown_all() -> None:
+    """The exit flush: every consumer, one after the other, within one overall bound.
+
+    No new threads here: Python 3.12+ refuses to start one at shutdown.
+    """
     consumers = list(_LIVE)
-    threads = [threading.Thread(target=c.shutdown, daemon=True) for c in consumers]
-    for thread in threads:
-        thread.start()
-    for consumer, thread in zip(consumers, threads):
-        thread.join(consumer.shutdown_timeout + 1.0)
+    if not consumers:
+        return
+    deadline = monotonic() + max(c.shutdown_timeout for c in consumers)
+    for consumer in consumers:
+        try:
+            consumer.shutdown(max(0.1, deadline - monotonic()))
+        except Exception as exc:  # never let one consumer cost the others their flush
+            logger.error("mixpanel-otel: exit flush failed: %r", exc)
 
 
 _fork_held: list[Consumer] = []

@@ -1027,10 +1027,10 @@ class Sink:
         )
         for key in {row[:2] for row in update_rows}:
             db.execute(
-                "DELETE FROM updates WHERE group_key=?1 AND group_id=?2 AND id <= ("
-                " SELECT id FROM updates WHERE group_key=?1 AND group_id=?2"
+                "DELETE FROM updates WHERE group_key=? AND group_id=? AND id <= ("
+                " SELECT id FROM updates WHERE group_key=? AND group_id=?"
                 f" ORDER BY id DESC LIMIT 1 OFFSET {UPDATES_PER_PROFILE})",
-                key,
+                (*key, *key),
             )
 
     def _store_received(
@@ -1045,9 +1045,9 @@ class Sink:
             self._received_since_prune = 0
             for (name,) in db.execute("SELECT DISTINCT endpoint FROM received").fetchall():
                 db.execute(
-                    "DELETE FROM received WHERE endpoint=?1 AND id <= (SELECT id FROM received"
-                    f" WHERE endpoint=?1 ORDER BY id DESC LIMIT 1 OFFSET {RECEIVED_CAP})",
-                    (name,),
+                    "DELETE FROM received WHERE endpoint=? AND id <= (SELECT id FROM received"
+                    f" WHERE endpoint=? ORDER BY id DESC LIMIT 1 OFFSET {RECEIVED_CAP})",
+                    (name, name),
                 )
 
     # -- reading
