@@ -213,12 +213,11 @@ class Consumer:
         self.transport.reset()
         self._sync_lock = threading.Lock()
         self._sync_transport: Optional[Transport] = None
-        # With a spool, overflow is taken in up to a headroom and spilled to disk
-        # by the worker (callers never do I/O); without one it is dropped.
+        # Without a spool, overflow past max_pending is dropped (counted). With one,
+        # the worker is asked to spill to disk past max_pending, and past a headroom
+        # the caller spills itself (the overflow policy), so nothing is dropped.
         self._spool = Spool(self.spool_dir, self._token, self.base_url) if self.spool_dir else None
         self._spool_rows = self._spool.count() if self._spool else 0
-        # Past max_pending the worker is asked to spill; past the headroom the
-        # caller spills itself (the overflow policy), so nothing is dropped.
         self._spill_needed = False
         self._spill_now = False
         self._spill_lock = threading.RLock()  # spool order: one mover at a time
