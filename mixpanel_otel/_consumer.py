@@ -467,11 +467,10 @@ class Consumer:
                 return False  # nothing new since the last try failed: don't wait again
             self._drain(deadline)
             self._absorb()
-            if self._spool is not None and self._count:
-                self._spill(everything=True)
+            spilled = self._spill(everything=True) if self._spool is not None else 0
             with self._lock:
-                self._gave_up = bool(self._count)
-                return not self._count
+                self._gave_up = bool(self._count or spilled)
+                return not self._gave_up
         self._flush_wanted = True
         self._wake.set()
         with self._idle:
@@ -518,16 +517,17 @@ class Consumer:
         if not stuck:
             self._drain(self._deadline)
         self._absorb()
-        if self._spool is not None and not stuck:
-            self._spill(everything=True)
+        spilled = self._spill(everything=True) if self._spool is not None and not stuck else 0
         with self._lock:
-            left = self._count
+            left = self._count + spilled
+            # Later flushes (logging's own exit flush) need not wait for the same outage.
             self._gave_up = bool(left)
         if left:
             logger.warning(
-                "mixpanel-otel: %d update(s) not delivered within the %.1f s shutdown timeout",
+                "mixpanel-otel: %d update(s) not delivered within the %.1f s shutdown timeout%s",
                 left,
                 timeout,
+                f"; {spilled} kept in the spool for the next process" if spilled else "",
             )
         with self._lock:
             if not stuck:
