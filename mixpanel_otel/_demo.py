@@ -140,7 +140,7 @@ def run_demo(keep: bool = False, port: int = 0) -> int:
         f"\n{stats['enqueued']} updates from 5 front ends, {stats['coalesced']} coalesced, "
         f"{stats['sent']} messages in {stats['requests']} request(s); "
         f"{'all delivered' if delivered else 'NOT all delivered'} "
-        f"in {time.monotonic() - started:.1f} s."
+        f"in {(time.monotonic() - started) * 1000:.0f} ms."
     )
     print(f"Browse them at {sink.url}/")
     provider.shutdown()
