@@ -16,11 +16,10 @@ from ._exceptions import MixpanelException
 from ._rules import Rule
 from ._wire import (
     META_KEYS,
-    OPERATIONS,
     GroupUpdate,
     Truncations,
+    group_updates,
     make_update,
-    normalize_meta,
 )
 
 __all__ = ["Translator", "FLAT_PREFIX", "EVENT_NAME"]
@@ -48,33 +47,6 @@ def _no_special(name: str) -> Any:
     return None
 
 
-def build_updates(
-    group_key: Any,
-    group_id: Any,
-    operations: Mapping[str, Any],
-    meta: Optional[dict],
-    time: float,
-    counter: Optional[Truncations],
-) -> list[GroupUpdate]:
-    """Updates for one group record: ``$delete`` alone, else one per operation in wire order."""
-    meta = normalize_meta(meta)
-    if meta and "$time" in meta:
-        time = meta.pop("$time")
-        meta = meta or None
-    if "$delete" in operations:
-        return [make_update(group_key, group_id, "$delete", "", time, meta, counter)]
-    updates = [
-        make_update(group_key, group_id, op, operations[op], time, meta, counter)
-        for op in OPERATIONS
-        if op in operations
-    ]
-    if not updates:
-        raise MixpanelException(
-            "a group record needs an operation ($set, $set_once, $union, $remove, $unset, $delete)"
-        )
-    return updates
-
-
 def from_tags(attributes: Mapping, time: float, counter=None) -> list[GroupUpdate]:
     """The record conventions: ``group_key``, ``group_id``, ``$set``... keys (the hot path)."""
     group_key = attributes.get("group_key")
@@ -92,7 +64,7 @@ def from_tags(attributes: Mapping, time: float, counter=None) -> list[GroupUpdat
         ((op, payload),) = operations.items()
         return [make_update(group_key, group_id, op, payload, time, None, counter)]
     meta = {key: attributes[key] for key in META_KEYS if key in attributes}
-    return build_updates(group_key, group_id, operations, meta, time, counter)
+    return group_updates(group_key, group_id, operations, meta, time, counter)
 
 
 class Translator:
@@ -115,12 +87,7 @@ class Translator:
         a bad part of a record never costs its other parts."""
         updates: list[GroupUpdate] = []
         if "group_id" in attributes:
-            try:
-                updates = from_tags(attributes, time, counter)
-            except MixpanelException as exc:
-                if errors is None:
-                    raise
-                errors.append(str(exc))
+            self._guard(from_tags, (attributes, time, counter), updates, errors, "")
         if _FLAT_GROUP_KEY in attributes or _FLAT_GROUP_ID in attributes:
             self._guard(self.from_flat, (attributes, time, counter), updates, errors, "")
         for rule in self.rules if apply_rules else ():
@@ -168,7 +135,7 @@ class Translator:
                 meta[op] = value
             else:
                 raise MixpanelException(f"unknown attribute {name!r}")
-        return build_updates(group_key, group_id, operations, meta, time, counter)
+        return group_updates(group_key, group_id, operations, meta, time, counter)
 
     @staticmethod
     def _from_rule(
@@ -200,4 +167,4 @@ class Translator:
             operations["$unset"] = rule.unset
         if not operations:
             return []
-        return build_updates(rule.group_key, group_id, operations, None, time, counter)
+        return group_updates(rule.group_key, group_id, operations, None, time, counter)

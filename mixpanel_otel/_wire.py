@@ -325,18 +325,48 @@ def wire_message(token: str, update: GroupUpdate) -> dict:
 _MESSAGE_FIELDS = frozenset(("$token", "$time", "$group_key", "$group_id")) | ALL_OPERATIONS
 
 
+def group_updates(
+    group_key: Any,
+    group_id: Any,
+    operations: Mapping[str, Any],
+    meta: Optional[Mapping],
+    time: Optional[float],
+    counter: Optional[Truncations] = None,
+) -> list[GroupUpdate]:
+    """One group's operations as updates: ``$delete`` alone, else one per operation.
+
+    Mixpanel applies one operation a message, so several are sent as several,
+    in the order ``$set_once, $set, $union, $remove, $unset``. A ``$time`` in
+    ``meta`` is the updates' time.
+    """
+    meta = normalize_meta(meta)
+    if meta and "$time" in meta:
+        time = meta.pop("$time")
+        meta = meta or None
+    if time is None:
+        time = _time.time()
+    if "$delete" in operations:
+        return [make_update(group_key, group_id, "$delete", "", time, meta, counter)]
+    updates = [
+        make_update(group_key, group_id, op, operations[op], time, meta, counter)
+        for op in OPERATIONS
+        if op in operations
+    ]
+    if not updates:
+        raise MixpanelException(
+            "no operation ($set, $set_once, $union, $remove, $unset or $delete)"
+        )
+    return updates
+
+
 def updates_from_message(
     message: Any,
     meta: Optional[Mapping] = None,
     time: Optional[float] = None,
     counter: Optional[Truncations] = None,
 ) -> list[GroupUpdate]:
-    """Split a ``group_update``-style message into one update per operation.
-
-    Mixpanel applies one operation a message, so a message with several is
-    sent as several, in the order ``$set_once, $set, $union, $remove,
-    $unset`` (``$delete`` alone).
-    """
+    """Split a ``group_update``-style message (``$group_key``, ``$group_id``,
+    operations, meta) into updates, as :func:`group_updates` does."""
     if not isinstance(message, Mapping):
         raise MixpanelException(f"message must be a dict, not {type(message).__name__}")
     for key in ("$group_key", "$group_id"):
@@ -347,19 +377,7 @@ def updates_from_message(
         extra.update(meta)
     if "$time" in message and "$time" not in extra:
         extra["$time"] = message["$time"]
-    meta_out = normalize_meta(extra)
-    if meta_out and "$time" in meta_out:
-        time = meta_out.pop("$time")
-        meta_out = meta_out or None
-    if time is None:
-        time = _time.time()
-    if "$delete" in message:
-        ops: tuple = ("$delete",)
-    else:
-        ops = tuple(op for op in OPERATIONS if op in message)
-        if not ops:
-            raise MixpanelException(
-                "message has no operation ($set, $set_once, $union, $remove, $unset or $delete)"
-            )
-    key, gid = message["$group_key"], message["$group_id"]
-    return [make_update(key, gid, op, message[op], time, meta_out, counter) for op in ops]
+    operations = {op: message[op] for op in ALL_OPERATIONS if op in message}
+    return group_updates(
+        message["$group_key"], message["$group_id"], operations, extra, time, counter
+    )
