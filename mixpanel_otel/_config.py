@@ -32,6 +32,24 @@ def _positive_int(value: Any) -> int:
     return number
 
 
+def _non_negative_float(value: Any) -> float:
+    number = float(value)
+    if not number >= 0 or number == float("inf"):
+        raise ValueError("must be a number of seconds, 0 or more")
+    return number
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
 def _callable_or_none(value: Any) -> Optional[Callable]:
     if value is not None and not callable(value):
         raise ValueError("must be callable")
@@ -51,6 +69,9 @@ CONSUMER_OPTIONS: dict[str, tuple[Optional[str], Any, Callable[[Any], Any]]] = {
     "request_timeout": ("MIXPANEL_OTEL_TIMEOUT", 10.0, _positive_float),
     "shutdown_timeout": ("MIXPANEL_OTEL_SHUTDOWN_TIMEOUT", 5.0, _positive_float),
     "spool_dir": ("MIXPANEL_OTEL_SPOOL_DIR", None, _path_or_none),
+    "max_block": ("MIXPANEL_OTEL_MAX_BLOCK", 5.0, _non_negative_float),
+    "max_in_flight": ("MIXPANEL_OTEL_MAX_IN_FLIGHT", 4, _positive_int),
+    "flush_on_sigterm": ("MIXPANEL_OTEL_FLUSH_ON_SIGTERM", True, _flag),
     "backoff_base": (None, 2.0, _positive_float),
     "backoff_max": (None, 60.0, _positive_float),
     "on_error": (None, None, _callable_or_none),
