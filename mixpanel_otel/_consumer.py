@@ -345,6 +345,11 @@ class Consumer:
                 count,
             )
 
+    def count_ignored(self, count: int = 1) -> None:
+        """Count records that carried group tags but no operation (not an error)."""
+        with self._lock:
+            self._stats["ignored"] = self._stats.get("ignored", 0) + count
+
     def count_invalid(self, count: int = 1) -> None:
         """Count records a front end refused (they never reach the queue)."""
         with self._lock:
