@@ -56,6 +56,15 @@ def _callable_or_none(value: Any) -> Optional[Callable]:
     return value
 
 
+def _credentials_or_none(value: Any) -> Any:
+    """Service-account credentials for ``/import``, as the official SDK's ``Consumer`` takes."""
+    if value is not None and not all(
+        hasattr(value, name) for name in ("username", "secret", "project_id")
+    ):
+        raise ValueError("must have username, secret and project_id (ServiceAccountCredentials)")
+    return value
+
+
 def _path_or_none(value: Any) -> Optional[str]:
     return os.fspath(value) if value else None
 
@@ -76,6 +85,7 @@ CONSUMER_OPTIONS: dict[str, tuple[Optional[str], Any, Callable[[Any], Any]]] = {
     "backoff_max": (None, 60.0, _positive_float),
     "on_error": (None, None, _callable_or_none),
     "before_send": (None, None, _callable_or_none),
+    "credentials": (None, None, _credentials_or_none),
 }
 
 

@@ -1,22 +1,36 @@
-"""HTTP to Mixpanel: one ``requests.Session``, responses sorted into outcomes."""
+"""HTTP to Mixpanel: form bodies posted with ``requests``, answers sorted into outcomes."""
 
 from __future__ import annotations
 
 import email.utils
+import enum
+import json
+import threading
 import time
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import Any, Optional, Protocol
 from urllib.parse import quote_plus
 
+# Imported up front: requests imports these lazily inside its first request, and
+# an import running in a worker thread when the process forks leaves the child
+# with a module lock no thread will ever release.
+import encodings.idna  # noqa: F401
+import netrc  # noqa: F401
 import requests
+import requests.adapters  # noqa: F401
+import requests.utils  # noqa: F401
 
-__all__ = ["Outcome", "Transport", "OK", "REJECTED", "RETRY", "FATAL", "form_body", "form_quote"]
+__all__ = [
+    "Answer",
+    "Outcome",
+    "Post",
+    "Transport",
+    "classify",
+    "form_body",
+    "form_quote",
+]
 
-OK = "ok"  # delivered
-REJECTED = "rejected"  # status 0 or 413: split the batch, lose only the bad messages
-RETRY = "retry"  # connection error, timeout, 408, 429, 5xx
-FATAL = "fatal"  # 401, 403, other 4xx: not retried
-
-_USER_AGENT = "mixpanel-otel/0.1"
+_USER_AGENT = "mixpanel-otel/0.2"
 
 # The official SDK posts ``data=<JSON array>&verbose=1&ip=0``, form-encoded by
 # ``urllib.parse.quote_plus``. Messages are quoted one by one so a batch can be
@@ -40,19 +54,42 @@ def form_body(quoted: Iterable[str], extra: str = "") -> str:
     return BODY_OPEN + SEPARATOR.join(quoted) + BODY_CLOSE + extra
 
 
-class Outcome:
-    __slots__ = ("kind", "reason", "retry_after", "reset")
+class Outcome(enum.Enum):
+    """What an answer means for the batch that was posted."""
+
+    OK = "ok"  # delivered
+    REJECTED = "rejected"  # status 0 or 413: split the batch, lose only the bad messages
+    RETRY = "retry"  # connection error, timeout, 408, 429, 5xx, a page that is not Mixpanel's
+    FATAL = "fatal"  # 401, 403, other 4xx: not retried
+
+
+class Answer:
+    """One request's outcome, the server's reason, and its Retry-After if any."""
+
+    __slots__ = ("outcome", "reason", "retry_after", "reset")
 
     def __init__(
-        self, kind: str, reason: str = "", retry_after: Optional[float] = None, reset: bool = False
+        self,
+        outcome: Outcome,
+        reason: str = "",
+        retry_after: Optional[float] = None,
+        reset: bool = False,
     ) -> None:
-        self.kind = kind
+        self.outcome = outcome
         self.reason = reason
         self.retry_after = retry_after
         self.reset = reset  # a connection reset: a quick first retry is fine
 
     def __repr__(self) -> str:
-        return f"Outcome({self.kind!r}, {self.reason!r})"
+        return f"Answer({self.outcome.name}, {self.reason!r})"
+
+
+class Post(Protocol):
+    """What the sender needs of a transport (the seam tests replace)."""
+
+    def post(
+        self, path: str, body: str, auth: Optional[tuple[str, str]], timeout: float
+    ) -> Answer: ...
 
 
 def _retry_after(value: Optional[str]) -> Optional[float]:
@@ -69,89 +106,110 @@ def _retry_after(value: Optional[str]) -> Optional[float]:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _server_error(response: requests.Response) -> str:
+def _clip(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def classify(status: int, text: str, retry_after: Optional[str] = None) -> Answer:
+    """Sort an HTTP answer into an :class:`Outcome`, with the server's reason."""
+    body: Any
     try:
-        body = response.json()
+        body = json.loads(text)
     except ValueError:
-        return response.text[:200].strip() or response.reason or ""
-    if isinstance(body, dict) and body.get("error"):
-        return str(body["error"])
-    return response.text[:200].strip()
-
-
-def classify(response: requests.Response) -> Outcome:
-    """Sort a response into OK / REJECTED / RETRY / FATAL with the server's reason."""
-    status = response.status_code
+        body = None
     if status == 200:
-        try:
-            body = response.json()
-        except ValueError:
-            body = response.text.strip()
         if body == 1 or (isinstance(body, dict) and body.get("status") == 1):
-            return Outcome(OK)
-        reason = body.get("error") if isinstance(body, dict) else None
-        return Outcome(REJECTED, str(reason or f"Mixpanel answered {response.text[:200]!r}"))
-    reason = f"HTTP {status}: {_server_error(response)}"
+            return Answer(Outcome.OK)
+        if body == 0 or (isinstance(body, dict) and body.get("status") in (0, "0")):
+            reason = body.get("error") if isinstance(body, dict) else None
+            return Answer(Outcome.REJECTED, str(reason or "Mixpanel answered 0 (invalid data)"))
+        # A proxy, captive portal or WAF page: not Mixpanel's answer, so try again later.
+        return Answer(Outcome.RETRY, f"HTTP 200 that is not Mixpanel's answer: {_clip(text)!r}")
+    detail = body.get("error") if isinstance(body, dict) and body.get("error") else _clip(text)
+    reason = f"HTTP {status}: {detail}" if detail else f"HTTP {status}"
     if status == 413:
-        return Outcome(REJECTED, reason)
+        return Answer(Outcome.REJECTED, reason)
     if status in (408, 429) or status >= 500:
-        return Outcome(RETRY, reason, _retry_after(response.headers.get("Retry-After")))
+        return Answer(Outcome.RETRY, reason, _retry_after(retry_after))
     if status in (401, 403):
-        return Outcome(
-            FATAL, f"{reason} (Mixpanel refused the project token or its permissions; not retried)"
+        return Answer(
+            Outcome.FATAL,
+            f"{reason} (Mixpanel refused the project token or its permissions; not retried)",
         )
-    return Outcome(FATAL, f"{reason} (not retried)")
+    return Answer(Outcome.FATAL, f"{reason} (not retried)")
 
 
 class Transport:
-    """Posts pre-encoded form bodies to ``base_url``; never raises."""
+    """Posts form bodies to ``base_url`` with one ``requests.Session`` per thread; never raises."""
 
     def __init__(self, base_url: str, timeout: float, verify: bool = True) -> None:
         self.base_url = base_url
         self.timeout = timeout
         self.verify = verify
-        self._session: Optional[requests.Session] = None
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._lock = threading.Lock()
 
-    def reset(self) -> None:
-        """Drop the session (after fork the parent's sockets must not be shared)."""
-        self._session = None
+    def _session(self) -> requests.Session:
+        session: Optional[requests.Session] = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.headers["User-Agent"] = _USER_AGENT
+            self._local.session = session
+            with self._lock:
+                self._sessions.append(session)
+        return session
 
     def close(self) -> None:
-        if self._session is not None:
-            self._session.close()
-            self._session = None
+        with self._lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            try:
+                session.close()
+            except Exception:
+                pass
+        self._local = threading.local()
 
     def post(
         self,
         path: str,
         body: str,
-        auth: Optional[tuple] = None,
+        auth: Optional[tuple[str, str]] = None,
         timeout: Optional[float] = None,
-    ) -> Outcome:
-        session = self._session
-        if session is None:
-            session = self._session = requests.Session()
-            session.headers["User-Agent"] = _USER_AGENT
+    ) -> Answer:
         try:
-            response = session.post(
+            response = self._session().post(
                 self.base_url + path,
-                data=body.encode("ascii"),
+                data=body.encode("utf-8"),
                 headers={"Content-Type": "application/x-www-form-urlencoded"},
                 auth=auth,
                 timeout=timeout or self.timeout,
                 verify=self.verify,
             )
         except requests.Timeout as exc:
-            return Outcome(RETRY, f"timed out: {type(exc).__name__}")
+            return Answer(Outcome.RETRY, f"timed out: {_describe(exc)}")
         except requests.ConnectionError as exc:
-            return Outcome(RETRY, f"connection failed: {_short(exc)}", reset=True)
+            return Answer(Outcome.RETRY, f"connection failed: {_describe(exc)}", reset=True)
         except requests.RequestException as exc:
-            return Outcome(FATAL, f"request failed: {_short(exc)}")
+            return Answer(Outcome.FATAL, f"request failed: {_describe(exc)}")
         except Exception as exc:  # e.g. a bad proxy setting: report it, never raise
-            return Outcome(FATAL, f"request failed: {type(exc).__name__}: {_short(exc)}")
-        return classify(response)
+            return Answer(Outcome.FATAL, f"request failed: {type(exc).__name__}: {_clip(str(exc))}")
+        return classify(response.status_code, response.text, response.headers.get("Retry-After"))
 
 
-def _short(exc: BaseException) -> str:
+def _describe(exc: BaseException) -> str:
+    """The innermost reason of a requests error: DNS, refused, TLS, timeout."""
     text = str(exc)
-    return text if len(text) <= 300 else text[:300] + "..."
+    for marker, label in (
+        ("Name or service not known", "DNS lookup failed"),
+        ("nodename nor servname", "DNS lookup failed"),
+        ("Temporary failure in name resolution", "DNS lookup failed"),
+        ("No address associated", "DNS lookup failed"),
+        ("Connection refused", "connection refused"),
+        ("CERTIFICATE_VERIFY_FAILED", "TLS certificate verification failed"),
+        ("SSLError", "TLS error"),
+    ):
+        if marker in text:
+            return f"{label} ({_clip(text, 160)})"
+    return _clip(text, 300)

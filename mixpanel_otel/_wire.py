@@ -59,7 +59,7 @@ class GroupUpdate:
     so merging into it never touches the caller's objects.
     """
 
-    __slots__ = ("group_key", "group_id", "op", "payload", "time", "meta", "size", "dead")
+    __slots__ = ("group_key", "group_id", "op", "payload", "time", "meta", "size", "receipts", "index")
 
     def __init__(
         self,
@@ -78,7 +78,10 @@ class GroupUpdate:
         self.time = time
         self.meta = meta
         self.size = size
-        self.dead = False
+        #: Receipts waiting on this update, one entry per submitted update merged into it.
+        self.receipts: Optional[list[Any]] = None
+        #: Identities already in this ``$union``'s lists, built by the first merge.
+        self.index: Optional[dict[str, set[Any]]] = None
 
     def __repr__(self) -> str:
         return f"GroupUpdate({self.group_key!r}, {self.group_id!r}, {self.op!r}, {self.payload!r})"
@@ -178,7 +181,7 @@ def _properties(properties: Any, counter: Optional[Truncations], depth: int = 0)
         if tp is str:
             if len(value) > 63:
                 value = _truncate(value, counter)
-            size += 40 + len(value)
+            size += 40 + (len(value) if value.isascii() else 12 * len(value))
         elif tp is int or tp is bool or value is None:
             size += 40
         else:
@@ -300,7 +303,7 @@ def approx_size(payload: Any) -> int:
         value = item[1]
         tp = type(value)
         if tp is str:
-            size += 32 + len(value)
+            size += 32 + (len(value) if value.isascii() else 12 * len(value))
         elif tp is list or tp is dict:
             size += 32 + approx_size(value)
         else:

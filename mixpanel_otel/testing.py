@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 from urllib.parse import parse_qs
 
-from . import _consumer
-from ._consumer import Consumer
-from ._transport import OK, Outcome
+from ._delivery import Consumer, registry
+from ._semantics import apply_operation
+from ._transport import Answer, Outcome
 from ._wire import ALL_OPERATIONS as OPERATIONS
 from ._wire import group_id_key
 
@@ -32,19 +32,13 @@ class _MemoryTransport:
         self.messages: list[dict] = []
         self.requests = 0
 
-    def post(self, path: str, body: str, auth: Any = None, timeout: Any = None) -> Outcome:
+    def post(self, path: str, body: str, auth: Any = None, timeout: Any = None) -> Answer:
         self.requests += 1
         data = parse_qs(body)["data"][0]
         for message in json.loads(data):
             message["$endpoint"] = path
             self.messages.append(message)
-        return Outcome(OK)
-
-    def reset(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+        return Answer(Outcome.OK)
 
 
 class Capture:
@@ -66,8 +60,6 @@ class Capture:
 
     def profiles(self) -> dict[tuple, dict]:
         """The group profiles the messages produce, ``{(group_key, group_id): properties}``."""
-        from .sink import apply_operation  # Mixpanel's semantics, once
-
         profiles: dict[tuple, dict] = {}
         for message in self.messages:
             key = (message["$group_key"], group_id_key(message["$group_id"]))
@@ -92,22 +84,16 @@ def capture_groups(token: str = "test-token", **options: Any) -> Iterator[Captur
     inside it (or given ``consumer=captured.consumer``) are captured.
     """
     options.setdefault("flush_interval", 3600.0)
-    consumer = Consumer(token, _MemoryTransport.base_url, **options)
+    options.setdefault("flush_on_sigterm", False)
     transport = _MemoryTransport()
-    consumer.transport = transport  # type: ignore[assignment]
-    previous: Optional[Consumer] = _consumer._CAPTURE
-    _consumer._CAPTURE = consumer
+    consumer = Consumer(token, _MemoryTransport.base_url, transport=transport, **options)
     try:
-        yield Capture(consumer, transport)
+        with registry.override(consumer):
+            yield Capture(consumer, transport)
     finally:
-        _consumer._CAPTURE = previous
-        consumer.flush(5.0)
+        consumer.shutdown(5.0)
 
 
 def reset_consumers(timeout: float = 2.0) -> None:
     """Shut down and forget every shared consumer (between tests)."""
-    with _consumer._SHARED_LOCK:
-        consumers = list(_consumer._SHARED.values())
-        _consumer._SHARED.clear()
-    for consumer in consumers:
-        consumer.shutdown(timeout)
+    registry.reset(timeout)

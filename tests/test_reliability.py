@@ -13,7 +13,7 @@ import time
 import pytest
 
 from mixpanel_otel import GroupClient
-from mixpanel_otel._spool import Spool
+from mixpanel_otel._delivery.spool import Spool
 from mixpanel_otel.sink import Fault
 
 from .conftest import TOKEN

@@ -1,0 +1,109 @@
+"""Encoding: an update (or an SDK message) becomes wire text, once.
+
+``before_send`` runs here, on the wire dict; the JSON text and its
+form-quoted form are made once and reused for sizing, batching, retries,
+splits and the spool. A message that cannot go (over Mixpanel's 1 MB limit,
+not JSON, ``before_send`` raised) is an :class:`Unsendable` with its reason.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Optional
+
+from .._transport import BODY_CLOSE, BODY_OPEN, form_quote
+from .._wire import MAX_BATCH_BYTES, MAX_MESSAGE_BYTES, GroupUpdate, wire_message
+
+__all__ = ["Encoder", "Message", "Unsendable", "shown"]
+
+BeforeSend = Callable[[dict[str, Any]], Optional[dict[str, Any]]]
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+_MAX_QUOTED = MAX_BATCH_BYTES - len(BODY_OPEN) - len(BODY_CLOSE) - 64
+
+
+class Message:
+    """One wire message: JSON text, its form-quoted text, and what it came from."""
+
+    __slots__ = ("text", "quoted", "origin")
+
+    def __init__(self, text: str, quoted: str, origin: Any) -> None:
+        self.text = text
+        self.quoted = quoted
+        self.origin = origin  # a GroupUpdate, a spool row id, or None for SDK messages
+
+    def __repr__(self) -> str:
+        return f"Message({self.text[:60]!r})"
+
+
+class Unsendable(Exception):
+    """A message that will not be sent, and why (reported to ``on_error``)."""
+
+    def __init__(self, reason: str, message: Any) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.message = message
+
+
+def shown(message: Any, token: str) -> dict[str, Any]:
+    """A message as ``on_error`` sees it: a dict, without the token."""
+    if isinstance(message, str):
+        try:
+            message = json.loads(message)
+        except ValueError:
+            return {"message": message.replace(token, "<token>")}
+    if isinstance(message, dict):
+        return {k: v for k, v in message.items() if k != "$token"}
+    return {"message": message}
+
+
+class Encoder:
+    """Turns updates and SDK messages into :class:`Message` s for one token."""
+
+    def __init__(self, token: str, before_send: Optional[BeforeSend]) -> None:
+        self.token = token
+        self.before_send = before_send
+
+    def update(self, update: GroupUpdate) -> Optional[Message]:
+        """The message for ``update``; None when ``before_send`` dropped it."""
+        message: Optional[dict[str, Any]] = wire_message(self.token, update)
+        if self.before_send is not None:
+            message = self._before_send(message)
+            if message is None:
+                return None
+        return self._finish(message, update)
+
+    def text(self, text: str, origin: Any = None, apply_before_send: bool = True) -> Optional[Message]:
+        """The message for JSON ``text`` (an SDK message, or a spooled one)."""
+        if apply_before_send and self.before_send is not None:
+            try:
+                message = json.loads(text)
+            except ValueError:
+                raise Unsendable("message is not valid JSON; not sent", text) from None
+            changed = self._before_send(message)
+            if changed is None:
+                return None
+            return self._finish(changed, origin)
+        return self._check(text, form_quote(text), origin, text)
+
+    def _before_send(self, message: Any) -> Optional[dict[str, Any]]:
+        try:
+            return self.before_send(message)  # type: ignore[misc]
+        except Exception as exc:
+            reason = f"before_send raised {exc!r}; message not sent".replace(self.token, "<token>")
+            raise Unsendable(reason, message) from None
+
+    def _finish(self, message: Any, origin: Any) -> Message:
+        try:
+            text = _dumps(message)
+        except (TypeError, ValueError) as exc:
+            raise Unsendable(f"message cannot be encoded as JSON: {exc}", message) from None
+        return self._check(text, form_quote(text), origin, message)
+
+    def _check(self, text: str, quoted: str, origin: Any, message: Any) -> Message:
+        if len(text) > MAX_MESSAGE_BYTES or len(quoted) > _MAX_QUOTED:
+            raise Unsendable(
+                f"message of {len(text)} bytes is over Mixpanel's 1 MB message limit; not sent",
+                message,
+            )
+        return Message(text, quoted, origin)

@@ -1,0 +1,309 @@
+"""The durable spool: wire messages kept on disk until Mixpanel acknowledged them.
+
+Each live process owns one SQLite file in ``spool_dir`` (per token and API
+host), held with an advisory lock (``flock``) on a sibling ``.lock`` file
+for the life of the process. A process *adopts* the files of processes that
+are gone (their lock is free): their rows move, whole and in order, to the
+end of its own file, and the old files are removed. So no two live
+processes ever send the same rows, and no "database is locked" can cost a
+row.
+
+Rows are read with :meth:`Spool.peek` and deleted with :meth:`Spool.ack`
+only after Mixpanel acknowledged the batch that carried them: a process
+killed mid-flight leaves them to be sent again (group operations are
+idempotent). Never raises; a corrupt file is moved aside and reported.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from typing import Any, Optional
+
+from .stats import logger
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no adoption across processes
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["Spool"]
+
+_BUSY_TIMEOUT = 10.0  # seconds SQLite waits for another connection's transaction
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,  -- send order; rows put in front get lower numbers
+    body TEXT NOT NULL       -- one wire message, JSON
+);
+"""
+#: Files of processes that forked away or were inherited: never closed here,
+#: since closing a SQLite connection in a forked child can remove the
+#: parent's WAL file under it.
+_INHERITED: list[Any] = []
+
+
+class Spool:
+    """This process's spool file for one (token, API host); thread-safe."""
+
+    def __init__(self, directory: str, token: str, base_url: str) -> None:
+        digest = hashlib.sha256(f"{token}\n{base_url}".encode()).hexdigest()[:16]
+        self.directory = directory
+        self.prefix = os.path.join(directory, f"mixpanel-otel-{digest}")
+        self._lock = threading.Lock()
+        self._db: Optional[sqlite3.Connection] = None
+        self._lock_fd: Optional[int] = None
+        self.path = ""
+        self.rows = 0  # rows in this process's file, as far as it knows
+
+    # -- files ---------------------------------------------------------------------
+
+    def _own(self) -> Optional[sqlite3.Connection]:
+        """This process's file, created (and locked) on first use."""
+        if self._db is not None:
+            return self._db
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            stem = f"{self.prefix}-{os.getpid()}-{secrets.token_hex(4)}"
+            fd = os.open(stem + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._lock_fd = fd
+            self.path = stem + ".sqlite3"
+            self._db = _open(self.path)
+            self.rows = 0
+        except (OSError, sqlite3.Error) as exc:
+            logger.error("mixpanel-otel: spool in %s is unusable: %s", self.directory, exc)
+            return None
+        return self._db
+
+    def _orphans(self) -> list[str]:
+        """Spool files of this (token, host) whose owner is gone, oldest first."""
+        paths = glob.glob(glob.escape(self.prefix) + "*.sqlite3")
+        paths = [path for path in paths if path != self.path]
+        return sorted(paths, key=_mtime)
+
+    def adopt(self) -> int:
+        """Move the rows of every orphaned file into this process's; return how many."""
+        moved = 0
+        with self._lock:
+            for path in self._orphans():
+                moved += self._adopt(path)
+        return moved
+
+    def _adopt(self, path: str) -> int:
+        lock_path = path[: -len(".sqlite3")] + ".lock"
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return 0
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    return 0  # its process is alive
+            if not os.path.exists(path):
+                return 0  # not created yet, or adopted already
+            try:
+                source = _open(path)
+                try:
+                    rows = source.execute("SELECT body FROM messages ORDER BY id").fetchall()
+                finally:
+                    source.close()
+            except sqlite3.DatabaseError as exc:
+                _move_aside(path, exc)
+                return 0
+            db = self._own()
+            if db is None:
+                return 0
+            if rows:
+                with _transaction(db):
+                    db.executemany("INSERT INTO messages (body) VALUES (?)", rows)
+                self.rows += len(rows)
+            for suffix in ("", "-wal", "-shm"):
+                _remove(path + suffix)
+            _remove(lock_path)
+            return len(rows)
+        except (OSError, sqlite3.Error) as exc:
+            logger.error("mixpanel-otel: could not adopt spool %s: %s", path, exc)
+            return 0
+        finally:
+            os.close(fd)
+
+    # -- rows ----------------------------------------------------------------------
+
+    def append(self, texts: list[str], front: bool = False) -> bool:
+        """Write messages after every row (or before, with ``front``); False if not kept."""
+        if not texts:
+            return True
+        for attempt in range(3):
+            with self._lock:
+                db = self._own()
+                if db is None:
+                    return False
+                try:
+                    with _transaction(db):
+                        if front:
+                            first = db.execute("SELECT min(id) FROM messages").fetchone()[0]
+                            start = (first if first is not None else 1) - len(texts)
+                            db.executemany(
+                                "INSERT INTO messages (id, body) VALUES (?, ?)",
+                                ((start + i, text) for i, text in enumerate(texts)),
+                            )
+                        else:
+                            db.executemany(
+                                "INSERT INTO messages (body) VALUES (?)", ((t,) for t in texts)
+                            )
+                    self.rows += len(texts)
+                    return True
+                except sqlite3.OperationalError as exc:  # busy, locked, disk full
+                    error: Exception = exc
+                except sqlite3.Error as exc:
+                    error = exc
+                    break
+            time.sleep(0.05 * (attempt + 1))
+        logger.error(
+            "mixpanel-otel: spool %s could not keep %d message(s): %s", self.path, len(texts), error
+        )
+        return False
+
+    def peek(self, limit: int) -> list[tuple[int, str]]:
+        """The oldest ``limit`` rows, ``(id, text)``, left in place until :meth:`ack`."""
+        with self._lock:
+            db = self._db
+            if db is None:
+                return []
+            try:
+                rows = db.execute(
+                    "SELECT id, body FROM messages ORDER BY id LIMIT ?", (limit,)
+                ).fetchall()
+            except sqlite3.Error as exc:
+                logger.error("mixpanel-otel: spool %s unreadable: %s", self.path, exc)
+                return []
+            if len(rows) < limit:
+                self.rows = len(rows)
+            return [(int(row[0]), str(row[1])) for row in rows]
+
+    def ack(self, ids: list[int]) -> None:
+        """Delete rows that were delivered (or refused for good)."""
+        if not ids:
+            return
+        with self._lock:
+            db = self._db
+            if db is None:
+                return
+            for attempt in range(3):
+                try:
+                    with _transaction(db):
+                        db.executemany("DELETE FROM messages WHERE id = ?", ((i,) for i in ids))
+                    self.rows = max(0, self.rows - len(ids))
+                    return
+                except sqlite3.Error as exc:
+                    error = exc
+                    time.sleep(0.05 * (attempt + 1))
+            # Left in place, the rows are sent again: a duplicate, never a loss.
+            logger.error("mixpanel-otel: spool %s could not delete sent rows: %s", self.path, error)
+
+    def count(self) -> int:
+        with self._lock:
+            if self._db is None:
+                return 0
+            try:
+                self.rows = int(self._db.execute("SELECT count(*) FROM messages").fetchone()[0])
+            except sqlite3.Error:
+                pass
+            return self.rows
+
+    def close(self) -> None:
+        """Close the file; an empty one is removed, a full one stays for the next process."""
+        with self._lock:
+            db, self._db = self._db, None
+            fd, self._lock_fd = self._lock_fd, None
+            if db is not None:
+                try:
+                    empty = db.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+                    db.close()
+                except sqlite3.Error:
+                    empty = False
+                if empty:
+                    for suffix in ("", "-wal", "-shm"):
+                        _remove(self.path + suffix)
+                    _remove(self.path[: -len(".sqlite3")] + ".lock")
+            if fd is not None:
+                os.close(fd)
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: let go of the parent's file without touching it."""
+        self._lock = threading.Lock()
+        if self._db is not None:
+            _INHERITED.append(self._db)  # never closed here: see _INHERITED
+        if self._lock_fd is not None:
+            try:
+                os.close(self._lock_fd)  # our copy only; the parent's lock stays
+            except OSError:
+                pass
+        self._db = None
+        self._lock_fd = None
+        self.path = ""
+        self.rows = 0
+
+
+class _transaction:
+    """``with _transaction(db):`` BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind: Any, value: Any, traceback: Any) -> None:
+        if kind is None:
+            self.db.execute("COMMIT")
+        else:
+            try:
+                self.db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+
+
+def _open(path: str) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # survives a killed process, which is the promise
+        db.executescript(_SCHEMA)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _move_aside(path: str, exc: BaseException) -> None:
+    aside = f"{path}.corrupt-{int(time.time())}"
+    logger.error("mixpanel-otel: spool %s is unreadable (%s); moved aside to %s", path, exc, aside)
+    try:
+        os.replace(path, aside)
+    except OSError:
+        pass
+    for suffix in ("-wal", "-shm"):
+        _remove(path + suffix)

@@ -1,0 +1,142 @@
+"""Counters, rate-limited warnings and delivery health: how the consumer reports.
+
+Every count goes through :meth:`Stats.add`; every warning that could repeat
+goes through :class:`Throttle`; whether delivery is failing right now, and
+for how long, is :class:`Health`'s job.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from time import monotonic
+from typing import Any, Callable, Optional
+
+__all__ = ["COUNTERS", "Health", "Stats", "Throttle", "logger"]
+
+logger = logging.getLogger("mixpanel_otel")
+
+#: The counters of ``stats()``, each a number of messages unless it says otherwise.
+COUNTERS = (
+    "enqueued",  # updates accepted (a merged update counts once here and once in coalesced)
+    "coalesced",  # updates merged into an earlier pending one (never sent on their own)
+    "sent",  # messages Mixpanel acknowledged
+    "failed",  # messages Mixpanel refused, or that could not be encoded; reported to on_error
+    "dropped",  # updates refused for room (never enqueued): overflow without a spool
+    "invalid",  # records a front end refused (bad data), counted by the front end
+    "ignored",  # records with group tags but no operation (not an error)
+    "filtered",  # messages before_send returned None for
+    "retries",  # requests retried after a retryable failure
+    "requests",  # HTTP requests made
+    "errors",  # callbacks (on_error, before_send) that raised, and internal errors
+    "spooled",  # messages written to the spool
+    "replayed",  # spooled messages read back to be sent
+    "blocked",  # callers that waited for room (admission)
+)
+
+
+class Stats:
+    """Named counters, safe from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(COUNTERS, 0)
+
+    def add(self, name: str, count: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += count
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+class Throttle:
+    """Lets a warning through at most once per ``every`` seconds; counts the rest."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self._last = -every
+        self._suppressed = 0
+        self._lock = threading.Lock()
+
+    def ready(self, now: Optional[float] = None) -> Optional[int]:
+        """None to stay quiet; else how many were suppressed since the last one."""
+        now = monotonic() if now is None else now
+        with self._lock:
+            if now - self._last < self.every:
+                self._suppressed += 1
+                return None
+            self._last = now
+            suppressed, self._suppressed = self._suppressed, 0
+            return suppressed
+
+
+class Health:
+    """Whether delivery is failing now, and the warnings that say so.
+
+    Failing starts with the first retryable failure and ends with the next
+    success. Once it has lasted ``warn_after`` seconds a warning names the
+    reason (DNS, refused, HTTP status and body), repeated at most every
+    ``repeat`` seconds; recovery gets one line.
+    """
+
+    def __init__(
+        self,
+        warn_after: float,
+        repeat: float = 60.0,
+        clock: Callable[[], float] = monotonic,
+        scrub: Callable[[str], str] = str,
+    ) -> None:
+        self.warn_after = warn_after
+        self.repeat = repeat
+        self._clock = clock
+        self._scrub = scrub
+        self._lock = threading.Lock()
+        self.failing_since: Optional[float] = None
+        self.reason = ""
+        self._warned_at: Optional[float] = None
+
+    @property
+    def failing(self) -> bool:
+        return self.failing_since is not None
+
+    def failure(self, reason: str) -> None:
+        now = self._clock()
+        with self._lock:
+            self.reason = reason
+            if self.failing_since is None:
+                self.failing_since = now
+            lasted = now - self.failing_since
+            due = lasted >= self.warn_after and (
+                self._warned_at is None or now - self._warned_at >= self.repeat
+            )
+            if due:
+                self._warned_at = now
+        if due:
+            logger.warning(
+                "mixpanel-otel: delivery has been failing for %.0f s: %s "
+                "(updates are kept and retried; stats() counts them)",
+                lasted,
+                self._scrub(reason),
+            )
+
+    def success(self) -> None:
+        if self.failing_since is None:
+            return
+        now = self._clock()
+        with self._lock:
+            since, warned = self.failing_since, self._warned_at
+            self.failing_since = None
+            self._warned_at = None
+        if since is not None and warned is not None:
+            logger.warning("mixpanel-otel: delivery recovered after %.0f s", now - since)
+
+    def describe(self) -> dict[str, Any]:
+        with self._lock:
+            since = self.failing_since
+            return {
+                "failing": since is not None,
+                "failing_for": 0.0 if since is None else self._clock() - since,
+                "reason": self._scrub(self.reason) if since is not None else "",
+            }

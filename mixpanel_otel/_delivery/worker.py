@@ -1,0 +1,98 @@
+"""The worker: the consumer's background threads, started on demand, pid-stamped.
+
+Each thread runs the consumer's loop (take a batch, send it, settle it)
+until the loop returns. A fork leaves the child without threads; the pid
+stamp tells :meth:`Worker.ensure` to start new ones there. Threads run with
+OpenTelemetry instrumentation suppressed, so their own HTTP requests make
+no spans, and their idents are in :data:`WORKER_THREADS`, so a logging
+front end can ignore what they log.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Callable
+
+# Imported here, not in the thread: an import racing a fork (or the main
+# thread's own import of it) leaves a half-initialised module behind.
+from opentelemetry import context
+
+from .stats import logger
+
+__all__ = ["WORKER_THREADS", "Worker"]
+
+#: Idents of worker threads; front ends ignore records these threads emit.
+WORKER_THREADS: set[int] = set()
+
+
+def _suppress_instrumentation() -> None:
+    """Keep the worker's own HTTP requests out of the service's traces."""
+    ctx = context.get_current()
+    for key in (
+        getattr(context, "_SUPPRESS_INSTRUMENTATION_KEY", None),
+        getattr(context, "_SUPPRESS_HTTP_INSTRUMENTATION_KEY", None),
+        "suppress_instrumentation",
+    ):
+        if key:
+            ctx = context.set_value(key, True, ctx)
+    context.attach(ctx)
+
+
+class Worker:
+    """Up to ``count`` daemon threads running ``loop``; restarted after a fork or a crash."""
+
+    def __init__(self, loop: Callable[[], None], count: int, name: str) -> None:
+        self._loop = loop
+        self.count = count
+        self.name = name
+        self._pid = os.getpid()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self.started = False  # read without the lock by the hot path
+
+    def ensure(self) -> bool:
+        """Start missing threads; False when none can run (interpreter shutdown)."""
+        with self._lock:
+            if self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._threads = []
+            self._threads = [thread for thread in self._threads if thread.is_alive()]
+            while len(self._threads) < self.count:
+                thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError:  # "can't create new thread at interpreter shutdown"
+                    break
+                self._threads.append(thread)
+            self.started = bool(self._threads)
+            return self.started
+
+    def after_fork(self) -> None:
+        """In a forked child: no thread of the parent's runs here."""
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._threads = []
+        self.started = False
+
+    def alive(self) -> int:
+        return sum(thread.is_alive() for thread in self._threads)
+
+    def join(self, timeout: float) -> None:
+        for thread in list(self._threads):
+            if thread is not threading.current_thread():
+                thread.join(timeout)
+
+    def _run(self) -> None:
+        ident = threading.get_ident()
+        WORKER_THREADS.add(ident)
+        try:
+            _suppress_instrumentation()
+            self._loop()
+        except BaseException as exc:  # a bug must not pass silently; the next enqueue restarts
+            logger.error("mixpanel-otel worker error: %r", exc)
+        finally:
+            WORKER_THREADS.discard(ident)
+            with self._lock:
+                if not any(t.is_alive() and t.ident != ident for t in self._threads):
+                    self.started = False
