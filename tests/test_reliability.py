@@ -13,7 +13,7 @@ import time
 import pytest
 
 from mixpanel_otel import GroupClient
-from mixpanel_otel._delivery.spool import Spool
+from mixpanel_otel._delivery.spool import Spool, spooled_rows
 from mixpanel_otel.sink import Fault
 
 from .conftest import TOKEN
@@ -197,15 +197,15 @@ def test_exit_spools_what_it_cannot_deliver_and_the_next_process_replays_it(sink
 
 
 def test_corrupt_spool_is_moved_aside_and_never_crashes(sink, make_consumer, tmp_path, caplog):
-    path = Spool(str(tmp_path), TOKEN, sink.url).path
+    path = Spool(str(tmp_path), TOKEN, sink.url).prefix + "-1-dead.sqlite3"  # a gone process's
     with open(path, "wb") as handle:
         handle.write(b"this is not a database" * 100)
     with caplog.at_level(logging.ERROR, logger="mixpanel_otel"):
         client, consumer = _client(make_consumer, sink, spool_dir=str(tmp_path))
+        client.group_set("company", "acme", {"plan": "pro"})
+        assert client.flush(10)
     assert glob.glob(path + ".corrupt-*")
     assert "unreadable" in caplog.text
-    client.group_set("company", "acme", {"plan": "pro"})
-    assert client.flush(10)
     assert sink.profile("company", "acme") == {"plan": "pro"}
 
 
@@ -238,13 +238,14 @@ def test_a_dead_worker_is_restarted_by_the_next_enqueue(sink, make_consumer):
     client, consumer = _client(make_consumer, sink)
     client.group_set("company", "a", {"x": 1})
     assert client.flush(10)
-    worker = consumer._worker
-    consumer._stop.set()  # make the worker thread end, as a crash would
-    consumer._wake.set()
-    worker.join(5)
-    assert not worker.is_alive() and consumer._worker is None
+    with consumer._cond:
+        consumer._stopped = True  # make the worker threads end, as a crash would
+        consumer._cond.notify_all()
+    consumer._worker.join(5)
+    assert consumer._worker.alive() == 0 and not consumer._worker.started
+    consumer._stopped = False
     client.group_set("company", "b", {"x": 1})
-    assert consumer._worker is not None and consumer._worker.is_alive()
+    assert consumer._worker.alive() > 0
     assert client.flush(10)
     assert _ids(sink) == ["a", "b"]
 
@@ -265,7 +266,7 @@ def test_exit_is_bounded_when_the_server_answers_slowly(sink, tmp_path, spool):
     )
     assert took < 8, took
     if spool:
-        assert Spool(str(tmp_path), TOKEN, sink.url).count() == 1
+        assert spooled_rows(str(tmp_path), TOKEN, sink.url) == 1
     else:
         assert "not delivered within" in result.stderr
 
@@ -306,26 +307,26 @@ def test_exit_with_a_logging_handler_keeps_the_spool_and_stays_bounded(sink, tmp
     )
     # logging.shutdown() flushes the handler again after our own exit flush: the
     # spooled update must stay on disk, and the exit must not wait once more.
-    assert Spool(str(tmp_path), TOKEN, sink.url).count() == 1
+    assert spooled_rows(str(tmp_path), TOKEN, sink.url) == 1
     assert took < 3.8, took  # one shutdown_timeout (1.5 s), not one per flush (4.5 s)
 
 
-def test_a_busy_spool_is_not_mistaken_for_a_corrupt_one(tmp_path, caplog):
+def test_a_busy_spool_waits_instead_of_dropping(tmp_path, caplog):
     import sqlite3
+    import threading
 
     spool = Spool(str(tmp_path), TOKEN, "http://127.0.0.1:9")
-    assert spool.put([], ["one", "two"])
-    other = sqlite3.connect(spool.path, isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    assert spool.append(["one", "two"])
+    other = sqlite3.connect(spool.path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # another connection holds the write lock for a while
+    releaser = threading.Timer(0.5, lambda: (other.execute("ROLLBACK"), other.close()))
+    releaser.start()
     try:
-        with caplog.at_level(logging.WARNING, logger="mixpanel_otel"):
-            assert spool.put([], ["three"]) is False
+        assert spool.append(["three"]) is True
     finally:
-        other.execute("ROLLBACK")
-        other.close()
+        releaser.join()
     assert not glob.glob(spool.path + ".corrupt-*")
-    assert "locked" in caplog.text
-    assert spool.take(10) == ["one", "two"]
+    assert [text for _, text in spool.peek(10)] == ["one", "two", "three"]
 
 
 def test_coalescing_keeps_bytes_to_what_is_held(sink, make_consumer):

@@ -81,6 +81,7 @@ class Consumer:
         self._cond = threading.Condition(threading.Lock())
         self.transport: Post = self._transport_given or Transport(self.base_url, self.request_timeout)
         self._inbox: deque[GroupUpdate] = deque()
+        self._inbox_bytes = 0
         self._dispatch = Dispatch(self.batch_size)
         self.held = 0  # pending + in flight, read without the lock by the hot path
         self.held_bytes = 0
@@ -96,6 +97,7 @@ class Consumer:
         self._pause_until = 0.0  # a 429 / Retry-After pauses every request
         self._retry_now = threading.Event()  # flush() and shutdown cut retry waits short
         self._wake_sent = False
+        self._wake_at = max(1, self.batch_size // 2)
         self._gave_up = False  # shut down with updates left: later flushes don't wait again
         self.stats_ = Stats()
         self.truncations.count = 0
@@ -128,17 +130,27 @@ class Consumer:
 
         Past ``max_pending`` the caller goes through admission (:mod:`.admission`).
         """
-        if self.held + len(self._inbox) < self.max_pending and self.held_bytes < self.max_pending_bytes:
-            inbox = self._inbox
+        inbox = self._inbox
+        if not isinstance(updates, list):
+            updates = list(updates)
+        waiting = len(inbox)
+        size = sum(update.size for update in updates)
+        # Past a batch in the inbox the caller absorbs it itself, under the lock.
+        if (
+            waiting < self.batch_size
+            and self.held + waiting < self.max_pending
+            and self.held_bytes + self._inbox_bytes + size < self.max_pending_bytes
+        ):
             inbox.extend(updates)
-            if len(inbox) >= self.batch_size and not self._wake_sent:
+            self._inbox_bytes += size  # not atomic; a rough figure, reset by every absorb
+            if len(inbox) >= self._wake_at and not self._wake_sent:
                 self._wake_sent = True
                 with self._cond:
                     self._cond.notify()
             if not self._worker.started:
                 self._worker.ensure()
             return
-        self._admit(list(updates), None, wait=True)
+        self._admit(updates, None, wait=True)
 
     def submit(self, updates: Sequence[GroupUpdate]) -> Receipt:
         """Queue updates and return a :class:`Receipt` that settles when all are settled.
@@ -227,6 +239,7 @@ class Consumer:
         """Move the inbox into the buffer, in order (the lock is held)."""
         inbox = self._inbox
         self._wake_sent = False
+        self._inbox_bytes = 0
         while inbox:
             self._add(inbox.popleft(), room=False)  # admitted by the caller's check
         self._count_held()

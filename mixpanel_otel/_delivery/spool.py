@@ -32,9 +32,9 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: no adoption across processes
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["Spool"]
+__all__ = ["Spool", "spooled_rows"]
 
-_BUSY_TIMEOUT = 10.0  # seconds SQLite waits for another connection's transaction
+_BUSY_TIMEOUT = 5.0  # seconds SQLite waits for another connection's transaction
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY,  -- send order; rows put in front get lower numbers
@@ -270,6 +270,21 @@ class _transaction:
                 self.db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
+
+
+def spooled_rows(directory: str, token: str, base_url: str) -> int:
+    """Rows kept in ``directory`` for (token, API host), in every process's file."""
+    total = 0
+    for path in Spool(directory, token, base_url)._orphans():
+        try:
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=_BUSY_TIMEOUT)
+            try:
+                total += int(db.execute("SELECT count(*) FROM messages").fetchone()[0])
+            finally:
+                db.close()
+        except sqlite3.Error:
+            continue
+    return total
 
 
 def _open(path: str) -> sqlite3.Connection:
