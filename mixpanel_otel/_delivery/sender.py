@@ -151,7 +151,11 @@ class Sender:
                 if self.max_attempts is not None and attempt >= self.max_attempts:
                     result.unsent.extend(chunk)
                     return
-                if not self.wait(self.backoff.delay(attempt, answer)):
+                delay = self.backoff.delay(attempt, answer)
+                deadline = self.deadline()
+                if deadline is not None:
+                    delay = min(delay, deadline - self.clock())
+                if delay < 0 or not self.wait(delay):
                     result.unsent.extend(chunk)
                     return
                 continue

@@ -1,0 +1,161 @@
+"""Batching without a thread: the buffer and the dispatch rules, called directly."""
+
+from __future__ import annotations
+
+from mixpanel_otel._delivery.buffer import Buffer
+from mixpanel_otel._delivery.dispatch import Dispatch
+from mixpanel_otel._delivery.encode import Encoder
+from mixpanel_otel._delivery.jobs import Kind, Lane
+from mixpanel_otel._delivery.receipts import Fate, Receipt
+from mixpanel_otel._delivery.sender import Result
+from mixpanel_otel._wire import make_update
+
+
+def update(gid, op="$set", payload=None, meta=None):
+    return make_update("company", gid, op, payload if payload is not None else {"x": 1}, 1.0, meta)
+
+
+def add(target, *updates):
+    for u in updates:
+        if isinstance(target, Dispatch):
+            assert target.add(u, lambda: True) >= 0
+        elif not target.coalesce(u):
+            target.append(u)
+
+
+def delivered(job):
+    encoder = Encoder("tok", None)
+    return Result(delivered=[encoder.update(u) for u in job.updates])
+
+
+# -- buffer ----------------------------------------------------------------------------
+
+
+def test_same_operation_merges_unless_a_later_update_touches_it():
+    buffer = Buffer()
+    add(buffer, update("a", payload={"x": 1}), update("a", "$unset", ["y"]), update("a", payload={"z": 2}))
+    assert [u.payload for u in buffer] == [{"x": 1, "z": 2}, ["y"]]
+    add(buffer, update("a", "$unset", ["x"]), update("a", payload={"x": 3}))
+    assert [u.op for u in buffer] == ["$set", "$unset", "$set"]
+
+
+def test_delete_supersedes_everything_pending_and_carries_their_receipts():
+    buffer = Buffer()
+    receipt = Receipt(3)
+    first, second, delete = update("a"), update("a", "$union", {"l": [1]}), update("a", "$delete", "")
+    for u in (first, second, delete):
+        u.receipts = [receipt]
+    add(buffer, first, second)
+    assert buffer.coalesce(delete) == 2
+    assert list(buffer) == [delete] and buffer.count == 1
+    assert delete.receipts == [receipt, receipt, receipt]
+
+
+def test_different_meta_never_merges():
+    buffer = Buffer()
+    add(buffer, update("a"), update("a", meta={"$ip": "1.2.3.4"}))
+    assert buffer.count == 2
+
+
+def test_set_merges_keep_size_to_what_is_held():
+    buffer = Buffer()
+    for i in range(5000):
+        add(buffer, update("hot", payload={"n": i}))
+    (only,) = list(buffer)
+    assert only.payload == {"n": 4999} and buffer.bytes == only.size < 500
+
+
+def test_take_skips_busy_groups_and_keeps_each_groups_order():
+    buffer = Buffer()
+    add(buffer, update("a", payload={"v": 1}), update("b"), update("a", "$unset", ["v"]), update("c"))
+    batch = buffer.take(10, busy={("company", "a")})
+    assert [u.group_id for u in batch] == ["b", "c"]
+    batch = buffer.take(1)
+    assert [(u.group_id, u.op) for u in batch] == [("a", "$set")]
+    buffer.restore(batch)
+    assert [(u.group_id, u.op) for u in buffer.take(10)] == [("a", "$set"), ("a", "$unset")]
+
+
+# -- dispatch --------------------------------------------------------------------------
+
+
+def test_a_group_in_flight_is_busy_until_its_job_settles():
+    dispatch = Dispatch(batch_size=2)
+    add(dispatch, update("a", payload={"v": 1}), update("b"))
+    first = dispatch.pick(spool_ready=False)
+    assert first is not None and first.kind is Kind.GROUPS
+    add(dispatch, update("a", "$unset", ["v"]), update("c"), update("d"))
+    second = dispatch.pick(spool_ready=False)
+    assert [u.group_id for u in second.updates] == ["c", "d"], "a waits for its first message"
+    assert dispatch.pick(spool_ready=False) is None
+    dispatch.finish(first, delivered(first))
+    dispatch.draining = True
+    third = dispatch.pick(spool_ready=False)
+    assert [(u.group_id, u.op) for u in third.updates] == [("a", "$unset")]
+    assert dispatch.held == 3  # second and third in flight
+
+
+def test_partial_batches_wait_for_a_tick_and_held_counts_in_flight():
+    dispatch = Dispatch(batch_size=10)
+    add(dispatch, *(update(f"g{i}") for i in range(3)))
+    assert dispatch.pick(spool_ready=False) is None
+    dispatch.draining = True
+    job = dispatch.pick(spool_ready=False)
+    assert job.count == 3 and dispatch.held == 3 and dispatch.in_flight == 3
+    receipt = Receipt(1)
+    job.updates[0].receipts = [receipt]
+    dispatch.finish(job, delivered(job))
+    assert dispatch.held == 0 and receipt.settled and receipt.delivered == 1
+
+
+def test_spooled_rows_go_first_and_alone():
+    dispatch = Dispatch(batch_size=1)
+    dispatch.draining = True
+    add(dispatch, update("a"), update("b"))
+    in_flight = dispatch.pick(spool_ready=True)
+    dispatch.spool_rows = 5  # a spill wrote rows while that job was out
+    assert dispatch.pick(spool_ready=True) is None, "no spool job beside a group job"
+    dispatch.finish(in_flight, delivered(in_flight))
+    spool_job = dispatch.pick(spool_ready=True)
+    assert spool_job.kind is Kind.SPOOL
+    assert dispatch.pick(spool_ready=True) is None, "memory waits while the spool has rows"
+    dispatch.finish(spool_job, Result())
+    dispatch.spool_rows = 0
+    assert dispatch.pick(spool_ready=True).updates[0].group_id == "b"
+
+
+def test_unsent_updates_go_back_in_front_and_abandoned_jobs_are_the_spools():
+    dispatch = Dispatch(batch_size=2)
+    dispatch.draining = True
+    add(dispatch, update("a", payload={"v": 1}), update("b"))
+    job = dispatch.pick(spool_ready=False)
+    add(dispatch, update("a", "$unset", ["v"]))
+    encoder = Encoder("tok", None)
+    dispatch.finish(job, Result(unsent=[encoder.update(u) for u in job.updates]))
+    assert [(u.group_id, u.op) for u in dispatch.buffer] == [("a", "$set"), ("a", "$unset"), ("b", "$set")]
+    job = dispatch.pick(spool_ready=False)
+    abandoned, lost = dispatch.abandon()
+    assert abandoned == job.updates and lost == 0 and dispatch.in_flight == 0
+    dispatch.finish(job, delivered(job))  # a late answer changes nothing
+    assert dispatch.in_flight == 0
+
+
+def test_lanes_send_one_job_at_a_time_in_order():
+    dispatch = Dispatch(batch_size=2)
+    for text in ("1", "2", "3"):
+        dispatch.add_raw(("events",), lambda: Lane("/track"), text)
+    job = dispatch.pick(spool_ready=False)
+    assert job.texts == ["1", "2"] and dispatch.pick(spool_ready=False) is None
+    dispatch.draining = True
+    assert dispatch.pick(spool_ready=False) is None, "the lane is busy"
+    dispatch.finish(job, Result())
+    assert dispatch.pick(spool_ready=False).texts == ["3"]
+
+
+def test_receipts_count_each_fate():
+    receipt = Receipt(3)
+    for fate in (Fate.DELIVERED, Fate.SPOOLED):
+        receipt.settle(fate)
+    assert not receipt.settled
+    receipt.settle(Fate.FAILED, "bad")
+    assert receipt.settled and not receipt.ok and receipt.errors == ["bad"]

@@ -1,0 +1,143 @@
+"""The sender against a fake transport and clock: retry, Retry-After, split, deadline."""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import parse_qs
+
+from mixpanel_otel._delivery.encode import Encoder
+from mixpanel_otel._delivery.sender import Backoff, Sender
+from mixpanel_otel._transport import Answer, Outcome, classify
+from mixpanel_otel._wire import MAX_BATCH_BYTES, make_update
+
+
+class FakeTransport:
+    """Answers from a script; records the group ids of every request."""
+
+    def __init__(self, *answers, bad=()):
+        self.answers = list(answers)
+        self.bad = set(bad)  # group ids Mixpanel refuses (status 0) while in a batch
+        self.requests: list[list] = []
+        self.bodies: list[str] = []
+
+    def post(self, path, body, auth=None, timeout=None):
+        messages = json.loads(parse_qs(body)["data"][0])
+        self.requests.append([m["$group_id"] for m in messages])
+        self.bodies.append(body)
+        if self.answers:
+            return self.answers.pop(0)
+        if any(m["$group_id"] in self.bad for m in messages):
+            return Answer(Outcome.REJECTED, "bad message")
+        return Answer(Outcome.OK)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+        self.waits: list[float] = []
+
+    def __call__(self):
+        return self.now
+
+    def wait(self, seconds):
+        self.waits.append(seconds)
+        self.now += seconds
+        return True
+
+
+def messages(*ids, size=0):
+    encoder = Encoder("tok", None)
+    properties = {f"p{n}": "y" * 200 for n in range(size // 200)} or {"x": 1}
+    return [encoder.update(make_update("company", i, "$set", properties, 1.0)) for i in ids]
+
+
+def sender(transport, clock, **kwargs):
+    return Sender(
+        transport,
+        request_timeout=5,
+        backoff=Backoff(2.0, 60.0, rng=lambda a, b: b),
+        wait=clock.wait,
+        clock=clock,
+        **kwargs,
+    )
+
+
+def test_retries_with_doubling_backoff_until_delivered():
+    clock = Clock()
+    transport = FakeTransport(*[Answer(Outcome.RETRY, "HTTP 503")] * 3)
+    result = sender(transport, clock).deliver("/groups", messages("a", "b"))
+    assert [m.origin.group_id for m in result.delivered] == ["a", "b"]
+    assert clock.waits == [2.0, 4.0, 8.0]
+    assert len(transport.requests) == 4
+
+
+def test_retry_after_is_honoured_and_capped():
+    clock = Clock()
+    transport = FakeTransport(
+        Answer(Outcome.RETRY, "HTTP 429", retry_after=7), Answer(Outcome.RETRY, "HTTP 429", retry_after=900)
+    )
+    sender(transport, clock).deliver("/groups", messages("a"))
+    assert clock.waits == [7, 60.0]
+
+
+def test_a_rejected_batch_is_split_so_only_bad_messages_are_lost_in_order():
+    clock = Clock()
+    transport = FakeTransport(bad={"c", "f"})
+    result = sender(transport, clock).deliver("/groups", messages(*"abcdefgh"))
+    assert [m.origin.group_id for m in result.delivered] == list("abdegh")
+    assert [(m.origin.group_id, reason) for m, reason in result.refused] == [
+        ("c", "bad message"),
+        ("f", "bad message"),
+    ]
+    sent = [i for request in transport.requests if "c" not in request and "f" not in request for i in request]
+    assert sent == list("abdegh"), "delivered pieces go out in their order"
+
+
+def test_the_deadline_leaves_the_rest_unsent_in_order():
+    clock = Clock()
+    transport = FakeTransport(*[Answer(Outcome.RETRY, "connection refused")] * 10)
+    result = sender(transport, clock, deadline=lambda: 5.0).deliver("/groups", messages("a", "b"))
+    assert [m.origin.group_id for m in result.unsent] == ["a", "b"]
+    assert result.reason == "connection refused"
+    assert clock.now <= 5.0
+
+
+def test_fatal_answers_refuse_the_whole_batch_without_retry():
+    clock = Clock()
+    transport = FakeTransport(Answer(Outcome.FATAL, "HTTP 401: Invalid token"))
+    result = sender(transport, clock).deliver("/groups", messages("a", "b"))
+    assert len(result.refused) == 2 and clock.waits == []
+
+
+def test_bodies_stay_under_two_megabytes_and_keep_order():
+    clock = Clock()
+    transport = FakeTransport()
+    ids = [f"g{i}" for i in range(60)]
+    result = sender(transport, clock).deliver("/groups", messages(*ids, size=100_000))
+    assert len(transport.requests) > 1
+    assert all(len(body) <= MAX_BATCH_BYTES for body in transport.bodies)
+    assert [i for request in transport.requests for i in request] == ids
+    assert len(result.delivered) == 60
+
+
+def test_max_attempts_for_the_synchronous_path():
+    clock = Clock()
+    transport = FakeTransport(*[Answer(Outcome.RETRY, "HTTP 502")] * 9)
+    result = sender(transport, clock, max_attempts=5).deliver("/groups", messages("a"))
+    assert len(result.unsent) == 1 and len(transport.requests) == 5
+
+
+def test_classify_sorts_mixpanel_answers():
+    assert classify(200, '{"status": 1, "error": null}').outcome is Outcome.OK
+    assert classify(200, "1").outcome is Outcome.OK
+    rejected = classify(200, '{"status": 0, "error": "bad $group_id"}')
+    assert rejected.outcome is Outcome.REJECTED and rejected.reason == "bad $group_id"
+    assert classify(200, "0").outcome is Outcome.REJECTED
+    # A proxy or WAF page with 200 is not Mixpanel's answer: retried like an outage.
+    waf = classify(200, "<html><body>Request blocked</body></html>")
+    assert waf.outcome is Outcome.RETRY and "Request blocked" in waf.reason
+    assert classify(413, '{"error": "too big", "status": 0}').outcome is Outcome.REJECTED
+    limited = classify(429, '{"error": "rate"}', "3")
+    assert limited.outcome is Outcome.RETRY and limited.retry_after == 3.0
+    assert classify(401, '{"error": "Invalid token", "status": "error"}').outcome is Outcome.FATAL
+    assert classify(400, "nope").outcome is Outcome.FATAL
