@@ -32,7 +32,7 @@ def identity(value: Any) -> Hashable:
     """A hashable identity for a JSON value, equal exactly when the JSON is equal."""
     kind = type(value)
     if kind is str:
-        return value  # strings stand for themselves; every other kind is a tuple
+        return str(value)  # strings stand for themselves; every other kind is a tuple
     if kind is bool:
         return (_BOOL, value)
     if kind is int:

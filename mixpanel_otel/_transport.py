@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import email.utils
+
+# Imported up front: requests imports these lazily inside its first request, and
+# an import running in a worker thread when the process forks leaves the child
+# with a module lock no thread will ever release.
+import encodings.idna  # noqa: F401
 import enum
 import json
+import netrc  # noqa: F401
 import threading
 import time
 from collections.abc import Iterable
 from typing import Any, Optional, Protocol
 from urllib.parse import quote_plus
 
-# Imported up front: requests imports these lazily inside its first request, and
-# an import running in a worker thread when the process forks leaves the child
-# with a module lock no thread will ever release.
-import encodings.idna  # noqa: F401
-import netrc  # noqa: F401
 import requests
 import requests.adapters  # noqa: F401
 import requests.utils  # noqa: F401
@@ -156,6 +157,12 @@ class Transport:
         if session is None:
             session = requests.Session()
             session.headers["User-Agent"] = _USER_AGENT
+            # Read the environment (proxies, CA bundle, .netrc) once, not on every request.
+            settings = session.merge_environment_settings(self.base_url, {}, None, self.verify, None)
+            session.proxies.update(settings["proxies"])
+            session.verify = settings["verify"]
+            session.auth = requests.utils.get_netrc_auth(self.base_url)
+            session.trust_env = False
             self._local.session = session
             with self._lock:
                 self._sessions.append(session)
@@ -185,7 +192,6 @@ class Transport:
                 headers={"Content-Type": "application/x-www-form-urlencoded"},
                 auth=auth,
                 timeout=timeout or self.timeout,
-                verify=self.verify,
             )
         except requests.Timeout as exc:
             return Answer(Outcome.RETRY, f"timed out: {_describe(exc)}")

@@ -59,7 +59,9 @@ class GroupUpdate:
     so merging into it never touches the caller's objects.
     """
 
-    __slots__ = ("group_key", "group_id", "op", "payload", "time", "meta", "size", "receipts", "index")
+    __slots__ = (
+        "group_key", "group_id", "op", "payload", "time", "meta", "size", "receipts", "index"
+    )
 
     def __init__(
         self,

@@ -29,7 +29,7 @@ class _MemoryTransport:
     base_url = "memory://"
 
     def __init__(self) -> None:
-        self.messages: list[dict] = []
+        self.messages: list[dict[str, Any]] = []
         self.requests = 0
 
     def post(self, path: str, body: str, auth: Any = None, timeout: Any = None) -> Answer:
@@ -49,7 +49,7 @@ class Capture:
         self._transport = transport
 
     @property
-    def messages(self) -> list[dict]:
+    def messages(self) -> list[dict[str, Any]]:
         """Group messages (wire dicts) delivered so far; flushes first."""
         self.consumer.flush(5.0)
         return [
@@ -58,9 +58,9 @@ class Capture:
             if m["$endpoint"] == "/groups"
         ]
 
-    def profiles(self) -> dict[tuple, dict]:
+    def profiles(self) -> dict[tuple[str, str], dict[str, Any]]:
         """The group profiles the messages produce, ``{(group_key, group_id): properties}``."""
-        profiles: dict[tuple, dict] = {}
+        profiles: dict[tuple[str, str], dict[str, Any]] = {}
         for message in self.messages:
             key = (message["$group_key"], group_id_key(message["$group_id"]))
             op = next(op for op in OPERATIONS if op in message)

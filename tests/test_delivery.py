@@ -96,7 +96,9 @@ def test_every_message_refused_before_sending_reaches_on_error(sink, consumers):
         return message
 
     consumer = consumers(
-        sink.url, before_send=before_send, on_error=lambda exc, msgs: errors.append((str(exc), msgs))
+        sink.url,
+        before_send=before_send,
+        on_error=lambda exc, msgs: errors.append((str(exc), msgs)),
     )
     client = GroupClient(consumer=consumer)
     huge = {f"p{i}": "x" * 250 for i in range(5000)}  # over Mixpanel's 1 MB a message
@@ -119,9 +121,9 @@ def test_failing_delivery_is_logged_while_it_happens_and_when_it_recovers(sink, 
     sink.down = True
     with caplog.at_level(logging.WARNING, logger="mixpanel_otel"):
         client.group_set("company", "acme", {"plan": "pro"})
-        assert sink.wait_for(
-            lambda: "delivery has been failing" in caplog.text, timeout=10
-        ), caplog.text
+        assert sink.wait_for(lambda: "delivery has been failing" in caplog.text, timeout=10), (
+            caplog.text
+        )
         assert "connection" in caplog.text  # names the reason
         sink.down = False
         assert consumer.flush(10)
@@ -150,7 +152,9 @@ def test_flush_cuts_a_backoff_wait_short(sink, consumers):
 
 
 @pytest.mark.parametrize("max_in_flight", [1, 4])
-def test_slow_out_of_order_and_failing_answers_keep_every_group_in_order(sink, consumers, max_in_flight):
+def test_slow_out_of_order_and_failing_answers_keep_every_group_in_order(
+    sink, consumers, max_in_flight
+):
     rng = random.Random(7)
     faults = []
     for _ in range(60):
@@ -165,12 +169,16 @@ def test_slow_out_of_order_and_failing_answers_keep_every_group_in_order(sink, c
             faults.append(Fault(delay=rng.choice([0.0, 0.01, 0.05])))
     sink.script(*faults)
     consumer = consumers(
-        sink.url, max_in_flight=max_in_flight, batch_size=7, flush_interval=0.01,
-        backoff_base=0.01, backoff_max=0.05,
+        sink.url,
+        max_in_flight=max_in_flight,
+        batch_size=7,
+        flush_interval=0.01,
+        backoff_base=0.01,
+        backoff_max=0.05,
     )
     client = GroupClient(consumer=consumer)
     expected: dict = {}
-    for step in range(3000):
+    for _ in range(3000):
         gid = f"g{rng.randrange(12)}"
         op = rng.choice(["$set", "$unset", "$union", "$remove", "$delete", "$set_once"])
         value = rng.randrange(5)
@@ -182,9 +190,7 @@ def test_slow_out_of_order_and_failing_answers_keep_every_group_in_order(sink, c
             "$unset": ["v"],
             "$delete": "",
         }[op]
-        getattr(client, "group_" + op[1:])(
-            "company", gid, *([] if op == "$delete" else [payload])
-        )
+        getattr(client, "group_" + op[1:])("company", gid, *([] if op == "$delete" else [payload]))
         expected[gid] = apply_operation(expected.get(gid), op, payload)
     assert consumer.flush(60), consumer.stats()
     for gid, profile in expected.items():

@@ -169,7 +169,9 @@ def _merge(into: GroupUpdate, new: GroupUpdate) -> Optional[int]:
         )
     elif op in ("$set_once", "$remove"):
         growth = sum(
-            8 + len(name) + _value_size(value) for name, value in source.items() if name not in target
+            8 + len(name) + _value_size(value)
+            for name, value in source.items()
+            if name not in target
         )
     elif op == "$union":
         before = {name: len(target.get(name, ())) for name in source}

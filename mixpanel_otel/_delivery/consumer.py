@@ -52,8 +52,9 @@ class Consumer:
     ``Mixpanel(token, consumer=...)`` gets background, batched delivery.
     """
 
-    def __init__(self, token: str, base_url: str, *, transport: Optional[Post] = None,
-                 **options: Any) -> None:
+    def __init__(
+        self, token: str, base_url: str, *, transport: Optional[Post] = None, **options: Any
+    ) -> None:
         opts = resolve_options(options)
         self._token = token
         self.base_url = base_url
@@ -79,7 +80,9 @@ class Consumer:
         """Everything a forked child must not share with its parent."""
         self._pid = os.getpid()
         self._cond = threading.Condition(threading.Lock())
-        self.transport: Post = self._transport_given or Transport(self.base_url, self.request_timeout)
+        self.transport: Post = self._transport_given or Transport(
+            self.base_url, self.request_timeout
+        )
         self._inbox: deque[GroupUpdate] = deque()
         self._inbox_bytes = 0
         self._dispatch = Dispatch(self.batch_size)
@@ -240,8 +243,15 @@ class Consumer:
         inbox = self._inbox
         self._wake_sent = False
         self._inbox_bytes = 0
+        if not inbox:
+            return
+        add, enqueued, coalesced = self._dispatch.add, 0, 0
         while inbox:
-            self._add(inbox.popleft(), room=False)  # admitted by the caller's check
+            coalesced += add(inbox.popleft(), _always)  # admitted by the caller's check
+            enqueued += 1
+        self.stats_.add("enqueued", enqueued)
+        if coalesced:
+            self.stats_.add("coalesced", coalesced)
         self._count_held()
 
     def _count_held(self) -> None:
@@ -267,7 +277,9 @@ class Consumer:
                 f"; {suppressed} more overflow(s) since the last warning" if suppressed else "",
             )
 
-    def _spill(self, extra: list[GroupUpdate], in_flight: Optional[list[GroupUpdate]] = None) -> int:
+    def _spill(
+        self, extra: list[GroupUpdate], in_flight: Optional[list[GroupUpdate]] = None
+    ) -> int:
         """Move everything pending, then ``extra``, to the end of the spool (a *spill*).
 
         ``in_flight`` (at the exit deadline) goes in front of every row. No
@@ -306,8 +318,13 @@ class Consumer:
         """Count records that carried group tags but no operation (not an error)."""
         self.stats_.add("ignored", count)
 
-    def send(self, endpoint: str, json_message: str, api_key: Any = None,
-             api_secret: Optional[str] = None) -> None:
+    def send(
+        self,
+        endpoint: str,
+        json_message: str,
+        api_key: Any = None,
+        api_secret: Optional[str] = None,
+    ) -> None:
         """The official SDK's consumer protocol: queue one JSON message for ``endpoint``."""
         path = ENDPOINTS.get(endpoint)
         if path is None:
@@ -326,8 +343,9 @@ class Consumer:
                 return
         self._enqueue_raw(endpoint, path, json_message, api_key, api_secret)
 
-    def _enqueue_raw(self, endpoint: str, path: str, text: str, api_key: Optional[str],
-                     api_secret: Optional[str]) -> None:
+    def _enqueue_raw(
+        self, endpoint: str, path: str, text: str, api_key: Optional[str], api_secret: Optional[str]
+    ) -> None:
         self._check_fork()
         with self._cond:
             full = not self._room()
@@ -347,8 +365,9 @@ class Consumer:
         elif not self._worker.started:
             self._worker.ensure()
 
-    def _new_lane(self, endpoint: str, path: str, api_key: Optional[str],
-                  api_secret: Optional[str]) -> Lane:
+    def _new_lane(
+        self, endpoint: str, path: str, api_key: Optional[str], api_secret: Optional[str]
+    ) -> Lane:
         credentials = self._credentials
         if endpoint == "imports" and credentials is not None:
             # Service-account credentials, as the SDK's Consumer(credentials=...) uses them.
@@ -468,7 +487,9 @@ class Consumer:
         self.stats_.add("failed", len(result.refused))
         self._report_refusals([(m.text, reason) for m, reason in result.refused] + refusals)
 
-    def _encode_updates(self, updates: list[GroupUpdate]) -> tuple[list[Message], list[tuple[Any, str]]]:
+    def _encode_updates(
+        self, updates: list[GroupUpdate]
+    ) -> tuple[list[Message], list[tuple[Any, str]]]:
         """Messages for updates; refused and filtered ones are settled here."""
         messages: list[Message] = []
         refusals: list[tuple[Any, str]] = []
@@ -599,7 +620,10 @@ class Consumer:
         return not (self._inbox or dispatch.held or dispatch.spilling or dispatch.spool_rows)
 
     def flush(self, timeout: Optional[float] = None) -> bool:
-        """Send everything pending, waiting up to ``timeout`` s (default 30); True when nothing is left."""
+        """Send everything pending, waiting up to ``timeout`` s (default 30).
+
+        Cuts a retry wait short. True when nothing is left.
+        """
         self._check_fork()
         deadline = monotonic() + (_DEFAULT_FLUSH_TIMEOUT if timeout is None else timeout)
         if self._stopped:  # after shutdown: send from this thread, spool the rest
@@ -700,9 +724,12 @@ class Consumer:
             self.stats_.add("dropped", lost)
         self._gave_up = bool(left or lost)
         if left or lost:
-            reason = self.health.reason if self.health.failing else "the server did not answer in time"
+            reason = (
+                self.health.reason if self.health.failing else "the server did not answer in time"
+            )
             logger.warning(
-                "mixpanel-otel: %d update(s) not delivered within the %.1f s shutdown timeout (%s)%s%s",
+                "mixpanel-otel: %d update(s) not delivered within the %.1f s "
+                "shutdown timeout (%s)%s%s",
                 left + lost,
                 timeout if timeout is not None else self.shutdown_timeout,
                 self._scrub(reason),

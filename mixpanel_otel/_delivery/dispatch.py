@@ -109,7 +109,11 @@ class Dispatch:
                 self.busy |= job.groups
                 return job
         for lane in self.lanes.values():
-            if lane.queue and not lane.busy and (self.draining or len(lane.queue) >= self.batch_size):
+            if (
+                lane.queue
+                and not lane.busy
+                and (self.draining or len(lane.queue) >= self.batch_size)
+            ):
                 count = min(self.batch_size, len(lane.queue))
                 job = Job(Kind.RAW, lane=lane, texts=[lane.queue.popleft() for _ in range(count)])
                 lane.busy = True

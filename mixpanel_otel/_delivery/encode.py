@@ -73,7 +73,9 @@ class Encoder:
                 return None
         return self._finish(message, update)
 
-    def text(self, text: str, origin: Any = None, apply_before_send: bool = True) -> Optional[Message]:
+    def text(
+        self, text: str, origin: Any = None, apply_before_send: bool = True
+    ) -> Optional[Message]:
         """The message for JSON ``text`` (an SDK message, or a spooled one)."""
         if apply_before_send and self.before_send is not None:
             try:

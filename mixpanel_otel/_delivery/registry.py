@@ -41,8 +41,9 @@ _OVERRIDE: list[Consumer] = []
 _Handler = Union[Callable[[int, Optional[FrameType]], Any], int, None]
 
 
-def get_consumer(token: Optional[str] = None, api_host: Optional[str] = None,
-                 **options: Any) -> Consumer:
+def get_consumer(
+    token: Optional[str] = None, api_host: Optional[str] = None, **options: Any
+) -> Consumer:
     """This process's consumer for (token, API host), created with ``options`` if new.
 
     ``token`` and ``api_host`` fall back to ``MIXPANEL_TOKEN`` and

@@ -40,7 +40,7 @@ class Backoff:
             return min(answer.retry_after, max(self.cap, RETRY_AFTER_CAP))
         if attempt == 1 and answer.reset:
             return self.rng(0.05, 0.25)  # a reset connection: retry quickly once
-        ceiling = min(self.cap, self.base * 2 ** (attempt - 1))
+        ceiling = min(self.cap, self.base * 2.0 ** (attempt - 1))
         return ceiling / 2 + self.rng(0, ceiling / 2)
 
 

@@ -33,7 +33,12 @@ def delivered(job):
 
 def test_same_operation_merges_unless_a_later_update_touches_it():
     buffer = Buffer()
-    add(buffer, update("a", payload={"x": 1}), update("a", "$unset", ["y"]), update("a", payload={"z": 2}))
+    add(
+        buffer,
+        update("a", payload={"x": 1}),
+        update("a", "$unset", ["y"]),
+        update("a", payload={"z": 2}),
+    )
     assert [u.payload for u in buffer] == [{"x": 1, "z": 2}, ["y"]]
     add(buffer, update("a", "$unset", ["x"]), update("a", payload={"x": 3}))
     assert [u.op for u in buffer] == ["$set", "$unset", "$set"]
@@ -42,7 +47,11 @@ def test_same_operation_merges_unless_a_later_update_touches_it():
 def test_delete_supersedes_everything_pending_and_carries_their_receipts():
     buffer = Buffer()
     receipt = Receipt(3)
-    first, second, delete = update("a"), update("a", "$union", {"l": [1]}), update("a", "$delete", "")
+    first, second, delete = (
+        update("a"),
+        update("a", "$union", {"l": [1]}),
+        update("a", "$delete", ""),
+    )
     for u in (first, second, delete):
         u.receipts = [receipt]
     add(buffer, first, second)
@@ -67,7 +76,13 @@ def test_set_merges_keep_size_to_what_is_held():
 
 def test_take_skips_busy_groups_and_keeps_each_groups_order():
     buffer = Buffer()
-    add(buffer, update("a", payload={"v": 1}), update("b"), update("a", "$unset", ["v"]), update("c"))
+    add(
+        buffer,
+        update("a", payload={"v": 1}),
+        update("b"),
+        update("a", "$unset", ["v"]),
+        update("c"),
+    )
     batch = buffer.take(10, busy={("company", "a")})
     assert [u.group_id for u in batch] == ["b", "c"]
     batch = buffer.take(1)
@@ -132,7 +147,11 @@ def test_unsent_updates_go_back_in_front_and_abandoned_jobs_are_the_spools():
     add(dispatch, update("a", "$unset", ["v"]))
     encoder = Encoder("tok", None)
     dispatch.finish(job, Result(unsent=[encoder.update(u) for u in job.updates]))
-    assert [(u.group_id, u.op) for u in dispatch.buffer] == [("a", "$set"), ("a", "$unset"), ("b", "$set")]
+    assert [(u.group_id, u.op) for u in dispatch.buffer] == [
+        ("a", "$set"),
+        ("a", "$unset"),
+        ("b", "$set"),
+    ]
     job = dispatch.pick(spool_ready=False)
     abandoned, lost = dispatch.abandon()
     assert abandoned == job.updates and lost == 0 and dispatch.in_flight == 0

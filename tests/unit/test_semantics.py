@@ -46,13 +46,18 @@ SCALARS = st.one_of(
     st.sampled_from([0.0, -0.0, 1.0]),
     st.text(max_size=4),
 )
-VALUES = st.one_of(SCALARS, SCALARS, st.recursive(
+VALUES = st.one_of(
     SCALARS,
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(["k", "é"]), inner, max_size=2)
+    SCALARS,
+    st.recursive(
+        SCALARS,
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=3),
+            st.dictionaries(st.sampled_from(["k", "é"]), inner, max_size=2),
+        ),
+        max_leaves=4,
     ),
-    max_leaves=4,
-))
+)
 OPS = st.sampled_from(["$set", "$set_once", "$union", "$remove", "$unset", "$delete"])
 GROUPS = st.sampled_from([("company", "acme"), ("company", 42), ("company", "42.0"), ("team", 42)])
 METAS = st.sampled_from([None, None, {"$ignore_time": True}, {"$ip": "1.2.3.4"}])
@@ -100,7 +105,11 @@ def coalesced(sequence, cap=MERGE_CAP, take_every=None):
 
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(updates(), max_size=30), st.sampled_from([None, 1, 4]), st.sampled_from([MERGE_CAP, 300]))
+@given(
+    st.lists(updates(), max_size=30),
+    st.sampled_from([None, 1, 4]),
+    st.sampled_from([MERGE_CAP, 300]),
+)
 def test_coalescing_never_changes_the_final_profile(sequence, take_every, cap):
     result, messages = coalesced(sequence, cap, take_every)
     assert result == one_by_one(sequence)
@@ -108,9 +117,7 @@ def test_coalescing_never_changes_the_final_profile(sequence, take_every, cap):
 
 
 def test_a_hot_union_group_is_split_past_the_cap_and_loses_no_value():
-    sequence = [
-        make_update("company", "hot", "$union", {"v": [i]}, 1.0) for i in range(40_000)
-    ]
+    sequence = [make_update("company", "hot", "$union", {"v": [i]}, 1.0) for i in range(40_000)]
     buffer = Buffer()
     for update in sequence:
         if not buffer.coalesce(update):

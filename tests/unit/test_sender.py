@@ -74,7 +74,8 @@ def test_retries_with_doubling_backoff_until_delivered():
 def test_retry_after_is_honoured_and_capped():
     clock = Clock()
     transport = FakeTransport(
-        Answer(Outcome.RETRY, "HTTP 429", retry_after=7), Answer(Outcome.RETRY, "HTTP 429", retry_after=900)
+        Answer(Outcome.RETRY, "HTTP 429", retry_after=7),
+        Answer(Outcome.RETRY, "HTTP 429", retry_after=900),
     )
     sender(transport, clock).deliver("/groups", messages("a"))
     assert clock.waits == [7, 60.0]
@@ -89,7 +90,12 @@ def test_a_rejected_batch_is_split_so_only_bad_messages_are_lost_in_order():
         ("c", "bad message"),
         ("f", "bad message"),
     ]
-    sent = [i for request in transport.requests if "c" not in request and "f" not in request for i in request]
+    sent = [
+        i
+        for request in transport.requests
+        if "c" not in request and "f" not in request
+        for i in request
+    ]
     assert sent == list("abdegh"), "delivered pieces go out in their order"
 
 
