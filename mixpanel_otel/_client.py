@@ -125,9 +125,7 @@ class GroupClient:
             {"$group_key": group_key, "$group_id": group_id, "$delete": ""}, meta=meta
         )
 
-    def group_update(
-        self, message: dict[str, Any], meta: Optional[dict[str, Any]] = None
-    ) -> None:
+    def group_update(self, message: dict[str, Any], meta: Optional[dict[str, Any]] = None) -> None:
         """Send a generic update; several operations become several messages."""
         consumer = self.consumer
         try:

@@ -84,9 +84,8 @@ class MixpanelGroupHandler(logging.Handler):
         errors: list[str] = []
         try:
             updates: list[GroupUpdate]
-            if self._has_rules or "mixpanel.group_id" in attributes or (
-                "mixpanel.group_key" in attributes
-            ):
+            flat = "mixpanel.group_id" in attributes or "mixpanel.group_key" in attributes
+            if self._has_rules or flat:
                 ignored: list[str] = []
                 updates = self._translate(
                     attributes,

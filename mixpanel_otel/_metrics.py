@@ -172,7 +172,8 @@ class _Publisher:
                 "otel.component.name": f"{COMPONENT_TYPE}/{next(self._numbers)}",
                 "server.address": host,
             }
-            new = [key for key in consumer.stats() if key not in self._keys]
+            keys = [*METRICS, *consumer.stats()]  # a key may appear once first counted
+            new = [key for key in dict.fromkeys(keys) if key not in self._keys]
             self._keys.update(new)
         for key in new:
             self._instrument(key)
