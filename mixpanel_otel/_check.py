@@ -37,7 +37,6 @@ class Check:
     lines: list[str] = field(default_factory=list)
     ok: bool = True
     reason: str = ""
-    secret: str = field(default="", repr=False)  # redacted from anything shown
 
     def step(self, name: str, detail: str) -> None:
         self.lines.append(f"  ok    {name}: {detail}")
@@ -57,8 +56,7 @@ class Check:
             if self.ok
             else (f"FAILED: {self.reason}")
         )
-        text = "\n".join(["mixpanel-otel check", *self.lines, verdict])
-        return text.replace(self.secret, "<token>") if self.secret else text
+        return "\n".join(["mixpanel-otel check", *self.lines, verdict])
 
 
 def run_check(
@@ -84,7 +82,6 @@ def run_check(
         options = resolve_options({})
     except MixpanelException as exc:
         return check.fail("configuration", str(exc))
-    check.secret = token
     check.step("token", f"set (from {source})")
     rules_source = rules or os.environ.get(RULES_ENV) or None
     if rules_source:
@@ -141,7 +138,8 @@ def _probe(check: Check, token: str, base_url: str, timeout: float) -> Check:
     check.step(
         "connection", f"POST {parts.scheme}://{host}:{port}/groups answered {answer.status_code}"
     )
-    return _verdict(check, answer.status_code, answer.text)
+    text = answer.text.replace(token, "<token>")  # never show the token, even echoed
+    return _verdict(check, answer.status_code, text)
 
 
 def _verdict(check: Check, status: int, text: str) -> Check:
