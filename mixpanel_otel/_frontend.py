@@ -19,7 +19,6 @@ from collections import Counter
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Protocol, Union
 
-from . import _consumer
 from ._config import check_arguments, disabled_by_environment, resolve_options, resolve_target
 from ._exceptions import ConfigurationError, MissingToken, MixpanelException
 from ._rules import RulesSource, load_rules
@@ -27,7 +26,7 @@ from ._translate import Translator
 from ._wire import GroupUpdate, Truncations
 
 if TYPE_CHECKING:
-    from ._consumer import Consumer
+    from ._delivery import Consumer
 
 __all__ = [
     "ConsumerLike",
@@ -140,7 +139,9 @@ def _disable(reason: str, level: int) -> DisabledConsumer:
 
 def _capturing() -> bool:
     """Whether ``mixpanel_otel.testing.capture_groups`` is active: it wins over disabling."""
-    return getattr(_consumer, "_CAPTURE", None) is not None
+    from ._delivery import registry
+
+    return bool(getattr(registry, "_OVERRIDE", None))
 
 
 def open_consumer(
@@ -192,9 +193,10 @@ def open_consumer(
 
 
 def _shared(token: Optional[str], api_host: Optional[str], options: dict[str, Any]) -> ConsumerLike:
+    from ._delivery import get_consumer
     from ._metrics import publish
 
-    shared: Consumer = _consumer.get_consumer(token, api_host, **options)
+    shared: Consumer = get_consumer(token, api_host, **options)
     publish(shared)
     return shared
 

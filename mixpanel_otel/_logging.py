@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import Any, Optional
 
-from ._consumer import WORKER_THREADS
+from ._delivery.worker import WORKER_THREADS
 from ._exceptions import MixpanelException
 from ._frontend import ConsumerLike, FrontEnd
 from ._rules import RulesSource
