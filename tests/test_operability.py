@@ -381,3 +381,28 @@ def test_metrics_through_the_global_meter_provider(sink):
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env
     )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_spans_keep_good_operations_and_ignore_routing_tags(sink, make_consumer, caplog):
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    consumer = make_consumer(sink, flush_interval=60)
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(MixpanelSpanExporter(consumer=consumer)))
+    tracer = provider.get_tracer("test")
+    with tracer.start_as_current_span("routing only") as span:  # tags for a load balancer
+        span.set_attribute("mixpanel.group_key", "company")
+        span.set_attribute("mixpanel.group_id", "acme")
+    with tracer.start_as_current_span("partly bad") as span:
+        span.set_attribute("mixpanel.group_key", "company")
+        span.set_attribute("mixpanel.group_id", "acme")
+        span.set_attribute("mixpanel.$set.plan", "pro")
+        span.set_attribute("mixpanel.$unset", [""])  # an empty property name: refused
+    provider.shutdown()
+    assert consumer.flush(10)
+    assert sink.profile("company", "acme") == {"plan": "pro"}
+    stats = consumer.stats()
+    assert stats["ignored"] == 1 and stats["invalid"] == 1, stats
+    (warning,) = _ours(caplog)
+    assert "span 'partly bad'" in warning.getMessage() and "$unset" in warning.getMessage()
