@@ -1,47 +1,174 @@
-"""The ``mixpanel-otel`` command: serve the local sink, show profiles, run the demo."""
+"""The ``mixpanel-otel`` command: serve the local sink, show profiles, check a
+configuration, run the demo.
+
+Expected failures (a busy port, a file that is not a sink database, an
+unreachable sink) print one line to stderr and exit 1; never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
+import sqlite3
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 __all__ = ["main"]
 
 DEFAULT_DB = "mixpanel-otel-sink.db"
 
 
+class _Failure(Exception):
+    """An expected failure: its text is the one line the user sees."""
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_database(path: str) -> None:
+    """Refuse a file that exists but is not SQLite before anything opens it."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb") as handle:
+        header = handle.read(16)
+    if header != b"SQLite format 3\x00":
+        raise _Failure(f"{path!r} is not a SQLite database (choose another --db)")
+
+
 def _serve(args: argparse.Namespace) -> int:
+    from ._relay import Relay
     from .sink import Sink
 
-    sink = Sink(
-        db_path=args.db, host=args.host, port=args.port, verbose=args.verbose, latency=args.latency
-    )
-    print(f"mixpanel-otel sink serving on {sink.url} (database {sink.db_path})")
-    print(f"  export MIXPANEL_API_HOST={sink.url}")
-    print(f"  browse the profiles at {sink.url}/   (Ctrl-C stops)")
+    _check_database(args.db)
+    public = not _is_loopback(args.host)
+    if public:
+        try:
+            ipaddress.ip_address(args.host)
+        except ValueError:
+            raise _Failure(f"--host {args.host!r} is not an IP address") from None
+        print(
+            f"warning: --host {args.host} is not loopback: anyone who can reach this "
+            "machine can read and write the sink's profiles (no authentication)",
+            file=sys.stderr,
+        )
+    try:
+        sink = Sink(
+            db_path=args.db,
+            host="127.0.0.1" if public else args.host,
+            port=0 if public else args.port,
+            verbose=args.verbose,
+            latency=args.latency,
+        )
+    except OSError as exc:
+        raise _Failure(_listen_problem(args.host, args.port, exc)) from None
+    except sqlite3.Error as exc:
+        raise _Failure(f"cannot use {args.db!r} as the sink database: {exc}") from None
+    relay: Optional[Relay] = None
+    url = sink.url
+    if public:
+        try:
+            relay = Relay(args.host, args.port, (sink.host, sink.port))
+        except OSError as exc:
+            sink.stop()
+            raise _Failure(_listen_problem(args.host, args.port, exc)) from None
+        host, port = relay.address
+        url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    print(f"mixpanel-otel sink serving on {url} (database {sink.db_path})")
+    shown = url.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]")
+    print(f"  export MIXPANEL_API_HOST={shown}")
+    print(f"  browse the profiles at {shown}/   (Ctrl-C stops)")
     sys.stdout.flush()
     try:
-        sink.serve_forever()
+        if relay is not None:
+            sink.start()
+            relay.serve_forever()
+        else:
+            sink.serve_forever()
     except KeyboardInterrupt:
         pass
+    finally:
+        if relay is not None:
+            relay.close()
+        sink.stop()
     return 0
+
+
+def _listen_problem(host: str, port: int, exc: OSError) -> str:
+    import errno
+
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"cannot listen on {host}:{port}: the port is in use "
+            "(another sink? choose another --port)"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {host}:{port}: no such address on this machine"
+    return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
 
 
 def _profiles(args: argparse.Namespace) -> int:
-    from .sink import format_profiles_table, read_profiles
+    from ._table import format_profiles
 
-    if not os.path.exists(args.db):
-        print(f"no sink database at {args.db!r} (run `mixpanel-otel serve` first)", file=sys.stderr)
-        return 1
-    profiles = read_profiles(args.db, args.group_key)
+    if args.url:
+        profiles = _profiles_over_http(args.url, args.group_key)
+    else:
+        from .sink import read_profiles
+
+        if not os.path.exists(args.db):
+            raise _Failure(f"no sink database at {args.db!r} (run `mixpanel-otel serve` first)")
+        _check_database(args.db)
+        try:
+            profiles = read_profiles(args.db, args.group_key)
+        except sqlite3.Error as exc:
+            raise _Failure(f"cannot read {args.db!r}: {exc}") from None
     if args.json:
         print(json.dumps(profiles, indent=2, sort_keys=True))
     else:
-        print(format_profiles_table(profiles))
+        print(format_profiles(profiles))
     return 0
+
+
+def _profiles_over_http(url: str, group_key: Optional[str]) -> list[Any]:
+    """A running sink's ``GET /api/profiles`` (the JSON its pages read)."""
+    import requests
+
+    url = url.rstrip("/")
+    if "://" not in url:
+        url = f"http://{url}"
+    try:
+        answer = requests.get(
+            f"{url}/api/profiles", params={"group_key": group_key or ""}, timeout=10
+        )
+    except requests.RequestException as exc:
+        raise _Failure(f"cannot reach a sink at {url}: {type(exc).__name__}") from None
+    try:
+        profiles = answer.json()
+    except ValueError:
+        profiles = None
+    if answer.status_code != 200 or not isinstance(profiles, list):
+        raise _Failure(
+            f"{url} is not a mixpanel-otel sink (GET /api/profiles: {answer.status_code})"
+        )
+    return profiles
+
+
+def _check(args: argparse.Namespace) -> int:
+    from ._check import run_check
+
+    check = run_check(
+        token=args.token, api_host=args.api_host, rules=args.rules, timeout=args.timeout
+    )
+    print(check.render())
+    return 0 if check.ok else 1
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -50,15 +177,24 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(keep=args.keep, port=args.port)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="mixpanel-otel",
-        description="Local Mixpanel-compatible sink, profile viewer and demo for mixpanel-otel.",
+        description="Local Mixpanel-compatible sink, profile viewer, configuration check and "
+        "demo for mixpanel-otel.",
     )
+    parser.add_argument("--version", action="version", version=f"mixpanel-otel {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the local Mixpanel-compatible sink")
-    serve.add_argument("--host", default="127.0.0.1", help="loopback address (default 127.0.0.1)")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; 0.0.0.0 for a docker-compose "
+        "neighbour, with a warning: the sink has no authentication)",
+    )
     serve.add_argument("--port", type=int, default=8765, help="port (default 8765)")
     serve.add_argument("--db", default=DEFAULT_DB, help=f"SQLite file (default {DEFAULT_DB})")
     serve.add_argument("--verbose", action="store_true", help="log each request")
@@ -71,18 +207,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     serve.set_defaults(run=_serve)
 
     profiles = commands.add_parser("profiles", help="print the group profiles a sink holds")
-    profiles.add_argument("--db", default=DEFAULT_DB, help=f"SQLite file (default {DEFAULT_DB})")
+    source = profiles.add_mutually_exclusive_group()
+    source.add_argument("--db", default=DEFAULT_DB, help=f"SQLite file (default {DEFAULT_DB})")
+    source.add_argument("--url", help="a running sink instead, e.g. http://127.0.0.1:8765")
     profiles.add_argument("--group-key", help="only this group key, e.g. company")
     profiles.add_argument("--json", action="store_true", help="print JSON instead of a table")
     profiles.set_defaults(run=_profiles)
+
+    check = commands.add_parser(
+        "check",
+        help="check the configuration and that the API host answers (changes no profile)",
+        description="Reads the same configuration as the library (MIXPANEL_TOKEN, "
+        "MIXPANEL_API_HOST or MIXPANEL_REGION, MIXPANEL_OTEL_RULES, MIXPANEL_OTEL_*), "
+        "or the options below, and exits 1 with the reason when delivery cannot work.",
+    )
+    check.add_argument("--token", help="project token (default: MIXPANEL_TOKEN)")
+    check.add_argument("--api-host", help="host or URL (default: MIXPANEL_API_HOST or region)")
+    check.add_argument("--rules", help="rules file to validate (default: MIXPANEL_OTEL_RULES)")
+    check.add_argument("--timeout", type=float, help="seconds to wait for the host")
+    check.set_defaults(run=_check)
 
     demo = commands.add_parser("demo", help="run an instrumented workload against a local sink")
     demo.add_argument("--keep", action="store_true", help="keep serving to browse the profiles")
     demo.add_argument("--port", type=int, default=0, help="sink port (default: any free port)")
     demo.set_defaults(run=_demo)
+    return parser
 
-    args = parser.parse_args(argv)
-    return args.run(args)
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        result: int = args.run(args)
+    except _Failure as exc:
+        print(f"mixpanel-otel {args.command}: {exc}", file=sys.stderr)
+        return 1
+    return result
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
-from ._consumer import Consumer, get_consumer
 from ._exceptions import MixpanelException
+from ._frontend import ConsumerLike, DisabledConsumer, open_consumer
 from ._wire import updates_from_message
 
 __all__ = ["GroupClient", "resolve_consumer"]
 
 
 def resolve_consumer(
-    token: Optional[str], api_host: Optional[str], consumer: Optional[Consumer], options: dict
-) -> Consumer:
-    """The consumer a front end uses: the one given, else the shared one for (token, host)."""
-    if consumer is not None:
-        if options:
-            raise MixpanelException("pass consumer options to get_consumer(), not with consumer=")
-        return consumer
-    return get_consumer(token, api_host, **options)
+    token: Optional[str],
+    api_host: Optional[str],
+    consumer: Optional[ConsumerLike],
+    options: dict[str, Any],
+) -> Union[ConsumerLike, DisabledConsumer]:
+    """The consumer a front end uses (see :func:`mixpanel_otel._frontend.open_consumer`)."""
+    return open_consumer(token, api_host, consumer, options)
 
 
 class GroupClient:
@@ -29,6 +28,12 @@ class GroupClient:
     background. With ``sync=True`` each call is sent at once and raises
     :class:`MixpanelException` when it is not delivered, like the SDK's
     ``Consumer``.
+
+    Without a token (no argument, no ``MIXPANEL_TOKEN``) the client is
+    disabled, with one warning: calls still check their arguments (and
+    raise on bad ones) but send nothing. ``sync=True`` without a token
+    raises instead, since the caller asked to know about delivery.
+    ``MIXPANEL_OTEL_DISABLED=true`` disables every client, ``sync`` or not.
     """
 
     def __init__(
@@ -36,18 +41,28 @@ class GroupClient:
         token: Optional[str] = None,
         *,
         api_host: Optional[str] = None,
-        consumer: Optional[Consumer] = None,
+        consumer: Optional[ConsumerLike] = None,
         sync: bool = False,
         **options: Any,
     ) -> None:
-        self.consumer = resolve_consumer(token, api_host, consumer, options)
+        self.consumer: Any = open_consumer(token, api_host, consumer, options, need_token=sync)
         self.sync = sync
+
+    @property
+    def disabled(self) -> Optional[str]:
+        """Why this client sends nothing, or None when it delivers."""
+        consumer = self.consumer
+        return consumer.reason if isinstance(consumer, DisabledConsumer) else None
 
     def __repr__(self) -> str:
         return f"<GroupClient {self.consumer.base_url}{' sync' if self.sync else ''}>"
 
     def group_set(
-        self, group_key: str, group_id: Any, properties: dict, meta: Optional[dict] = None
+        self,
+        group_key: str,
+        group_id: Any,
+        properties: dict[str, Any],
+        meta: Optional[dict[str, Any]] = None,
     ) -> None:
         """Set properties of a group profile (creating it if needed)."""
         self.group_update(
@@ -55,7 +70,11 @@ class GroupClient:
         )
 
     def group_set_once(
-        self, group_key: str, group_id: Any, properties: dict, meta: Optional[dict] = None
+        self,
+        group_key: str,
+        group_id: Any,
+        properties: dict[str, Any],
+        meta: Optional[dict[str, Any]] = None,
     ) -> None:
         """Set properties of a group profile that are not already set."""
         self.group_update(
@@ -63,7 +82,11 @@ class GroupClient:
         )
 
     def group_union(
-        self, group_key: str, group_id: Any, properties: dict, meta: Optional[dict] = None
+        self,
+        group_key: str,
+        group_id: Any,
+        properties: dict[str, Any],
+        meta: Optional[dict[str, Any]] = None,
     ) -> None:
         """Merge values into list properties, ignoring duplicates."""
         self.group_update(
@@ -71,7 +94,11 @@ class GroupClient:
         )
 
     def group_remove(
-        self, group_key: str, group_id: Any, properties: dict, meta: Optional[dict] = None
+        self,
+        group_key: str,
+        group_id: Any,
+        properties: dict[str, Any],
+        meta: Optional[dict[str, Any]] = None,
     ) -> None:
         """Remove a value from list properties."""
         self.group_update(
@@ -79,20 +106,26 @@ class GroupClient:
         )
 
     def group_unset(
-        self, group_key: str, group_id: Any, properties: list, meta: Optional[dict] = None
+        self,
+        group_key: str,
+        group_id: Any,
+        properties: list[str],
+        meta: Optional[dict[str, Any]] = None,
     ) -> None:
         """Remove properties from a group profile."""
         self.group_update(
             {"$group_key": group_key, "$group_id": group_id, "$unset": properties}, meta=meta
         )
 
-    def group_delete(self, group_key: str, group_id: Any, meta: Optional[dict] = None) -> None:
+    def group_delete(
+        self, group_key: str, group_id: Any, meta: Optional[dict[str, Any]] = None
+    ) -> None:
         """Delete a group profile."""
         self.group_update(
             {"$group_key": group_key, "$group_id": group_id, "$delete": ""}, meta=meta
         )
 
-    def group_update(self, message: dict, meta: Optional[dict] = None) -> None:
+    def group_update(self, message: dict[str, Any], meta: Optional[dict[str, Any]] = None) -> None:
         """Send a generic update; several operations become several messages."""
         consumer = self.consumer
         try:
@@ -107,7 +140,7 @@ class GroupClient:
 
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Deliver everything pending; True when nothing is left within ``timeout``."""
-        return self.consumer.flush(timeout)
+        return bool(self.consumer.flush(timeout))
 
     def close(self) -> None:
         """Flush within the consumer's shutdown timeout. The shared consumer keeps running."""

@@ -5,10 +5,20 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Optional
 
-from ._exceptions import MixpanelException
+from ._exceptions import ConfigurationError, MissingToken
 from ._wire import DEFAULT_BATCH_SIZE, MAX_BATCH_MESSAGES, REGION_HOSTS
 
-__all__ = ["CONSUMER_OPTIONS", "resolve_options", "resolve_target"]
+__all__ = [
+    "CONSUMER_OPTIONS",
+    "DISABLED_ENV",
+    "check_arguments",
+    "disabled_by_environment",
+    "resolve_options",
+    "resolve_target",
+]
+
+#: ``true`` makes every front end a no-op (dev, CI); see :func:`disabled_by_environment`.
+DISABLED_ENV = "MIXPANEL_OTEL_DISABLED"
 
 
 def _positive_float(value: Any) -> float:
@@ -50,10 +60,12 @@ def _flag(value: Any) -> bool:
     raise ValueError("must be true or false")
 
 
-def _callable_or_none(value: Any) -> Optional[Callable]:
-    if value is not None and not callable(value):
+def _callable_or_none(value: Any) -> Optional[Callable[..., Any]]:
+    if value is None:
+        return None
+    if not callable(value):
         raise ValueError("must be callable")
-    return value
+    return value  # type: ignore[no-any-return]
 
 
 def _credentials_or_none(value: Any) -> Any:
@@ -89,37 +101,81 @@ CONSUMER_OPTIONS: dict[str, tuple[Optional[str], Any, Callable[[Any], Any]]] = {
 }
 
 
-def resolve_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Fill every consumer option; raise naming the option or variable that is wrong."""
-    unknown = set(options) - set(CONSUMER_OPTIONS)
+def check_arguments(options: dict[str, Any]) -> dict[str, Any]:
+    """Parse the options given as arguments (None means "not given"); raise naming
+    the first that is wrong or unknown. The environment is not read."""
+    unknown = set(options) - set(CONSUMER_OPTIONS) - {"region"}
     if unknown:
-        raise MixpanelException(f"unknown option(s): {', '.join(sorted(unknown))}")
-    resolved = {}
+        raise ConfigurationError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    parsed: dict[str, Any] = {}
+    for name, value in options.items():
+        if value is not None and name in CONSUMER_OPTIONS:
+            try:
+                parsed[name] = CONSUMER_OPTIONS[name][2](value)
+            except (TypeError, ValueError) as exc:
+                raise ConfigurationError(f"{name}={value!r}: {exc}") from None
+    return parsed
+
+
+def resolve_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Fill every consumer option: argument, then environment, then default.
+
+    Arguments are checked first, so a wrong argument is reported as such
+    (``from_environment=False``) even when a variable is wrong too.
+    """
+    resolved = check_arguments(options)
     for name, (env, default, parse) in CONSUMER_OPTIONS.items():
-        value, source = options.get(name), name
-        if value is None and env and os.environ.get(env):
-            value, source = os.environ[env], env
-        if value is None:
+        if name in resolved:
+            continue
+        value = os.environ.get(env) if env else None
+        if not value:
             resolved[name] = default
             continue
         try:
             resolved[name] = parse(value)
         except (TypeError, ValueError) as exc:
-            raise MixpanelException(f"{source}={value!r}: {exc}") from None
+            raise ConfigurationError(f"{env}={value!r}: {exc}", from_environment=True) from None
     return resolved
 
 
-def resolve_target(token: Optional[str], api_host: Optional[str], region: Optional[str] = None):
-    """Return ``(token, base_url)``; ``api_host`` may be a host or a full URL."""
-    token = token or os.environ.get("MIXPANEL_TOKEN")
-    if not token or not isinstance(token, str):
-        raise MixpanelException("no Mixpanel project token: pass token= or set MIXPANEL_TOKEN")
-    api_host = api_host or os.environ.get("MIXPANEL_API_HOST")
+def disabled_by_environment() -> bool:
+    """True when ``MIXPANEL_OTEL_DISABLED`` says so; a value that is not a flag also
+    disables (and raises, from the environment, so the front end reports it once)."""
+    value = os.environ.get(DISABLED_ENV, "").strip()
+    if not value:
+        return False
+    try:
+        return _flag(value)
+    except ValueError:
+        raise ConfigurationError(
+            f"{DISABLED_ENV}={value!r}: must be true or false", from_environment=True
+        ) from None
+
+
+def resolve_target(
+    token: Optional[str], api_host: Optional[str], region: Optional[str] = None
+) -> tuple[str, str]:
+    """Return ``(token, base_url)``; ``api_host`` may be a host or a full URL.
+
+    A missing token (``None`` or ``""`` and no ``MIXPANEL_TOKEN``) raises
+    :class:`MissingToken`; a token that is not a string raises at once.
+    """
+    if token is not None and not isinstance(token, str):
+        raise ConfigurationError(f"token must be a string, not {type(token).__name__}")
+    if api_host is not None and not isinstance(api_host, str):
+        raise ConfigurationError(f"api_host must be a string, not {type(api_host).__name__}")
+    token = token or os.environ.get("MIXPANEL_TOKEN", "").strip()
+    if not token:
+        raise MissingToken()
+    api_host = api_host or os.environ.get("MIXPANEL_API_HOST", "").strip()
     if not api_host:
-        region = (region or os.environ.get("MIXPANEL_REGION") or "us").lower()
+        from_environment = not region
+        region = (region or os.environ.get("MIXPANEL_REGION") or "us").strip().lower()
         if region not in REGION_HOSTS:
-            raise MixpanelException(
-                f"MIXPANEL_REGION={region!r}: expected one of {', '.join(REGION_HOSTS)}"
+            name = "MIXPANEL_REGION" if from_environment else "region"
+            raise ConfigurationError(
+                f"{name}={region!r}: expected one of {', '.join(REGION_HOSTS)}",
+                from_environment=from_environment,
             )
         api_host = REGION_HOSTS[region]
     base_url = api_host if "://" in api_host else f"https://{api_host}"

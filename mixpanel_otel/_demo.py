@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
 import tempfile
 import time
 
@@ -35,6 +36,7 @@ TENANTS = {"acme": "enterprise", "globex": "pro", "initech": "free"}
 
 
 def run_demo(keep: bool = False, port: int = 0) -> int:
+    """Run the workload, print the profiles; with ``keep``, serve them until Ctrl-C."""
     import structlog
     from opentelemetry.sdk._logs import LoggerProvider
     from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
@@ -50,7 +52,8 @@ def run_demo(keep: bool = False, port: int = 0) -> int:
         MixpanelSpanExporter,
         get_consumer,
     )
-    from .sink import Sink, format_profiles_table
+    from ._table import format_profiles
+    from .sink import Sink
 
     started = time.monotonic()
     workdir = tempfile.mkdtemp(prefix="mixpanel-otel-demo-")
@@ -135,22 +138,24 @@ def run_demo(keep: bool = False, port: int = 0) -> int:
     root.removeHandler(handler)
     stats = consumer.stats()
 
-    print(format_profiles_table(sink.profiles(), width=400))
+    print(format_profiles(sink.profiles()))
     print(
         f"\n{stats['enqueued']} updates from 5 front ends, {stats['coalesced']} coalesced, "
         f"{stats['sent']} messages in {stats['requests']} request(s); "
         f"{'all delivered' if delivered else 'NOT all delivered'} "
         f"in {(time.monotonic() - started) * 1000:.0f} ms."
     )
-    print(f"Browse them at {sink.url}/")
     provider.shutdown()
     log_provider.shutdown()
     if keep:
-        print("Serving until Ctrl-C ...")
+        print(f"Browse them at {sink.url}/  (serving until Ctrl-C)")
+        sys.stdout.flush()
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
+    else:
+        print("The embedded sink stops now; `mixpanel-otel demo --keep` keeps it to browse.")
     sink.stop()
     return 0 if delivered else 1

@@ -7,15 +7,16 @@ import logging
 import sys
 from typing import Any, Optional
 
-from ._consumer import WORKER_THREADS, Consumer
+from ._delivery.worker import WORKER_THREADS
 from ._exceptions import MixpanelException
-from ._frontend import FrontEnd
-from ._translate import from_tags
-from ._wire import iso_utc
+from ._frontend import ConsumerLike, FrontEnd
+from ._rules import RulesSource
+from ._translate import NoOperation, from_tags
+from ._wire import GroupUpdate, iso_utc
 
 __all__ = ["MixpanelGroupHandler"]
 
-_EMPTY: dict = {}
+_EMPTY: dict[str, Any] = {}
 _RETURNS_RECORD = sys.version_info >= (3, 12)  # what Handler.handle returns there
 
 
@@ -23,9 +24,13 @@ class MixpanelGroupHandler(logging.Handler):
     """A ``logging.Handler`` that turns group records into Mixpanel group updates.
 
     ``logger.info("group", extra={"group_key": "company", "group_id": "acme",
-    "$set": {"plan": "pro"}})``. Records without both keys are ignored, so the
+    "$set": {"plan": "pro"}})``. Records without group tags are ignored, so the
     handler can sit on the root logger. ``emit`` only validates and queues:
     no I/O, no JSON, and it never raises into the caller.
+
+    With no token (no argument, no ``MIXPANEL_TOKEN``) or
+    ``MIXPANEL_OTEL_DISABLED=true`` the handler is a no-op (``disabled`` says
+    why), so a ``logging.config.dictConfig`` naming it never stops startup.
     """
 
     def __init__(
@@ -33,8 +38,8 @@ class MixpanelGroupHandler(logging.Handler):
         token: Optional[str] = None,
         *,
         api_host: Optional[str] = None,
-        consumer: Optional[Consumer] = None,
-        rules: Any = None,
+        consumer: Optional[ConsumerLike] = None,
+        rules: RulesSource = None,
         level: int = logging.NOTSET,
         **options: Any,
     ) -> None:
@@ -43,6 +48,12 @@ class MixpanelGroupHandler(logging.Handler):
         self.consumer = self._front.consumer
         self._translate = self._front.translator.translate
         self._has_rules = bool(self._front.translator.rules)
+        self._off = not self._front.enabled
+
+    @property
+    def disabled(self) -> Optional[str]:
+        """Why this handler sends nothing, or None when it delivers."""
+        return self._front.disabled
 
     def handle(self, record: logging.LogRecord) -> Any:
         """As ``logging.Handler.handle``, without the handler lock: ``emit`` is thread-safe."""
@@ -56,19 +67,26 @@ class MixpanelGroupHandler(logging.Handler):
         return record if _RETURNS_RECORD else True
 
     def emit(self, record: logging.LogRecord) -> None:
+        if self._off:
+            return
         attributes = record.__dict__
         if (
             not self._has_rules
             and "group_id" not in attributes
+            and "group_key" not in attributes
             and "mixpanel.group_id" not in attributes
+            and "mixpanel.group_key" not in attributes
         ):
             return  # not a group record
         if record.name.startswith("mixpanel_otel") or record.thread in WORKER_THREADS:
             return  # our own records: never feed back
         consumer = self.consumer
+        errors: list[str] = []
         try:
-            if self._has_rules or "mixpanel.group_id" in attributes:
-                errors: list = []
+            updates: list[GroupUpdate]
+            flat = "mixpanel.group_id" in attributes or "mixpanel.group_key" in attributes
+            if self._has_rules or flat:
+                ignored: list[str] = []
                 updates = self._translate(
                     attributes,
                     record.created,
@@ -76,15 +94,20 @@ class MixpanelGroupHandler(logging.Handler):
                     functools.partial(_special, record),
                     consumer.truncations,
                     errors,
+                    ignored=ignored,
                 )
-                if errors:
-                    self._front.report_invalid(_describe(record), errors)
+                if ignored:
+                    self._front.report_ignored(len(ignored))
             else:  # the usual record: tags only
-                updates = from_tags(attributes, record.created, consumer.truncations)
+                updates = from_tags(attributes, record.created, consumer.truncations, errors)
+            if errors:
+                self._front.report_invalid(_describe(record), errors)
             if updates:
                 consumer.enqueue(updates)
+        except NoOperation:
+            self._front.report_ignored(1)
         except MixpanelException as exc:
-            self._front.report_invalid(_describe(record), [str(exc)])
+            self._front.report_invalid(_describe(record), [*errors, str(exc)])
         except Exception as exc:  # never raise into the application's logging call
             self._front.report_invalid(_describe(record), [repr(exc)])
 

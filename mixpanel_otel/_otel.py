@@ -9,30 +9,31 @@ They load with no arguments, from the environment, as the entry points
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 try:
     from opentelemetry.sdk._logs.export import LogRecordExporter, LogRecordExportResult
 except ImportError:  # pragma: no cover - SDK releases before the rename
-    from opentelemetry.sdk._logs.export import (  # type: ignore[attr-defined,no-redef]
+    from opentelemetry.sdk._logs.export import (  # type: ignore[attr-defined,no-redef,assignment,unused-ignore]
         LogExporter as LogRecordExporter,
     )
-    from opentelemetry.sdk._logs.export import (  # type: ignore[attr-defined,no-redef]
+    from opentelemetry.sdk._logs.export import (  # type: ignore[attr-defined,no-redef,assignment,unused-ignore]
         LogExportResult as LogRecordExportResult,
     )
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from ._consumer import Consumer
-from ._frontend import FrontEnd
+from ._frontend import ConsumerLike, FrontEnd
+from ._rules import RulesSource
 from ._translate import EVENT_NAME
-from ._wire import iso_utc
+from ._wire import GroupUpdate, iso_utc
 
 __all__ = ["MixpanelLogExporter", "MixpanelSpanExporter"]
 
-_EMPTY: dict = {}
+_EMPTY: dict[str, Any] = {}
 
 
 def _seconds(nanos: Optional[int]) -> Optional[float]:
@@ -40,25 +41,61 @@ def _seconds(nanos: Optional[int]) -> Optional[float]:
 
 
 class _Exporter:
-    """What both exporters share: a front end, flush and shutdown."""
+    """What both exporters share: a front end, flush and shutdown.
+
+    Built with no arguments (as ``opentelemetry-instrument`` builds it), an
+    exporter never fails: a missing token, a broken ``MIXPANEL_OTEL_RULES``
+    file, a wrong variable or any error starting the consumer logs one error
+    naming the problem and leaves a disabled exporter (``disabled`` says
+    why; its exports succeed and send nothing), so the service's other
+    exporters and instrumentation carry on. Arguments that are wrong raise.
+    """
 
     def __init__(
         self,
         token: Optional[str] = None,
         *,
         api_host: Optional[str] = None,
-        consumer: Optional[Consumer] = None,
-        rules: Any = None,
+        consumer: Optional[ConsumerLike] = None,
+        rules: RulesSource = None,
         **options: Any,
     ) -> None:
-        self._front = FrontEnd(token, api_host, consumer, rules, options)
+        explicit = (
+            token is not None
+            or api_host is not None
+            or consumer is not None
+            or rules is not None
+            or bool(options)
+        )
+        self._front = FrontEnd(
+            token,
+            api_host,
+            consumer,
+            rules,
+            options,
+            missing_token_level=logging.ERROR,
+            fallback_on_error=not explicit,
+        )
         self.consumer = self._front.consumer
         self._translate = self._front.translator.translate
+        self._off = not self._front.enabled
         self._stopped = False
+
+    @property
+    def disabled(self) -> Optional[str]:
+        """Why this exporter sends nothing, or None when it delivers."""
+        return self._front.disabled
+
+    def _report(self, what: Callable[[], str], errors: list[str], ignored: list[str]) -> None:
+        if ignored:
+            self._front.report_ignored(len(ignored))
+            ignored.clear()
+        if errors:
+            self._front.report_invalid(what(), errors)
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         """Deliver what is pending; True when nothing is left within the timeout."""
-        return self.consumer.flush(timeout_millis / 1000)
+        return bool(self.consumer.flush(timeout_millis / 1000))
 
     def shutdown(self) -> None:
         """Flush within the consumer's shutdown timeout; later exports fail. Idempotent."""
@@ -74,20 +111,28 @@ class MixpanelSpanExporter(_Exporter, SpanExporter):
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if self._stopped:
             return SpanExportResult.FAILURE
+        if self._off:
+            return SpanExportResult.SUCCESS
         try:
-            updates: list = []
+            updates: list[GroupUpdate] = []
             counter = self.consumer.truncations
+            ignored: list[str] = []
             for span in spans:
-                errors: list = []
+                errors: list[str] = []
                 seconds = _seconds(span.end_time or span.start_time) or time.time()
                 resource = span.resource.attributes if span.resource is not None else _EMPTY
+
+                def special(name: str, span: ReadableSpan = span) -> Any:
+                    return _span_special(span, name)
+
                 updates += self._translate(
                     span.attributes or _EMPTY,
                     seconds,
                     resource,
-                    lambda name, span=span: _span_special(span, name),
+                    special,
                     counter,
                     errors,
+                    ignored=ignored,
                 )
                 for event in span.events:
                     if event.name == EVENT_NAME:
@@ -97,9 +142,9 @@ class MixpanelSpanExporter(_Exporter, SpanExporter):
                             counter=counter,
                             errors=errors,
                             apply_rules=False,
+                            ignored=ignored,
                         )
-                if errors:
-                    self._front.report_invalid(_describe_span(span), errors)
+                self._report(lambda span=span: _describe_span(span), errors, ignored)  # type: ignore[misc]
             if updates:
                 self.consumer.enqueue(updates)
             return SpanExportResult.SUCCESS
@@ -114,23 +159,34 @@ class MixpanelLogExporter(_Exporter, LogRecordExporter):
     def export(self, batch: Sequence[Any]) -> LogRecordExportResult:
         if self._stopped:
             return LogRecordExportResult.FAILURE
+        if self._off:
+            return LogRecordExportResult.SUCCESS
         try:
-            updates: list = []
+            updates: list[GroupUpdate] = []
             counter = self.consumer.truncations
+            ignored: list[str] = []
             for item in batch:
                 record = item.log_record
-                errors: list = []
+                errors: list[str] = []
                 resource = getattr(item, "resource", None) or getattr(record, "resource", None)
+
+                def special(name: str, record: Any = record) -> Any:
+                    return _log_special(record, name)
+
                 updates += self._translate(
                     record.attributes or _EMPTY,
                     _seconds(record.timestamp or record.observed_timestamp) or time.time(),
                     resource.attributes if resource is not None else _EMPTY,
-                    lambda name, record=record: _log_special(record, name),
+                    special,
                     counter,
                     errors,
+                    ignored=ignored,
                 )
-                if errors:
-                    self._front.report_invalid(f"log record {str(record.body)[:60]!r}", errors)
+                self._report(
+                    lambda record=record: f"log record {str(record.body)[:60]!r}",  # type: ignore[misc]
+                    errors,
+                    ignored,
+                )
             if updates:
                 self.consumer.enqueue(updates)
             return LogRecordExportResult.SUCCESS

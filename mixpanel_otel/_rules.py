@@ -1,7 +1,8 @@
 """Rules: derive group updates from attributes a service already emits.
 
 A rules file is TOML (``[[rule]]`` tables) or a list of dicts of the same
-shape. Rules are checked when loaded; a mistake names the rule and the key.
+shape. Rules are checked when loaded; a mistake names the rule (counted
+from 1, as a person reads the file) and the key.
 """
 
 from __future__ import annotations
@@ -11,14 +12,18 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
-from ._exceptions import MixpanelException
+from ._exceptions import ConfigurationError, MixpanelException
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
-    import tomli as tomllib
+    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
-__all__ = ["Rule", "SPECIALS", "load_rules"]
+__all__ = ["RULES_ENV", "Rule", "RulesSource", "SPECIALS", "load_rules"]
+
+RULES_ENV = "MIXPANEL_OTEL_RULES"
+#: What ``rules=`` accepts: a TOML path, a list of rule dicts, or None (the environment).
+RulesSource = Union[None, str, "os.PathLike[str]", Sequence[Mapping[str, Any]]]
 
 #: Values a rule can map besides attribute names.
 SPECIALS = frozenset(("@start_time", "@end_time", "@name", "@status", "@severity"))
@@ -51,7 +56,7 @@ class Rule:
         self.when = when  # attribute -> required value (a list: any of)
         self.operations = operations  # [(op, [(property, source)])] in wire order
         self.unset = unset
-        self.index = index
+        self.index = index  # 1 for the first rule
 
     def __repr__(self) -> str:
         return f"<Rule {self.index} {self.group_key}={self.group_id}>"
@@ -108,12 +113,25 @@ def _check_rule(index: int, raw: Any) -> Rule:
     return Rule(raw["group_key"], raw["group_id"], dict(when), operations, list(unset), index)
 
 
-def load_rules(rules: Union[None, str, os.PathLike, Sequence[Any]]) -> list[Rule]:
-    """Check rules given as a TOML path, a list of dicts, or None (``MIXPANEL_OTEL_RULES``)."""
+def load_rules(rules: RulesSource) -> list[Rule]:
+    """Check rules given as a TOML path, a list of dicts, or None (``MIXPANEL_OTEL_RULES``).
+
+    A problem raises :class:`MixpanelException`; one in the file the
+    environment names raises :class:`ConfigurationError` with
+    ``from_environment=True``, naming the variable.
+    """
     if rules is None:
-        rules = os.environ.get("MIXPANEL_OTEL_RULES") or None
-        if rules is None:
+        path = os.environ.get(RULES_ENV, "").strip()
+        if not path:
             return []
+        try:
+            return _load(path)
+        except MixpanelException as exc:
+            raise ConfigurationError(f"{RULES_ENV}: {exc}", from_environment=True) from None
+    return _load(rules)
+
+
+def _load(rules: Any) -> list[Rule]:
     if isinstance(rules, (str, os.PathLike)):
         path = os.fspath(rules)
         try:
@@ -133,4 +151,4 @@ def load_rules(rules: Union[None, str, os.PathLike, Sequence[Any]]) -> list[Rule
             raise MixpanelException(f"rules file {path!r}: 'rule' must be [[rule]] tables")
     if isinstance(rules, Mapping) or not isinstance(rules, Sequence):
         raise MixpanelException("rules must be a path to a TOML file or a list of dicts")
-    return [_check_rule(index, raw) for index, raw in enumerate(rules)]
+    return [_check_rule(index, raw) for index, raw in enumerate(rules, 1)]

@@ -236,8 +236,11 @@ _NORMALIZERS: dict[str, Callable[[Any, Optional[Truncations]], tuple]] = {
 }
 
 
-def check_group(group_key: Any, group_id: Any) -> None:
-    """Raise unless the pair names a group profile Mixpanel accepts."""
+def check_group(group_key: Any, group_id: Any) -> Any:
+    """Return ``group_id`` as sent (a UUID as its str), or raise unless the pair
+    names a group profile Mixpanel accepts."""
+    if isinstance(group_id, uuid.UUID):
+        group_id = str(group_id)
     if not isinstance(group_key, str) or not group_key:
         raise MixpanelException(f"group_key must be a non-empty string, not {group_key!r:.40}")
     if isinstance(group_id, str):
@@ -249,6 +252,7 @@ def check_group(group_key: Any, group_id: Any) -> None:
         )
     elif group_id != group_id or group_id in (math.inf, -math.inf):
         raise MixpanelException(f"group_id {group_id!r} is not a valid number")
+    return group_id
 
 
 def group_id_key(group_id: Any) -> str:
@@ -287,7 +291,7 @@ def make_update(
 ) -> GroupUpdate:
     """Validate and normalise one operation; raise :class:`MixpanelException`."""
     if type(group_key) is not str or not group_key or type(group_id) is not str or not group_id:
-        check_group(group_key, group_id)  # the slow path names the problem
+        group_id = check_group(group_key, group_id)  # the slow path: UUID, or name the problem
     normalizer = _NORMALIZERS.get(op)
     if normalizer is None:
         raise MixpanelException(f"unknown operation {op!r}")
@@ -337,12 +341,15 @@ def group_updates(
     meta: Optional[Mapping],
     time: Optional[float],
     counter: Optional[Truncations] = None,
+    errors: Optional[list[str]] = None,
 ) -> list[GroupUpdate]:
     """One group's operations as updates: ``$delete`` alone, else one per operation.
 
     Mixpanel applies one operation a message, so several are sent as several,
     in the order ``$set_once, $set, $union, $remove, $unset``. A ``$time`` in
-    ``meta`` is the updates' time.
+    ``meta`` is the updates' time. With an ``errors`` list, a bad operation
+    adds its reason there and the good ones are still returned; without,
+    it raises.
     """
     meta = normalize_meta(meta)
     if meta and "$time" in meta:
@@ -352,11 +359,25 @@ def group_updates(
         time = _time.time()
     if "$delete" in operations:
         return [make_update(group_key, group_id, "$delete", "", time, meta, counter)]
-    updates = [
-        make_update(group_key, group_id, op, operations[op], time, meta, counter)
-        for op in OPERATIONS
-        if op in operations
-    ]
+    if errors is None:
+        updates = [
+            make_update(group_key, group_id, op, operations[op], time, meta, counter)
+            for op in OPERATIONS
+            if op in operations
+        ]
+    else:
+        group_id = check_group(group_key, group_id)  # a wrong group fails every operation
+        updates, failed = [], len(errors)
+        for op in OPERATIONS:
+            if op in operations:
+                try:
+                    updates.append(
+                        make_update(group_key, group_id, op, operations[op], time, meta, counter)
+                    )
+                except MixpanelException as exc:
+                    errors.append(str(exc))
+        if len(errors) > failed:
+            return updates
     if not updates:
         raise MixpanelException(
             "no operation ($set, $set_once, $union, $remove, $unset or $delete)"

@@ -53,7 +53,7 @@ def test_serve_then_official_sdk_then_profiles(tmp_path):
         server.wait(10)
     table = subprocess.run([*CLI, "profiles", "--db", db], capture_output=True, text=True)
     assert table.returncode == 0, table.stderr
-    assert "company" in table.stdout and '"plan":"pro"' in table.stdout and "eng" in table.stdout
+    assert "company" in table.stdout and 'plan: "pro"' in table.stdout and "eng" in table.stdout
     as_json = subprocess.run(
         [*CLI, "profiles", "--db", db, "--group-key", "company", "--json"],
         capture_output=True,
@@ -70,6 +70,7 @@ def test_serve_then_official_sdk_then_profiles(tmp_path):
         [*CLI, "profiles", "--db", str(tmp_path / "no.db")], text=True, capture_output=True
     )
     assert missing.returncode == 1 and "no sink database" in missing.stderr
+    assert missing.stderr.count("\n") == 1
 
 
 def test_demo_shows_profiles_from_every_front_end():
@@ -84,6 +85,10 @@ def test_demo_shows_profiles_from_every_front_end():
         assert group in out
     assert "all delivered" in out and "(4 profiles)" in out
     assert "someone@" not in out, "unmapped span attributes never leave the process"
+    assert "Browse" not in out and "http://" not in out.split("(database")[1], (
+        "no invitation to browse a sink that is already closed"
+    )
+    assert "--keep" in out
 
 
 def test_capture_groups_for_users_tests():
@@ -106,3 +111,215 @@ def test_capture_groups_for_users_tests():
             ("team", "7"): {"size": 4},
         }
         assert captured.stats()["coalesced"] == 1
+
+
+# -- rough edges: one clear line, never a traceback -------------------------------------
+
+
+def _one_line_failure(result):
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    return result.stderr
+
+
+def test_version():
+    import mixpanel_otel
+
+    result = subprocess.run([*CLI, "--version"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"mixpanel-otel {mixpanel_otel.__version__}"
+
+
+def test_serve_on_a_busy_port_says_so(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [*CLI, "serve", "--port", str(port), "--db", str(tmp_path / "s.db")],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert "port is in use" in _one_line_failure(result)
+
+
+def test_a_file_that_is_not_sqlite_is_refused_in_one_line(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("these are my notes, not a database\n" * 20)
+    for command in (["serve", "--port", str(_free_port())], ["profiles"]):
+        result = subprocess.run(
+            [*CLI, *command, "--db", str(notes)], capture_output=True, text=True, timeout=30
+        )
+        assert "is not a SQLite database" in _one_line_failure(result)
+    assert notes.read_text().startswith("these are my notes"), "left untouched"
+
+
+def test_serve_host_not_loopback_warns_then_listens_or_says_why(tmp_path):
+    # 192.0.2.1 (TEST-NET-1) is no address of this machine: the warning, then one line.
+    result = subprocess.run(
+        [
+            *CLI,
+            "serve",
+            "--host",
+            "192.0.2.1",
+            "--port",
+            str(_free_port()),
+            "--db",
+            str(tmp_path / "s.db"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    warning, error = result.stderr.splitlines()
+    assert "not loopback" in warning and "no authentication" in warning
+    assert "no such address on this machine" in error
+    nonsense = subprocess.run(
+        [*CLI, "serve", "--host", "my laptop", "--db", str(tmp_path / "s.db")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1 and "is not an IP address" in nonsense.stderr
+
+
+def test_relay_carries_a_sink_for_a_neighbour(sink):
+    """What serve --host 0.0.0.0 runs, here on loopback: bytes both ways, SDK included."""
+    import threading
+
+    from mixpanel_otel._relay import Relay
+
+    relay = Relay("127.0.0.1", 0, (sink.host, sink.port))
+    thread = threading.Thread(target=relay.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{relay.address[1]}"
+        mp = mixpanel.Mixpanel(TOKEN, consumer=mixpanel.Consumer(groups_url=f"{url}/groups"))
+        mp.group_set("company", "acme", {"plan": "pro"})
+        assert requests.get(f"{url}/api/profiles", timeout=5).json() == [
+            {"group_key": "company", "group_id": "acme", "properties": {"plan": "pro"}}
+        ]
+    finally:
+        relay.close()
+        thread.join(5)
+    assert not thread.is_alive()
+
+
+def test_profiles_over_http_from_a_running_sink(sink):
+    client = GroupClient(TOKEN, api_host=sink.url, sync=True)
+    client.group_set("company", "acme", {"plan": "pro", "tags": [f"t{n}" for n in range(60)]})
+    client.group_set("team", "eng", {"lead": "ann"})
+    result = subprocess.run(
+        [*CLI, "profiles", "--url", sink.url, "--group-key", "company", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert [p["group_id"] for p in json.loads(result.stdout)] == ["acme"]
+    table = subprocess.run(
+        [*CLI, "profiles", "--url", sink.url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=dict(os.environ, COLUMNS="60"),
+    )
+    assert table.returncode == 0, table.stderr
+    assert max(map(len, table.stdout.splitlines())) <= 60, "wrapped to the terminal"
+    joined = "".join(line.strip() for line in table.stdout.splitlines())
+    assert json.dumps([f"t{n}" for n in range(60)], separators=(",", ":")) in joined, (
+        "every tag is there: wrapped, never cut"
+    )
+    closed = _free_port()
+    unreachable = subprocess.run(
+        [*CLI, "profiles", "--url", f"http://127.0.0.1:{closed}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert "cannot reach a sink" in _one_line_failure(unreachable)
+
+
+def test_the_table_never_cuts():
+    from mixpanel_otel._table import format_profiles
+
+    long = "x" * 300
+    text = format_profiles(
+        [{"group_key": "company", "group_id": "acme", "properties": {"note": long, "n": 1}}],
+        width=80,
+    )
+    lines = text.splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    assert "".join(line.strip() for line in lines).count("x") == 300
+    assert "..." not in text and "(1 profile)" in text
+
+
+# -- check ---------------------------------------------------------------------------------
+
+
+def _check(*args, **env):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MIXPANEL")}
+    clean.update(env)
+    return subprocess.run(
+        [*CLI, "check", *args], capture_output=True, text=True, timeout=60, env=clean
+    )
+
+
+def test_check_passes_against_the_sink_and_changes_nothing(sink, tmp_path):
+    rules = tmp_path / "rules.toml"
+    rules.write_text(
+        '[[rule]]\ngroup_key = "company"\ngroup_id = "tenant.id"\n'
+        '[rule.set]\nplan = "tenant.plan"\n'
+    )
+    result = _check(
+        MIXPANEL_TOKEN="secret-token-123",
+        MIXPANEL_API_HOST=sink.url,
+        MIXPANEL_OTEL_RULES=str(rules),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout and "1 rule(s)" in result.stdout
+    assert "refused the probe as intended" in result.stdout
+    assert "secret-token-123" not in result.stdout + result.stderr
+    assert sink.profiles() == [], "the probe changed no profile"
+
+
+def test_check_fails_with_the_reason(sink, tmp_path):
+    closed = _free_port()
+    refused = _check("--api-host", f"http://127.0.0.1:{closed}", MIXPANEL_TOKEN=TOKEN)
+    assert refused.returncode == 1 and "connection refused" in refused.stdout, refused.stdout
+
+    unresolvable = _check("--api-host", "api.mixpanel-otel-check.invalid", "--token", TOKEN)
+    assert unresolvable.returncode == 1
+    assert "cannot resolve 'api.mixpanel-otel-check.invalid' (DNS)" in unresolvable.stdout
+
+    no_token = _check("--api-host", sink.url)
+    assert no_token.returncode == 1 and "no Mixpanel project token" in no_token.stdout
+
+    broken = tmp_path / "broken.toml"
+    broken.write_text('[[rule]]\ngroup_key = "company"\n')
+    bad_rules = _check("--api-host", sink.url, "--rules", str(broken), MIXPANEL_TOKEN=TOKEN)
+    assert bad_rules.returncode == 1 and "rule 1, key 'group_id'" in bad_rules.stdout
+
+    bad_option = _check(
+        "--api-host", sink.url, MIXPANEL_TOKEN=TOKEN, MIXPANEL_OTEL_BATCH_SIZE="lots"
+    )
+    assert bad_option.returncode == 1 and "MIXPANEL_OTEL_BATCH_SIZE" in bad_option.stdout
+
+    from mixpanel_otel.sink import Fault
+
+    sink.script(Fault(status=401))
+    refused_token = _check("--api-host", sink.url, MIXPANEL_TOKEN=TOKEN)
+    assert refused_token.returncode == 1
+    assert "token: the server refused it (HTTP 401" in refused_token.stdout
+
+    sink.script(Fault(status=200, body='{"status": 0, "error": "$token, invalid"}'))
+    invalid_token = _check("--api-host", sink.url, MIXPANEL_TOKEN=TOKEN)
+    assert invalid_token.returncode == 1 and "$token, invalid" in invalid_token.stdout
+
+    sink.script(Fault(status=404, body="<html>not here</html>"))
+    not_mixpanel = _check("--api-host", sink.url, MIXPANEL_TOKEN=TOKEN)
+    assert not_mixpanel.returncode == 1
+    assert "does not answer like Mixpanel's API (HTTP 404" in not_mixpanel.stdout

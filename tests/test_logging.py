@@ -87,12 +87,13 @@ def test_bad_records_never_raise_and_never_cost_the_others(sink, group_logger, c
     log.info("bad", extra=g("b", set="not a dict"))
     log.info("bad", extra=g(["list id"], set={"n": 1}))
     log.info("bad", extra=g("c", unset="plan"))
-    log.info("bad", extra=g("d"))  # no operation
+    log.info("tags only", extra=g("d"))  # no operation: ignored, not invalid
     log.info("bad", extra=g("e", set={"x": float("nan")}))
     log.info("ok2", extra=g("f", set={"n": 2}))
     handler.flush()
     assert [p["group_id"] for p in sink.profiles()] == ["a", "f"]
-    assert consumer.stats()["invalid"] == 5
+    assert consumer.stats()["invalid"] == 4
+    assert consumer.stats()["ignored"] == 1
     warnings = [r for r in caplog.records if r.name == "mixpanel_otel"]
     assert len(warnings) == 1, "rate-limited to one warning per 10 s"
     assert "'bad'" in warnings[0].getMessage() and "$set" in warnings[0].getMessage()

@@ -168,13 +168,13 @@ def test_default_deny_unmapped_attributes_never_leave(sink, tracing, tmp_path):
 @pytest.mark.parametrize(
     "rules, fragment",
     [
-        ([{"group_id": "tenant.id", "set": {"a": "b"}}], "rule 0, key 'group_key'"),
-        ([{"group_key": "c", "group_id": "t", "set": {"a": "@when"}}], "rule 0, key 'set.a'"),
+        ([{"group_id": "tenant.id", "set": {"a": "b"}}], "rule 1, key 'group_key'"),
+        ([{"group_key": "c", "group_id": "t", "set": {"a": "@when"}}], "rule 1, key 'set.a'"),
         ([{"group_key": "c", "group_id": "t"}], "updates nothing"),
         ([{"group_key": "c", "group_id": "t", "set": {"a": "b"}, "colour": 1}], "'colour'"),
         (
             [{"group_key": "c", "group_id": "t", "set": {"a": "b"}}, {"group_key": "c"}],
-            "rule 1, key 'group_id'",
+            "rule 2, key 'group_id'",
         ),
         ([{"group_key": "c", "group_id": "t", "unset": "a"}], "key 'unset'"),
     ],

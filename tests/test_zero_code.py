@@ -67,3 +67,71 @@ def test_flask_app_under_opentelemetry_instrument(sink):
     assert acme["seats"] == 7, "the stdlib log record reached the sink through the log exporter"
     assert acme["first_seen"] <= acme["last_seen"]
     assert profiles["unknown"] == {"seats": 1}, "only the log record, no rule without the header"
+
+
+def _run_instrumented(env_changes, tmp_path):
+    """The example app under opentelemetry-instrument with mixpanel,console span
+    exporters; returns (answers to two requests, the process's whole output)."""
+    port = _free_port()
+    bindir = os.path.dirname(sys.executable)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MIXPANEL_", "OTEL_"))}
+    env.update(
+        PATH=bindir + os.pathsep + os.environ.get("PATH", ""),
+        PORT=str(port),
+        OTEL_SERVICE_NAME="shop",
+        OTEL_TRACES_EXPORTER="mixpanel,console",
+        OTEL_LOGS_EXPORTER="mixpanel",
+        OTEL_METRICS_EXPORTER="none",
+        OTEL_PYTHON_LOGGING_AUTO_INSTRUMENTATION_ENABLED="true",
+        MIXPANEL_OTEL_RULES=os.path.join(EXAMPLE, "rules.toml"),
+    )
+    env.update(env_changes)
+    app = subprocess.Popen(
+        ["opentelemetry-instrument", sys.executable, os.path.join(EXAMPLE, "app.py")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=str(tmp_path),
+    )
+    answers = []
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                answers.append(requests.get(base + "/health", timeout=1).status_code)
+                break
+            except requests.ConnectionError:
+                assert app.poll() is None, app.stdout.read()
+                assert time.monotonic() < deadline, "the app did not start"
+                time.sleep(0.1)
+        answer = requests.post(f"{base}/checkout", headers={"X-Tenant-Id": "acme"}, timeout=5)
+        answers.append(answer.json())
+    finally:
+        app.send_signal(signal.SIGINT)
+        output, _ = app.communicate(timeout=30)
+    return answers, output
+
+
+def _assert_other_telemetry_survived(answers, output):
+    assert answers == [200, {"ok": True, "tenant": "acme"}], output
+    assert "Failed to auto initialize" not in output, output
+    assert '"name": "POST /checkout"' in output, "the console exporter printed the span"
+    assert output.count("mixpanel-otel is disabled") == 1, output
+
+
+def test_a_broken_rules_file_never_costs_the_other_exporters(tmp_path):
+    rules = tmp_path / "broken.toml"
+    rules.write_text('[[rule]]\ngroup_key = "company"\n')  # no group_id, nothing to set
+    answers, output = _run_instrumented(
+        {"MIXPANEL_TOKEN": TOKEN, "MIXPANEL_OTEL_RULES": str(rules)}, tmp_path
+    )
+    _assert_other_telemetry_survived(answers, output)
+    assert "MIXPANEL_OTEL_RULES" in output and "rule 1, key 'group_id'" in output
+
+
+def test_a_missing_token_never_costs_the_other_exporters(tmp_path):
+    answers, output = _run_instrumented({}, tmp_path)
+    _assert_other_telemetry_survived(answers, output)
+    assert "no Mixpanel project token" in output

@@ -1,0 +1,181 @@
+"""``mixpanel-otel check``: is this configuration able to deliver?
+
+Reads what the library reads (arguments, then ``MIXPANEL_*`` variables),
+checks the token is there, the options and the rules file parse, the API
+host resolves and answers, and that it answers like Mixpanel's ingestion API.
+
+The probe changes nothing. It is one ``POST /groups`` (form body
+``data=[...]&verbose=1``, as the library sends) carrying a single message
+with the token and a group but **no operation**, so there is nothing to
+apply: Mixpanel (and the local sink) answer ``{"status": 0, "error": ...}``
+naming the missing operation, which shows the host validates messages as
+Mixpanel does. An answer of 401/403, or an error about the token, means the
+token was refused. A ``data=[]`` request would show less: an empty batch
+says nothing about the token, and an empty body is refused before the
+message is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+from urllib.parse import urlsplit
+
+__all__ = ["Check", "run_check"]
+
+PROBE_GROUP = ("mixpanel-otel-check", "probe")
+
+
+@dataclass
+class Check:
+    """What ``check`` found: one line a step, and the verdict."""
+
+    lines: list[str] = field(default_factory=list)
+    ok: bool = True
+    reason: str = ""
+
+    def step(self, name: str, detail: str) -> None:
+        self.lines.append(f"  ok    {name}: {detail}")
+
+    def note(self, name: str, detail: str) -> None:
+        self.lines.append(f"  note  {name}: {detail}")
+
+    def fail(self, name: str, detail: str) -> Check:
+        self.lines.append(f"  FAIL  {name}: {detail}")
+        self.ok = False
+        self.reason = f"{name}: {detail}"
+        return self
+
+    def render(self) -> str:
+        verdict = (
+            "OK: this configuration can deliver group updates"
+            if self.ok
+            else (f"FAILED: {self.reason}")
+        )
+        return "\n".join(["mixpanel-otel check", *self.lines, verdict])
+
+
+def run_check(
+    token: Optional[str] = None,
+    api_host: Optional[str] = None,
+    rules: Optional[str] = None,
+    timeout: Optional[float] = None,
+) -> Check:
+    """Run every step; stop at the first that fails. Never prints the token."""
+    from ._config import DISABLED_ENV, disabled_by_environment, resolve_options, resolve_target
+    from ._exceptions import MixpanelException
+    from ._rules import RULES_ENV, load_rules
+
+    check = Check()
+    try:
+        if disabled_by_environment():
+            check.note("disabled", f"{DISABLED_ENV} is set: every front end sends nothing")
+    except MixpanelException as exc:
+        return check.fail("configuration", str(exc))
+    source = "--token" if token else "MIXPANEL_TOKEN"
+    try:
+        token, base_url = resolve_target(token, api_host)
+        options = resolve_options({})
+    except MixpanelException as exc:
+        return check.fail("configuration", str(exc))
+    check.step("token", f"set (from {source})")
+    rules_source = rules or os.environ.get(RULES_ENV) or None
+    if rules_source:
+        try:
+            found = load_rules(rules_source)
+        except MixpanelException as exc:
+            return check.fail("rules", str(exc))
+        named = "--rules" if rules else RULES_ENV
+        check.step("rules", f"{len(found)} rule(s) in {rules_source} (from {named})")
+    else:
+        check.note("rules", f"none (set {RULES_ENV} or pass --rules to check a file)")
+    timeout = timeout or float(options["request_timeout"])
+    return _probe(check, token, base_url, timeout)
+
+
+def _probe(check: Check, token: str, base_url: str, timeout: float) -> Check:
+    import requests
+
+    parts = urlsplit(base_url)
+    host = parts.hostname or ""
+    if parts.scheme not in ("http", "https") or not host:
+        return check.fail("API host", f"{base_url!r} is not an http(s) URL or host name")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        return check.fail("API host", f"cannot resolve {host!r} (DNS): {exc.strerror or exc}")
+    shown = sorted({str(a[4][0]) for a in addresses})
+    check.step("API host", f"{host} resolves to {', '.join(shown[:3])}")
+    probe = {
+        "$token": token,
+        "$time": time.time(),
+        "$group_key": PROBE_GROUP[0],
+        "$group_id": PROBE_GROUP[1],
+    }
+    url = f"{base_url}/groups"
+    try:
+        answer = requests.post(
+            url,
+            data={"data": json.dumps([probe]), "verbose": "1", "ip": "0"},
+            timeout=timeout,
+            allow_redirects=False,
+        )
+    except requests.exceptions.SSLError as exc:
+        return check.fail("connection", f"TLS error with {host}:{port}: {_cause(exc)}")
+    except requests.exceptions.ConnectTimeout:
+        return check.fail("connection", f"{host}:{port} did not accept within {timeout:g} s")
+    except requests.exceptions.ConnectionError as exc:
+        return check.fail("connection", f"cannot connect to {host}:{port}: {_cause(exc)}")
+    except requests.exceptions.Timeout:
+        return check.fail("connection", f"{url} did not answer within {timeout:g} s")
+    except requests.exceptions.RequestException as exc:
+        return check.fail("connection", f"{url}: {_cause(exc)}")
+    check.step(
+        "connection", f"POST {parts.scheme}://{host}:{port}/groups answered {answer.status_code}"
+    )
+    text = answer.text.replace(token, "<token>")  # never show the token, even echoed
+    return _verdict(check, answer.status_code, text)
+
+
+def _verdict(check: Check, status: int, text: str) -> Check:
+    body: Any
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    error = str(body.get("error") or "") if isinstance(body, dict) else ""
+    if status in (401, 403):
+        return check.fail("token", f"the server refused it (HTTP {status}: {error or text[:80]})")
+    if status != 200 or not isinstance(body, dict) or "status" not in body:
+        return check.fail(
+            "API",
+            f"the host does not answer like Mixpanel's API (HTTP {status}: {text[:80]!r})",
+        )
+    if body["status"] in (1, "1"):
+        check.step("API", "speaks Mixpanel's API; the probe (no operation) changed nothing")
+        return check
+    if "token" in error.lower():
+        return check.fail("token", f"the server refused it: {error}")
+    check.step("API", f"speaks Mixpanel's API; refused the probe as intended ({error[:100]})")
+    return check
+
+
+def _cause(exc: BaseException) -> str:
+    """The innermost reason requests wraps (refused, reset, certificate...)."""
+    seen = exc
+    while True:
+        inner = seen.__cause__ or seen.__context__
+        if inner is None or inner is seen:
+            break
+        seen = inner
+    args = getattr(seen, "args", ())
+    reason = getattr(seen, "reason", None)
+    text = str(reason) if reason is not None else (str(args[0]) if args else str(seen))
+    if isinstance(seen, ConnectionRefusedError) or "Connection refused" in str(exc):
+        return "connection refused (nothing listens there)"
+    return text[:200]
