@@ -81,7 +81,7 @@ class Consumer:
         self._pid = os.getpid()
         self._cond = threading.Condition(threading.Lock())
         self.transport: Post = self._transport_given or Transport(
-            self.base_url, self.request_timeout
+            self.base_url, self.request_timeout, connections=self.max_in_flight + 1
         )
         self._inbox: deque[GroupUpdate] = deque()
         self._inbox_bytes = 0
@@ -474,6 +474,7 @@ class Consumer:
             self.stats_.add("errors")
             logger.error("mixpanel-otel worker error: %s", self._scrub(repr(exc)))
             result = Result(unsent=[Message("", "", update) for update in job.updates])
+            self._retry_wait(1.0)  # and must not spin
         if job.kind is Kind.SPOOL and self._spool is not None:
             done = [m.origin for m in result.delivered] + [m.origin for m, _ in result.refused]
             self._spool.ack(done)
