@@ -166,5 +166,8 @@ def main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     print("mixpanel-otel gateway: stopping", flush=True)
     delivered = gateway.stop()
-    print(f"mixpanel-otel gateway: stopped ({'all delivered' if delivered else 'some left'})", flush=True)
+    print(
+        f"mixpanel-otel gateway: stopped ({'all delivered' if delivered else 'some left'})",
+        flush=True,
+    )
     return 0

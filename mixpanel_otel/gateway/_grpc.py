@@ -43,7 +43,10 @@ def _handler(ingest: Ingest, signal: Signal) -> Any:
         if retry_after is not None:
             context.set_trailing_metadata(
                 (
-                    ("grpc-status-details-bin", status_body(code.value[0], answer.message, retry_after)),
+                    (
+                        "grpc-status-details-bin",
+                        status_body(code.value[0], answer.message, retry_after),
+                    ),
                     ("google.rpc.retryinfo-bin", retry_info(retry_after)),
                 )
             )
@@ -67,7 +70,11 @@ def make_grpc_server(
     )
     for signal in (LOGS, TRACES):
         server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(signal.service, {"Export": _handler(ingest, signal)}),)
+            (
+                grpc.method_handlers_generic_handler(
+                    signal.service, {"Export": _handler(ingest, signal)}
+                ),
+            )
         )
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     bound = server.add_insecure_port(target)

@@ -171,7 +171,9 @@ class _Handler(BaseHTTPRequestHandler):
         signal: Optional[Signal] = _SIGNALS.get(self.path.split("?", 1)[0])
         if signal is None:
             self.close_connection = True
-            self._error(404, 5, f"no OTLP endpoint at {self.path[:100]!r}; use /v1/logs or /v1/traces")
+            self._error(
+                404, 5, f"no OTLP endpoint at {self.path[:100]!r}; use /v1/logs or /v1/traces"
+            )
             return
         media = self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
         if media not in (_PROTOBUF, _JSON):

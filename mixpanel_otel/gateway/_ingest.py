@@ -13,7 +13,7 @@ import enum
 import threading
 from dataclasses import dataclass
 from time import monotonic
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from .._frontend import FrontEnd
 from . import _receipts
@@ -182,7 +182,9 @@ class Ingest:
         self._count(accepted=1, rejected_records=rejected)
         return Answer(Outcome.OK, rejected=rejected, message="; ".join(reasons))
 
-    def _retry(self, retry_after: Optional[float], message: str, overloaded: bool = False) -> Answer:
+    def _retry(
+        self, retry_after: Optional[float], message: str, overloaded: bool = False
+    ) -> Answer:
         # Over the bound while delivery works: 429; delivery failing: 503.
         if overloaded and not _receipts.failing(self.consumer):
             self._count(overloaded=1)

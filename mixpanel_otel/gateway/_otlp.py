@@ -14,6 +14,7 @@ import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Optional
 
 from google.protobuf import json_format
@@ -96,9 +97,10 @@ class Signal:
             return json.dumps({"partialSuccess": camel}).encode()
         if not rejected and not message:
             return b""
-        return self.response(
+        response = self.response(
             partial_success={self.rejected_field: rejected, "error_message": message}
-        ).SerializeToString()
+        )
+        return bytes(response.SerializeToString())
 
 
 def _value(any_value: Any) -> Any:
@@ -144,9 +146,7 @@ def _translate_logs(
                     attributes,
                     seconds or now,
                     resource,
-                    lambda name, record=record, seconds=seconds: _log_special(
-                        record, name, seconds
-                    ),
+                    partial(_log_special, record, seconds),
                     counter,
                     errors,
                 )
@@ -175,7 +175,7 @@ def _translate_spans(
                     _attributes(span.attributes),
                     seconds,
                     resource,
-                    lambda name, span=span: _span_special(span, name),
+                    partial(_span_special, span),
                     counter,
                     errors,
                 )
@@ -202,7 +202,7 @@ def _body_text(record: Any) -> str:
     return str(_value(body)) if record.HasField("body") else ""
 
 
-def _log_special(record: Any, name: str, seconds: Optional[float]) -> Any:
+def _log_special(record: Any, seconds: Optional[float], name: str) -> Any:
     if name == "@name":
         if record.event_name:
             return record.event_name
