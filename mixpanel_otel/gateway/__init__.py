@@ -166,8 +166,6 @@ def main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     print("mixpanel-otel gateway: stopping", flush=True)
     delivered = gateway.stop()
-    print(
-        f"mixpanel-otel gateway: stopped ({'all delivered' if delivered else 'some left'})",
-        flush=True,
-    )
+    outcome = "everything delivered or spooled" if delivered else "some updates left"
+    print(f"mixpanel-otel gateway: stopped ({outcome})", flush=True)
     return 0
