@@ -16,7 +16,6 @@ from time import monotonic
 from typing import Callable, Optional
 
 from .._frontend import FrontEnd
-from . import _receipts
 from ._otlp import BadRequest, Signal, TooLarge, Translated, decode
 
 __all__ = ["Answer", "Ingest", "Outcome"]
@@ -156,7 +155,7 @@ class Ingest:
         if result.rejected:
             reasons.insert(0, f"{result.rejected} {signal.name} record(s) with invalid group data")
         if result.updates:
-            receipt = _receipts.submit(self.consumer, result.updates)
+            receipt = self.consumer.submit(result.updates)
             if receipt.refused:
                 return self._retry(receipt.retry_after, "; ".join(receipt.errors), overloaded=True)
             timeout = self.ack_timeout
@@ -186,7 +185,7 @@ class Ingest:
         self, retry_after: Optional[float], message: str, overloaded: bool = False
     ) -> Answer:
         # Over the bound while delivery works: 429; delivery failing: 503.
-        if overloaded and not _receipts.failing(self.consumer):
+        if overloaded and not self.consumer.failing:
             self._count(overloaded=1)
             outcome = Outcome.OVERLOADED
         else:

@@ -7,7 +7,6 @@ import threading
 from typing import Any, Optional
 
 from .._frontend import FrontEnd
-from . import _receipts
 from ._grpc import make_grpc_server
 from ._http import HttpServer
 from ._ingest import Ingest
@@ -78,7 +77,7 @@ class Gateway:
         """``(serving, document)``: status, the gateway's and the consumer's counters."""
         if self.ingest.stopping:
             status = "stopping"
-        elif _receipts.failing(self.consumer):
+        elif self.consumer.failing:
             status = "degraded"  # Mixpanel is failing; Export calls are answered retryable
         else:
             status = "ok"
