@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any, Optional
 
@@ -16,6 +17,9 @@ __all__ = ["Gateway"]
 logger = logging.getLogger("mixpanel_otel.gateway")
 
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
+#: The gateway's flush interval unless given (argument or MIXPANEL_OTEL_FLUSH_INTERVAL):
+#: an Export call is answered after delivery, so the interval is its added latency.
+DEFAULT_FLUSH_INTERVAL = 0.2
 
 
 class Gateway:
@@ -30,7 +34,8 @@ class Gateway:
         max_concurrent: Export calls handled at once per protocol; more are answered
             "overloaded" (HTTP 429, gRPC RESOURCE_EXHAUSTED).
         max_request_bytes: largest request body, before and after decompression.
-        options: consumer options (``flush_interval``, ``spool_dir``, ...).
+        options: consumer options (``flush_interval``, ``spool_dir``, ...);
+            ``flush_interval`` defaults to 0.2 s here, as it adds to every answer's latency.
     """
 
     def __init__(
@@ -47,6 +52,10 @@ class Gateway:
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         **options: Any,
     ) -> None:
+        if options.get("flush_interval") is None and not os.environ.get(
+            "MIXPANEL_OTEL_FLUSH_INTERVAL"
+        ):
+            options["flush_interval"] = DEFAULT_FLUSH_INTERVAL
         self.front = FrontEnd(token, api_host, None, rules, options)
         self.consumer = self.front.consumer
         self.ingest = Ingest(self.front, ack_timeout, max_concurrent)
