@@ -142,11 +142,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"mixpanel-otel gateway: {exc}", file=sys.stderr)
         return 2
 
-    stop_requested = []
+    stop_requested: list[int] = []
 
     def on_signal(signum: int, frame: Any) -> None:
-        stop_requested.append(signum)
-        raise KeyboardInterrupt  # wakes the main thread's wait
+        stop_requested.append(signum)  # only a flag: the main loop below notices it
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -157,11 +156,8 @@ def main(args: argparse.Namespace) -> int:
         f"delivering to {gateway.consumer.base_url}",
         flush=True,
     )
-    try:
-        while not gateway.wait(3600):
-            pass
-    except KeyboardInterrupt:
-        pass
+    while not stop_requested:
+        gateway.wait(0.2)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     print("mixpanel-otel gateway: stopping", flush=True)
