@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from time import monotonic
 from typing import Callable, Optional
 
+from .._delivery import Consumer
 from .._frontend import FrontEnd
 from ._otlp import BadRequest, Signal, TooLarge, Translated, decode
 
@@ -48,15 +49,18 @@ class Ingest:
     """Runs Export calls against one front end (consumer + translator); counts outcomes.
 
     Args:
-        front: the consumer, translator and bad-record reporting.
+        front: the translator and bad-record reporting.
+        consumer: the front end's consumer (a real one: it hands out receipts).
         ack_timeout: longest wait for a submission to settle before answering retryable.
         max_concurrent: Export calls handled at once; more are answered "overloaded"
             at once, before their body is decoded.
     """
 
-    def __init__(self, front: FrontEnd, ack_timeout: float, max_concurrent: int) -> None:
+    def __init__(
+        self, front: FrontEnd, consumer: Consumer, ack_timeout: float, max_concurrent: int
+    ) -> None:
         self.front = front
-        self.consumer = front.consumer
+        self.consumer = consumer
         self.ack_timeout = ack_timeout
         self._slots = threading.BoundedSemaphore(max_concurrent)
         self._lock = threading.Lock()

@@ -7,7 +7,9 @@ import os
 import threading
 from typing import Any, Optional
 
-from .._frontend import FrontEnd
+from .._delivery import Consumer
+from .._exceptions import MixpanelException
+from .._frontend import FrontEnd, open_consumer
 from ._grpc import make_grpc_server
 from ._http import HttpServer
 from ._ingest import Ingest
@@ -56,9 +58,13 @@ class Gateway:
             "MIXPANEL_OTEL_FLUSH_INTERVAL"
         ):
             options["flush_interval"] = DEFAULT_FLUSH_INTERVAL
-        self.front = FrontEnd(token, api_host, None, rules, options)
-        self.consumer = self.front.consumer
-        self.ingest = Ingest(self.front, ack_timeout, max_concurrent)
+        # A token is required: a disabled gateway would acknowledge and discard.
+        consumer = open_consumer(token, api_host, None, options, need_token=True)
+        if not isinstance(consumer, Consumer):
+            raise MixpanelException(f"cannot run disabled: {getattr(consumer, 'reason', '')}")
+        self.consumer: Consumer = consumer
+        self.front = FrontEnd(None, None, consumer, rules, {})
+        self.ingest = Ingest(self.front, consumer, ack_timeout, max_concurrent)
         self._grpc, port = make_grpc_server(
             host, grpc_port, self.ingest, max_concurrent, max_request_bytes
         )
