@@ -231,6 +231,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true", help="keep serving to browse the profiles")
     demo.add_argument("--port", type=int, default=0, help="sink port (default: any free port)")
     demo.set_defaults(run=_demo)
+
+    from . import gateway as _gateway  # imports neither grpc nor protobuf
+
+    gateway = commands.add_parser("gateway", help="receive OTLP logs and traces from a fleet")
+    _gateway.add_arguments(gateway)
+    gateway.set_defaults(run=_gateway.main)
     return parser
 
 

@@ -1,0 +1,167 @@
+"""``mixpanel-otel gateway``: group profiles from any OpenTelemetry-instrumented fleet.
+
+An OTLP receiver (logs and traces, gRPC and HTTP) that runs every record
+through the same translator as the in-process front ends and acknowledges an
+Export call only after its updates are delivered (or spooled). Needs the
+``mixpanel-otel[gateway]`` extra (``grpcio``, ``opentelemetry-proto``); this
+module itself imports neither, so the CLI can describe the command without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from typing import TYPE_CHECKING, Any
+
+from .._config import CONSUMER_OPTIONS
+
+if TYPE_CHECKING:
+    from ._server import Gateway
+
+__all__ = ["Gateway", "add_arguments", "main"]
+
+# Consumer options a command line cannot carry (callables) or the gateway decides itself.
+_NOT_ON_COMMAND_LINE = frozenset(("on_error", "before_send", "flush_on_sigterm"))
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Gateway":
+        from ._server import Gateway
+
+        return Gateway
+    raise AttributeError(name)
+
+
+def _env(name: str, default: Any) -> Any:
+    return os.environ.get(name) or default
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``gateway`` subcommand's options: listeners, target, rules, consumer options."""
+    parser.add_argument(
+        "--host",
+        default=_env("MIXPANEL_OTEL_GATEWAY_HOST", "127.0.0.1"),
+        help="address to listen on (env MIXPANEL_OTEL_GATEWAY_HOST; default 127.0.0.1; "
+        "0.0.0.0 or :: to accept other hosts)",
+    )
+    parser.add_argument(
+        "--grpc-port",
+        type=int,
+        default=int(_env("MIXPANEL_OTEL_GATEWAY_GRPC_PORT", 4317)),
+        help="OTLP/gRPC port (env MIXPANEL_OTEL_GATEWAY_GRPC_PORT; default 4317; 0: any free)",
+    )
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=int(_env("MIXPANEL_OTEL_GATEWAY_HTTP_PORT", 4318)),
+        help="OTLP/HTTP port, also /health (env MIXPANEL_OTEL_GATEWAY_HTTP_PORT; default 4318)",
+    )
+    parser.add_argument(
+        "--ack-timeout",
+        type=float,
+        default=float(_env("MIXPANEL_OTEL_GATEWAY_ACK_TIMEOUT", 5.0)),
+        help="seconds an Export call waits for delivery before answering retryable "
+        "(env MIXPANEL_OTEL_GATEWAY_ACK_TIMEOUT; default 5; a gRPC deadline also bounds it)",
+    )
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=32,
+        help="Export calls handled at once per protocol; more get 429 / RESOURCE_EXHAUSTED",
+    )
+    parser.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=16 * 1024 * 1024,
+        help="largest request, before and after decompression (default 16 MiB)",
+    )
+    parser.add_argument(
+        "--token", help="Mixpanel project token (prefer the MIXPANEL_TOKEN environment variable)"
+    )
+    parser.add_argument("--api-host", help="Mixpanel API host or URL (env MIXPANEL_API_HOST)")
+    parser.add_argument("--region", help="us, eu or in (env MIXPANEL_REGION)")
+    parser.add_argument("--rules", help="rules TOML file (env MIXPANEL_OTEL_RULES)")
+    parser.add_argument(
+        "--log-level", default="INFO", help="the gateway's own log level (default INFO)"
+    )
+    for name, (env, default, _parse) in CONSUMER_OPTIONS.items():
+        if name in _NOT_ON_COMMAND_LINE:
+            continue
+        where = f"env {env}; " if env else ""
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            metavar=name.upper(),
+            help=f"consumer option {name} ({where}default {default})",
+        )
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the gateway until SIGTERM or SIGINT, then stop gracefully."""
+    logging.basicConfig(
+        level=str(args.log_level).upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        from ._server import Gateway
+    except ImportError as exc:
+        print(
+            f"mixpanel-otel gateway needs the gateway extra ({exc}): "
+            "pip install 'mixpanel-otel[gateway]'",
+            file=sys.stderr,
+        )
+        return 2
+    from .._exceptions import MixpanelException
+
+    options = {
+        name: getattr(args, name)
+        for name in CONSUMER_OPTIONS
+        if name not in _NOT_ON_COMMAND_LINE and getattr(args, name, None) is not None
+    }
+    if args.region:
+        options["region"] = args.region
+    try:
+        gateway = Gateway(
+            args.token,
+            api_host=args.api_host,
+            rules=args.rules,
+            host=args.host,
+            grpc_port=args.grpc_port,
+            http_port=args.http_port,
+            ack_timeout=args.ack_timeout,
+            max_concurrent=args.max_concurrent,
+            max_request_bytes=args.max_request_bytes,
+            flush_on_sigterm=False,  # the gateway stops itself on SIGTERM
+            **options,
+        )
+    except (MixpanelException, OSError) as exc:
+        print(f"mixpanel-otel gateway: {exc}", file=sys.stderr)
+        return 2
+
+    stop_requested: list[int] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop_requested.append(signum)  # only a flag: the main loop below notices it
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    gateway.start()
+    print(
+        f"mixpanel-otel gateway: OTLP/gRPC on {gateway.grpc_address}, "
+        f"OTLP/HTTP on {gateway.http_url} (health {gateway.http_url}/health), "
+        f"delivering to {gateway.consumer.base_url}",
+        flush=True,
+    )
+    while not stop_requested:
+        gateway.wait(0.2)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print("mixpanel-otel gateway: stopping", flush=True)
+    delivered = gateway.stop()
+    outcome = "everything delivered or spooled" if delivered else "some updates left"
+    print(f"mixpanel-otel gateway: stopped ({outcome})", flush=True)
+    return 0

@@ -1,0 +1,198 @@
+"""One Export call, whatever the protocol: decode, translate, submit, wait, answer.
+
+The HTTP and gRPC servers only move bytes; this module decides the answer.
+An Export succeeds only once every update it produced is delivered to
+Mixpanel or written to the spool (the consumer's receipt says so). Refused
+or not settled in time: the retryable answer. Records the translator refused
+and updates Mixpanel refused for good: partial success, not retried.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from dataclasses import dataclass
+from time import monotonic
+from typing import Callable, Optional
+
+from .._delivery import Consumer
+from .._frontend import FrontEnd
+from ._otlp import BadRequest, Signal, TooLarge, Translated, decode
+
+__all__ = ["Answer", "Ingest", "Outcome"]
+
+#: Time kept back from a gRPC deadline to send the answer before it expires.
+_DEADLINE_MARGIN = 0.2
+_DEFAULT_RETRY_AFTER = 1.0
+
+
+class Outcome(enum.Enum):
+    """How an Export call ends; each protocol maps it to its own status."""
+
+    OK = "ok"  # everything delivered or spooled (maybe with rejected records)
+    INVALID = "invalid"  # not an OTLP request: HTTP 400, gRPC INVALID_ARGUMENT
+    TOO_LARGE = "too_large"  # body over the limit: HTTP 413, gRPC RESOURCE_EXHAUSTED
+    UNAVAILABLE = "unavailable"  # retry later: HTTP 503, gRPC UNAVAILABLE
+    OVERLOADED = "overloaded"  # over a bound, retry later: HTTP 429, gRPC RESOURCE_EXHAUSTED
+    STOPPING = "stopping"  # shutting down: HTTP 503, gRPC UNAVAILABLE
+
+
+@dataclass(frozen=True)
+class Answer:
+    outcome: Outcome
+    rejected: int = 0  # records reported as partial success
+    message: str = ""
+    retry_after: Optional[float] = None
+
+
+class Ingest:
+    """Runs Export calls against one front end (consumer + translator); counts outcomes.
+
+    Args:
+        front: the translator and bad-record reporting.
+        consumer: the front end's consumer (a real one: it hands out receipts).
+        ack_timeout: longest wait for a submission to settle before answering retryable.
+        max_concurrent: Export calls handled at once; more are answered "overloaded"
+            at once, before their body is decoded.
+    """
+
+    def __init__(
+        self, front: FrontEnd, consumer: Consumer, ack_timeout: float, max_concurrent: int
+    ) -> None:
+        self.front = front
+        self.consumer = consumer
+        self.ack_timeout = ack_timeout
+        self._slots = threading.BoundedSemaphore(max_concurrent)
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._active = 0
+        self.stopping = False
+        self._counts = dict.fromkeys(
+            (
+                "requests",
+                "records",
+                "updates",
+                "accepted",
+                "rejected_records",
+                "failed_updates",
+                "invalid_requests",
+                "unavailable",
+                "overloaded",
+            ),
+            0,
+        )
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {**self._counts, "in_flight": self._active}
+
+    def _count(self, **counts: int) -> None:
+        with self._lock:
+            for name, number in counts.items():
+                self._counts[name] += number
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no Export call is in flight (at most ``timeout`` s)."""
+        deadline = monotonic() + timeout
+        with self._idle:
+            while self._active:
+                remaining = deadline - monotonic()
+                if remaining <= 0:
+                    return False
+                self._idle.wait(remaining)
+        return True
+
+    def export(
+        self,
+        signal: Signal,
+        body: bytes,
+        json_encoding: bool = False,
+        deadline: Optional[float] = None,
+        read: Optional[Callable[[], bytes]] = None,
+    ) -> Answer:
+        """Handle one Export call whose body is ``body`` (or what ``read()`` returns).
+
+        ``deadline`` is the caller's own (``monotonic()`` time), if it has one.
+        """
+        if self.stopping:
+            return Answer(Outcome.STOPPING, message="the gateway is shutting down")
+        if not self._slots.acquire(blocking=False):
+            self._count(requests=1, overloaded=1)
+            return Answer(
+                Outcome.OVERLOADED,
+                message="too many Export calls in flight",
+                retry_after=_DEFAULT_RETRY_AFTER,
+            )
+        with self._lock:
+            self._active += 1
+            self._counts["requests"] += 1
+        try:
+            return self._export(signal, body, json_encoding, deadline, read)
+        except BadRequest as exc:
+            self._count(invalid_requests=1)
+            outcome = Outcome.TOO_LARGE if isinstance(exc, TooLarge) else Outcome.INVALID
+            return Answer(outcome, message=str(exc))
+        finally:
+            self._slots.release()
+            with self._lock:
+                self._active -= 1
+                if not self._active:
+                    self._idle.notify_all()
+
+    def _export(
+        self,
+        signal: Signal,
+        body: bytes,
+        json_encoding: bool,
+        deadline: Optional[float],
+        read: Optional[Callable[[], bytes]],
+    ) -> Answer:
+        if read is not None:
+            body = read()
+        request = decode(signal, body, json_encoding)
+        front = self.front
+        result: Translated = signal.translate(
+            request, front.translator, self.consumer.truncations, front.report_invalid
+        )
+        self._count(records=result.records, updates=len(result.updates))
+        rejected, reasons = result.rejected, list(result.reasons)
+        if result.rejected:
+            reasons.insert(0, f"{result.rejected} {signal.name} record(s) with invalid group data")
+        if result.updates:
+            receipt = self.consumer.submit(result.updates)
+            if receipt.refused:
+                return self._retry(receipt.retry_after, "; ".join(receipt.errors), overloaded=True)
+            timeout = self.ack_timeout
+            if deadline is not None:
+                timeout = min(timeout, deadline - monotonic() - _DEADLINE_MARGIN)
+            if not receipt.wait(max(0.0, timeout)):
+                return self._retry(
+                    receipt.retry_after,
+                    f"{len(result.updates)} update(s) not delivered within {timeout:.1f} s"
+                    + (f": {'; '.join(receipt.errors)}" if receipt.errors else ""),
+                )
+            if receipt.dropped:
+                return self._retry(
+                    receipt.retry_after,
+                    f"{receipt.dropped} update(s) dropped: {'; '.join(receipt.errors)}",
+                )
+            if receipt.failed:
+                self._count(failed_updates=receipt.failed)
+                rejected = min(result.records, rejected + receipt.failed)
+                reasons.append(
+                    f"{receipt.failed} update(s) refused by Mixpanel: {'; '.join(receipt.errors)}"
+                )
+        self._count(accepted=1, rejected_records=rejected)
+        return Answer(Outcome.OK, rejected=rejected, message="; ".join(reasons))
+
+    def _retry(
+        self, retry_after: Optional[float], message: str, overloaded: bool = False
+    ) -> Answer:
+        # Over the bound while delivery works: 429; delivery failing: 503.
+        if overloaded and not self.consumer.failing:
+            self._count(overloaded=1)
+            outcome = Outcome.OVERLOADED
+        else:
+            self._count(unavailable=1)
+            outcome = Outcome.UNAVAILABLE
+        return Answer(outcome, message=message, retry_after=retry_after or _DEFAULT_RETRY_AFTER)
