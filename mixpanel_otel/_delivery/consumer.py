@@ -75,6 +75,8 @@ class Consumer:
         self._transport_given = transport
         self.truncations = Truncations()
         self._fresh_state()
+        if self._spool is not None and self._spool.orphans():
+            self._worker.ensure()  # replay what processes that are gone left behind
 
     def _fresh_state(self) -> None:
         """Everything a forked child must not share with its parent."""
@@ -158,8 +160,10 @@ class Consumer:
     def submit(self, updates: Sequence[GroupUpdate]) -> Receipt:
         """Queue updates and return a :class:`Receipt` that settles when all are settled.
 
-        Never waits: when there is no room (or delivery is failing) and no
-        spool, the receipt comes back ``refused`` with nothing queued.
+        Never waits, and sends at once rather than on the next interval. When
+        there is no room or delivery is failing, the updates go to the spool
+        (the receipt settles as spooled) or, without one, the receipt comes
+        back ``refused`` with nothing queued.
         """
         receipt = Receipt(len(updates))
         if not updates:
@@ -176,7 +180,15 @@ class Consumer:
                 return refused
         for update in updates:
             update.receipts = [receipt]
+        if self._spool is not None and (
+            self.health.failing or self.held + len(self._inbox) + len(updates) > self.max_pending
+        ):
+            self._spill(list(updates))  # kept on disk: the receipt settles as spooled
+            return receipt
         self._admit(list(updates), receipt, wait=False)
+        with self._cond:  # someone waits on this receipt: send now, not on the next tick
+            self._dispatch.draining = True
+            self._cond.notify_all()
         return receipt
 
     def _admit(self, updates: list[GroupUpdate], receipt: Optional[Receipt], wait: bool) -> None:

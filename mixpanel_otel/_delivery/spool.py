@@ -81,8 +81,9 @@ class Spool:
             return None
         return self._db
 
-    def _orphans(self) -> list[str]:
-        """Spool files of this (token, host) whose owner is gone, oldest first."""
+    def orphans(self) -> list[str]:
+        """Spool files of this (token, host) but this process's, oldest first
+        (their owners may be alive: :meth:`adopt` takes only the unlocked ones)."""
         paths = glob.glob(glob.escape(self.prefix) + "*.sqlite3")
         paths = [path for path in paths if path != self.path]
         return sorted(paths, key=_mtime)
@@ -91,7 +92,7 @@ class Spool:
         """Move the rows of every orphaned file into this process's; return how many."""
         moved = 0
         with self._lock:
-            for path in self._orphans():
+            for path in self.orphans():
                 moved += self._adopt(path)
         return moved
 
@@ -275,7 +276,7 @@ class _transaction:
 def spooled_rows(directory: str, token: str, base_url: str) -> int:
     """Rows kept in ``directory`` for (token, API host), in every process's file."""
     total = 0
-    for path in Spool(directory, token, base_url)._orphans():
+    for path in Spool(directory, token, base_url).orphans():
         try:
             db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=_BUSY_TIMEOUT)
             try:
