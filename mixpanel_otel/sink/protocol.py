@@ -59,6 +59,8 @@ _GZIP_ENDPOINTS = ("track", "import")  # Mixpanel takes no gzip on profile endpo
 TOO_LARGE = f"request exceeds max limit of {MAX_BODY_BYTES} bytes"
 
 _SCALARS = frozenset((int, float, bool, type(None)))
+_OPERATION_SET = frozenset(GROUP_OPERATIONS)
+_MISSING: Any = object()
 
 
 class BadRequest(Exception):
@@ -112,31 +114,31 @@ def check_group_message(message: Any) -> tuple[str, Optional[str]]:
     """``(operation, None)`` for a valid ``/groups`` message, else ``("", reason)``."""
     if type(message) is not dict:
         return "", "message must be a JSON object"
-    if "$token" not in message:
-        return "", "$token is missing"
-    token = message["$token"]
+    token = message.get("$token", _MISSING)
     if type(token) is not str or not token:
-        return "", "$token must be a non-empty string"
-    if "$group_key" not in message:
-        return "", "$group_key is missing"
-    group_key = message["$group_key"]
+        return "", "$token is missing" if token is _MISSING else "$token must be a non-empty string"
+    group_key = message.get("$group_key", _MISSING)
     if type(group_key) is not str or not group_key:
+        if group_key is _MISSING:
+            return "", "$group_key is missing"
         return "", "$group_key must be a non-empty string"
-    if "$group_id" not in message:
-        return "", "$group_id is missing"
-    group_id = message["$group_id"]
-    if not (isinstance(group_id, str) or _is_number(group_id)):
+    group_id = message.get("$group_id", _MISSING)
+    if type(group_id) is not str and not _is_number(group_id):
+        if group_id is _MISSING:
+            return "", "$group_id is missing"
         return "", "$group_id must be a string or number"
     if group_id == "":
         return "", "$group_id must not be empty"
-    if "$time" in message and not _is_number(message["$time"]):
+    when = message.get("$time", 0)
+    if type(when) is not float and type(when) is not int and not _is_number(when):
         return "", "$time must be a number"
-    ops = [op for op in GROUP_OPERATIONS if op in message]
+    ops = _OPERATION_SET.intersection(message)
     if len(ops) != 1:
         if not ops:
             return "", "no operation: expected exactly one of " + ", ".join(GROUP_OPERATIONS)
-        return "", f"more than one operation ({', '.join(ops)}): expected exactly one"
-    op = ops[0]
+        named = ", ".join(op for op in GROUP_OPERATIONS if op in ops)
+        return "", f"more than one operation ({named}): expected exactly one"
+    op = next(iter(ops))
     payload = message[op]
     if op in _OBJECT_OPERATIONS:
         if type(payload) is not dict:
@@ -147,8 +149,15 @@ def check_group_message(message: Any) -> tuple[str, Optional[str]]:
                 return "", (
                     f"{op} property name {_short(name)} longer than {MAX_NAME_CHARS} characters"
                 )
-            if union and type(value) is not list:
-                return "", f"$union value for {_short(name)} must be a list"
+            kind = type(value)
+            if union:
+                if kind is not list:
+                    return "", f"$union value for {_short(name)} must be a list"
+            elif kind is str:  # the common cases inline, the rest in _check_value
+                if len(value) <= MAX_STRING_BYTES // 4 or len(value.encode()) <= MAX_STRING_BYTES:
+                    continue
+            elif kind in _SCALARS:
+                continue
             problem = _check_value(value)
             if problem:
                 return "", f"{op} value for {_short(name)}: {problem}"
@@ -191,18 +200,21 @@ def _loads(text: Union[str, bytes]) -> Any:
         raise ValueError("JSON nested too deeply") from None
 
 
-def _decode_data(text: str) -> Any:
-    """Parse a ``data=`` value: JSON, or base64-encoded JSON from old clients."""
+def _decode_data(text: str) -> tuple[Any, str]:
+    """Parse a ``data=`` value: JSON, or base64-encoded JSON from old clients.
+
+    Returns the value and the JSON text it was read from.
+    """
     stripped = text.strip()
     if not stripped:
         raise BadRequest("data is empty")
     if stripped[0] in "[{":
         try:
-            return _loads(stripped)
+            return _loads(stripped), stripped
         except ValueError as exc:
             raise BadRequest(f"data is not valid JSON: {exc}") from None
     try:
-        return _loads(stripped)
+        return _loads(stripped), stripped
     except ValueError as json_error:
         raw = stripped.replace(" ", "+")  # '+' arrives as ' ' when not percent-encoded
         raw += "=" * (-len(raw) % 4)
@@ -211,7 +223,8 @@ def _decode_data(text: str) -> Any:
                 decoded = base64.urlsafe_b64decode(raw.encode("ascii"))
             else:
                 decoded = base64.b64decode(raw.encode("ascii"), validate=True)
-            return _loads(decoded.decode("utf-8"))
+            json_text = decoded.decode("utf-8")
+            return _loads(json_text), json_text
         except (ValueError, binascii.Error, UnicodeError):
             raise BadRequest(
                 f"data is neither JSON nor base64-encoded JSON: {json_error}"
@@ -264,7 +277,7 @@ def parse_body(body: bytes, content_type: str) -> tuple[Optional[Any], dict[str,
 class Request:
     """A request body split into its parts; ``verbose`` is known before the data is parsed."""
 
-    __slots__ = ("data", "form", "raw_json")
+    __slots__ = ("data", "form", "json_text", "raw_json")
 
     def __init__(
         self, form: dict[str, bytes], data: Optional[bytes], raw_json: Optional[bytes]
@@ -272,6 +285,7 @@ class Request:
         self.form = form
         self.data = data  # the data= field, percent-decoded
         self.raw_json = raw_json  # a JSON body (by content type, or by its first byte)
+        self.json_text: Optional[str] = None  # the JSON text the messages were read from
 
     @classmethod
     def parse(cls, body: bytes, content_type: str) -> Request:
@@ -302,12 +316,15 @@ class Request:
             if not text.strip():
                 raise BadRequest("no data: the JSON body is empty")
             try:
-                return _loads(text), {}
+                value = _loads(text)
             except ValueError as exc:
                 raise BadRequest(f"body is not valid JSON: {exc}") from None
+            self.json_text = text
+            return value, {}
         fields = self.fields()
         if self.data is not None:
-            return _decode_data(fields["data"]), fields
+            value, self.json_text = _decode_data(fields["data"])
+            return value, fields
         return None, fields
 
     def messages(self) -> list[Any]:
@@ -320,6 +337,14 @@ class Request:
         if type(payload) is list:
             return payload
         raise BadRequest("data must be a JSON array of messages or a JSON object")
+
+    def array_text(self) -> Optional[str]:
+        """The messages as a JSON array text, as sent (after :meth:`messages`)."""
+        text = self.json_text
+        if text is None:
+            return None
+        text = text.strip()
+        return text if text[:1] == "[" else "[" + text + "]"
 
     def data_text(self, limit: int = 2000) -> str:
         """The data as sent (clipped), to show beside a refusal."""

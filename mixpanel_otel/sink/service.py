@@ -370,7 +370,7 @@ class Sink:
                 raise BadRequest(
                     f"too many messages in one request: {len(messages)} (max {MAX_MESSAGES})"
                 )
-            error = self._accept(endpoint, messages, len(body))
+            error = self._accept(endpoint, messages, len(body), request.array_text())
         except BadRequest as exc:
             error = str(exc)
             self._refuse_request(endpoint, request.data_text() if request else "", error)
@@ -379,7 +379,9 @@ class Sink:
         reply, content_type = answer(error, verbose)
         return 200, reply, content_type, []
 
-    def _accept(self, endpoint: str, messages: list[Any], body_bytes: int) -> Optional[str]:
+    def _accept(
+        self, endpoint: str, messages: list[Any], body_bytes: int, array_text: Optional[str]
+    ) -> Optional[str]:
         """Validate and store one request's messages; the joined errors, or None."""
         check = check_group_message if endpoint == "groups" else check_object
         token = self._token
@@ -405,7 +407,7 @@ class Sink:
                 rejected.append((message, problem))
                 errors.append(f"message {index}: {problem}")
         try:
-            self.store.write(endpoint, accepted, rejected, time.time())
+            self.store.write(endpoint, accepted, rejected, time.time(), array_text)
         except RuntimeError as exc:
             raise BadRequest(str(exc)) from None
         self._count(batch=len(messages), rejected=len(rejected))

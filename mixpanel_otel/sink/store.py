@@ -15,7 +15,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from .._semantics import apply_operation
 from .._wire import group_id_key
@@ -39,8 +39,6 @@ UPDATES_PER_PROFILE = 50
 RECEIVED_CAP = 100_000
 #: Rejected messages kept (pruned in steps of a quarter).
 REJECTED_CAP = 10_000
-#: Distinct profiles whose update counts are tracked before all of them are pruned at once.
-_TRACKED_PROFILES = 50_000
 #: Most values bound in one statement (SQLite's old default limit is 999).
 _CHUNK = 900
 
@@ -51,35 +49,69 @@ CREATE TABLE IF NOT EXISTS profiles (
     properties TEXT NOT NULL,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
+    history TEXT,
     PRIMARY KEY (group_key, group_id)
-);
-CREATE TABLE IF NOT EXISTS updates (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS deleted_history (
     group_key TEXT NOT NULL,
     group_id TEXT NOT NULL,
-    op TEXT NOT NULL,
-    payload TEXT NOT NULL,
-    time REAL,
-    received_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS updates_by_profile ON updates (group_key, group_id, id);
-CREATE TABLE IF NOT EXISTS received (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    history TEXT NOT NULL,
+    PRIMARY KEY (group_key, group_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS batches (
+    id INTEGER PRIMARY KEY,
     endpoint TEXT NOT NULL,
-    message TEXT NOT NULL,
+    messages TEXT NOT NULL,
+    count INTEGER NOT NULL,
     received_at REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS received_by_endpoint ON received (endpoint, id);
+CREATE INDEX IF NOT EXISTS batches_by_endpoint ON batches (endpoint, id);
 CREATE TABLE IF NOT EXISTS rejected (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id INTEGER PRIMARY KEY,
     endpoint TEXT NOT NULL,
     message TEXT NOT NULL,
     reason TEXT NOT NULL,
     received_at REAL NOT NULL
 );
 """
+# Tables of databases written by earlier versions, read and then emptied: ``updates``
+# (one row an update, moved into ``history`` when the database is opened) and
+# ``received`` (one row a message).
+_LEGACY = ("updates", "received")
 
-_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+def _compact_encoder() -> Callable[[Any], str]:
+    """``json.dumps`` with compact separators, minus its per-call set-up.
+
+    Values stored here come from JSON, so they hold no cycles and no
+    non-JSON types; the C encoder is made once and reused. Falls back to the
+    public API when this Python's encoder differs.
+    """
+    public = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return public
+
+    def refuse(value: Any) -> Any:
+        raise TypeError(f"{type(value).__name__} is not JSON")
+
+    try:
+        encode = make(
+            None, refuse, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True
+        )
+
+        def dumps(value: Any) -> str:
+            return "".join(encode(value, 0))
+
+        sample = {"a": [1, 2.5, True, None, "é\n"], "b": {"c": -0.0}}
+        if dumps(sample) == public(sample):
+            return dumps
+    except Exception:  # pragma: no cover - another Python's private encoder
+        pass
+    return public  # pragma: no cover
+
+
+_dumps = _compact_encoder()
 _loads = json.loads
 
 
@@ -171,31 +203,42 @@ class Reader:
         return [k for (k,) in self._query("SELECT DISTINCT group_key FROM profiles ORDER BY 1")]
 
     def updates(self, group_key: str, group_id: GroupId) -> list[JSONDict]:
-        """The last updates of one profile, oldest first: op, payload, time, received_at."""
+        """The last updates of one profile, oldest first: op, payload, time, received_at.
+
+        A deleted profile keeps its updates (the ``$delete`` last).
+        """
+        key = (group_key, group_id_key(group_id))
         rows = self._query(
-            "SELECT op, payload, time, received_at FROM updates"
-            " WHERE group_key=? AND group_id=? ORDER BY id DESC LIMIT ?",
-            (group_key, group_id_key(group_id), UPDATES_PER_PROFILE),
+            "SELECT history FROM profiles WHERE group_key=? AND group_id=?"
+            " UNION ALL SELECT history FROM deleted_history WHERE group_key=? AND group_id=?",
+            (*key, *key),
         )
-        return [
-            {"op": op, "payload": _loads(payload), "time": t, "received_at": r}
-            for op, payload, t, r in reversed(rows)
-        ]
+        entries = _loads(rows[0][0]) if rows and rows[0][0] else []
+        return [{"op": op, "payload": p, "time": t, "received_at": r} for op, p, t, r in entries]
 
     def received(self, endpoint: str) -> list[Any]:
         """Valid messages stored for ``"engage"``, ``"track"``, ``"import"`` (or ``"groups"``)."""
         rows = self._query(
-            "SELECT message FROM received WHERE endpoint=? ORDER BY id", (_endpoint_name(endpoint),)
+            "SELECT messages FROM batches WHERE endpoint=? ORDER BY id", (_endpoint_name(endpoint),)
         )
-        return [_loads(m) for (m,) in rows]
+        messages: list[Any] = []
+        for (text,) in rows:
+            messages.extend(_loads(text))
+        return messages
 
     def recent_messages(self, endpoint: str, limit: int = 200) -> list[JSONDict]:
         """The newest valid messages of one endpoint, newest first: message, received_at."""
         rows = self._query(
-            "SELECT message, received_at FROM received WHERE endpoint=? ORDER BY id DESC LIMIT ?",
+            "SELECT messages, received_at FROM batches WHERE endpoint=? ORDER BY id DESC LIMIT ?",
             (_endpoint_name(endpoint), int(limit)),
         )
-        return [{"message": _loads(m), "received_at": r} for m, r in rows]
+        recent: list[JSONDict] = []
+        for text, received_at in rows:
+            for message in reversed(_loads(text)):
+                if len(recent) >= limit:
+                    return recent
+                recent.append({"message": message, "received_at": received_at})
+        return recent
 
     def rejected(self, endpoint: Optional[str] = None, limit: int = 200) -> list[JSONDict]:
         """The newest refused messages, newest first: endpoint, message, reason, received_at.
@@ -217,11 +260,12 @@ class Reader:
         """Stored messages per endpoint, plus ``profiles`` and ``rejected``."""
         counts = dict.fromkeys(ENDPOINTS.values(), 0)
         rows = self._query(
-            "SELECT endpoint, COUNT(*) FROM received GROUP BY endpoint"
+            "SELECT endpoint, SUM(count) FROM batches GROUP BY endpoint"
             " UNION ALL SELECT 'profiles', COUNT(*) FROM profiles"
             " UNION ALL SELECT 'rejected', COUNT(*) FROM rejected"
         )
-        counts.update({name: n for name, n in rows})
+        for name, n in rows:
+            counts[name] = counts.get(name, 0) + n
         return counts
 
 
@@ -232,6 +276,49 @@ def read_profiles(
     return Reader(db_path, readonly=True).profiles(group_key)
 
 
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a database written by an earlier version to this layout, once."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(profiles)")}
+    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if "history" in columns and not tables.intersection(_LEGACY):
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if "history" not in columns:
+            db.execute("ALTER TABLE profiles ADD COLUMN history TEXT")
+        if "updates" in tables:
+            histories: dict[tuple[str, str], list[Any]] = {}
+            for group_key, group_id, op, payload, t, r in db.execute(
+                "SELECT group_key, group_id, op, payload, time, received_at FROM updates"
+                " ORDER BY id"
+            ):
+                histories.setdefault((group_key, group_id), []).append([op, _loads(payload), t, r])
+            rows = [(_dumps(h[-UPDATES_PER_PROFILE:]), *key) for key, h in histories.items()]
+            db.executemany("UPDATE profiles SET history=? WHERE group_key=? AND group_id=?", rows)
+            existing = set(db.execute("SELECT group_key, group_id FROM profiles"))
+            db.executemany(
+                "INSERT OR REPLACE INTO deleted_history VALUES (?, ?, ?)",
+                [(g, i, h) for h, g, i in rows if (g, i) not in existing],
+            )
+            db.execute("DROP TABLE updates")
+        if "received" in tables:
+            for endpoint, texts, last in db.execute(
+                "SELECT endpoint, json_group_array(json(message)), MAX(received_at)"
+                " FROM (SELECT * FROM received ORDER BY id) GROUP BY endpoint"
+            ).fetchall():
+                count = len(_loads(texts))
+                db.execute(
+                    "INSERT INTO batches (endpoint, messages, count, received_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (endpoint, texts, count, last),
+                )
+            db.execute("DROP TABLE received")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
 class Store(Reader):
     """The sink's database: one writer connection, serialised by a lock; readers beside it."""
 
@@ -239,18 +326,21 @@ class Store(Reader):
         super().__init__(db_path)
         self._lock = threading.Lock()
         self._closed = False
-        # Updates stored per profile since its history was last pruned (see _prune_updates).
-        self._unpruned: dict[tuple[str, str], int] = {}
         self._received_since_prune = 0
         self._rejected_since_prune = 0
+        self._any_deleted = True  # whether deleted_history may hold rows (read below)
         db = sqlite3.connect(
             self.db_path, timeout=10.0, isolation_level=None, check_same_thread=False
         )
         try:
+            db.execute("PRAGMA page_size=16384")  # new databases only; fewer pages a commit
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA cache_size=-16000")
             db.executescript(_SCHEMA)
+            _migrate(db)
+            found = db.execute("SELECT 1 FROM deleted_history LIMIT 1").fetchone()
+            self._any_deleted = found is not None
         except BaseException:
             db.close()
             raise
@@ -279,11 +369,14 @@ class Store(Reader):
         accepted: Sequence[tuple[str, JSONDict]],
         rejected: Sequence[tuple[Any, str]],
         now: float,
+        array_text: Optional[str] = None,
     ) -> None:
         """Store one request in one transaction.
 
         ``accepted`` holds (operation, message) pairs (the operation is ``""``
         outside ``/groups``); ``rejected`` holds (message, reason) pairs.
+        ``array_text``, the messages as the JSON array text they were read
+        from, is stored as it is when every message was accepted.
         Raises RuntimeError once the store is closed.
         """
         with self._lock:
@@ -295,7 +388,9 @@ class Store(Reader):
                 if endpoint == "groups" and accepted:
                     self._apply_groups(db, accepted, now)
                 if accepted:
-                    self._store_received(db, endpoint, accepted, now)
+                    if rejected or array_text is None:
+                        array_text = _dumps([message for _, message in accepted])
+                    self._store_received(db, endpoint, array_text, len(accepted), now)
                 if rejected:
                     self._store_rejected(
                         db, [(endpoint, _dumps(m), why, now) for m, why in rejected]
@@ -322,7 +417,11 @@ class Store(Reader):
     def _load_profiles(
         self, db: sqlite3.Connection, keys: Iterable[tuple[str, str]]
     ) -> dict[tuple[str, str], list[Any]]:
-        """[properties, created_at] of the profiles named, read in a few statements."""
+        """[properties, created_at, history entries] of the profiles named, in a few statements.
+
+        A profile that does not exist has properties None, and the history it
+        had before it was deleted, if any.
+        """
         by_group_key: dict[str, list[str]] = {}
         for group_key, group_id in keys:
             by_group_key.setdefault(group_key, []).append(group_id)
@@ -331,18 +430,30 @@ class Store(Reader):
             for start in range(0, len(ids), _CHUNK):
                 chunk = ids[start : start + _CHUNK]
                 marks = ",".join("?" * len(chunk))
-                rows = db.execute(
-                    "SELECT group_id, properties, created_at FROM profiles"
-                    f" WHERE group_key=? AND group_id IN ({marks})",
-                    (group_key, *chunk),
+                sql = (
+                    "SELECT group_id, properties, created_at, history FROM profiles"
+                    f" WHERE group_key=? AND group_id IN ({marks})"
                 )
-                for group_id, props, created in rows:
-                    found[(group_key, group_id)] = [_loads(props), created]
+                params = (group_key, *chunk)
+                if self._any_deleted:
+                    sql += (
+                        " UNION ALL SELECT group_id, NULL, NULL, history FROM deleted_history"
+                        f" WHERE group_key=? AND group_id IN ({marks})"
+                    )
+                    params += params
+                rows = db.execute(sql, params)
+                for group_id, props, created, history in rows:
+                    found[(group_key, group_id)] = [
+                        None if props is None else _loads(props),
+                        created,
+                        _loads(history) if history else [],
+                    ]
         return found
 
     def _apply_groups(
         self, db: sqlite3.Connection, accepted: Sequence[tuple[str, JSONDict]], now: float
     ) -> None:
+        """Apply ``/groups`` messages in order; write each profile touched once."""
         keys = []
         for _, message in accepted:
             group_id = message["$group_id"]
@@ -350,86 +461,68 @@ class Store(Reader):
                 group_id = group_id_key(group_id)
             keys.append((message["$group_key"], group_id))
         state = self._load_profiles(db, set(keys))
-        update_rows = []
+        restored = [key for key, entry in state.items() if entry[0] is None]
+        apply = apply_operation
         for (op, message), key in zip(accepted, keys):
             entry = state.get(key)
             if entry is None:
-                entry = state[key] = [None, None]
+                entry = state[key] = [None, None, []]
             payload = message[op]
-            new = apply_operation(entry[0], op, payload)
+            new = entry[0] = apply(entry[0], op, payload)
             if new is None:
                 entry[1] = None
             elif entry[1] is None:
                 entry[1] = now
-            entry[0] = new
             when = message.get("$time")
-            update_rows.append(
-                (*key, op, _dumps(payload), None if when is None else float(when), now)
-            )
+            if when is not None and type(when) is not float:
+                when = float(when)
+            entry[2].append([op, payload, when, now])
         written, deleted = [], []
-        for key, (props, created) in state.items():
+        for key, (props, created, history) in state.items():
+            if len(history) > UPDATES_PER_PROFILE:
+                del history[:-UPDATES_PER_PROFILE]
             if props is None:
-                deleted.append(key)
+                deleted.append((*key, _dumps(history)))
             else:
-                written.append((*key, _dumps(props), created, now))
+                written.append((*key, _dumps(props), created, now, _dumps(history)))
+        if restored:  # deleted profiles touched again: their history moves back or is rewritten
+            db.executemany("DELETE FROM deleted_history WHERE group_key=? AND group_id=?", restored)
         if deleted:
-            db.executemany("DELETE FROM profiles WHERE group_key=? AND group_id=?", deleted)
-        if written:
-            db.executemany("INSERT OR REPLACE INTO profiles VALUES (?, ?, ?, ?, ?)", written)
-        db.executemany(
-            "INSERT INTO updates (group_key, group_id, op, payload, time, received_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            update_rows,
-        )
-        self._prune_updates(db, keys)
-
-    def _prune_updates(self, db: sqlite3.Connection, keys: list[tuple[str, str]]) -> None:
-        """Keep about the last UPDATES_PER_PROFILE updates of each profile, pruning rarely.
-
-        A profile's history is pruned once UPDATES_PER_PROFILE new updates have
-        arrived since its last pruning, so it never holds more than twice that;
-        reads take only the newest UPDATES_PER_PROFILE. Past _TRACKED_PROFILES
-        tracked profiles, all of them are pruned and forgotten, bounding memory.
-        """
-        unpruned = self._unpruned
-        due = []
-        for key in keys:
-            count = unpruned.get(key, 0) + 1
-            if count >= UPDATES_PER_PROFILE:
-                due.append(key)
-                count = 0
-            unpruned[key] = count
-        if len(unpruned) > _TRACKED_PROFILES:
-            due.extend(key for key, count in unpruned.items() if count)
-            unpruned.clear()
-        if due:
             db.executemany(
-                "DELETE FROM updates WHERE group_key=? AND group_id=? AND id <= ("
-                " SELECT id FROM updates WHERE group_key=? AND group_id=?"
-                f" ORDER BY id DESC LIMIT 1 OFFSET {UPDATES_PER_PROFILE})",
-                [(*key, *key) for key in dict.fromkeys(due)],
+                "DELETE FROM profiles WHERE group_key=? AND group_id=?",
+                [row[:2] for row in deleted],
+            )
+            db.executemany("INSERT OR REPLACE INTO deleted_history VALUES (?, ?, ?)", deleted)
+            self._any_deleted = True
+        if written:
+            db.executemany(
+                "INSERT OR REPLACE INTO profiles"
+                " (group_key, group_id, properties, created_at, updated_at, history)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                written,
             )
 
     def _store_received(
-        self,
-        db: sqlite3.Connection,
-        endpoint: str,
-        accepted: Sequence[tuple[str, JSONDict]],
-        now: float,
+        self, db: sqlite3.Connection, endpoint: str, array_text: str, count: int, now: float
     ) -> None:
-        db.executemany(
-            "INSERT INTO received (endpoint, message, received_at) VALUES (?, ?, ?)",
-            [(endpoint, _dumps(m), now) for _, m in accepted],
+        db.execute(
+            "INSERT INTO batches (endpoint, messages, count, received_at) VALUES (?, ?, ?, ?)",
+            (endpoint, array_text, count, now),
         )
-        self._received_since_prune += len(accepted)
+        self._received_since_prune += count
         if self._received_since_prune >= RECEIVED_CAP // 4:
             self._received_since_prune = 0
-            for (name,) in db.execute("SELECT DISTINCT endpoint FROM received").fetchall():
-                db.execute(
-                    "DELETE FROM received WHERE endpoint=? AND id <= (SELECT id FROM received"
-                    f" WHERE endpoint=? ORDER BY id DESC LIMIT 1 OFFSET {RECEIVED_CAP})",
-                    (name, name),
-                )
+            self._prune_received(db)
+
+    def _prune_received(self, db: sqlite3.Connection) -> None:
+        """Drop the batches older than each endpoint's newest RECEIVED_CAP messages."""
+        for (name,) in db.execute("SELECT DISTINCT endpoint FROM batches").fetchall():
+            db.execute(
+                "DELETE FROM batches WHERE endpoint=? AND id < (SELECT id FROM ("
+                " SELECT id, SUM(count) OVER (ORDER BY id DESC) AS newer FROM batches"
+                " WHERE endpoint=?) WHERE newer >= ? LIMIT 1)",
+                (name, name, RECEIVED_CAP),
+            )
 
     def _store_rejected(
         self, db: sqlite3.Connection, rows: list[tuple[str, str, str, float]]
@@ -452,7 +545,6 @@ class Store(Reader):
             if self._closed:
                 raise RuntimeError("this sink is stopped")
             self._db.execute("BEGIN IMMEDIATE")
-            for table in ("profiles", "updates", "received", "rejected"):
+            for table in ("profiles", "deleted_history", "batches", "rejected"):
                 self._db.execute(f"DELETE FROM {table}")
             self._db.execute("COMMIT")
-            self._unpruned.clear()
