@@ -753,7 +753,9 @@ def test_list_page_escapes_and_searches(sink: Sink) -> None:
     assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
     assert evil not in page.text and '<b>"' not in page.text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text
-    assert '<meta http-equiv="refresh" content="5">' in page.text
+    # It refreshes itself in place (fetching /api/profile-list), never by reloading the page.
+    assert 'http-equiv="refresh"' not in page.text
+    assert 'data-api="/api/profile-list"' in page.text and 'data-refresh="5"' in page.text
     assert "/profile?group_key=company&amp;group_id=acme" in page.text
     found = requests.get(sink.url + "/", params={"group_key": "company", "q": "ac"}, timeout=5)
     assert "acme" in found.text and "zeta" not in found.text
@@ -788,6 +790,51 @@ def test_api_profiles(sink: Sink) -> None:
     assert everything == sink.profiles()
     one = requests.get(sink.url + "/api/profile?group_key=company&group_id=a", timeout=5).json()
     assert one["properties"] == {"plan": "pro"} and one["updates"][0]["op"] == "$set"
+
+
+def test_profile_list_api_follows_the_search(sink: Sink) -> None:
+    post(sink, [msg("acme"), msg("globex", payload={"n": "<b>"}), msg("z", **{"$group_key": "t"})])
+    found = requests.get(
+        sink.url + "/api/profile-list", params={"group_key": "company", "q": "glob"}, timeout=5
+    ).json()
+    assert found["summary"].startswith("1 profile,")
+    [row] = found["rows"]
+    assert [c["t"] for c in row[:3]] == ["company", "globex", '{"n":"<b>"}']
+    assert row[1]["href"] == "/profile?group_key=company&group_id=globex"
+    everything = requests.get(sink.url + "/api/profile-list", timeout=5).json()
+    assert everything["summary"].startswith("3 profiles,")
+
+
+def test_messages_and_rejected_pages(sink: Sink) -> None:
+    post(sink, [{"event": "signup", "properties": {"plan": "<pro>"}}], path="/track")
+    post(sink, [{"$distinct_id": "u1", "$set": {"a": 1}}, "not an object"], path="/engage")
+    post(sink, [msg(True)])
+    requests.post(sink.url + "/import", data={"data": "{broken"}, timeout=5)
+
+    track = requests.get(sink.url + "/messages", params={"endpoint": "track"}, timeout=5)
+    assert track.status_code == 200
+    assert "signup" in track.text and "&lt;pro&gt;" in track.text and "<pro>" not in track.text
+    assert 'data-api="/api/messages"' in track.text
+    api = requests.get(sink.url + "/api/messages", params={"endpoint": "engage"}, timeout=5)
+    assert [row[1]["t"] for row in api.json()["rows"]] == ['{"$distinct_id":"u1","$set":{"a":1}}']
+    none = requests.get(
+        sink.url + "/api/messages", params={"endpoint": "track", "q": "nothing-like-it"}, timeout=5
+    )
+    assert none.json()["rows"] == [] and "matching" in none.json()["summary"]
+    unknown = requests.get(sink.url + "/api/messages", params={"endpoint": "nope"}, timeout=5)
+    assert unknown.status_code == 400
+
+    rejected = requests.get(sink.url + "/rejected", timeout=5)
+    assert rejected.status_code == 200
+    for reason in ("$group_id must be a string or number", "a JSON object", "not valid JSON"):
+        assert reason in rejected.text
+    rows = requests.get(sink.url + "/api/rejected", timeout=5).json()["rows"]
+    assert [row[1]["t"] for row in rows] == ["/import", "/groups", "/engage"]
+    assert rows[0][3]["t"] == "{broken"  # a request refused whole keeps its data, as sent
+    only = requests.get(sink.url + "/api/rejected", params={"q": "group_id"}, timeout=5).json()
+    assert [row[1]["t"] for row in only["rows"]] == ["/groups"]
+    nav = requests.get(sink.url + "/", timeout=5).text
+    assert "/track <span" in nav and "Rejected <span" in nav and "(3)</span>" in nav
 
 
 # --------------------------------------------------------------------------- text table

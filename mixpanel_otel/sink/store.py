@@ -181,12 +181,20 @@ class Reader:
             for k, i, p, c, u in self._query(sql, params)
         ]
 
-    def profiles(self, group_key: Optional[str] = None) -> list[JSONDict]:
+    def profiles(
+        self, group_key: Optional[str] = None, id_contains: Optional[str] = None
+    ) -> list[JSONDict]:
         """``group_key``, ``group_id``, ``properties`` of every profile, sorted by the first two."""
-        sql = "SELECT group_key, group_id, properties FROM profiles"
-        params: tuple[str, ...] = ()
+        where, params = [], []
         if group_key:
-            sql, params = sql + " WHERE group_key = ?", (group_key,)
+            where.append("group_key = ?")
+            params.append(group_key)
+        if id_contains:
+            where.append("group_id LIKE ? ESCAPE '\\'")
+            params.append(_like(id_contains))
+        sql = "SELECT group_key, group_id, properties FROM profiles"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
         rows = self._query(sql + " ORDER BY group_key, group_id", params)
         return [{"group_key": k, "group_id": i, "properties": _loads(p)} for k, i, p in rows]
 
