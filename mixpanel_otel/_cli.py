@@ -67,6 +67,7 @@ def _serve(args: argparse.Namespace) -> int:
             port=0 if public else args.port,
             verbose=args.verbose,
             latency=args.latency,
+            token=args.token,
         )
     except OSError as exc:
         raise _Failure(_listen_problem(args.host, args.port, exc)) from None
@@ -203,6 +204,10 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="seconds added to each POST, to stand in for a real network round trip",
+    )
+    serve.add_argument(
+        "--token",
+        help="the project token: messages with another are refused as Mixpanel refuses them",
     )
     serve.set_defaults(run=_serve)
 

@@ -69,3 +69,214 @@ def test_profile_pages_render_escaped_in_a_real_browser(sink, make_consumer, tmp
     _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,700", sink.url + "/")
     with open(shot, "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+class _DevTools:
+    """Headless Chromium driven over the DevTools protocol on a pipe (no extra packages).
+
+    ``--remote-debugging-pipe`` reads JSON commands, each ended by a NUL byte,
+    on fd 3 and writes answers and events the same way on fd 4.
+    """
+
+    def __init__(self, profile_dir) -> None:
+        import fcntl
+
+        to_chrome_r, self._to_chrome = os.pipe()
+        self._from_chrome, from_chrome_w = os.pipe()
+
+        def wire_fds() -> None:  # in the child, before exec
+            high_r = fcntl.fcntl(to_chrome_r, fcntl.F_DUPFD, 10)
+            high_w = fcntl.fcntl(from_chrome_w, fcntl.F_DUPFD, 10)
+            os.dup2(high_r, 3)
+            os.dup2(high_w, 4)
+
+        self.proc = subprocess.Popen(
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--remote-debugging-pipe",
+                "--window-size=1200,700",
+                f"--user-data-dir={profile_dir}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            close_fds=False,
+            preexec_fn=wire_fds,
+        )
+        os.close(to_chrome_r)
+        os.close(from_chrome_w)
+        self._buffer = b""
+        self._next_id = 0
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        attached = self.call("Target.attachToTarget", targetId=target, flatten=True)
+        self.session = attached["sessionId"]
+
+    def call(self, method: str, session: str | None = None, **params):
+        import json
+        import select
+        import time
+
+        self._next_id += 1
+        message = {"id": self._next_id, "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        os.write(self._to_chrome, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + 30
+        while True:
+            while b"\0" in self._buffer:
+                raw, _, self._buffer = self._buffer.partition(b"\0")
+                answer = json.loads(raw)
+                if answer.get("id") == self._next_id:
+                    assert "error" not in answer, answer["error"]
+                    return answer["result"]
+            left = deadline - time.monotonic()
+            assert left > 0, f"no answer to {method}"
+            ready, _, _ = select.select([self._from_chrome], [], [], left)
+            if ready:
+                chunk = os.read(self._from_chrome, 1 << 16)
+                assert chunk, "chromium went away"
+                self._buffer += chunk
+
+    def page(self, method: str, **params):
+        return self.call(method, session=self.session, **params)
+
+    def evaluate(self, expression: str):
+        """The value of a JavaScript expression (awaited when it is a promise)."""
+        result = self.page(
+            "Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True
+        )
+        assert "exceptionDetails" not in result, result["exceptionDetails"]
+        return result["result"].get("value")
+
+    def wait_until(self, condition: str, timeout: float = 20.0):
+        """Let the page poll ``condition`` (JavaScript) until it is truthy; its value."""
+        import json
+
+        return self.evaluate(
+            "new Promise((resolve, reject) => { const end = Date.now() + "
+            + str(int(timeout * 1000))
+            + "; (function poll() { let v; try { v = ("
+            + condition
+            + "); } catch (e) { v = null; } if (v) resolve(v);"
+            + " else if (Date.now() > end) reject(new Error('timed out: ' + "
+            + json.dumps(condition)
+            + ")); else setTimeout(poll, 50); })(); })"
+        )
+
+    def open(self, url: str) -> None:
+        self.page("Page.navigate", url=url)
+        self.wait_until("document.readyState === 'complete' && document.querySelector('table')")
+
+    def screenshot(self, path: str) -> None:
+        import base64
+
+        data = self.page("Page.captureScreenshot", format="png")["data"]
+        with open(path, "wb") as handle:
+            handle.write(base64.b64decode(data))
+
+    def close(self) -> None:
+        try:
+            self.call("Browser.close")
+        except (AssertionError, OSError):
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        os.close(self._to_chrome)
+        os.close(self._from_chrome)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    assert CHROMIUM, "CI installs chromium (.ci/run)"
+    chrome = _DevTools(tmp_path / "chromium-devtools")
+    try:
+        yield chrome
+    finally:
+        chrome.close()
+
+
+def test_profile_list_keeps_the_search_while_it_refreshes(sink, make_consumer, browser):
+    client = GroupClient(consumer=make_consumer(sink))
+    for group_id in ("acme", "globex", "initech"):
+        client.group_set("company", group_id, {"plan": "pro"})
+    assert client.flush(10)
+
+    browser.open(sink.url + "/?refresh=0.3")
+    browser.evaluate("window.loadedOnce = 'yes'")  # a reload would lose this
+    browser.evaluate("document.getElementById('q').focus()")
+    browser.page("Input.insertText", text="glob")  # typed, never submitted
+    browser.wait_until(
+        "[...document.querySelectorAll('tbody tr td:nth-child(2)')].map(td => td.textContent)"
+        ".join() === 'globex'"
+    )
+    refreshed = int(browser.evaluate("document.body.dataset.refreshed || '0'"))
+
+    client.group_set("company", "globex-eu", {"plan": "team", "note": EVIL})
+    client.group_set("company", "acme-eu", {"plan": "team"})
+    assert client.flush(10)
+    rows = browser.wait_until(
+        "(() => { const ids = [...document.querySelectorAll('tbody tr td:nth-child(2)')]"
+        ".map(td => td.textContent); return ids.includes('globex-eu') && ids; })()"
+    )
+    assert sorted(rows) == ["globex", "globex-eu"], "the new row arrives, filtered by the search"
+    assert int(browser.evaluate("document.body.dataset.refreshed")) > refreshed
+    assert browser.evaluate("document.getElementById('q').value") == "glob"
+    assert browser.evaluate("window.loadedOnce") == "yes", "the page was never reloaded"
+    assert browser.evaluate("document.activeElement.id") == "q", "the search box keeps focus"
+    assert "q=glob" in browser.evaluate("location.search")
+    assert browser.evaluate("document.title") == "mixpanel-otel sink"
+    assert browser.evaluate("document.querySelectorAll('tbody img').length") == 0
+    assert "<img src=x" in browser.evaluate("document.querySelector('tbody').textContent")
+
+    os.makedirs(SCREENSHOTS, exist_ok=True)
+    shot = os.path.join(SCREENSHOTS, "sink-profiles-search.png")
+    browser.screenshot(shot)
+    with open(shot, "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_messages_and_rejected_pages_in_a_real_browser(sink, browser):
+    import json
+
+    import requests
+
+    events = [{"event": "signup", "properties": {"token": "t", "plan": EVIL}}]
+    requests.post(sink.url + "/track", data={"data": json.dumps(events)}, timeout=5)
+    bad = [
+        {"$token": "t", "$group_key": "company", "$group_id": True, "$set": {"a": 1}},
+        {"$token": "t", "$group_key": "company", "$group_id": "x", "$union": {"tags": "one"}},
+    ]
+    requests.post(sink.url + "/groups", data={"data": json.dumps(bad)}, timeout=5)
+
+    browser.open(sink.url + "/messages?endpoint=track")
+    text = browser.evaluate("document.querySelector('tbody').textContent")
+    assert "signup" in text and "<img src=x" in text
+    assert browser.evaluate("document.querySelectorAll('tbody img').length") == 0
+
+    browser.open(sink.url + "/rejected?refresh=0.3")
+    reasons = browser.evaluate(
+        "[...document.querySelectorAll('tbody td.bad')].map(td => td.textContent)"
+    )
+    assert reasons == [
+        "$union value for 'tags' must be a list",
+        "$group_id must be a string or number",
+    ]
+    requests.post(sink.url + "/engage", data={"data": '["not an object"]'}, timeout=5)
+    browser.wait_until("document.querySelectorAll('tbody tr').length === 3")
+    assert "(3)" in browser.evaluate("document.querySelector('nav').textContent")
+
+    os.makedirs(SCREENSHOTS, exist_ok=True)
+    shot = os.path.join(SCREENSHOTS, "sink-rejected.png")
+    browser.screenshot(shot)
+    with open(shot, "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"

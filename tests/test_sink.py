@@ -285,6 +285,156 @@ def test_gzip_refused_on_groups(sink: Sink) -> None:
     assert "not supported on /groups" in response.json()["error"]
 
 
+# --------------------------------------------------------------------------- verbose answers
+
+VERBOSE_REFUSALS = [
+    ("not json", "data=not%20json&verbose=1", "neither JSON nor base64"),
+    ("broken json", "data=%5B%7B&verbose=1", "data is not valid JSON"),
+    ("no data", "verbose=1", "no data"),
+    ("empty data", "data=&verbose=1", "data is empty"),
+    ("not utf-8", "data=%ff%fe&verbose=1", "not valid UTF-8"),
+    ("scalar", "data=7&verbose=1", "JSON array of messages or a JSON object"),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"), [c[1:] for c in VERBOSE_REFUSALS], ids=[c[0] for c in VERBOSE_REFUSALS]
+)
+def test_verbose_in_the_form_always_answers_json(sink: Sink, body: str, reason: str) -> None:
+    response = requests.post(
+        sink.url + "/groups",
+        data=body,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        timeout=5,
+    )
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "application/json"
+    answer = response.json()
+    assert set(answer) == {"status", "error"} and answer["status"] == 0
+    assert reason in answer["error"]
+    refused = sink.rejected()
+    assert refused[0]["endpoint"] == "groups" and reason in refused[0]["reason"]
+    assert sink.profiles() == []
+
+
+def test_verbose_off_answers_bare_digits_even_for_bad_data(sink: Sink) -> None:
+    for body in ("data=not%20json", "verbose=0", "data=%5B%5D&verbose=no"):
+        response = requests.post(
+            sink.url + "/groups",
+            data=body,
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+            timeout=5,
+        )
+        assert response.text in ("0", "1") and response.headers["Content-Type"].startswith(
+            "text/plain"
+        )
+    ok = requests.post(sink.url + "/track?verbose=1", data={"data": '[{"event": "e"}]'}, timeout=5)
+    assert ok.json() == {"status": 1, "error": None}
+
+
+# --------------------------------------------------------------------------- project token
+
+SECRET = "the-right-token"
+
+
+@pytest.fixture
+def checked(tmp_path) -> Any:
+    """A sink that knows the project's token."""
+    server = Sink(db_path=tmp_path / "checked.sqlite3", token=SECRET).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_wrong_token_refused_per_message_on_groups_and_engage(checked: Sink) -> None:
+    good = msg("good", **{"$token": SECRET})
+    bad = msg("bad", **{"$token": "someone-elses-token"})
+    body = post(checked, [good, bad]).json()
+    assert body["status"] == 0
+    assert body["error"].startswith("message 1: invalid project token")
+    assert SECRET not in body["error"] and "someone-elses" not in body["error"]
+    assert checked.profile("company", "good") == {"plan": "pro"}
+    assert checked.profile("company", "bad") is None
+    assert post(checked, [good], verbose=False).text == "1"
+    assert post(checked, [bad], verbose=False).text == "0"
+
+    engage = [{"$token": SECRET, "$distinct_id": "u"}, {"$token": "x", "$distinct_id": "v"}]
+    body = post(checked, engage, path="/engage").json()
+    assert body["status"] == 0 and body["error"].startswith("message 1: invalid project token")
+    assert checked.received("engage") == engage[:1]
+    refused = checked.rejected()
+    assert [r["endpoint"] for r in refused] == ["engage", "groups", "groups"]
+    assert "invalid project token" in refused[0]["reason"]
+    assert refused[0]["message"] == engage[1]
+    assert SECRET not in repr(checked)
+
+
+def test_wrong_token_refused_on_track(checked: Sink) -> None:
+    events = [
+        {"event": "ok", "properties": {"token": SECRET}},
+        {"event": "other", "properties": {"token": "nope"}},
+        {"event": "none", "properties": {}},
+    ]
+    body = post(checked, events, path="/track").json()
+    assert body["status"] == 0
+    assert [e.split(":")[0] for e in body["error"].split("; ")] == ["message 1", "message 2"]
+    assert checked.received("track") == events[:1]
+
+
+def test_import_needs_the_token_as_basic_auth_user(checked: Sink) -> None:
+    events = [{"event": "e", "properties": {"time": 1, "distinct_id": "u", "$insert_id": "i"}}]
+    unauthorized = {"code": 401, "error": "Invalid credentials", "status": "Unauthorized"}
+    for auth in (None, ("wrong", ""), (SECRET + "x", "")):
+        response = post(checked, events, path="/import", auth=auth)
+        assert response.status_code == 401 and response.json() == unauthorized
+        assert SECRET not in response.text
+    assert checked.received("import") == []
+    accepted = post(checked, events, path="/import", auth=(SECRET, ""))
+    assert accepted.json() == {"status": 1, "error": None}
+    assert checked.received("import") == events
+    assert checked.rejected("import")[0]["reason"].startswith("401")
+
+
+def test_without_token_any_token_is_accepted(sink: Sink) -> None:
+    assert post(sink, [msg(**{"$token": "anything"})]).json()["status"] == 1
+    assert post(sink, [{"event": "e"}], path="/import").json()["status"] == 1
+
+
+def test_token_must_be_a_non_empty_string() -> None:
+    with pytest.raises(ValueError):
+        Sink(token="")
+
+
+def test_cli_serve_token(tmp_path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "mixpanel_otel._cli", "serve", "--port", str(port)]
+    server = subprocess.Popen(
+        [*command, "--db", str(tmp_path / "cli.db"), "--token", SECRET],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        banner = server.stdout.readline()  # type: ignore[union-attr]
+        assert f"127.0.0.1:{port}" in banner and SECRET not in banner
+        url = f"http://127.0.0.1:{port}/groups"
+        bad = requests.post(url, data={"data": json.dumps([msg()]), "verbose": 1}, timeout=5)
+        assert bad.json()["status"] == 0 and "invalid project token" in bad.json()["error"]
+        good = [msg(**{"$token": SECRET})]
+        ok = requests.post(url, data={"data": json.dumps(good), "verbose": 1}, timeout=5)
+        assert ok.json() == {"status": 1, "error": None}
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
 # --------------------------------------------------------------------------- semantics
 
 
@@ -369,6 +519,67 @@ def test_persistence_across_restart(tmp_path) -> None:
         assert len(second.updates("company", "acme")) == 2
     finally:
         second.stop()
+
+
+def test_database_of_the_previous_version_opens_with_everything(tmp_path) -> None:
+    """sink.py before the package wrote one row an update and a message; they carry over."""
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(
+        """
+        CREATE TABLE profiles (group_key TEXT NOT NULL, group_id TEXT NOT NULL,
+            properties TEXT NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+            PRIMARY KEY (group_key, group_id));
+        CREATE TABLE updates (id INTEGER PRIMARY KEY AUTOINCREMENT, group_key TEXT NOT NULL,
+            group_id TEXT NOT NULL, op TEXT NOT NULL, payload TEXT NOT NULL, time REAL,
+            received_at REAL NOT NULL);
+        CREATE TABLE received (id INTEGER PRIMARY KEY AUTOINCREMENT, endpoint TEXT NOT NULL,
+            message TEXT NOT NULL, received_at REAL NOT NULL);
+        INSERT INTO profiles VALUES ('company', 'acme', '{"plan":"pro"}', 1.0, 2.0);
+        INSERT INTO updates VALUES (NULL, 'company', 'acme', '$set', '{"plan":"free"}', 1, 1.0);
+        INSERT INTO updates VALUES (NULL, 'company', 'acme', '$set', '{"plan":"pro"}', 2, 2.0);
+        INSERT INTO updates VALUES (NULL, 'company', 'gone', '$delete', '""', 3, 3.0);
+        INSERT INTO received VALUES (NULL, 'track', '{"event":"a"}', 1.0);
+        INSERT INTO received VALUES (NULL, 'track', '{"event":"b"}', 2.0);
+        """
+    )
+    db.commit()
+    db.close()
+    with Sink(db_path=path) as sink:
+        assert sink.profiles() == [
+            {"group_key": "company", "group_id": "acme", "properties": {"plan": "pro"}}
+        ]
+        assert [u["payload"] for u in sink.updates("company", "acme")] == [
+            {"plan": "free"},
+            {"plan": "pro"},
+        ]
+        assert sink.updates("company", "gone")[0]["op"] == "$delete"
+        post(sink, [{"event": "c"}], path="/track")
+        assert sink.received("track") == [{"event": "a"}, {"event": "b"}, {"event": "c"}]
+        post(sink, [msg(op="$union", payload={"l": [1]})])
+        assert sink.profile("company", "acme") == {"plan": "pro", "l": [1]}
+        assert len(sink.updates("company", "acme")) == 3
+    with Sink(db_path=path) as again:  # opening twice migrates once
+        assert len(again.updates("company", "acme")) == 3
+
+
+def test_deleted_profile_keeps_its_updates_and_comes_back(sink: Sink) -> None:
+    post(sink, [msg("g", payload={"a": 1}), msg("g", op="$delete", payload="")])
+    assert sink.profile("company", "g") is None
+    assert [u["op"] for u in sink.updates("company", "g")] == ["$set", "$delete"]
+    post(sink, [msg("g", payload={"b": 2})])
+    assert sink.profile("company", "g") == {"b": 2}
+    assert [u["op"] for u in sink.updates("company", "g")] == ["$set", "$delete", "$set"]
+
+
+def test_profiles_compare_json_types(sink: Sink) -> None:
+    post(sink, [msg(op="$union", payload={"t": [1, True, 1.0, "1", None, 0, False]})])
+    post(sink, [msg(op="$remove", payload={"t": True}), msg(op="$union", payload={"t": [1]})])
+    assert sink.profile("company", "acme") == {"t": [1, 1.0, "1", None, 0, False]}
+    stored = sink.profile("company", "acme")["t"]  # type: ignore[index]
+    assert [type(v).__name__ for v in stored] == ["int", "float", "str", "NoneType", "int", "bool"]
 
 
 def test_lifecycle_temp_db_and_loopback_only() -> None:
@@ -542,7 +753,9 @@ def test_list_page_escapes_and_searches(sink: Sink) -> None:
     assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
     assert evil not in page.text and '<b>"' not in page.text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text
-    assert '<meta http-equiv="refresh" content="5">' in page.text
+    # It refreshes itself in place (fetching /api/profile-list), never by reloading the page.
+    assert 'http-equiv="refresh"' not in page.text
+    assert 'data-api="/api/profile-list"' in page.text and 'data-refresh="5"' in page.text
     assert "/profile?group_key=company&amp;group_id=acme" in page.text
     found = requests.get(sink.url + "/", params={"group_key": "company", "q": "ac"}, timeout=5)
     assert "acme" in found.text and "zeta" not in found.text
@@ -577,6 +790,51 @@ def test_api_profiles(sink: Sink) -> None:
     assert everything == sink.profiles()
     one = requests.get(sink.url + "/api/profile?group_key=company&group_id=a", timeout=5).json()
     assert one["properties"] == {"plan": "pro"} and one["updates"][0]["op"] == "$set"
+
+
+def test_profile_list_api_follows_the_search(sink: Sink) -> None:
+    post(sink, [msg("acme"), msg("globex", payload={"n": "<b>"}), msg("z", **{"$group_key": "t"})])
+    found = requests.get(
+        sink.url + "/api/profile-list", params={"group_key": "company", "q": "glob"}, timeout=5
+    ).json()
+    assert found["summary"].startswith("1 profile,")
+    [row] = found["rows"]
+    assert [c["t"] for c in row[:3]] == ["company", "globex", '{"n":"<b>"}']
+    assert row[1]["href"] == "/profile?group_key=company&group_id=globex"
+    everything = requests.get(sink.url + "/api/profile-list", timeout=5).json()
+    assert everything["summary"].startswith("3 profiles,")
+
+
+def test_messages_and_rejected_pages(sink: Sink) -> None:
+    post(sink, [{"event": "signup", "properties": {"plan": "<pro>"}}], path="/track")
+    post(sink, [{"$distinct_id": "u1", "$set": {"a": 1}}, "not an object"], path="/engage")
+    post(sink, [msg(True)])
+    requests.post(sink.url + "/import", data={"data": "{broken"}, timeout=5)
+
+    track = requests.get(sink.url + "/messages", params={"endpoint": "track"}, timeout=5)
+    assert track.status_code == 200
+    assert "signup" in track.text and "&lt;pro&gt;" in track.text and "<pro>" not in track.text
+    assert 'data-api="/api/messages"' in track.text
+    api = requests.get(sink.url + "/api/messages", params={"endpoint": "engage"}, timeout=5)
+    assert [row[1]["t"] for row in api.json()["rows"]] == ['{"$distinct_id":"u1","$set":{"a":1}}']
+    none = requests.get(
+        sink.url + "/api/messages", params={"endpoint": "track", "q": "nothing-like-it"}, timeout=5
+    )
+    assert none.json()["rows"] == [] and "matching" in none.json()["summary"]
+    unknown = requests.get(sink.url + "/api/messages", params={"endpoint": "nope"}, timeout=5)
+    assert unknown.status_code == 400
+
+    rejected = requests.get(sink.url + "/rejected", timeout=5)
+    assert rejected.status_code == 200
+    for reason in ("$group_id must be a string or number", "a JSON object", "not valid JSON"):
+        assert reason in rejected.text
+    rows = requests.get(sink.url + "/api/rejected", timeout=5).json()["rows"]
+    assert [row[1]["t"] for row in rows] == ["/import", "/groups", "/engage"]
+    assert rows[0][3]["t"] == "{broken"  # a request refused whole keeps its data, as sent
+    only = requests.get(sink.url + "/api/rejected", params={"q": "group_id"}, timeout=5).json()
+    assert [row[1]["t"] for row in only["rows"]] == ["/groups"]
+    nav = requests.get(sink.url + "/", timeout=5).text
+    assert "/track <span" in nav and "Rejected <span" in nav and "(3)</span>" in nav
 
 
 # --------------------------------------------------------------------------- text table

@@ -102,6 +102,7 @@ class Consumer:
         self._pause_until = 0.0  # a 429 / Retry-After pauses every request
         self._retry_now = threading.Event()  # flush() and shutdown cut retry waits short
         self._wake_sent = False
+        self._debug_due = False
         self._wake_at = max(1, self.batch_size // 2)
         self._gave_up = False  # shut down with updates left: later flushes don't wait again
         self.stats_ = Stats()
@@ -427,6 +428,9 @@ class Consumer:
             job = self._next_job()
             if job is None:
                 return
+            if self._debug_due:  # logged here, never under the lock
+                self._debug_due = False
+                self._log_stats()
             self._run(job)
 
     def _adopt_spool(self) -> None:
@@ -449,7 +453,7 @@ class Consumer:
                 now = monotonic()
                 if now >= self._next_tick and not dispatch.draining:
                     dispatch.draining = True
-                    self._log_stats()
+                    self._debug_due = True
                 job = dispatch.pick(self._spool is not None) if self._pause_until <= now else None
                 if job is not None:
                     self._count_held()
