@@ -6,7 +6,7 @@ from typing import Any, Optional, Union
 
 from ._exceptions import MixpanelException
 from ._frontend import ConsumerLike, DisabledConsumer, open_consumer
-from ._wire import updates_from_message
+from ._wire import GroupUpdate, group_updates, updates_from_message
 
 __all__ = ["GroupClient", "resolve_consumer"]
 
@@ -65,9 +65,7 @@ class GroupClient:
         meta: Optional[dict[str, Any]] = None,
     ) -> None:
         """Set properties of a group profile (creating it if needed)."""
-        self.group_update(
-            {"$group_key": group_key, "$group_id": group_id, "$set": properties}, meta=meta
-        )
+        self._send(group_key, group_id, "$set", properties, meta)
 
     def group_set_once(
         self,
@@ -77,9 +75,7 @@ class GroupClient:
         meta: Optional[dict[str, Any]] = None,
     ) -> None:
         """Set properties of a group profile that are not already set."""
-        self.group_update(
-            {"$group_key": group_key, "$group_id": group_id, "$set_once": properties}, meta=meta
-        )
+        self._send(group_key, group_id, "$set_once", properties, meta)
 
     def group_union(
         self,
@@ -89,9 +85,7 @@ class GroupClient:
         meta: Optional[dict[str, Any]] = None,
     ) -> None:
         """Merge values into list properties, ignoring duplicates."""
-        self.group_update(
-            {"$group_key": group_key, "$group_id": group_id, "$union": properties}, meta=meta
-        )
+        self._send(group_key, group_id, "$union", properties, meta)
 
     def group_remove(
         self,
@@ -101,9 +95,7 @@ class GroupClient:
         meta: Optional[dict[str, Any]] = None,
     ) -> None:
         """Remove a value from list properties."""
-        self.group_update(
-            {"$group_key": group_key, "$group_id": group_id, "$remove": properties}, meta=meta
-        )
+        self._send(group_key, group_id, "$remove", properties, meta)
 
     def group_unset(
         self,
@@ -113,17 +105,13 @@ class GroupClient:
         meta: Optional[dict[str, Any]] = None,
     ) -> None:
         """Remove properties from a group profile."""
-        self.group_update(
-            {"$group_key": group_key, "$group_id": group_id, "$unset": properties}, meta=meta
-        )
+        self._send(group_key, group_id, "$unset", properties, meta)
 
     def group_delete(
         self, group_key: str, group_id: Any, meta: Optional[dict[str, Any]] = None
     ) -> None:
         """Delete a group profile."""
-        self.group_update(
-            {"$group_key": group_key, "$group_id": group_id, "$delete": ""}, meta=meta
-        )
+        self._send(group_key, group_id, "$delete", "", meta)
 
     def group_update(self, message: dict[str, Any], meta: Optional[dict[str, Any]] = None) -> None:
         """Send a generic update; several operations become several messages."""
@@ -133,10 +121,27 @@ class GroupClient:
         except MixpanelException:
             consumer.count_invalid()
             raise
+        self._deliver(updates)
+
+    def _send(
+        self, group_key: Any, group_id: Any, op: str, payload: Any, meta: Optional[dict[str, Any]]
+    ) -> None:
+        """One operation, without building a message to take apart again."""
+        consumer = self.consumer
+        try:
+            updates = group_updates(
+                group_key, group_id, {op: payload}, meta, None, consumer.truncations
+            )
+        except MixpanelException:
+            consumer.count_invalid()
+            raise
+        self._deliver(updates)
+
+    def _deliver(self, updates: list[GroupUpdate]) -> None:
         if self.sync:
-            consumer.deliver_now(updates)
+            self.consumer.deliver_now(updates)
         else:
-            consumer.enqueue(updates)
+            self.consumer.enqueue(updates)
 
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Deliver everything pending; True when nothing is left within ``timeout``."""

@@ -508,23 +508,12 @@ class Consumer:
         self, updates: list[GroupUpdate]
     ) -> tuple[list[Message], list[tuple[Any, str]]]:
         """Messages for updates; refused and filtered ones are settled here."""
-        messages: list[Message] = []
-        refusals: list[tuple[Any, str]] = []
-        settled: list[tuple[GroupUpdate, Fate, str]] = []
-        for update in updates:
-            try:
-                message = self._encoder.update(update)
-            except Unsendable as exc:
-                refusals.append((exc.message, exc.reason))
-                settled.append((update, Fate.FAILED, exc.reason))
-                continue
-            if message is None:
-                settled.append((update, Fate.DELIVERED, ""))  # before_send chose to drop it
-            else:
-                messages.append(message)
-        if settled:
+        messages, refused, filtered = self._encoder.updates(updates)
+        if refused or filtered:
+            settled = [(update, Fate.FAILED, exc.reason) for update, exc in refused]
+            settled += [(update, Fate.DELIVERED, "") for update in filtered]  # before_send's choice
             self._release(settled)
-        return messages, refusals
+        return messages, [(exc.message, exc.reason) for _, exc in refused]
 
     def _release(self, settled: list[tuple[GroupUpdate, Fate, str]]) -> None:
         """Updates that leave before sending (refused or filtered): free their room."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Optional
 
-from .._transport import BODY_CLOSE, BODY_OPEN, form_quote
+from .._transport import _FORM_TABLE, BODY_CLOSE, BODY_OPEN, form_quote
 from .._wire import MAX_BATCH_BYTES, MAX_MESSAGE_BYTES, GroupUpdate, wire_message
 
 __all__ = ["Encoder", "Message", "Unsendable", "shown"]
@@ -72,6 +72,55 @@ class Encoder:
             if message is None:
                 return None
         return self._finish(message, update)
+
+    def updates(
+        self, updates: list[GroupUpdate]
+    ) -> tuple[list[Message], list[tuple[GroupUpdate, Unsendable]], list[GroupUpdate]]:
+        """Messages for a batch, with the refused and the filtered updates.
+
+        One loop with everything local: this is the worker's per-message cost.
+        """
+        messages: list[Message] = []
+        refused: list[tuple[GroupUpdate, Unsendable]] = []
+        filtered: list[GroupUpdate] = []
+        if self.before_send is not None:
+            for update in updates:
+                try:
+                    message = self.update(update)
+                except Unsendable as exc:
+                    refused.append((update, exc))
+                    continue
+                if message is None:
+                    filtered.append(update)
+                else:
+                    messages.append(message)
+            return messages, refused, filtered
+        token, dumps, append, table = self.token, _dumps, messages.append, _FORM_TABLE
+        for update in updates:
+            wire = {
+                "$token": token,
+                "$time": update.time,
+                "$group_key": update.group_key,
+                "$group_id": update.group_id,
+                update.op: update.payload,
+            }
+            if update.meta:
+                wire.update(update.meta)
+            try:
+                text = dumps(wire)
+            except (TypeError, ValueError) as exc:
+                reason = f"message cannot be encoded as JSON: {exc}"
+                refused.append((update, Unsendable(reason, wire)))
+                continue
+            quoted = text.translate(table) if text.isascii() else form_quote(text)
+            if len(text) > MAX_MESSAGE_BYTES or len(quoted) > _MAX_QUOTED:
+                try:
+                    self._check(text, quoted, update, wire)
+                except Unsendable as exc:
+                    refused.append((update, exc))
+                continue
+            append(Message(text, quoted, update))
+        return messages, refused, filtered
 
     def text(
         self, text: str, origin: Any = None, apply_before_send: bool = True
