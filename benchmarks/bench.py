@@ -123,7 +123,7 @@ def caller_cost(sink: SinkProcess, calls: int) -> list:
         loggers[name] = log
         return log
 
-    consumer = get_consumer(TOKEN, sink.url, flush_interval=0.2)
+    consumer = get_consumer(f"{TOKEN}-callers-{sink.port}", sink.url)
     floor = logger_with("floor", NullHandler())
     ours = logger_with("ours", MixpanelGroupHandler(consumer=consumer))
     q: queue.SimpleQueue = queue.SimpleQueue()
@@ -174,15 +174,39 @@ def caller_cost(sink: SinkProcess, calls: int) -> list:
     return rows
 
 
+def floor_cpu(count: int) -> float:
+    """µs per message of the unavoidable work: json.dumps + form quoting, nothing else."""
+    from urllib.parse import quote_plus
+
+    messages = [
+        {
+            "$token": TOKEN,
+            "$time": time.time(),
+            "$group_key": "company",
+            "$group_id": f"f{i}",
+            "$set": {"i": i},
+        }
+        for i in range(count)
+    ]
+    started = time.process_time()
+    for message in messages:
+        quote_plus(json.dumps(message, separators=(",", ":")))
+    return (time.process_time() - started) / count * 1e6
+
+
 def end_to_end(
-    sink: SinkProcess, counts: list, with_consumer: bool = True, big_batches: bool = False
+    sink: SinkProcess, counts: list, with_consumer: bool = True, in_flight: tuple = ()
 ) -> list:
-    """Distinct-group updates from the first call until the sink holds them all."""
+    """Distinct-group updates from the first call until the sink holds them all.
+
+    Our rows use the default options; ``in_flight`` adds rows with other
+    ``max_in_flight`` values (the measurement behind its default).
+    """
     rows = []
     groups_url = sink.url + "/groups"
     names = ["mixpanel-otel GroupClient", "mixpanel-python BufferedConsumer"]
     names += ["mixpanel-python Consumer"] if with_consumer else []
-    names += ["mixpanel-otel GroupClient batch_size=2000"] if big_batches else []
+    names += [f"mixpanel-otel GroupClient max_in_flight={n}" for n in in_flight]
     for count in counts:
         for name in names:
             is_consumer = name.endswith(" Consumer") and "Buffered" not in name
@@ -190,18 +214,19 @@ def end_to_end(
                 continue
             prefix = f"e{count}-{name.replace(' ', '')}-"
             cpu0, wall0, sink0 = time.process_time(), time.perf_counter(), sink.cpu_seconds()
+            dropped = ""
             if name.startswith("mixpanel-otel"):
-                # max_pending holds the whole burst: this measures delivery, not overflow.
-                batch = 2000 if "2000" in name else 200
-                consumer = get_consumer(
-                    f"{TOKEN}-{count}-{batch}", sink.url, max_pending=count, batch_size=batch
-                )
+                options = {}
+                if "max_in_flight=" in name:
+                    options["max_in_flight"] = int(name.rsplit("=", 1)[1])
+                consumer = get_consumer(f"{TOKEN}-{prefix}", sink.url, **options)
                 client = GroupClient(consumer=consumer)
                 for i in range(count):
                     client.group_set("company", f"{prefix}{i}", {"i": i})
                 assert client.flush(300)
                 stats = consumer.stats()
                 assert stats["sent"] == count and stats["dropped"] == 0, stats
+                dropped = f"{stats['dropped']} dropped, {stats['blocked']} waits"
             else:
                 sdk_consumer = (
                     mixpanel.BufferedConsumer(groups_url=groups_url)
@@ -218,12 +243,25 @@ def end_to_end(
             sink_cpu = sink.cpu_seconds() - sink0
             delivered = sink.count_prefix(prefix)
             assert delivered == count, (name, delivered, count)
-            rows.append((name, count, wall, cpu / count * 1e6, sink_cpu))
+            rows.append((name, count, wall, cpu / count * 1e6, sink_cpu, dropped))
     return rows
 
 
+def print_end_to_end(rows: list, counts: list) -> None:
+    print(
+        "| client | updates | seconds | client CPU µs per update (caller + worker) "
+        "| sink CPU seconds | drops |\n|---|---|---|---|---|---|"
+    )
+    for name, count, wall, cpu, sink_cpu, dropped in rows:
+        print(f"| {name} | {count} | {wall:.2f} | {cpu:.1f} | {sink_cpu:.2f} | {dropped} |")
+    for count in counts:
+        ours = next(r[2] for r in rows if r[1] == count and r[0] == "mixpanel-otel GroupClient")
+        theirs = next(r[2] for r in rows if r[1] == count and "Buffered" in r[0])
+        print(f"\n{count}: BufferedConsumer / ours = {theirs / ours:.1f}×")
+
+
 def coalescing(sink: SinkProcess, updates: int) -> tuple:
-    consumer = get_consumer(f"{TOKEN}-coalesce", sink.url)
+    consumer = get_consumer(f"{TOKEN}-coalesce-{sink.port}", sink.url)
     client = GroupClient(consumer=consumer)
     for i in range(updates):
         client.group_set("company", f"co{i % 100}", {"n": i, "plan": "pro"})
@@ -258,7 +296,7 @@ def spans(sink: SinkProcess, count: int) -> list:
     rules = os.path.join(sink.dir, "rules.toml")
     with open(rules, "w") as handle:
         handle.write(SPAN_RULES)
-    consumer = get_consumer(f"{TOKEN}-spans", sink.url)
+    consumer = get_consumer(f"{TOKEN}-spans-{sink.port}", sink.url)
     tracers = {}
     providers = []
     for name, exporter in (
@@ -330,67 +368,54 @@ def memory() -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def run_sections(sink: SinkProcess, label: str, calls: int, counts: list, quick: bool) -> None:
+    print(f"\n# Against the sink with {label} added to each request\n")
+    print("## 1. Caller cost per call, delivery running (µs)\n")
+    print("| variant | calls | median | p99 | × floor |\n|---|---|---|---|---|")
+    for name, n, median, p99, ratio in caller_cost(sink, calls):
+        shown = f"{ratio:.2f}" if ratio is not None else ""
+        print(f"| {name} | {n} | {median:.2f} | {p99:.2f} | {shown} |")
+
+    print("\n## 2. End to end: distinct-group updates until delivered (default options)\n")
+    print_end_to_end(
+        end_to_end(sink, counts, with_consumer=label == "0 ms", in_flight=(1, 2, 8)), counts
+    )
+
+    print("\n## 3. Coalescing: updates over 100 groups\n")
+    enqueued, sent, reqs = coalescing(sink, 10_000 if quick else 100_000)
+    print(f"{enqueued} updates -> {sent} messages ({sent / enqueued:.2%}) in {reqs} requests")
+
+    print("\n## 4. Spans (application thread, µs per span)\n")
+    rows, stats = spans(sink, 5_000 if quick else 50_000)
+    print("| pipeline | median | p99 | × in-memory |\n|---|---|---|---|")
+    for name, median, p99, ratio in rows:
+        print(f"| {name} | {median:.2f} | {p99:.2f} | {ratio:.2f} |")
+    print(f"\nspan updates: {stats['enqueued']} -> {stats['sent']} messages")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     calls = 5_000 if args.quick else 50_000
     counts = [2_000] if args.quick else [20_000, 100_000]
-    sink = SinkProcess()
     logging.getLogger("mixpanel_otel").setLevel(logging.ERROR)
-    try:
-        print(f"# mixpanel-otel benchmarks ({sys.version.split()[0]}, {os.cpu_count()} cores)\n")
-        print("## 1. Caller cost per call, delivery running (µs)\n")
-        print("| variant | calls | median | p99 | × floor |\n|---|---|---|---|---|")
-        for name, n, median, p99, ratio in caller_cost(sink, calls):
-            shown = f"{ratio:.2f}" if ratio is not None else ""
-            print(f"| {name} | {n} | {median:.2f} | {p99:.2f} | {shown} |")
-
-        print("\n## 2. End to end: distinct-group updates until delivered\n")
-        print(
-            "| client | updates | seconds | client CPU µs per update (caller + worker) "
-            "| sink CPU seconds |\n|---|---|---|---|---|"
-        )
-        rows = end_to_end(sink, counts)
-        for name, count, wall, cpu, sink_cpu in rows:
-            print(f"| {name} | {count} | {wall:.2f} | {cpu:.1f} | {sink_cpu:.2f} |")
-        for count in counts:
-            ours = next(r[2] for r in rows if r[1] == count and r[0].startswith("mixpanel-otel"))
-            theirs = next(r[2] for r in rows if r[1] == count and "Buffered" in r[0])
-            print(f"\n{count}: BufferedConsumer / ours = {theirs / ours:.1f}×")
-
-        print("\n## 2b. End to end with 20 ms added to each request (a nearby region's RTT)\n")
-        slow = SinkProcess(latency=0.02)
+    print(f"# mixpanel-otel benchmarks ({sys.version.split()[0]}, {os.cpu_count()} cores)\n")
+    print(f"Floor (json.dumps + form quoting only): {floor_cpu(50_000):.1f} µs per message")
+    for latency, label in ((0.0, "0 ms"), (0.02, "20 ms")):
+        sink = SinkProcess(latency=latency)
         try:
-            print("| client | updates | seconds | client CPU µs per update |\n|---|---|---|---|")
-            rows = end_to_end(slow, counts[:1], with_consumer=False, big_batches=True)
-            for name, count, wall, cpu, _ in rows:
-                print(f"| {name} | {count} | {wall:.2f} | {cpu:.1f} |")
-            print(f"\nBufferedConsumer / ours = {rows[1][2] / rows[0][2]:.1f}×")
-            print(f"BufferedConsumer / ours with batch_size=2000 = {rows[1][2] / rows[2][2]:.1f}×")
+            run_sections(sink, label, calls, counts, args.quick)
         finally:
-            slow.stop()
+            sink.stop()
 
-        print("\n## 3. Coalescing: updates over 100 groups\n")
-        enqueued, sent, reqs = coalescing(sink, 10_000 if args.quick else 100_000)
-        print(f"{enqueued} updates -> {sent} messages ({sent / enqueued:.2%}) in {reqs} requests")
-
-        print("\n## 4. Spans (application thread, µs per span)\n")
-        rows, stats = spans(sink, 5_000 if args.quick else 50_000)
-        print("| pipeline | median | p99 | × in-memory |\n|---|---|---|---|")
-        for name, median, p99, ratio in rows:
-            print(f"| {name} | {median:.2f} | {p99:.2f} | {ratio:.2f} |")
-        print(f"\nspan updates: {stats['enqueued']} -> {stats['sent']} messages")
-
-        print("\n## 5. Memory during an outage: 300,000 distinct-group updates\n")
-        mem = memory()
-        growth = (mem["after"] - mem["before"]) / 2**20
-        print(
-            f"RSS grew {growth:.1f} MiB with max_pending={mem['max_pending']}: "
-            f"{mem['pending']} held, {mem['dropped']} dropped (counted)"
-        )
-    finally:
-        sink.stop()
+    print("\n## 5. Memory during an outage: 300,000 distinct-group updates\n")
+    mem = memory()
+    growth = (mem["after"] - mem["before"]) / 2**20
+    print(
+        f"RSS grew {growth:.1f} MiB with max_pending={mem['max_pending']}: "
+        f"{mem['pending']} held, {mem['dropped']} dropped (counted)"
+    )
 
 
 if __name__ == "__main__":

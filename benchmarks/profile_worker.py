@@ -42,7 +42,7 @@ def fill(consumer: Consumer, count: int, prefix: str) -> float:
     return time.process_time() - started
 
 
-def drain(consumer: Consumer, profile: "cProfile.Profile | None" = None) -> float:
+def drain(consumer: Consumer, profile: cProfile.Profile | None = None) -> float:
     """Run the worker's loop in this thread until everything is settled; CPU s."""
     consumer._dispatch.draining = True
     consumer._flushing += 1
@@ -70,7 +70,10 @@ def main() -> None:
     try:
         rows = []
         for name, make in (
-            ("worker, no HTTP", lambda: Consumer("t", "memory://", transport=NoNetwork(), **options)),
+            (
+                "worker, no HTTP",
+                lambda: Consumer("t", "memory://", transport=NoNetwork(), **options),
+            ),
             ("worker, HTTP to the sink", lambda: Consumer("t", sink.url, **options)),
         ):
             consumer = make()
