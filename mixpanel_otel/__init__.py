@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._client import GroupClient
-from ._consumer import get_consumer
+from ._delivery import get_consumer
 from ._exceptions import MixpanelException
 
 if TYPE_CHECKING:

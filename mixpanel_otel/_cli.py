@@ -45,12 +45,10 @@ def _check_database(path: str) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ._relay import Relay
     from .sink import Sink
 
     _check_database(args.db)
-    public = not _is_loopback(args.host)
-    if public:
+    if not _is_loopback(args.host):
         try:
             ipaddress.ip_address(args.host)
         except ValueError:
@@ -63,8 +61,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         sink = Sink(
             db_path=args.db,
-            host="127.0.0.1" if public else args.host,
-            port=0 if public else args.port,
+            host=args.host,
+            port=args.port,
             verbose=args.verbose,
             latency=args.latency,
             token=args.token,
@@ -73,32 +71,17 @@ def _serve(args: argparse.Namespace) -> int:
         raise _Failure(_listen_problem(args.host, args.port, exc)) from None
     except sqlite3.Error as exc:
         raise _Failure(f"cannot use {args.db!r} as the sink database: {exc}") from None
-    relay: Optional[Relay] = None
     url = sink.url
-    if public:
-        try:
-            relay = Relay(args.host, args.port, (sink.host, sink.port))
-        except OSError as exc:
-            sink.stop()
-            raise _Failure(_listen_problem(args.host, args.port, exc)) from None
-        host, port = relay.address
-        url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     print(f"mixpanel-otel sink serving on {url} (database {sink.db_path})")
     shown = url.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]")
     print(f"  export MIXPANEL_API_HOST={shown}")
     print(f"  browse the profiles at {shown}/   (Ctrl-C stops)")
     sys.stdout.flush()
     try:
-        if relay is not None:
-            sink.start()
-            relay.serve_forever()
-        else:
-            sink.serve_forever()
+        sink.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
-        if relay is not None:
-            relay.close()
         sink.stop()
     return 0
 

@@ -186,28 +186,6 @@ def test_serve_host_not_loopback_warns_then_listens_or_says_why(tmp_path):
     assert result.returncode == 1 and "is not an IP address" in nonsense.stderr
 
 
-def test_relay_carries_a_sink_for_a_neighbour(sink):
-    """What serve --host 0.0.0.0 runs, here on loopback: bytes both ways, SDK included."""
-    import threading
-
-    from mixpanel_otel._relay import Relay
-
-    relay = Relay("127.0.0.1", 0, (sink.host, sink.port))
-    thread = threading.Thread(target=relay.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{relay.address[1]}"
-        mp = mixpanel.Mixpanel(TOKEN, consumer=mixpanel.Consumer(groups_url=f"{url}/groups"))
-        mp.group_set("company", "acme", {"plan": "pro"})
-        assert requests.get(f"{url}/api/profiles", timeout=5).json() == [
-            {"group_key": "company", "group_id": "acme", "properties": {"plan": "pro"}}
-        ]
-    finally:
-        relay.close()
-        thread.join(5)
-    assert not thread.is_alive()
-
-
 def test_profiles_over_http_from_a_running_sink(sink):
     client = GroupClient(TOKEN, api_host=sink.url, sync=True)
     client.group_set("company", "acme", {"plan": "pro", "tags": [f"t{n}" for n in range(60)]})

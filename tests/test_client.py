@@ -393,7 +393,7 @@ def test_regions_and_hosts(monkeypatch):
 def test_options_from_environment(sink, monkeypatch):
     monkeypatch.setenv("MIXPANEL_OTEL_BATCH_SIZE", "33")
     monkeypatch.setenv("MIXPANEL_OTEL_FLUSH_INTERVAL", "0.5")
-    from mixpanel_otel._consumer import Consumer
+    from mixpanel_otel._delivery import Consumer
 
     consumer = Consumer(TOKEN, sink.url, flush_interval=2)
     assert consumer.batch_size == 33 and consumer.flush_interval == 2

@@ -582,7 +582,7 @@ def test_profiles_compare_json_types(sink: Sink) -> None:
     assert [type(v).__name__ for v in stored] == ["int", "float", "str", "NoneType", "int", "bool"]
 
 
-def test_lifecycle_temp_db_and_loopback_only() -> None:
+def test_lifecycle_temp_db_and_ip_addresses_only() -> None:
     sink = Sink()
     assert sink.url.startswith("http://127.0.0.1:") and sink.port > 0
     db_path = sink.db_path
@@ -600,8 +600,8 @@ def test_lifecycle_temp_db_and_loopback_only() -> None:
         sink.start()
     with pytest.raises(requests.ConnectionError):
         requests.post(sink.url + "/groups", data={"data": "[]"}, timeout=2)
-    with pytest.raises(ValueError, match="loopback"):
-        Sink(host="0.0.0.0")
+    with pytest.raises(ValueError, match="IP address"):
+        Sink(host="sink.example.invalid")  # a name is refused before anything resolves
     with Sink(host="localhost") as local:
         assert local.url.startswith("http://127.0.0.1:")
 

@@ -49,16 +49,18 @@ JSONDict = dict[str, Any]
 _IMPORT_UNAUTHORIZED = {"code": 401, "error": "Invalid credentials", "status": "Unauthorized"}
 
 
-def _loopback_host(host: str) -> tuple[str, int]:
-    """Check that ``host`` is a loopback address; return it and its socket family."""
+def _listen_address(host: str) -> tuple[str, int]:
+    """Check that ``host`` is an IP address to listen on; return it and its socket family.
+
+    Loopback by default; the CLI warns before it listens anywhere else (a
+    docker-compose neighbour needs ``0.0.0.0``).
+    """
     if host == "localhost":
         host = "127.0.0.1"
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        raise ValueError(f"the sink only listens on loopback addresses, not {host!r}") from None
-    if not address.is_loopback:
-        raise ValueError(f"the sink only listens on loopback addresses, not {host!r}")
+        raise ValueError(f"the sink listens on an IP address, not {host!r}") from None
     return host, socket.AF_INET6 if address.version == 6 else socket.AF_INET
 
 
@@ -93,7 +95,7 @@ class Sink:
 
     Args:
         db_path: the SQLite file (created if missing; kept across restarts).
-        host: a loopback address; the sink never listens elsewhere.
+        host: the IP address to listen on (loopback unless you mean otherwise).
         port: 0 for any free port.
         verbose: log each request to stderr.
         latency: seconds added to every POST, as a network round trip would.
@@ -122,7 +124,7 @@ class Sink:
         latency: float = 0.0,
         token: Optional[str] = None,
     ) -> None:
-        host, family = _loopback_host(host)
+        host, family = _listen_address(host)
         if token is not None and (not isinstance(token, str) or not token):
             raise ValueError("token must be a non-empty string")
         self.verbose = verbose
