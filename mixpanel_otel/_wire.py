@@ -70,7 +70,7 @@ class GroupUpdate:
         op: str,
         payload: Any,
         time: float,
-        meta: Optional[dict] = None,
+        meta: Optional[dict[str, Any]] = None,
         size: int = 0,
     ) -> None:
         self.group_key = group_key
@@ -160,12 +160,13 @@ def normalize_value(value: Any, counter: Optional[Truncations] = None, depth: in
 
 def normalize_properties(
     properties: Any, counter: Optional[Truncations] = None, depth: int = 0
-) -> dict:
+) -> dict[str, Any]:
     """Validate a property mapping and return a normalised copy."""
-    return _properties(properties, counter, depth)[0]
+    result: dict[str, Any] = _properties(properties, counter, depth)[0]
+    return result
 
 
-def _properties(properties: Any, counter: Optional[Truncations], depth: int = 0) -> tuple:
+def _properties(properties: Any, counter: Optional[Truncations], depth: int = 0) -> tuple[Any, int]:
     """``(normalised copy, approximate size)``; the hot path of every front end."""
     if type(properties) is not dict and not isinstance(properties, Mapping):
         raise MixpanelException(f"properties must be a dict, not {type(properties).__name__}")
@@ -196,7 +197,7 @@ def _properties(properties: Any, counter: Optional[Truncations], depth: int = 0)
     return out, size
 
 
-def _normalize_union(properties: Any, counter: Optional[Truncations]) -> tuple:
+def _normalize_union(properties: Any, counter: Optional[Truncations]) -> tuple[Any, int]:
     out, size = _properties(properties, counter)
     for name, value in out.items():
         if type(value) is not list:
@@ -204,7 +205,7 @@ def _normalize_union(properties: Any, counter: Optional[Truncations]) -> tuple:
     return out, size
 
 
-def _normalize_unset(names: Any, counter: Optional[Truncations]) -> tuple:
+def _normalize_unset(names: Any, counter: Optional[Truncations]) -> tuple[Any, int]:
     if isinstance(names, str) or not isinstance(names, (list, tuple, set, frozenset)):
         raise MixpanelException(
             f"$unset takes a list of property names, not {type(names).__name__}"
@@ -221,12 +222,12 @@ def _normalize_unset(names: Any, counter: Optional[Truncations]) -> tuple:
     return out, 96 + sum(map(len, out))
 
 
-def _normalize_delete(value: Any, counter: Optional[Truncations]) -> tuple:
+def _normalize_delete(value: Any, counter: Optional[Truncations]) -> tuple[Any, int]:
     return "", 96  # the value is ignored by Mixpanel; the official SDK sends ""
 
 
 # op -> normaliser returning (payload, approximate size)
-_NORMALIZERS: dict[str, Callable[[Any, Optional[Truncations]], tuple]] = {
+_NORMALIZERS: dict[str, Callable[[Any, Optional[Truncations]], tuple[Any, int]]] = {
     "$set": _properties,
     "$set_once": _properties,
     "$union": _normalize_union,
@@ -264,7 +265,7 @@ def group_id_key(group_id: Any) -> str:
     return str(group_id)
 
 
-def normalize_meta(meta: Any) -> Optional[dict]:
+def normalize_meta(meta: Any) -> Optional[dict[str, Any]]:
     if not meta:
         return None
     if not isinstance(meta, Mapping):
@@ -286,7 +287,7 @@ def make_update(
     op: str,
     payload: Any,
     time: float,
-    meta: Optional[dict] = None,
+    meta: Optional[dict[str, Any]] = None,
     counter: Optional[Truncations] = None,
 ) -> GroupUpdate:
     """Validate and normalise one operation; raise :class:`MixpanelException`."""
@@ -317,7 +318,7 @@ def approx_size(payload: Any) -> int:
     return size
 
 
-def wire_message(token: str, update: GroupUpdate) -> dict:
+def wire_message(token: str, update: GroupUpdate) -> dict[str, Any]:
     """The message the official SDK would send for ``update``, key for key."""
     message = {
         "$token": token,
@@ -338,7 +339,7 @@ def group_updates(
     group_key: Any,
     group_id: Any,
     operations: Mapping[str, Any],
-    meta: Optional[Mapping],
+    meta: Optional[Mapping[str, Any]],
     time: Optional[float],
     counter: Optional[Truncations] = None,
     errors: Optional[list[str]] = None,
@@ -387,7 +388,7 @@ def group_updates(
 
 def updates_from_message(
     message: Any,
-    meta: Optional[Mapping] = None,
+    meta: Optional[Mapping[str, Any]] = None,
     time: Optional[float] = None,
     counter: Optional[Truncations] = None,
 ) -> list[GroupUpdate]:
