@@ -196,3 +196,46 @@ def test_slow_out_of_order_and_failing_answers_keep_every_group_in_order(
     for gid, profile in expected.items():
         assert sink.profile("company", gid) == profile, gid
     assert consumer.stats()["failed"] == 0
+
+
+class RecordingTransport:
+    """Answers 429 with Retry-After to the first request, OK after; records when."""
+
+    def __init__(self):
+        import threading
+        import time
+
+        self.clock = time.monotonic
+        self.lock = threading.Lock()
+        self.times: list[float] = []
+
+    def post(self, path, body, auth=None, timeout=None):
+        from mixpanel_otel._transport import Answer, Outcome
+
+        with self.lock:
+            self.times.append(self.clock())
+            first = len(self.times) == 1
+        if first:
+            self.answered = self.clock()
+            return Answer(Outcome.RETRY, "HTTP 429: rate limited", retry_after=0.5)
+        return Answer(Outcome.OK)
+
+
+def test_a_429_pauses_every_request_of_the_consumer():
+    transport = RecordingTransport()
+    consumer = Consumer(
+        TOKEN, "http://rate.limited.invalid", transport=transport, max_in_flight=4,
+        batch_size=10, flush_on_sigterm=False,
+    )
+    try:
+        client = GroupClient(consumer=consumer)
+        for i in range(200):
+            client.group_set("company", f"g{i}", {"i": i})
+        assert consumer.flush(10)
+    finally:
+        consumer.shutdown(1)
+    first = transport.times[0]
+    later = [t for t in transport.times[1:] if t > transport.answered]
+    assert len(later) >= 19
+    # Requests already on their way when the 429 came may land; none starts in the pause.
+    assert all(t - first >= 0.45 for t in later), [round(t - first, 3) for t in later[:8]]
