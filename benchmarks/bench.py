@@ -378,7 +378,7 @@ def run_sections(sink: SinkProcess, label: str, calls: int, counts: list, quick:
 
     print("\n## 2. End to end: distinct-group updates until delivered (default options)\n")
     print_end_to_end(
-        end_to_end(sink, counts, with_consumer=label == "0 ms", in_flight=(1, 2, 8)), counts
+        end_to_end(sink, counts, with_consumer=label == "0 ms", in_flight=(1, 2, 4, 16)), counts
     )
 
     print("\n## 3. Coalescing: updates over 100 groups\n")

@@ -91,7 +91,7 @@ CONSUMER_OPTIONS: dict[str, tuple[Optional[str], Any, Callable[[Any], Any]]] = {
     "shutdown_timeout": ("MIXPANEL_OTEL_SHUTDOWN_TIMEOUT", 5.0, _positive_float),
     "spool_dir": ("MIXPANEL_OTEL_SPOOL_DIR", None, _path_or_none),
     "max_block": ("MIXPANEL_OTEL_MAX_BLOCK", 5.0, _non_negative_float),
-    "max_in_flight": ("MIXPANEL_OTEL_MAX_IN_FLIGHT", 4, _positive_int),
+    "max_in_flight": ("MIXPANEL_OTEL_MAX_IN_FLIGHT", 8, _positive_int),
     "flush_on_sigterm": ("MIXPANEL_OTEL_FLUSH_ON_SIGTERM", True, _flag),
     "backoff_base": (None, 2.0, _positive_float),
     "backoff_max": (None, 60.0, _positive_float),

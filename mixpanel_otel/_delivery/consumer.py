@@ -463,7 +463,12 @@ class Consumer:
                     self._next_tick = now + self.flush_interval
                 if not block:
                     return None
-                timeout = max(self._next_tick - now, self._pause_until - now)
+                if self._pause_until > now:
+                    timeout = self._pause_until - now
+                elif dispatch.draining:  # what is left is in flight: a settle notifies
+                    timeout = self.flush_interval
+                else:
+                    timeout = self._next_tick - now
                 self._cond.wait(min(max(0.001, timeout), self.flush_interval))
 
     def _run(self, job: Job) -> None:
