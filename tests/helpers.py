@@ -37,7 +37,8 @@ from mixpanel_otel import GroupClient, get_consumer
 def make(**options):
     options.setdefault("backoff_base", 0.05)
     options.setdefault("backoff_max", 0.3)
-    consumer = get_consumer(os.environ["MIXPANEL_TOKEN"], os.environ["MIXPANEL_API_HOST"], **options)
+    token, host = os.environ["MIXPANEL_TOKEN"], os.environ["MIXPANEL_API_HOST"]
+    consumer = get_consumer(token, host, **options)
     return GroupClient(consumer=consumer), consumer
 
 def emit(client, tag, groups, count, start=0):
@@ -77,8 +78,8 @@ class Child:
         path = os.path.join(workdir, f"{name}.py")
         with open(path, "w") as f:
             f.write(script(source))
-        self._out = open(self.out_path, "w")
-        self._err = open(self.err_path, "w")
+        self._out = open(self.out_path, "w")  # noqa: SIM115 - closed by close()
+        self._err = open(self.err_path, "w")  # noqa: SIM115 - closed by close()
         self.proc = subprocess.Popen(
             [sys.executable, path, *args],
             env=child_env(sink_url, self.mark, **env),
@@ -121,7 +122,9 @@ class Child:
         self._err.close()
 
 
-def wait_mark(path: str, text: str, timeout: float, proc: Optional[subprocess.Popen] = None) -> bool:
+def wait_mark(
+    path: str, text: str, timeout: float, proc: Optional[subprocess.Popen] = None
+) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:

@@ -13,7 +13,6 @@ import os
 import random
 import signal
 import socket
-import sys
 import threading
 import time
 import urllib.request
@@ -91,7 +90,11 @@ def test_sigkill_crash_loop_while_replaying_a_spool_loses_nothing(sink, tmp_path
             sink.script(Fault(), Fault(drop=True, apply=True), Fault(status=503))
             faults += 1
         child = Child(
-            REPLAY, sink.url, str(tmp_path), f"victim{k}", SPOOL=spool,
+            REPLAY,
+            sink.url,
+            str(tmp_path),
+            f"victim{k}",
+            SPOOL=spool,
             MIXPANEL_OTEL_BATCH_SIZE=batch,
         )
         try:
@@ -180,8 +183,16 @@ def test_four_processes_share_a_spool_through_an_outage(sink, tmp_path):
             plan.emit(tag, groups, first + more)
             children.append(
                 Child(
-                    SHARER, sink.url, str(tmp_path), tag, tag, str(first), str(more),
-                    SPOOL=spool, GO=go, MIXPANEL_OTEL_SHUTDOWN_TIMEOUT=1,
+                    SHARER,
+                    sink.url,
+                    str(tmp_path),
+                    tag,
+                    tag,
+                    str(first),
+                    str(more),
+                    SPOOL=spool,
+                    GO=go,
+                    MIXPANEL_OTEL_SHUTDOWN_TIMEOUT=1,
                     MIXPANEL_OTEL_FLUSH_INTERVAL=0.2,
                 )
             )
@@ -290,7 +301,7 @@ def _move_spool(spool, old_url, new_url):
     for name in os.listdir(spool):
         path = os.path.join(spool, name)
         if path.startswith(old):
-            os.rename(path, new + path[len(old):])
+            os.rename(path, new + path[len(old) :])
 
 
 # -- 4. SIGTERM --------------------------------------------------------------------------
@@ -467,7 +478,10 @@ def _uvicorn(sink, tmp_path, before):
             "os.environ['PORT'], '--log-level', 'warning']\n"
             "sys.path.insert(0, os.getcwd())\n"
             "runpy.run_module('uvicorn', run_name='__main__')\n",
-            sink.url, str(tmp_path), "uvmain", PORT=port,
+            sink.url,
+            str(tmp_path),
+            "uvmain",
+            PORT=port,
         )
         from .helpers import script
 
@@ -675,7 +689,9 @@ def _pool(sink, tmp_path, how, tasks=4, **env):
 
 
 def _run_args(source, sink, tmp_path, *args, **env):
-    child = Child(source, sink.url, str(tmp_path), "pool", *args, MIXPANEL_OTEL_SHUTDOWN_TIMEOUT=3, **env)
+    child = Child(
+        source, sink.url, str(tmp_path), "pool", *args, MIXPANEL_OTEL_SHUTDOWN_TIMEOUT=3, **env
+    )
     try:
         code = child.wait(60)
         return code, child.stdout, child.stderr
@@ -736,7 +752,10 @@ def test_a_corrupt_orphan_is_moved_aside_and_the_process_still_delivers(sink, tm
         emit(client, "k", ["k0", "k1"], 50)
         mark("done" if client.flush(10) else "not done")
         """,
-        sink.url, str(tmp_path), "corrupt", SPOOL=str(spool),
+        sink.url,
+        str(tmp_path),
+        "corrupt",
+        SPOOL=str(spool),
     )
     assert code == 0, err
     assert "moved aside" in err, err
@@ -831,7 +850,10 @@ def test_an_unusable_spool_is_reported_as_lost_never_as_kept(sink, tmp_path):
                                     shutdown_timeout=0.5)
             emit(client, "x", ["x0"], 10)
             """,
-            sink.url, str(tmp_path), "unusable", SPOOL=str(blocker / "spool"),
+            sink.url,
+            str(tmp_path),
+            "unusable",
+            SPOOL=str(blocker / "spool"),
         )
     finally:
         sink.down = False
@@ -857,7 +879,10 @@ def test_a_caller_does_not_wait_for_room_once_delivery_is_failing(sink, tmp_path
         emit(client, "m", [f"m{i}" for i in range(100)], 400)
         mark("emitted")
         """,
-        sink.url, str(tmp_path), "blocked", SPOOL=str(tmp_path / "spool"),
+        sink.url,
+        str(tmp_path),
+        "blocked",
+        SPOOL=str(tmp_path / "spool"),
     )
     try:
         emitted = child.wait_mark("emitted", 5)  # a hang detector, not a timing figure
