@@ -106,7 +106,6 @@ def test_sigkill_crash_loop_while_replaying_a_spool_loses_nothing(sink, tmp_path
             child.close()
     sink.down = False
     sink.latency = 0
-    sink._faults.clear()
     replay(sink, str(tmp_path), spool)
     outcome = compare(sink, plan)
     assert not outcome.lost and not outcome.stale, outcome
