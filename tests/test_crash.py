@@ -116,11 +116,6 @@ def test_sigkill_crash_loop_while_replaying_a_spool_loses_nothing(sink, tmp_path
     assert rows >= len(groups)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a group batch whose retry wait ends at the exit deadline comes back unsent, is "
-    "restored to memory and spilled BEHIND the newer rows spilled during the outage",
-)
 def test_exit_during_an_outage_keeps_each_groups_order_in_the_spool(sink, tmp_path):
     """Batches in flight at the exit deadline race it: four processes at once, so the
     loser (a batch that comes back unsent just before ``abandon``) shows up in one."""
@@ -698,38 +693,18 @@ def _run_args(source, sink, tmp_path, *args, **env):
         child.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="multiprocessing's BaseProcess._after_fork() clears util._finalizer_registry in the "
-    "child after os.fork's after_in_child hook registered the flush Finalize: never runs",
-)
 def test_multiprocessing_pool_closed_and_joined_children_deliver(sink, tmp_path):
     _pool(sink, tmp_path, "pool-close")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="multiprocessing's BaseProcess._after_fork() clears util._finalizer_registry in the "
-    "child after os.fork's after_in_child hook registered the flush Finalize: never runs",
-)
 def test_multiprocessing_pool_as_context_manager_children_deliver(sink, tmp_path):
     _pool(sink, tmp_path, "pool-with", tasks=12)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="multiprocessing's BaseProcess._after_fork() clears util._finalizer_registry in the "
-    "child after os.fork's after_in_child hook registered the flush Finalize: never runs",
-)
 def test_multiprocessing_process_children_deliver(sink, tmp_path):
     _pool(sink, tmp_path, "process")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a consumer first created in a multiprocessing child gets no Finalize: "
-    "registry.register() only installs the SIGTERM handler, and os._exit skips atexit",
-)
 def test_multiprocessing_process_children_that_create_the_consumer_deliver(sink, tmp_path):
     _pool(sink, tmp_path, "process", CREATE_IN_CHILD=1)
 
@@ -861,12 +836,6 @@ def test_an_unusable_spool_is_reported_as_lost_never_as_kept(sink, tmp_path):
     assert "kept in the spool" not in err, err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a caller waiting for room is woken only by a settled job or max_block: the first "
-    "failure (Consumer._on_answer -> health.failure) notifies no waiter, and during an outage "
-    "the batch retries in place and never settles",
-)
 def test_a_caller_does_not_wait_for_room_once_delivery_is_failing(sink, tmp_path):
     """docs: a caller waits for room only while delivery is succeeding; during an outage
     overflow goes to the spool at once (max_block is long here)."""

@@ -93,6 +93,7 @@ class Consumer:
         self._spool = Spool(self.spool_dir, self._token, self.base_url) if self.spool_dir else None
         self._spool_adopted = False
         self._spill_lock = threading.Lock()  # one mover at a time keeps the spool in order
+        self._finishing = threading.Lock()  # one shutdown at a time
         self._flushing = 0  # flush() calls waiting
         self._eager = False  # after a chained SIGTERM: every update is sent at once
         self._next_tick = monotonic() + self.flush_interval
@@ -566,7 +567,11 @@ class Consumer:
         self.stats_.add("requests")
         if answer.outcome is Outcome.RETRY:
             self.stats_.add("retries")
+            was_failing = self.health.failing
             self.health.failure(answer.reason)
+            if not was_failing:  # callers waiting for room overflow now, not after max_block
+                with self._cond:
+                    self._cond.notify_all()
             if answer.retry_after is not None or answer.reason.startswith("HTTP 429"):
                 pause = answer.retry_after if answer.retry_after is not None else self._backoff.base
                 with self._cond:
@@ -706,6 +711,15 @@ class Consumer:
         return self._finish(monotonic() + timeout, timeout)
 
     def _finish(self, deadline: float, timeout: Optional[float] = None) -> bool:
+        # One at a time: a SIGTERM can ask for a shutdown while the exit's runs.
+        if not self._finishing.acquire(timeout=max(0.0, deadline - monotonic())):
+            return False
+        try:
+            return self._finish_now(deadline, timeout)
+        finally:
+            self._finishing.release()
+
+    def _finish_now(self, deadline: float, timeout: Optional[float]) -> bool:
         with self._cond:
             if self._stopped and self._gave_up and not self._inbox:
                 return False  # nothing new since the last try: don't wait for the outage again
@@ -749,6 +763,8 @@ class Consumer:
             )
         if self._spool is not None:
             self._spool.close()
+            with self._cond:
+                self._dispatch.spool_rows = 0  # closed: the next process replays them
         return done and not left and not lost
 
     def _drain_inline(self, deadline: float) -> bool:

@@ -51,14 +51,18 @@ class Dispatch:
         self.spool_rows = 0  # rows known to be in this process's spool
         self.spilling = 0  # spills writing now
         self.draining = False  # send partial batches (interval tick, flush, exit)
+        #: Updates that came back unsent (the exit deadline) while the spool held
+        #: newer rows: the exit spill writes them in front of every row.
+        self.unsent_front: list[GroupUpdate] = []
 
     @property
     def held(self) -> int:
-        return self.buffer.count + self.in_flight + self.raw
+        return self.buffer.count + self.in_flight + self.raw + len(self.unsent_front)
 
     @property
     def held_bytes(self) -> int:
-        return self.buffer.bytes + self.in_flight_bytes + self.raw_bytes
+        front = sum(update.size for update in self.unsent_front)
+        return self.buffer.bytes + self.in_flight_bytes + self.raw_bytes + front
 
     def pending(self) -> bool:
         """Anything in memory not yet taken for sending."""
@@ -146,7 +150,9 @@ class Dispatch:
             for message, reason in result.refused:
                 settle_receipts([message.origin], Fate.FAILED, reason)
             unsent = [m.origin for m in result.unsent if isinstance(m.origin, GroupUpdate)]
-            if unsent:
+            if unsent and (self.spool_rows or self.spilling):
+                self.unsent_front.extend(unsent)  # older than the spooled rows: in front of them
+            elif unsent:
                 self.buffer.restore(unsent)
         elif job.kind is Kind.RAW and job.lane is not None:
             job.lane.busy = False
@@ -165,9 +171,10 @@ class Dispatch:
         return updates
 
     def abandon(self) -> tuple[list[GroupUpdate], int]:
-        """At the exit deadline: the updates of group jobs still in flight (oldest
-        first), now the spool's to keep, and how many SDK messages are lost."""
-        updates: list[GroupUpdate] = []
+        """At the exit deadline: the updates of group jobs that came back unsent
+        or are still in flight, now the spool's to keep in front of its rows,
+        and how many SDK messages are lost."""
+        updates, self.unsent_front = self.unsent_front, []
         lost = 0
         for job in self.jobs:
             if job.abandoned:

@@ -8,7 +8,8 @@ One consumer per (token, API host) (:func:`get_consumer`). Around them:
   application's own Python handler is chained: we flush, then call it;
 - **fork**: the child starts with empty consumers and no threads, the parent
   keeps its updates; a ``multiprocessing`` child (which ends with
-  ``os._exit``) flushes through multiprocessing's own exit finalizers;
+  ``os._exit``) flushes through multiprocessing's own exit finalizers,
+  registered by an after-fork callback (the child clears its finalizers first);
 - a **test seam**: :func:`override` routes every ``get_consumer()`` to one
   consumer (``mixpanel_otel.testing`` uses it).
 """
@@ -21,6 +22,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from time import monotonic
@@ -70,6 +72,7 @@ def register(consumer: Consumer) -> None:
     _LIVE.add(consumer)
     if consumer.flush_on_sigterm:
         _install_sigterm_handler()
+    _watch_multiprocessing()
 
 
 def live_consumers() -> list[Consumer]:
@@ -136,18 +139,65 @@ def _install_sigterm_handler() -> None:
     _sigterm_chained[:] = [] if current == signal.SIG_DFL else [current]
 
 
+_flushed_for_signal = threading.Event()
+_signal_first_seen: list[float] = []
+_RETRY_SIGNAL_AFTER = 0.01  # seconds for the main thread to leave a lock it holds
+
+
 def _on_sigterm(signum: int, frame: Optional[FrameType]) -> None:
-    """Flush (bounded by ``shutdown_timeout``), then do what SIGTERM did before us."""
+    """Flush (bounded by ``shutdown_timeout``), then do what SIGTERM did before us.
+
+    The flush runs in a helper thread while this handler waits: it runs in
+    the main thread between two bytecodes, maybe inside a consumer's lock.
+    When a lock is held (by this very thread, as far as we can tell), the
+    handler returns and the signal comes again a moment later; past the
+    exit bound, the helper flushes without the main thread waiting.
+    """
     chained = _sigterm_chained[0] if _sigterm_chained else signal.SIG_DFL
     if callable(chained):
         # The application stops gracefully and may still log: deliver at once from now on.
-        _in_helper_thread(_flush_eagerly)
+        _in_helper_thread(_flush_eagerly, wait=_locks_free())
         chained(signum, frame)
         return
-    _in_helper_thread(shutdown_all)
+    if not _flushed_for_signal.is_set():
+        if not _signal_first_seen:
+            _signal_first_seen.append(monotonic())
+        if _locks_free():
+            _in_helper_thread(shutdown_all, wait=True)
+        elif monotonic() - _signal_first_seen[0] < _exit_bound():
+            _in_helper_thread(_signal_again, wait=False)
+            return
+        else:
+            _in_helper_thread(_flush_then_signal_again, wait=False)
+            return
     # The default action: die by the signal, as if we were never here (exit status 143).
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _exit_bound() -> float:
+    return max((c.shutdown_timeout for c in list(_LIVE)), default=0.0)
+
+
+def _signal_again() -> None:
+    time.sleep(_RETRY_SIGNAL_AFTER)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _flush_then_signal_again() -> None:
+    shutdown_all()
+    _flushed_for_signal.set()
+    os.kill(os.getpid(), signal.SIGTERM)  # the main thread's handler now lets it kill
+
+
+def _locks_free() -> bool:
+    """Whether every consumer's locks can be taken now (a worker holds them only briefly)."""
+    for consumer in list(_LIVE):
+        for lock in (consumer._finishing, consumer._spill_lock, consumer._cond):
+            if not lock.acquire(timeout=0.05):
+                return False
+            lock.release()
+    return True
 
 
 def _flush_eagerly() -> None:
@@ -159,9 +209,8 @@ def _flush_eagerly() -> None:
         consumer.flush(max(0.1, deadline - monotonic()))
 
 
-def _in_helper_thread(work: Callable[[], None]) -> None:
-    """Run ``work`` in a helper thread and wait for it, within the exit bound. A signal
-    handler runs in the main thread between two bytecodes, maybe holding a consumer's lock."""
+def _in_helper_thread(work: Callable[[], None], wait: bool) -> None:
+    """Run ``work`` in a helper thread; with ``wait``, wait for it within the exit bound."""
     consumers = list(_LIVE)
     if not consumers:
         return
@@ -172,7 +221,8 @@ def _in_helper_thread(work: Callable[[], None]) -> None:
     except RuntimeError:
         work()
         return
-    worker.join(bound + 1.0)
+    if wait:
+        worker.join(bound + 1.0)
 
 
 # -- fork ------------------------------------------------------------------------------
@@ -181,6 +231,8 @@ _fork_held: list[Consumer] = []
 
 
 def _before_fork() -> None:
+    if _LIVE:
+        _watch_multiprocessing()  # multiprocessing may have been imported since
     _LOCK.acquire()
     _fork_held[:] = list(_LIVE)
     for consumer in _fork_held:
@@ -199,17 +251,39 @@ def _after_fork_in_child() -> None:
     for consumer in _fork_held:
         consumer.after_fork()
     _LOCK = threading.Lock()
-    if _fork_held:
-        _flush_at_multiprocessing_exit()
     _fork_held.clear()
 
 
-def _flush_at_multiprocessing_exit() -> None:
-    """multiprocessing ends a forked child with ``os._exit`` (no atexit) after
-    running its own finalizers: flush there."""
+# -- multiprocessing -------------------------------------------------------------------
+
+_MP_SENTINEL = type("_MultiprocessingFlush", (), {})()  # keeps the after-fork entry alive
+_mp_armed_in: list[int] = []
+
+
+def _arm_multiprocessing(_: object = None) -> None:
+    """In a multiprocessing child: flush in multiprocessing's own exit finalizers,
+    since the child ends with ``os._exit`` and skips ``atexit``."""
+    if os.getpid() in _mp_armed_in:
+        return
     util = sys.modules.get("multiprocessing.util")
     if util is not None:
+        _mp_armed_in.append(os.getpid())
         util.Finalize(None, shutdown_all, exitpriority=100)
+
+
+def _watch_multiprocessing() -> None:
+    """Arm every multiprocessing child (and this process, if it is one).
+
+    A child's finalizers are cleared when it starts (``_after_fork``), then
+    the after-fork callbacks run: that is where the flush is registered.
+    """
+    util = sys.modules.get("multiprocessing.util")
+    if util is None:
+        return
+    util.register_after_fork(_MP_SENTINEL, _arm_multiprocessing)
+    process = sys.modules.get("multiprocessing.process")
+    if process is not None and process.parent_process() is not None:
+        _arm_multiprocessing()
 
 
 atexit.register(shutdown_all)

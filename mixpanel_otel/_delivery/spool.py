@@ -225,6 +225,7 @@ class Spool:
         with self._lock:
             db, self._db = self._db, None
             fd, self._lock_fd = self._lock_fd, None
+            self.rows = 0
             if db is not None:
                 try:
                     empty = db.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
