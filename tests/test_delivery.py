@@ -3,6 +3,7 @@ docs/delivery.md about bursts, coalescing, failures and order."""
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import socket
@@ -224,8 +225,12 @@ class RecordingTransport:
 def test_a_429_pauses_every_request_of_the_consumer():
     transport = RecordingTransport()
     consumer = Consumer(
-        TOKEN, "http://rate.limited.invalid", transport=transport, max_in_flight=4,
-        batch_size=10, flush_on_sigterm=False,
+        TOKEN,
+        "http://rate.limited.invalid",
+        transport=transport,
+        max_in_flight=4,
+        batch_size=10,
+        flush_on_sigterm=False,
     )
     try:
         client = GroupClient(consumer=consumer)
@@ -239,3 +244,28 @@ def test_a_429_pauses_every_request_of_the_consumer():
     assert len(later) >= 19
     # Requests already on their way when the 429 came may land; none starts in the pause.
     assert all(t - first >= 0.45 for t in later), [round(t - first, 3) for t in later[:8]]
+
+
+def test_service_account_credentials_authenticate_imports_as_the_sdk_does(tmp_path):
+    import mixpanel
+
+    from mixpanel_otel.sink import Sink
+
+    with Sink(db_path=tmp_path / "sink.db", token=TOKEN).start() as sink:
+        credentials = mixpanel.ServiceAccountCredentials(TOKEN, "secret", "12345")
+        ours = Consumer(TOKEN, sink.url, credentials=credentials, flush_on_sigterm=False)
+        bare = Consumer(TOKEN + "-other", sink.url, flush_on_sigterm=False)
+        try:
+            event = {
+                "event": "signup",
+                "properties": {"time": 1, "distinct_id": "u1", "$insert_id": "a1", "token": TOKEN},
+            }
+            ours.send("imports", json.dumps(event))  # what Mixpanel(...).import_data sends
+            bare.send("imports", json.dumps(event))
+            assert ours.flush(10) and bare.flush(10)
+        finally:
+            ours.shutdown(1)
+            bare.shutdown(1)
+        assert [m["event"] for m in sink.received("import")] == ["signup"]
+        assert ours.stats()["sent"] == 1
+        assert bare.stats()["failed"] == 1  # no credentials: 401, reported, not retried
