@@ -96,6 +96,7 @@ class Consumer:
         self._finishing = threading.Lock()  # one shutdown at a time
         self._flushing = 0  # flush() calls waiting
         self._eager = False  # after a chained SIGTERM: every update is sent at once
+        self._eager_until = 0.0  # ... and callers wait for it until then
         self._next_tick = monotonic() + self.flush_interval
         self._deadline: Optional[float] = None  # the exit deadline while shutting down
         self._closing = False
@@ -156,8 +157,20 @@ class Consumer:
                     self._cond.notify()
             if not self._worker.started:
                 self._worker.ensure()
+            if self._eager_until:
+                self._deliver_before_returning()
             return
         self._admit(updates, None, wait=True)
+        if self._eager_until:
+            self._deliver_before_returning()
+
+    def _deliver_before_returning(self) -> None:
+        """After a SIGTERM an application handles itself, the process may die by the
+        signal once that handler is done: updates made meanwhile (a shutdown hook's
+        last log line) are delivered before the call returns, within the exit bound."""
+        left = self._eager_until - monotonic()
+        if left > 0 and threading.get_ident() not in WORKER_THREADS:
+            self.flush(left)
 
     def submit(self, updates: Sequence[GroupUpdate]) -> Receipt:
         """Queue updates and return a :class:`Receipt` that settles when all are settled.
@@ -624,7 +637,9 @@ class Consumer:
     # -- flush, stats, exit, fork ---------------------------------------------------
 
     def send_eagerly(self) -> None:
-        """From now on send every update at once (the process is about to stop)."""
+        """From now on send every update at once, and make callers wait for it
+        within ``shutdown_timeout`` (the process is about to stop)."""
+        self._eager_until = monotonic() + self.shutdown_timeout
         with self._cond:
             self._eager = True
             self._dispatch.draining = True

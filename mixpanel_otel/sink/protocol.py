@@ -244,7 +244,8 @@ def _percent_decode(raw: bytes) -> bytes:
         return raw
     try:
         escaped = raw.replace(b"\\", b"\\\\").replace(b"%", b"\\x")
-        return codecs.escape_decode(escaped)[0]
+        decoded: Any = codecs.escape_decode(escaped)[0]  # bytes (typeshed for 3.9 says str)
+        return bytes(decoded)
     except ValueError:
         return unquote_to_bytes(raw)
 
