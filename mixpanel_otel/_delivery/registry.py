@@ -30,6 +30,7 @@ from types import FrameType
 from typing import Any, Callable, Optional, Union
 
 from .._config import resolve_options, resolve_target
+from . import signals
 from .consumer import Consumer
 from .stats import logger
 
@@ -140,8 +141,6 @@ def _install_sigterm_handler() -> None:
 
 
 _flushed_for_signal = threading.Event()
-_signal_first_seen: list[float] = []
-_RETRY_SIGNAL_AFTER = 0.01  # seconds for the main thread to leave a lock it holds
 
 
 def _on_sigterm(signum: int, frame: Optional[FrameType]) -> None:
@@ -150,8 +149,9 @@ def _on_sigterm(signum: int, frame: Optional[FrameType]) -> None:
     The flush runs in a helper thread while this handler waits: it runs in
     the main thread between two bytecodes, maybe inside a consumer's lock.
     When a lock is held (by this very thread, as far as we can tell), the
-    handler returns and the signal comes again a moment later; past the
-    exit bound, the helper flushes without the main thread waiting.
+    signal is deferred (:mod:`.signals`) to the moment the consumer lets go
+    of it; a watchdog flushes anyway if that moment does not come within
+    the exit bound.
     """
     chained = _sigterm_chained[0] if _sigterm_chained else signal.SIG_DFL
     if callable(chained):
@@ -160,34 +160,23 @@ def _on_sigterm(signum: int, frame: Optional[FrameType]) -> None:
         chained(signum, frame)
         return
     if not _flushed_for_signal.is_set():
-        if not _signal_first_seen:
-            _signal_first_seen.append(monotonic())
-        if _locks_free():
-            _in_helper_thread(shutdown_all, wait=True)
-        elif monotonic() - _signal_first_seen[0] < _exit_bound():
-            _in_helper_thread(_signal_again, wait=False)
+        if not _locks_free():
+            signals.defer(lambda: _on_sigterm(signum, None))
+            _in_helper_thread(_watchdog, wait=False)
             return
-        else:
-            _in_helper_thread(_flush_then_signal_again, wait=False)
-            return
+        _in_helper_thread(shutdown_all, wait=True)
     # The default action: die by the signal, as if we were never here (exit status 143).
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _exit_bound() -> float:
-    return max((c.shutdown_timeout for c in list(_LIVE)), default=0.0)
-
-
-def _signal_again() -> None:
-    time.sleep(_RETRY_SIGNAL_AFTER)
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _flush_then_signal_again() -> None:
-    shutdown_all()
-    _flushed_for_signal.set()
-    os.kill(os.getpid(), signal.SIGTERM)  # the main thread's handler now lets it kill
+def _watchdog() -> None:
+    """A deferred signal not handled within the exit bound: flush from here, then kill."""
+    time.sleep(max((c.shutdown_timeout for c in list(_LIVE)), default=0.0))
+    if signals.pending:
+        shutdown_all()
+        _flushed_for_signal.set()
+        os.kill(os.getpid(), signal.SIGTERM)  # the main thread's handler now lets it kill
 
 
 def _locks_free() -> bool:
