@@ -17,8 +17,6 @@ import threading
 import time
 import urllib.request
 
-import pytest
-
 from mixpanel_otel._delivery.spool import Spool, spooled_rows
 from mixpanel_otel.sink import Fault
 
