@@ -85,7 +85,6 @@ class Consumer(Intake, Pipeline, Lifecycle):
         self.held = 0  # pending + in flight, read without the lock by the hot path
         self.held_bytes = 0
         self._spool = Spool(self.spool_dir, self._token, self.base_url) if self.spool_dir else None
-        self._spool_adopted = False
         self._spill_lock = threading.Lock()  # one mover at a time keeps the spool in order
         self._finishing = threading.Lock()  # one shutdown at a time
         self._flushing = 0  # flush() calls waiting
