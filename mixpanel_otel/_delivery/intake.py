@@ -30,6 +30,8 @@ __all__ = ["Intake"]
 
 
 class Intake(ConsumerState):
+    """The callers' side of the consumer (see the module docstring)."""
+
     def enqueue(self, updates: Iterable[GroupUpdate]) -> None:
         """Queue updates from the caller's thread: an append; never I/O, never raises.
 

@@ -23,6 +23,8 @@ _DEFAULT_FLUSH_TIMEOUT = 30.0
 
 
 class Lifecycle(ConsumerState):
+    """Flush, exit and spills of the consumer (see the module docstring)."""
+
     def _spill(
         self, extra: list[GroupUpdate], in_flight: Optional[list[GroupUpdate]] = None
     ) -> int:

@@ -28,6 +28,8 @@ __all__ = ["Pipeline"]
 
 
 class Pipeline(ConsumerState):
+    """The worker threads' side of the consumer (see the module docstring)."""
+
     def _loop(self) -> None:
         """One worker thread: take a job, run it, settle it, until stopped."""
         self._adopt_spool()
