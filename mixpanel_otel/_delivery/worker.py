@@ -48,6 +48,7 @@ class Worker:
         self.name = name
         self._pid = os.getpid()
         self._threads: list[threading.Thread] = []
+        self._running = 0  # threads started whose loop has not ended
         self._lock = threading.Lock()
         self.started = False  # read without the lock by the hot path
 
@@ -57,15 +58,18 @@ class Worker:
             if self._pid != os.getpid():
                 self._pid = os.getpid()
                 self._threads = []
+                self._running = 0
             self._threads = [thread for thread in self._threads if thread.is_alive()]
             while len(self._threads) < self.count:
                 thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._running += 1
                 try:
                     thread.start()
                 except RuntimeError:  # "can't create new thread at interpreter shutdown"
+                    self._running -= 1
                     break
                 self._threads.append(thread)
-            self.started = bool(self._threads)
+            self.started = self._running > 0
             return self.started
 
     def after_fork(self) -> None:
@@ -73,6 +77,7 @@ class Worker:
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._threads = []
+        self._running = 0
         self.started = False
 
     def alive(self) -> int:
@@ -94,5 +99,5 @@ class Worker:
         finally:
             WORKER_THREADS.discard(ident)
             with self._lock:
-                if not any(t.is_alive() and t.ident != ident for t in self._threads):
-                    self.started = False
+                self._running -= 1
+                self.started = self._running > 0
