@@ -83,11 +83,20 @@ class Pipeline(ConsumerState):
     def _run(self, job: Job) -> None:
         """Encode and send one job (no lock held), then settle it."""
         refusals: list[tuple[Any, str]] = []
+        messages: list[Message] = []
         result = Result()
         try:
             if job.kind is Kind.GROUPS:
-                messages, refusals = self._encode_updates(job.updates)
                 path, auth, extra = "/groups", None, ""
+                body = self._encoder.batch_body(job.updates)
+                sent = self._sender.deliver_body(path, body, job.updates) if body else None
+                if isinstance(sent, Result):
+                    result = sent
+                else:  # not encodable in one piece, or refused: message by message
+                    messages, refusals = self._encode_updates(job.updates)
+                    if sent is not None and sent.outcome is not Outcome.REJECTED:
+                        result.refused = [(message, sent.reason) for message in messages]
+                        messages = []  # 401, 403, 4xx: reported, never sent again
             elif job.kind is Kind.SPOOL:
                 assert self._spool is not None
                 rows = self._spool.peek(self.batch_size)

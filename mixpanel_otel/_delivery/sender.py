@@ -15,7 +15,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from time import monotonic
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from .._transport import BODY_CLOSE, BODY_OPEN, SEPARATOR, Answer, Outcome, Post, form_body
 from .._wire import MAX_BATCH_BYTES
@@ -125,6 +125,48 @@ class Sender:
         left = deadline - self.clock()
         return None if left <= 0.01 else min(self.request_timeout, left)
 
+    def deliver_body(self, path: str, body: str, origins: list[Any]) -> Union[Result, Answer]:
+        """Send a batch already encoded as one body (the encoder's fast path).
+
+        Delivered, or left unsent at the deadline: the result, with
+        text-less messages that name their origins. Refused: Mixpanel's
+        answer; the caller then splits the batch (status 0, 413) or reports
+        every message (401, 403, other 4xx), as :meth:`deliver` does.
+        """
+        result = Result()
+        answer = self._post(path, body, None, result)
+        if answer is None:
+            result.unsent = [Message("", "", origin) for origin in origins]
+            return result
+        if answer.outcome is Outcome.OK:
+            result.delivered = [Message("", "", origin) for origin in origins]
+            return result
+        return answer
+
+    def _post(
+        self, path: str, body: str, auth: Optional[tuple[str, str]], result: Result
+    ) -> Optional[Answer]:
+        """Post ``body`` until an answer other than "retry"; None when out of time or tries."""
+        attempt = 0
+        while True:
+            timeout = self._timeout()
+            if timeout is None or not self.before_post():
+                return None
+            answer = self.transport.post(path, body, auth, timeout)
+            self.on_answer(answer)
+            if answer.outcome is not Outcome.RETRY:
+                return answer
+            attempt += 1
+            result.reason = answer.reason
+            if self.max_attempts is not None and attempt >= self.max_attempts:
+                return None
+            delay = self.backoff.delay(attempt, answer)
+            deadline = self.deadline()
+            if deadline is not None:
+                delay = min(delay, deadline - self.clock())
+            if delay < 0 or not self.wait(delay):
+                return None
+
     def _deliver(
         self,
         path: str,
@@ -133,39 +175,18 @@ class Sender:
         extra: str,
         result: Result,
     ) -> None:
-        attempt = 0
         body = form_body((message.quoted for message in chunk), extra)
-        while True:
-            timeout = self._timeout()
-            if timeout is None or not self.before_post():
-                result.unsent.extend(chunk)
-                return
-            answer = self.transport.post(path, body, auth, timeout)
-            self.on_answer(answer)
-            if answer.outcome is Outcome.OK:
-                result.delivered.extend(chunk)
-                return
-            if answer.outcome is Outcome.RETRY:
-                attempt += 1
-                result.reason = answer.reason
-                if self.max_attempts is not None and attempt >= self.max_attempts:
-                    result.unsent.extend(chunk)
-                    return
-                delay = self.backoff.delay(attempt, answer)
-                deadline = self.deadline()
-                if deadline is not None:
-                    delay = min(delay, deadline - self.clock())
-                if delay < 0 or not self.wait(delay):
-                    result.unsent.extend(chunk)
-                    return
-                continue
-            if answer.outcome is Outcome.REJECTED and len(chunk) > 1:
-                half = len(chunk) // 2
-                for part in (chunk[:half], chunk[half:]):
-                    if result.unsent:
-                        result.unsent.extend(part)
-                    else:
-                        self._deliver(path, part, auth, extra, result)
-                return
+        answer = self._post(path, body, auth, result)
+        if answer is None:
+            result.unsent.extend(chunk)
+        elif answer.outcome is Outcome.OK:
+            result.delivered.extend(chunk)
+        elif answer.outcome is Outcome.REJECTED and len(chunk) > 1:
+            half = len(chunk) // 2
+            for part in (chunk[:half], chunk[half:]):
+                if result.unsent:
+                    result.unsent.extend(part)
+                else:
+                    self._deliver(path, part, auth, extra, result)
+        else:
             result.refused.extend((message, answer.reason) for message in chunk)
-            return

@@ -147,3 +147,36 @@ def test_classify_sorts_mixpanel_answers():
     assert limited.outcome is Outcome.RETRY and limited.retry_after == 3.0
     assert classify(401, '{"error": "Invalid token", "status": "error"}').outcome is Outcome.FATAL
     assert classify(400, "nope").outcome is Outcome.FATAL
+
+
+def test_a_batch_encoded_in_one_piece_is_byte_identical_to_joined_messages():
+    from mixpanel_otel._transport import form_body
+
+    encoder = Encoder("tok", None)
+    updates = [
+        make_update("company", f"g{i}", op, payload, 1.5 + i, meta)
+        for i, (op, payload, meta) in enumerate(
+            [
+                ("$set", {"name": "Ünïcode ✓", "n": 1.0, "nested": {"a": [True, None]}}, None),
+                ("$union", {"tags": ["a b", "c&d=e"]}, {"$ip": "1.2.3.4"}),
+                ("$unset", ["x", "y"], None),
+                ("$delete", "", {"$ignore_time": True}),
+            ]
+        )
+    ]
+    joined = form_body(m.quoted for m in encoder.updates(updates)[0])
+    assert encoder.batch_body(updates) == joined
+
+
+def test_a_refused_one_piece_batch_comes_back_for_splitting():
+    clock = Clock()
+    transport = FakeTransport(bad={"b"})
+    batch = messages("a", "b", "c")
+    encoder = Encoder("tok", None)
+    updates = [m.origin for m in batch]
+    refused = sender(transport, clock).deliver_body("/groups", encoder.batch_body(updates), updates)
+    assert isinstance(refused, Answer) and refused.outcome is Outcome.REJECTED
+    good = [m.origin for m in messages("x", "y")]
+    result = sender(transport, clock).deliver_body("/groups", encoder.batch_body(good), good)
+    assert not isinstance(result, Answer)
+    assert [m.origin.group_id for m in result.delivered] == ["x", "y"]
