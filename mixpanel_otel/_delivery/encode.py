@@ -1,9 +1,12 @@
-"""Encoding: an update (or an SDK message) becomes wire text, once.
+"""Encoding: updates (or SDK messages) become wire text.
 
-``before_send`` runs here, on the wire dict; the JSON text and its
-form-quoted form are made once and reused for sizing, batching, retries,
-splits and the spool. A message that cannot go (over Mixpanel's 1 MB limit,
-not JSON, ``before_send`` raised) is an :class:`Unsendable` with its reason.
+A batch of group updates is first encoded in one piece (:meth:`Encoder.batch_body`:
+one ``json.dumps`` of the array, the request body byte for byte); it is encoded
+message by message (:meth:`Encoder.updates`) only when it must be: ``before_send``,
+a limit, or a batch Mixpanel refused that must be split. Each message's JSON text
+and form-quoted form are then made once and reused for sizing, retries, splits
+and the spool. A message that cannot go (over Mixpanel's 1 MB limit, not JSON,
+``before_send`` raised) is an :class:`Unsendable` with its reason.
 """
 
 from __future__ import annotations
