@@ -247,6 +247,7 @@ def _after_fork_in_child() -> None:
 
 _MP_SENTINEL = type("_MultiprocessingFlush", (), {})()  # keeps the after-fork entry alive
 _mp_armed_in: list[int] = []
+_mp_watched_in: list[int] = []
 
 
 def _arm_multiprocessing(_: object = None) -> None:
@@ -269,7 +270,9 @@ def _watch_multiprocessing() -> None:
     util = sys.modules.get("multiprocessing.util")
     if util is None:
         return
-    util.register_after_fork(_MP_SENTINEL, _arm_multiprocessing)
+    if os.getpid() not in _mp_watched_in:  # once per process: the registry only grows
+        _mp_watched_in.append(os.getpid())
+        util.register_after_fork(_MP_SENTINEL, _arm_multiprocessing)
     process = sys.modules.get("multiprocessing.process")
     if process is not None and process.parent_process() is not None:
         _arm_multiprocessing()
