@@ -1,4 +1,5 @@
-"""Subprocess helpers for crash tests: child scripts, markers, and what the sink got.
+"""Helpers the tests share: scripts in subprocesses, free ports, and (for the crash
+tests) child scripts, markers and what the sink got.
 
 A child script starts with :data:`PRELUDE`: ``make(**options)`` builds a
 ``GroupClient`` on the shared consumer (fast backoff), ``emit(...)`` sends a
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -29,6 +31,29 @@ from typing import Any, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = "test-token"
+
+
+def run_script(source: str, sink: Any, timeout: float = 60, **env: str) -> tuple[Any, float]:
+    """Run ``source`` in a fresh interpreter against ``sink``; (result, seconds). It must exit 0."""
+    environment = dict(os.environ, MIXPANEL_TOKEN=TOKEN, MIXPANEL_API_HOST=sink.url, **env)
+    environment["PYTHONPATH"] = ROOT + os.pathsep + environment.get("PYTHONPATH", "")
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(source)],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr
+    return result, time.monotonic() - started
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (now)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 PRELUDE = """
 import os, sys, time, random, threading

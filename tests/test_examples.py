@@ -11,7 +11,7 @@ import time
 import requests
 
 from .conftest import TOKEN
-from .test_zero_code import _free_port
+from .helpers import free_port as _free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")

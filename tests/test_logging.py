@@ -12,7 +12,7 @@ import structlog
 from mixpanel_otel import MixpanelGroupHandler, MixpanelGroupProcessor
 
 from .conftest import TOKEN
-from .test_process import run_script
+from .helpers import run_script
 
 
 @pytest.fixture

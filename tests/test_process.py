@@ -2,32 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-import time
-
 from mixpanel_otel.sink import Fault
 
-from .conftest import TOKEN
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_script(source, sink, timeout=60, **env):
-    environment = dict(os.environ, MIXPANEL_TOKEN=TOKEN, MIXPANEL_API_HOST=sink.url, **env)
-    environment["PYTHONPATH"] = ROOT + os.pathsep + environment.get("PYTHONPATH", "")
-    started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(source)],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert result.returncode == 0, result.stderr
-    return result, time.monotonic() - started
+from .helpers import run_script
 
 
 def test_exit_flush_delivers_everything_without_flush_or_close(sink):

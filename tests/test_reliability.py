@@ -17,7 +17,7 @@ from mixpanel_otel._delivery.spool import Spool, spooled_rows
 from mixpanel_otel.sink import Fault
 
 from .conftest import TOKEN
-from .test_process import run_script
+from .helpers import run_script
 
 
 def _client(make_consumer, sink, **options):

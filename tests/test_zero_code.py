@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,14 +11,9 @@ import time
 import requests
 
 from .conftest import TOKEN
+from .helpers import free_port as _free_port
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", "flask_zero_code")
-
-
-def _free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_flask_app_under_opentelemetry_instrument(sink):
