@@ -57,9 +57,6 @@ class Buffer:
     def __len__(self) -> int:
         return self.count
 
-    def groups(self) -> int:
-        return len(self._groups)
-
     def coalesce(self, update: GroupUpdate) -> int:
         """Fold ``update`` into what is pending for its group, if it can be.
 

@@ -34,7 +34,7 @@ from . import signals
 from .consumer import Consumer
 from .stats import logger
 
-__all__ = ["get_consumer", "live_consumers", "override", "reset", "shutdown_all"]
+__all__ = ["get_consumer", "override", "reset", "shutdown_all"]
 
 _LIVE: weakref.WeakSet[Consumer] = weakref.WeakSet()
 _SHARED: dict[tuple[str, str], Consumer] = {}
@@ -74,10 +74,6 @@ def register(consumer: Consumer) -> None:
     if consumer.flush_on_sigterm:
         _install_sigterm_handler()
     _watch_multiprocessing()
-
-
-def live_consumers() -> list[Consumer]:
-    return list(_LIVE)
 
 
 @contextlib.contextmanager

@@ -100,6 +100,7 @@ class Gateway:
             "status": status,
             "gateway": self.ingest.stats(),
             "consumer": self.consumer.stats(),
+            "delivery": self.consumer.health.describe(),  # failing for how long, and why
         }
         return status != "stopping", document
 

@@ -124,6 +124,18 @@ def _endpoint_name(endpoint: str) -> str:
     return name
 
 
+def _profile_filter(group_key: Optional[str], id_contains: Optional[str]) -> tuple[str, list[str]]:
+    """The ``WHERE`` clause (or "") and its parameters for a profile listing."""
+    where, params = [], []
+    if group_key:
+        where.append("group_key = ?")
+        params.append(group_key)
+    if id_contains:
+        where.append("group_id LIKE ? ESCAPE '\\'")
+        params.append(_like(id_contains))
+    return (" WHERE " + " AND ".join(where) if where else ""), params
+
+
 def _like(text: str) -> str:
     escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return f"%{escaped}%"
@@ -155,16 +167,8 @@ class Reader:
         limit: Optional[int] = None,
     ) -> list[JSONDict]:
         """Profiles with ``created_at``/``updated_at``; by (group_key, group_id) or newest first."""
-        where, params = [], []
-        if group_key:
-            where.append("group_key = ?")
-            params.append(group_key)
-        if id_contains:
-            where.append("group_id LIKE ? ESCAPE '\\'")
-            params.append(_like(id_contains))
-        sql = "SELECT group_key, group_id, properties, created_at, updated_at FROM profiles"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
+        where, params = _profile_filter(group_key, id_contains)
+        sql = "SELECT group_key, group_id, properties, created_at, updated_at FROM profiles" + where
         sql += " ORDER BY " + (
             "updated_at DESC, group_key, group_id" if recent_first else "group_key, group_id"
         )
@@ -185,16 +189,8 @@ class Reader:
         self, group_key: Optional[str] = None, id_contains: Optional[str] = None
     ) -> list[JSONDict]:
         """``group_key``, ``group_id``, ``properties`` of every profile, sorted by the first two."""
-        where, params = [], []
-        if group_key:
-            where.append("group_key = ?")
-            params.append(group_key)
-        if id_contains:
-            where.append("group_id LIKE ? ESCAPE '\\'")
-            params.append(_like(id_contains))
-        sql = "SELECT group_key, group_id, properties FROM profiles"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
+        where, params = _profile_filter(group_key, id_contains)
+        sql = "SELECT group_key, group_id, properties FROM profiles" + where
         rows = self._query(sql + " ORDER BY group_key, group_id", params)
         return [{"group_key": k, "group_id": i, "properties": _loads(p)} for k, i, p in rows]
 
