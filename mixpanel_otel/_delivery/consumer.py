@@ -153,6 +153,26 @@ class Consumer(Intake, Pipeline, Lifecycle):
     def _scrub(self, text: str) -> str:
         return text.replace(self._token, "<token>")
 
+    def quiescent(self, timeout: float = 0.05) -> bool:
+        """Whether this consumer's locks can be taken within ``timeout`` s each now.
+
+        A SIGTERM handler asks before flushing: a lock held by the very thread
+        the signal interrupted would never be let go (:mod:`.signals`).
+        """
+        for lock in (self._finishing, self._spill_lock, self._cond):
+            if not lock.acquire(timeout=timeout):
+                return False
+            lock.release()
+        return True
+
+    def before_fork(self) -> None:
+        """Hold the lock across ``fork()``, so the child's copy is not taken mid-change."""
+        self._cond.acquire()
+
+    def after_fork_in_parent(self) -> None:
+        """Let go of what :meth:`before_fork` took."""
+        self._cond.release()
+
     def _check_fork(self) -> None:
         if self._pid != os.getpid():
             self.after_fork()
