@@ -26,6 +26,7 @@ except ImportError:  # pragma: no cover - SDK releases before the rename
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
+from . import _upstream
 from ._frontend import ConsumerLike, FrontEnd
 from ._rules import RulesSource
 from ._translate import EVENT_NAME
@@ -80,6 +81,8 @@ class _Exporter:
         self._translate = self._front.translator.translate
         self._off = not self._front.enabled
         self._stopped = False
+        if not self._off:  # its processor is flushed before our consumer at SIGTERM and exit
+            _upstream.attach(self)
 
     @property
     def disabled(self) -> Optional[str]:

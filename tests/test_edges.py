@@ -16,17 +16,19 @@ import signal
 import sqlite3
 import stat
 import subprocess
+import sys
 import threading
 import time
 import uuid
 
 import pytest
+import requests
 
 from mixpanel_otel import GroupClient
 from mixpanel_otel._delivery.spool import Spool, spooled_rows
 
 from .conftest import TOKEN
-from .helpers import Child
+from .helpers import Child, Plan, compare, free_port
 
 CORE = pytest.mark.xfail(strict=True, reason="fixed by the consumer restructure")
 
@@ -294,3 +296,170 @@ def test_spool_files_are_private_and_hold_no_token(sink, make_consumer, tmp_path
     assert client.flush(10)
     assert len(sink.profiles()) == 50
     assert all(m["$token"] == TOKEN for m in sink.received("groups"))
+
+
+# -- 1. SIGTERM flushes the host's OpenTelemetry pipeline first -----------------------------
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("example", ["flask_zero_code", "fastapi_zero_code"])
+def test_sigterm_soon_after_a_request_delivers_every_property(sink, example):
+    port = free_port()
+    bindir = os.path.dirname(sys.executable)
+    env = dict(
+        os.environ,
+        PATH=bindir + os.pathsep + os.environ.get("PATH", ""),
+        PORT=str(port),
+        MIXPANEL_TOKEN=TOKEN,
+        MIXPANEL_API_HOST=sink.url,
+    )
+    app = subprocess.Popen(
+        ["bash", os.path.join(EXAMPLES, example, "run.sh")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                requests.get(base + "/health", timeout=1)
+                break
+            except requests.ConnectionError:
+                assert app.poll() is None, app.stdout.read() if app.stdout else ""
+                assert time.monotonic() < deadline, "the app did not start"
+                time.sleep(0.1)
+        answer = requests.post(
+            f"{base}/checkout?seats=3", headers={"X-Tenant-Id": "acme"}, timeout=5
+        )
+        assert answer.json() == {"ok": True, "tenant": "acme"}
+        time.sleep(0.3)  # the scenario itself: SIGTERM 0.3 s after the request
+        app.send_signal(signal.SIGTERM)
+        output, _ = app.communicate(timeout=30)
+    finally:
+        if app.poll() is None:
+            app.kill()
+            app.communicate(timeout=10)
+    acme = sink.profile("company", "acme")
+    assert acme is not None, output
+    assert set(acme) == {"seats", "first_seen", "last_route", "last_seen", "last_service"}, (
+        acme,
+        output,
+    )
+    assert acme["seats"] == 3 and acme["last_route"] == "/checkout", acme
+
+
+# -- 2. multiprocessing pools end promptly and deliver everything ---------------------------
+
+POOLS = """
+import multiprocessing, faulthandler, signal as _signal
+from concurrent.futures import ProcessPoolExecutor
+ctx = multiprocessing.get_context("fork")
+client, consumer = make(flush_interval=60, shutdown_timeout=3)
+
+def work(task):
+    run, n = task
+    emit(client, f"r{run}w{n}", [f"r{run}w{n}"], 3)
+    return os.getpid()
+
+def prefork_worker(tasks):  # a Celery-style prefork child: loops until SIGTERM
+    while True:
+        work(tasks.get())
+        mark(f"done {os.getpid()}")
+
+pids = []
+how, runs = sys.argv[1], int(sys.argv[2])
+for run in range(runs):
+    faulthandler.dump_traceback_later(20, exit=True)  # a hung run fails, with its stack
+    jobs = [(run, n) for n in range(12)]
+    if how == "with":
+        with ctx.Pool(4) as pool:
+            pids += [p.pid for p in pool._pool]
+            pool.map(work, jobs)
+    elif how == "terminate":
+        pool = ctx.Pool(4)
+        pids += [p.pid for p in pool._pool]
+        pool.map(work, jobs)
+        pool.terminate()
+        pool.join()
+    elif how == "close":
+        pool = ctx.Pool(4)
+        pids += [p.pid for p in pool._pool]
+        pool.map(work, jobs)
+        pool.close()
+        pool.join()
+    elif how == "executor":
+        with ProcessPoolExecutor(4, mp_context=ctx) as executor:
+            pids += list(executor.map(work, jobs))
+    elif how == "prefork":
+        tasks = ctx.SimpleQueue()
+        workers = [ctx.Process(target=prefork_worker, args=(tasks,)) for _ in range(4)]
+        for w in workers:
+            w.start()
+        pids += [w.pid for w in workers]
+        for job in jobs:
+            tasks.put(job)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if os.path.exists(os.environ["MARK"]):
+                with open(os.environ["MARK"]) as f:
+                    if sum(line.startswith("done ") for line in f) >= 12 * (run + 1):
+                        break
+            time.sleep(0.01)
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            w.join(10)
+            assert w.exitcode == -_signal.SIGTERM, w.exitcode
+    faulthandler.cancel_dump_traceback_later()
+print("PIDS", " ".join(map(str, pids)))
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def busy_cpu():
+    """Two busy processes beside the test (ended by pid afterwards)."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait(10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "how, runs", [("with", 40), ("terminate", 2), ("close", 2), ("executor", 2), ("prefork", 2)]
+)
+def test_pools_end_promptly_and_deliver_under_cpu_load(sink, tmp_path, busy_cpu, how, runs):
+    child = Child(POOLS, sink.url, str(tmp_path), f"pools-{how}", how, str(runs))
+    try:
+        code = child.wait(25 * runs)
+        out, err = child.stdout, child.stderr
+    finally:
+        child.close()
+    pids = [int(p) for p in out.split("PIDS", 1)[1].split()] if "PIDS" in out else []
+    survivors = [pid for pid in pids if _alive(pid)]
+    for pid in survivors:  # ours: never leave one behind
+        os.kill(pid, signal.SIGKILL)
+    assert code == 0, err
+    assert not survivors, survivors
+    plan = Plan()
+    for run in range(runs):
+        for n in range(12):
+            plan.emit(f"r{run}w{n}", [f"r{run}w{n}"], 3)
+    outcome = compare(sink, plan)
+    assert not outcome.lost and not outcome.stale, outcome

@@ -6,6 +6,10 @@ One consumer per (token, API host) (:func:`get_consumer`). Around them:
 - **SIGTERM**: when its action would kill the process (the default), a handler
   flushes first, then lets the default action happen (same exit status); an
   application's own Python handler is chained: we flush, then call it;
+- **one exit budget**: the first SIGTERM or exit flush starts the clock; every
+  later one (the exit after a chained handler, multiprocessing's finalizers)
+  gets what is left of the same ``shutdown_timeout``. Hooks registered with
+  :func:`flush_first` (the host's OpenTelemetry processors) run first, within it;
 - **fork**: the child starts with empty consumers and no threads, the parent
   keeps its updates; a ``multiprocessing`` child (which ends with
   ``os._exit``) flushes through multiprocessing's own exit finalizers,
@@ -34,7 +38,7 @@ from . import signals
 from .consumer import Consumer
 from .stats import logger
 
-__all__ = ["get_consumer", "override", "reset", "shutdown_all"]
+__all__ = ["flush_first", "get_consumer", "override", "reset", "shutdown_all"]
 
 _LIVE: weakref.WeakSet[Consumer] = weakref.WeakSet()
 _SHARED: dict[tuple[str, str], Consumer] = {}
@@ -96,20 +100,65 @@ def reset(timeout: float = 2.0) -> None:
         _LIVE.discard(consumer)
 
 
+def flush_first(hook: Callable[[float], None]) -> None:
+    """Run ``hook(seconds)`` before the consumers are flushed at SIGTERM and exit.
+
+    For what sits upstream of the consumers: the host's OpenTelemetry batch
+    processors hold spans and log records for seconds before they reach our
+    exporters. Registered once per hook; it must not raise.
+    """
+    if hook not in _FIRST:
+        _FIRST.append(hook)
+
+
+_FIRST: list[Callable[[float], None]] = []
+_MARGIN = 0.1  # what a consumer still gets once the budget is spent
+_SPILL_GRACE = 1.0  # a SIGTERM waits this long past the deadline for the spill to finish
+
+
+class _Budget:
+    """The one exit deadline, started by the first SIGTERM or exit flush."""
+
+    deadline: Optional[float] = None
+
+    def start(self) -> float:
+        """The exit deadline, started now (``shutdown_timeout`` away) if not yet."""
+        if self.deadline is None:
+            bound = max((c.shutdown_timeout for c in list(_LIVE)), default=0.0)
+            self.deadline = monotonic() + bound
+        return self.deadline
+
+    def left(self) -> float:
+        return max(0.0, self.start() - monotonic())
+
+
+_budget = _Budget()
+
+
+def _flush_upstream(deadline: float) -> None:
+    for hook in list(_FIRST):
+        try:
+            hook(max(0.0, deadline - monotonic()))
+        except Exception as exc:  # upstream's failure must not cost our flush
+            logger.error("mixpanel-otel: flushing upstream telemetry failed: %r", exc)
+
+
 def shutdown_all(timeout: Optional[float] = None) -> None:
     """Shut every consumer down, one after the other, within one overall bound.
 
-    No new threads here: Python 3.12+ refuses to start one at exit, so a
-    consumer whose workers are gone sends from this thread.
+    Without ``timeout`` the bound is what is left of the exit budget (a
+    SIGTERM flush before this one used the rest). No new threads here:
+    Python 3.12+ refuses to start one at exit, so a consumer whose workers
+    are gone sends from this thread.
     """
     consumers = list(_LIVE)
     if not consumers:
         return
-    bound = max(c.shutdown_timeout for c in consumers) if timeout is None else timeout
-    deadline = monotonic() + bound
+    deadline = _budget.start() if timeout is None else monotonic() + timeout
+    _flush_upstream(deadline)
     for consumer in consumers:
         try:
-            consumer.shutdown(max(0.1, deadline - monotonic()))
+            consumer.shutdown(max(_MARGIN, deadline - monotonic()))
         except Exception as exc:  # never let one consumer cost the others their flush
             logger.error("mixpanel-otel: exit flush failed: %r", exc)
 
@@ -137,9 +186,24 @@ def _install_sigterm_handler() -> None:
 
 
 _flushed_for_signal = threading.Event()
+_sigterm_seen = threading.Event()  # the handler ran: the nudges (:mod:`.signals`) stop
+_in_handler: list[bool] = []
 
 
 def _on_sigterm(signum: int, frame: Optional[FrameType]) -> None:
+    """Handle SIGTERM once at a time: one sent again meanwhile (a nudge, an impatient
+    supervisor) would otherwise start a second flush inside the first one's wait."""
+    _sigterm_seen.set()
+    if _in_handler:
+        return
+    _in_handler.append(True)
+    try:
+        _handle_sigterm(signum, frame)
+    finally:
+        _in_handler.clear()
+
+
+def _handle_sigterm(signum: int, frame: Optional[FrameType]) -> None:
     """Flush (bounded by ``shutdown_timeout``), then do what SIGTERM did before us.
 
     The flush runs in a helper thread while this handler waits: it runs in
@@ -167,8 +231,9 @@ def _on_sigterm(signum: int, frame: Optional[FrameType]) -> None:
 
 
 def _watchdog() -> None:
-    """A deferred signal not handled within the exit bound: flush from here, then kill."""
-    time.sleep(max((c.shutdown_timeout for c in list(_LIVE)), default=0.0))
+    """A deferred signal not handled within half the exit budget: flush from here
+    within the other half, then kill."""
+    time.sleep(_budget.left() / 2)
     if signals.pending:
         shutdown_all()
         _flushed_for_signal.set()
@@ -184,17 +249,17 @@ def _flush_eagerly() -> None:
     consumers = list(_LIVE)
     for consumer in consumers:
         consumer.send_eagerly()
-    deadline = monotonic() + max((c.shutdown_timeout for c in consumers), default=0.0)
+    deadline = _budget.start()
+    _flush_upstream(deadline)
     for consumer in consumers:
-        consumer.flush(max(0.1, deadline - monotonic()))
+        consumer.flush(max(_MARGIN, deadline - monotonic()))
 
 
 def _in_helper_thread(work: Callable[[], None], wait: bool) -> None:
-    """Run ``work`` in a helper thread; with ``wait``, wait for it within the exit bound."""
-    consumers = list(_LIVE)
-    if not consumers:
+    """Run ``work`` in a helper thread; with ``wait``, wait for it within the exit budget."""
+    if not _LIVE:
         return
-    bound = max(c.shutdown_timeout for c in consumers)
+    left = _budget.left()
     worker = threading.Thread(target=work, name="mixpanel-otel-sigterm", daemon=True)
     try:
         worker.start()
@@ -202,7 +267,7 @@ def _in_helper_thread(work: Callable[[], None], wait: bool) -> None:
         work()
         return
     if wait:
-        worker.join(bound + 1.0)
+        worker.join(left + _SPILL_GRACE)
 
 
 # -- fork ------------------------------------------------------------------------------
@@ -210,7 +275,38 @@ def _in_helper_thread(work: Callable[[], None], wait: bool) -> None:
 _fork_held: list[Consumer] = []
 
 
+_blocked_for_fork: list[bool] = []
+
+
+def _block_sigterm_for_fork() -> None:
+    """Keep a SIGTERM that reaches the child before its first step pending in the kernel.
+
+    CPython resets the child's Python-level signal flags right after ``fork()``
+    (they were meant for the parent): a SIGTERM that arrived before the child
+    first ran (``Pool.terminate()`` on a worker that a loaded machine had not
+    scheduled yet) would be forgotten, and the child, whose inherited handler
+    is ours, would live on where the default action killed it. Blocked across
+    the fork, the signal waits; the child unblocks it once the reset is done
+    (and, finding it pending, dies by it as the default action would).
+    """
+    _blocked_for_fork.clear()
+    if signal.getsignal(signal.SIGTERM) is not _on_sigterm or not hasattr(
+        signal, "pthread_sigmask"
+    ):
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    if signal.SIGTERM not in before:
+        _blocked_for_fork.append(True)
+
+
+def _unblock_sigterm_after_fork() -> None:
+    if _blocked_for_fork:
+        _blocked_for_fork.clear()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
 def _before_fork() -> None:
+    _block_sigterm_for_fork()
     if _LIVE:
         _watch_multiprocessing()  # multiprocessing may have been imported since
     _LOCK.acquire()
@@ -224,6 +320,7 @@ def _after_fork_in_parent() -> None:
         consumer.after_fork_in_parent()
     _fork_held.clear()
     _LOCK.release()
+    _unblock_sigterm_after_fork()
 
 
 def _after_fork_in_child() -> None:
@@ -232,6 +329,16 @@ def _after_fork_in_child() -> None:
         consumer.after_fork()
     _LOCK = threading.Lock()
     _fork_held.clear()
+    _budget.deadline = None  # the child's exit is its own
+    _flushed_for_signal.clear()
+    _sigterm_seen.clear()
+    _in_handler.clear()
+    signals.forget_nudge_after_fork()
+    if _blocked_for_fork and signal.SIGTERM in signal.sigpending() and not _sigterm_chained:
+        # Sent before this child took a step: nothing here to flush yet, so do
+        # what the default action would have done, at once.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _unblock_sigterm_after_fork()
 
 
 # -- multiprocessing -------------------------------------------------------------------
@@ -244,12 +351,14 @@ _mp_watched_in: list[int] = []
 def _arm_multiprocessing(_: object = None) -> None:
     """In a multiprocessing child: flush in multiprocessing's own exit finalizers,
     since the child ends with ``os._exit`` and skips ``atexit``."""
-    if os.getpid() in _mp_armed_in:
-        return
     util = sys.modules.get("multiprocessing.util")
-    if util is not None:
+    if util is None:
+        return
+    if os.getpid() not in _mp_armed_in:
         _mp_armed_in.append(os.getpid())
         util.Finalize(None, shutdown_all, exitpriority=100)
+    if signal.getsignal(signal.SIGTERM) is _on_sigterm:  # ours now (maybe only now)
+        signals.nudge_on(signal.SIGTERM, _sigterm_seen)  # Pool.terminate() is noticed
 
 
 def _watch_multiprocessing() -> None:
