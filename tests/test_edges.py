@@ -40,11 +40,14 @@ def _client(make_consumer, sink, **options):
     return GroupClient(consumer=consumer), consumer
 
 
-def _spool_errors(caplog) -> list[str]:
+def _spool_errors(caplog, module: str = "spool") -> list[str]:
+    """The spool's own error lines (``module=""``: every one that mentions the spool)."""
     return [
         r.getMessage()
         for r in caplog.records
-        if r.levelno >= logging.ERROR and "spool" in r.getMessage()
+        if r.levelno >= logging.ERROR
+        and "spool" in r.getMessage()
+        and (not module or r.module == module)
     ]
 
 
@@ -163,11 +166,10 @@ def test_a_full_disk_degrades_to_memory_and_drains_without_a_resend_loop(
     assert len(received) == len(set(received)), "a row sent twice: a resend loop"
     assert len(sink.profiles()) == 300 - consumer.stats()["dropped"]
     assert len(_spool_errors(caplog)) <= 2, _spool_errors(caplog)
-    os.remove(filler)  # space returns: the acknowledged rows go
+    os.remove(filler)  # space returns: the acknowledged rows go, none is left for later
     client.group_set("company", "after", {"x": 1})
-    assert client.flush(10)
-    spool = str(small_disk / "spool")
-    assert sink.wait_for(lambda: spooled_rows(spool, TOKEN, sink.url) == 0)
+    assert consumer.shutdown(10)
+    assert spooled_rows(str(small_disk / "spool"), TOKEN, sink.url) == 0
     received = [json.dumps(m, sort_keys=True) for m in sink.received("groups")]
     assert len(received) == len(set(received)), "a row sent twice after space returned"
 
@@ -255,6 +257,22 @@ def test_the_exit_loss_line_counts_updates_not_merged_messages(sink, tmp_path):
 
 
 # -- 7. spool hygiene ----------------------------------------------------------------------
+
+
+@CORE
+def test_a_failing_spool_is_reported_once_not_per_spill(sink, make_consumer, tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the spool directory should be")
+    caplog.set_level(logging.ERROR, logger="mixpanel_otel")
+    client, consumer = _client(
+        make_consumer, sink, spool_dir=str(blocker / "spool"), max_pending=10, max_block=0
+    )
+    sink.down = True
+    for i in range(400):
+        client.group_set("company", f"g{i}", {"i": i})
+    sink.down = False
+    client.flush(10)
+    assert len(_spool_errors(caplog, module="")) <= 2, _spool_errors(caplog, module="")
 
 
 def test_an_unusable_spool_leaks_nothing_and_says_so_once(sink, make_consumer, small_disk, caplog):

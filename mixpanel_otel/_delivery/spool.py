@@ -11,13 +11,24 @@ row.
 Rows are read with :meth:`Spool.peek` and deleted with :meth:`Spool.ack`
 only after Mixpanel acknowledged the batch that carried them: a process
 killed mid-flight leaves them to be sent again (group operations are
-idempotent). Never raises; a corrupt file is moved aside and reported.
+idempotent). Never raises; a corrupt file, or one of another format, is
+moved aside and reported, never deleted.
+
+Hygiene: the directory is created 0700 and the files 0600; rows hold no
+``$token`` (it is stripped on write and put back on read). A full disk
+degrades to memory: the write fails at once (no retry sleeps), one
+throttled error says so, and the caller counts what was not kept. Rows
+acknowledged while they cannot be deleted (SQLite needs space to delete)
+are remembered and skipped, and deleted once space returns: never sent
+twice. An open that fails releases what it took and is not tried again
+for a while.
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import secrets
 import sqlite3
@@ -25,7 +36,7 @@ import threading
 import time
 from typing import Any, Optional
 
-from .stats import logger
+from .stats import Throttle, logger
 
 try:
     import fcntl
@@ -41,6 +52,9 @@ CREATE TABLE IF NOT EXISTS messages (
     body TEXT NOT NULL       -- one wire message, JSON
 );
 """
+_ERRORS_EVERY = 60.0  # seconds between two spool errors in the log
+_REOPEN_AFTER = 5.0  # seconds before an open that failed is tried again
+_FULL = "full"  # in SQLite's "database or disk is full"
 #: Files of processes that forked away or were inherited: never closed here,
 #: since closing a SQLite connection in a forked child can remove the
 #: parent's WAL file under it.
@@ -59,6 +73,17 @@ class Spool:
         self._lock_fd: Optional[int] = None
         self.path = ""
         self.rows = 0  # rows in this process's file, as far as it knows
+        self._token_field = '{"$token":' + json.dumps(token) + ","
+        self._acked: set[int] = set()  # delivered, not deleted yet (a full disk)
+        self._errors = Throttle(_ERRORS_EVERY)
+        self._retry_open_at = 0.0
+
+    def _error(self, text: str, *args: Any) -> None:
+        """Log a spool error, at most once per ``_ERRORS_EVERY`` seconds."""
+        suppressed = self._errors.ready()
+        if suppressed is not None:
+            more = f" ({suppressed} more spool error(s) since the last)" if suppressed else ""
+            logger.error("mixpanel-otel: " + text + more, *args)
 
     # -- files ---------------------------------------------------------------------
 
@@ -66,20 +91,42 @@ class Spool:
         """This process's file, created (and locked) on first use."""
         if self._db is not None:
             return self._db
+        if time.monotonic() < self._retry_open_at:
+            return None
+        fd: Optional[int] = None
+        stem = f"{self.prefix}-{os.getpid()}-{secrets.token_hex(4)}"
         try:
-            os.makedirs(self.directory, exist_ok=True)
-            stem = f"{self.prefix}-{os.getpid()}-{secrets.token_hex(4)}"
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
             fd = os.open(stem + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            self._lock_fd = fd
-            self.path = stem + ".sqlite3"
-            self._db = _open(self.path)
-            self.rows = 0
+            os.close(os.open(stem + ".sqlite3", os.O_RDWR | os.O_CREAT, 0o600))
+            self._db = _open(stem + ".sqlite3")
         except (OSError, sqlite3.Error) as exc:
-            logger.error("mixpanel-otel: spool in %s is unusable: %s", self.directory, exc)
+            if fd is not None:  # release what this attempt took
+                os.close(fd)
+            for suffix in (".sqlite3", ".sqlite3-wal", ".sqlite3-shm", ".lock"):
+                _remove(stem + suffix)
+            self._retry_open_at = time.monotonic() + _REOPEN_AFTER
+            self._error("spool in %s is unusable: %s", self.directory, exc)
             return None
+        self._lock_fd = fd
+        self.path = stem + ".sqlite3"
+        self.rows = 0
+        self._acked.clear()
         return self._db
+
+    def _strip(self, text: str) -> str:
+        """A message as stored: without its ``$token``."""
+        field = self._token_field
+        return "{" + text[len(field) :] if text.startswith(field) else text
+
+    def _unstrip(self, body: str) -> str:
+        """A stored row as sent: with the ``$token`` put back (rows of older versions kept it)."""
+        if not body.startswith("{") or body.startswith('{"$token":'):
+            return body
+        rest = body[1:]
+        return self._token_field + rest if rest != "}" else self._token_field[:-1] + "}"
 
     def orphans(self) -> list[str]:
         """Spool files of this (token, host) but this process's, oldest first
@@ -111,11 +158,7 @@ class Spool:
             if not os.path.exists(path):
                 return 0  # not created yet, or adopted already
             try:
-                source = _open(path)
-                try:
-                    rows = source.execute("SELECT body FROM messages ORDER BY id").fetchall()
-                finally:
-                    source.close()
+                rows = _read_rows(path)
             except sqlite3.DatabaseError as exc:
                 _move_aside(path, exc)
                 return 0
@@ -139,9 +182,14 @@ class Spool:
     # -- rows ----------------------------------------------------------------------
 
     def append(self, texts: list[str], front: bool = False) -> bool:
-        """Write messages after every row (or before, with ``front``); False if not kept."""
+        """Write messages after every row (or before, with ``front``); False if not kept.
+
+        A busy file is waited for (SQLite's busy timeout) and tried again; a
+        full disk fails at once.
+        """
         if not texts:
             return True
+        texts = [self._strip(text) for text in texts]
         for attempt in range(3):
             with self._lock:
                 db = self._own()
@@ -164,13 +212,13 @@ class Spool:
                     return True
                 except sqlite3.OperationalError as exc:  # busy, locked, disk full
                     error: Exception = exc
+                    if _FULL in str(exc):
+                        break
                 except sqlite3.Error as exc:
                     error = exc
                     break
             time.sleep(0.05 * (attempt + 1))
-        logger.error(
-            "mixpanel-otel: spool %s could not keep %d message(s): %s", self.path, len(texts), error
-        )
+        self._error("spool %s could not keep %d message(s): %s", self.path, len(texts), error)
         return False
 
     def peek(self, limit: int) -> list[tuple[int, str]]:
@@ -179,16 +227,19 @@ class Spool:
             db = self._db
             if db is None:
                 return []
+            self._compact(db)
+            acked = self._acked
             try:
                 rows = db.execute(
-                    "SELECT id, body FROM messages ORDER BY id LIMIT ?", (limit,)
+                    "SELECT id, body FROM messages ORDER BY id LIMIT ?", (limit + len(acked),)
                 ).fetchall()
             except sqlite3.Error as exc:
-                logger.error("mixpanel-otel: spool %s unreadable: %s", self.path, exc)
+                self._error("spool %s unreadable: %s", self.path, exc)
                 return []
+            rows = [row for row in rows if row[0] not in acked][:limit]
             if len(rows) < limit:
                 self.rows = len(rows)
-            return [(int(row[0]), str(row[1])) for row in rows]
+            return [(int(row[0]), self._unstrip(str(row[1]))) for row in rows]
 
     def ack(self, ids: list[int]) -> None:
         """Delete rows that were delivered (or refused for good)."""
@@ -198,24 +249,31 @@ class Spool:
             db = self._db
             if db is None:
                 return
-            for attempt in range(3):
-                try:
-                    with _transaction(db):
-                        db.executemany("DELETE FROM messages WHERE id = ?", ((i,) for i in ids))
-                    self.rows = max(0, self.rows - len(ids))
-                    return
-                except sqlite3.Error as exc:
-                    error = exc
-                    time.sleep(0.05 * (attempt + 1))
-            # Left in place, the rows are sent again: a duplicate, never a loss.
-            logger.error("mixpanel-otel: spool %s could not delete sent rows: %s", self.path, error)
+            self._acked.update(ids)
+            self.rows = max(0, self.rows - len(ids))
+            self._compact(db)
+
+    def _compact(self, db: sqlite3.Connection) -> None:
+        """Delete the rows acknowledged so far (the lock is held); kept in memory, and
+        skipped, while the disk is too full to delete them."""
+        if not self._acked:
+            return
+        ids = sorted(self._acked)
+        try:
+            with _transaction(db):
+                db.executemany("DELETE FROM messages WHERE id = ?", ((i,) for i in ids))
+        except sqlite3.Error as exc:
+            self._error("spool %s could not delete sent rows yet: %s", self.path, exc)
+            return
+        self._acked.difference_update(ids)
 
     def count(self) -> int:
         with self._lock:
             if self._db is None:
                 return 0
             try:
-                self.rows = int(self._db.execute("SELECT count(*) FROM messages").fetchone()[0])
+                count = int(self._db.execute("SELECT count(*) FROM messages").fetchone()[0])
+                self.rows = max(0, count - len(self._acked))
             except sqlite3.Error:
                 pass
             return self.rows
@@ -228,7 +286,9 @@ class Spool:
             self.rows = 0
             if db is not None:
                 try:
-                    empty = db.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+                    self._compact(db)
+                    left = db.execute("SELECT count(*) FROM messages").fetchone()[0]
+                    empty = left - len(self._acked) <= 0
                     db.close()
                 except sqlite3.Error:
                     empty = False
@@ -253,6 +313,7 @@ class Spool:
         self._lock_fd = None
         self.path = ""
         self.rows = 0
+        self._acked = set()
 
 
 class _transaction:
@@ -289,6 +350,26 @@ def spooled_rows(directory: str, token: str, base_url: str) -> int:
     return total
 
 
+def _read_rows(path: str) -> list[tuple[str]]:
+    """The rows of another process's file, oldest first; a file that is not a
+    spool (another schema) raises :class:`sqlite3.DatabaseError`."""
+    source = sqlite3.connect(path, timeout=_BUSY_TIMEOUT, isolation_level=None)
+    try:
+        tables = source.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
+        ).fetchall()
+        if not tables:
+            return []  # its process died before writing the schema
+        columns = [row[1] for row in source.execute("PRAGMA table_info(messages)")]
+        if tables != [("messages",)] or columns != ["id", "body"]:
+            raise sqlite3.DatabaseError(
+                f"not a mixpanel-otel spool (tables {[t[0] for t in tables]})"
+            )
+        return [(str(row[0]),) for row in source.execute("SELECT body FROM messages ORDER BY id")]
+    finally:
+        source.close()
+
+
 def _open(path: str) -> sqlite3.Connection:
     db = sqlite3.connect(path, timeout=_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
     try:
@@ -318,9 +399,8 @@ def _remove(path: str) -> None:
 def _move_aside(path: str, exc: BaseException) -> None:
     aside = f"{path}.corrupt-{int(time.time())}"
     logger.error("mixpanel-otel: spool %s is unreadable (%s); moved aside to %s", path, exc, aside)
-    try:
-        os.replace(path, aside)
-    except OSError:
-        pass
-    for suffix in ("-wal", "-shm"):
-        _remove(path + suffix)
+    for suffix in ("", "-wal", "-shm"):  # its WAL may hold its newest pages: kept with it
+        try:
+            os.replace(path + suffix, aside + suffix)
+        except OSError:
+            pass
