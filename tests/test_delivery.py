@@ -106,7 +106,7 @@ def test_every_message_refused_before_sending_reaches_on_error(sink, consumers):
     client.group_set("company", "huge", huge)
     client.group_set("company", "boom", {"a": 1})
     client.group_set("company", "fine", {"a": 1})
-    assert consumer.flush(10)
+    assert not consumer.flush(10), "two messages were refused"
     reasons = " | ".join(reason for reason, _ in errors)
     assert "1 MB" in reasons and "before_send raised" in reasons
     assert TOKEN not in reasons
@@ -262,7 +262,8 @@ def test_service_account_credentials_authenticate_imports_as_the_sdk_does(tmp_pa
             }
             ours.send("imports", json.dumps(event))  # what Mixpanel(...).import_data sends
             bare.send("imports", json.dumps(event))
-            assert ours.flush(10) and bare.flush(10)
+            assert ours.flush(10)
+            assert not bare.flush(10), "its message was refused (401)"
         finally:
             ours.shutdown(1)
             bare.shutdown(1)

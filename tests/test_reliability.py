@@ -13,6 +13,7 @@ import time
 import pytest
 
 from mixpanel_otel import GroupClient
+from mixpanel_otel._delivery.lifecycle import Phase
 from mixpanel_otel._delivery.spool import Spool, spooled_rows
 from mixpanel_otel.sink import Fault
 
@@ -111,7 +112,7 @@ def test_status_0_batch_is_split_so_only_the_bad_message_is_lost(sink, make_cons
         on_error=lambda exc, messages: errors.append((str(exc), messages)),
     )
     _set_many(client, 50)
-    assert client.flush(10)
+    assert not client.flush(10), "one message was refused"
     assert _ids(sink) == sorted(f"g{i}" for i in range(50) if i != 23)
     ((reason, messages),) = errors
     assert "255" in reason and messages[0]["$group_id"] == "g23"
@@ -223,10 +224,10 @@ def test_raising_callbacks_never_kill_the_worker(sink, make_consumer):
     client, consumer = _client(make_consumer, sink, before_send=before_send, on_error=on_error)
     for group in ("a", "boom", "skip", "b"):
         client.group_set("company", group, {"x": 1})
-    assert client.flush(10)
+    assert not client.flush(10), "boom was not sent"
     sink.script(Fault(status=401))
     client.group_set("company", "c", {"x": 1})
-    assert client.flush(10)
+    assert not client.flush(10), "c was refused"
     client.group_set("company", "d", {"x": 1})
     assert client.flush(10)
     assert _ids(sink) == ["a", "b", "d"]
@@ -238,14 +239,14 @@ def test_a_dead_worker_is_restarted_by_the_next_enqueue(sink, make_consumer):
     client, consumer = _client(make_consumer, sink)
     client.group_set("company", "a", {"x": 1})
     assert client.flush(10)
-    with consumer._cond:
-        consumer._stopped = True  # make the worker threads end, as a crash would
-        consumer._cond.notify_all()
-    consumer._worker.join(5)
-    assert consumer._worker.alive() == 0 and not consumer._worker.started
-    consumer._stopped = False
+    parts = consumer.parts
+    parts.lifecycle.stop(left_behind=False)  # make the worker threads end, as a crash would
+    parts.ledger.hurry()
+    parts.worker.join(5)
+    assert parts.worker.alive() == 0 and not parts.worker.started
+    parts.lifecycle._phase = Phase.RUNNING
     client.group_set("company", "b", {"x": 1})
-    assert consumer._worker.alive() > 0
+    assert parts.worker.alive() > 0
     assert client.flush(10)
     assert _ids(sink) == ["a", "b"]
 
@@ -352,6 +353,6 @@ def test_a_raw_message_that_is_not_json_is_failed_not_stuck(sink, make_consumer)
     )
     consumer.send("events", "{not json")
     consumer.send("events", '{"event": "ok", "properties": {"token": "t"}}')
-    assert consumer.flush(10)
+    assert not consumer.flush(10), "one message was not JSON"
     assert [e["event"] for e in sink.received("track")] == ["ok"]
     assert consumer.stats()["failed"] == 1 and "not valid JSON" in errors[0]

@@ -52,7 +52,7 @@ def get_consumer(
     ``token`` and ``api_host`` fall back to ``MIXPANEL_TOKEN`` and
     ``MIXPANEL_API_HOST`` (or ``MIXPANEL_REGION``). Options apply only when
     the consumer is created; a later call gets the same consumer (a
-    misspelt option is still refused).
+    misspelt option still raises).
     """
     if _OVERRIDE:
         return _OVERRIDE[-1]
