@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import glob
 import logging
-import os
 import time
 
 import pytest
@@ -132,19 +131,6 @@ def test_413_splits_the_batch(sink, make_consumer):
     assert consumer.stats()["failed"] == 0 and consumer.stats()["sent"] == 40
 
 
-def test_overflow_is_counted_warned_once_and_bounded(sink, make_consumer, caplog):
-    client, consumer = _client(make_consumer, sink, max_pending=100)
-    sink.down = True
-    with caplog.at_level(logging.WARNING, logger="mixpanel_otel"):
-        _set_many(client, 300)
-    stats = consumer.stats()
-    assert stats["dropped"] == 200 and stats["pending"] == 100
-    assert len([r for r in caplog.records if "max_pending" in r.getMessage()]) == 1
-    sink.down = False
-    assert client.flush(10)
-    assert _ids(sink) == sorted(f"g{i}" for i in range(100))
-
-
 def test_overflow_goes_to_the_spool_and_is_replayed_in_order(sink, make_consumer, tmp_path):
     client, consumer = _client(make_consumer, sink, max_pending=100, spool_dir=str(tmp_path))
     sink.down = True
@@ -210,31 +196,6 @@ def test_corrupt_spool_is_moved_aside_and_never_crashes(sink, make_consumer, tmp
     assert sink.profile("company", "acme") == {"plan": "pro"}
 
 
-def test_raising_callbacks_never_kill_the_worker(sink, make_consumer):
-    def before_send(message):
-        if message["$group_id"] == "boom":
-            raise RuntimeError("before_send bug")
-        if message["$group_id"] == "skip":
-            return None
-        return message
-
-    def on_error(exc, messages):
-        raise RuntimeError("on_error bug")
-
-    client, consumer = _client(make_consumer, sink, before_send=before_send, on_error=on_error)
-    for group in ("a", "boom", "skip", "b"):
-        client.group_set("company", group, {"x": 1})
-    assert not client.flush(10), "boom was not sent"
-    sink.script(Fault(status=401))
-    client.group_set("company", "c", {"x": 1})
-    assert not client.flush(10), "c was refused"
-    client.group_set("company", "d", {"x": 1})
-    assert client.flush(10)
-    assert _ids(sink) == ["a", "b", "d"]
-    stats = consumer.stats()
-    assert stats["filtered"] == 1 and stats["failed"] == 2 and stats["errors"] >= 2
-
-
 def test_a_dead_worker_is_restarted_by_the_next_enqueue(sink, make_consumer):
     client, consumer = _client(make_consumer, sink)
     client.group_set("company", "a", {"x": 1})
@@ -270,25 +231,6 @@ def test_exit_is_bounded_when_the_server_answers_slowly(sink, tmp_path, spool):
         assert spooled_rows(str(tmp_path), TOKEN, sink.url) == 1
     else:
         assert "not delivered within" in result.stderr
-
-
-def test_memory_estimate_bounds_bytes(sink, make_consumer):
-    client, consumer = _client(make_consumer, sink, max_pending_bytes=200_000)
-    sink.down = True
-    for i in range(1000):
-        client.group_union("company", f"g{i}", {"blob": ["x" * 200] * 10})
-    stats = consumer.stats()
-    assert stats["dropped"] > 0 and stats["pending_bytes"] <= 200_000 + 5_000
-    sink.down = False
-    assert client.flush(10)
-    assert len(sink.profiles()) == 1000 - stats["dropped"]
-
-
-def test_environment_spool_dir(sink, tmp_path, monkeypatch, make_consumer):
-    monkeypatch.setenv("MIXPANEL_OTEL_SPOOL_DIR", str(tmp_path))
-    consumer = make_consumer(sink)
-    assert consumer.spool_dir == str(tmp_path)
-    assert os.path.isdir(tmp_path)
 
 
 def test_exit_with_a_logging_handler_keeps_the_spool_and_stays_bounded(sink, tmp_path):
@@ -328,31 +270,3 @@ def test_a_busy_spool_waits_instead_of_dropping(tmp_path, caplog):
         releaser.join()
     assert not glob.glob(spool.path + ".corrupt-*")
     assert [text for _, text in spool.peek(10)] == ["one", "two", "three"]
-
-
-def test_coalescing_keeps_bytes_to_what_is_held(sink, make_consumer):
-    client, consumer = _client(make_consumer, sink, max_pending_bytes=100_000)
-    sink.down = True
-    for i in range(2000):
-        client.group_set("company", "hot", {"n": i})
-    client.group_set("company", "other", {"n": 1})
-    stats = consumer.stats()
-    assert stats["pending"] == 2 and stats["dropped"] == 0
-    assert stats["pending_bytes"] < 1_000
-    sink.down = False
-    assert client.flush(10)
-    assert sink.profile("company", "hot") == {"n": 1999}
-
-
-def test_a_raw_message_that_is_not_json_is_failed_not_stuck(sink, make_consumer):
-    errors = []
-    consumer = make_consumer(
-        sink,
-        before_send=lambda message: message,
-        on_error=lambda exc, messages: errors.append(str(exc)),
-    )
-    consumer.send("events", "{not json")
-    consumer.send("events", '{"event": "ok", "properties": {"token": "t"}}')
-    assert not consumer.flush(10), "one message was not JSON"
-    assert [e["event"] for e in sink.received("track")] == ["ok"]
-    assert consumer.stats()["failed"] == 1 and "not valid JSON" in errors[0]

@@ -243,3 +243,91 @@ class TestExit:
         client.group_set("company", "late", {"x": 1})
         assert consumer.flush(5)
         assert transport.ids() == ["late"]
+
+
+class TestReports:
+    def test_every_unsendable_message_reaches_on_error_without_the_token(self, make, errors):
+        def before_send(message):
+            if message["$group_id"] == "boom":
+                raise ValueError("no " + TOKEN)
+            return message
+
+        consumer, transport, client = make(before_send=before_send)
+        huge = {f"p{i}": "x" * 250 for i in range(5000)}  # over Mixpanel's 1 MB a message
+        client.group_set("company", "huge", huge)
+        client.group_set("company", "boom", {"a": 1})
+        client.group_set("company", "fine", {"a": 1})
+        assert not consumer.flush(5), "two messages could not be sent"
+        reasons = " | ".join(reason for reason, _ in errors)
+        assert "1 MB" in reasons and "before_send raised" in reasons and TOKEN not in reasons
+        shown = [m for _, messages in errors for m in messages]
+        assert sorted(m["$group_id"] for m in shown) == ["boom", "huge"]
+        assert all("$token" not in m for m in shown)
+        assert consumer.stats()["failed"] == 2 and transport.ids() == ["fine"]
+
+    def test_without_on_error_overflow_is_warned_about_once_per_interval(self, make, caplog):
+        consumer, transport, client = make(max_pending=100, on_error=None)
+        with caplog.at_level(logging.WARNING, logger="mixpanel_otel"):
+            for i in range(300):
+                client.group_set("company", f"g{i}", {"i": i})
+        assert consumer.stats()["dropped"] == 200 and consumer.stats()["pending"] == 100
+        assert len([r for r in caplog.records if "max_pending" in r.getMessage()]) == 1
+
+    def test_raising_callbacks_never_stop_delivery(self, make):
+        def before_send(message):
+            if message["$group_id"] == "boom":
+                raise RuntimeError("before_send bug")
+            return None if message["$group_id"] == "skip" else message
+
+        def on_error(exc, messages):
+            raise RuntimeError("on_error bug")
+
+        consumer, transport, client = make(
+            Answer(Outcome.OK), Answer(Outcome.FATAL, "HTTP 401"),
+            before_send=before_send, on_error=on_error,
+        )
+        for group in ("a", "boom", "skip", "b"):
+            client.group_set("company", group, {"x": 1})
+        assert not consumer.flush(5)
+        client.group_set("company", "c", {"x": 1})
+        assert not consumer.flush(5), "c was refused"
+        client.group_set("company", "d", {"x": 1})
+        assert consumer.flush(5)
+        assert transport.ids() == ["a", "b", "d"]
+        stats = consumer.stats()
+        assert stats["filtered"] == 1 and stats["failed"] == 2 and stats["errors"] == 2
+
+    def test_sdk_messages_that_are_not_json_fail_and_the_rest_go_in_order(self, make, errors):
+        consumer, transport, client = make(before_send=lambda message: message)
+        consumer.send("events", "{not json")
+        consumer.send("events", '{"event": "one"}')
+        consumer.send("events", '{"event": "two"}')
+        assert not consumer.flush(5), "one message was not JSON"
+        assert [m["event"] for m in transport.delivered] == ["one", "two"]
+        assert consumer.stats()["failed"] == 1 and "not valid JSON" in errors[0][0]
+
+
+class TestBounds:
+    def test_the_byte_estimate_bounds_what_is_held(self, make):
+        consumer, transport, client = make(max_pending_bytes=200_000)
+        for i in range(1000):
+            client.group_union("company", f"g{i}", {"blob": ["x" * 200] * 10})
+        stats = consumer.stats()
+        assert stats["dropped"] > 0 and stats["pending_bytes"] <= 200_000 + 5_000
+        assert consumer.flush(5)
+        assert len(transport.delivered) == 1000 - stats["dropped"]
+
+    def test_merges_keep_bytes_to_what_is_held(self, make):
+        consumer, transport, client = make(max_pending_bytes=100_000)
+        for i in range(2000):
+            client.group_set("company", "hot", {"n": i})
+        client.group_set("company", "other", {"n": 1})
+        stats = consumer.stats()
+        assert stats["pending"] == 2 and stats["dropped"] == 0 and stats["pending_bytes"] < 1_000
+        assert consumer.flush(5)
+        assert [m["$set"] for m in transport.delivered] == [{"n": 1999}, {"n": 1}]
+
+    def test_the_spool_dir_comes_from_the_environment(self, make, tmp_path, monkeypatch):
+        monkeypatch.setenv("MIXPANEL_OTEL_SPOOL_DIR", str(tmp_path))
+        consumer, _, _ = make()
+        assert consumer.spool_dir == str(tmp_path) and consumer.parts.spool is not None
