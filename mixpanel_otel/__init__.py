@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._client import GroupClient
-from ._delivery import get_consumer
 from ._exceptions import MixpanelException
+from ._frontend import get_consumer
 
 if TYPE_CHECKING:
     from ._logging import MixpanelGroupHandler

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
 from mixpanel_otel import GroupClient
 from mixpanel_otel.testing import reset_consumers
 
@@ -16,3 +23,71 @@ def test_an_api_host_with_the_endpoint_path_posts_to_groups_once(sink):
         assert sink.profile("company", "acme") == {"plan": "pro"}
     finally:
         reset_consumers()
+
+
+def test_options_a_shared_consumer_ignores_are_named_once(caplog):
+    import logging
+
+    from mixpanel_otel import MixpanelGroupHandler, get_consumer
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="mixpanel_otel"):
+            client = GroupClient(TOKEN, api_host="127.0.0.1:9", batch_size=10)
+            handler = MixpanelGroupHandler(TOKEN, api_host="127.0.0.1:9", batch_size=500)
+            MixpanelGroupHandler(TOKEN, api_host="127.0.0.1:9", batch_size=500)  # said once
+            same = get_consumer(TOKEN, "http://127.0.0.1:9", batch_size=10, flush_interval=1.0)
+        assert handler.consumer is client.consumer is same
+        assert same.batch_size == 10
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1, warnings
+        assert "keeps batch_size=10; batch_size=500 is ignored" in warnings[0]
+        assert "http://127.0.0.1:9" in warnings[0] and TOKEN not in warnings[0]
+    finally:
+        reset_consumers()
+
+
+def test_disabled_get_consumer_takes_the_sdk_messages_and_sends_nothing(sink, monkeypatch):
+    from mixpanel import Mixpanel
+
+    from mixpanel_otel import get_consumer
+
+    monkeypatch.setenv("MIXPANEL_OTEL_DISABLED", "true")
+    consumer = get_consumer(TOKEN, sink.url)
+    mp = Mixpanel(TOKEN, consumer=consumer)
+    mp.group_set("company", "acme", {"plan": "pro"})
+    mp.track("user-1", "signed up")
+    assert consumer.flush(5)
+    assert consumer.stats()["discarded"] == 2 and consumer.stats()["sent"] == 0
+    assert sink.received("groups") == [] and sink.received("track") == []
+    reset_consumers()
+
+
+@pytest.mark.slow
+def test_a_consumer_from_get_consumer_publishes_its_stats_as_metrics(sink):
+    script = textwrap.dedent(
+        f"""
+        from mixpanel import Mixpanel
+        from opentelemetry import metrics
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from mixpanel_otel import get_consumer
+
+        consumer = get_consumer({TOKEN!r}, {sink.url!r})
+        reader = InMemoryMetricReader()
+        metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+        Mixpanel({TOKEN!r}, consumer=consumer).group_set("company", "acme", {{"plan": "pro"}})
+        assert consumer.flush(10)
+        seen = {{}}
+        for rm in reader.get_metrics_data().resource_metrics:
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    seen[m.name] = sum(p.value for p in m.data.data_points)
+        assert seen.get("mixpanel_otel.consumer.update.sent") == 1, seen
+        print("ok")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MIXPANEL", "OTEL"))}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
