@@ -91,3 +91,46 @@ def test_a_consumer_from_get_consumer_publishes_its_stats_as_metrics(sink):
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env
     )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_the_sdk_with_sdk_serializer_stores_what_group_client_stores(sink):
+    import datetime as dt
+    import decimal
+    import uuid
+
+    from mixpanel import Mixpanel
+
+    from mixpanel_otel import SDKSerializer, get_consumer
+
+    aware = dt.datetime(2024, 1, 2, 5, 4, 5, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    values = {
+        "price": decimal.Decimal("9.50"),
+        "seats": decimal.Decimal("40"),
+        "id": uuid.UUID("12345678-1234-5678-1234-567812345678"),
+        "tags": {"b"},
+        "renewed": aware,
+        "started": dt.date(2024, 1, 2),
+    }
+    consumer = get_consumer(TOKEN, sink.url, flush_interval=0.05)
+    try:
+        Mixpanel(TOKEN, consumer=consumer, serializer=SDKSerializer).group_set(
+            "company", "sdk", values
+        )
+        GroupClient(TOKEN, api_host=sink.url).group_set("company", "client", values)
+        assert consumer.flush(10)
+        stored = sink.profile("company", "sdk")
+        assert stored == sink.profile("company", "client")
+        assert stored == {
+            "price": 9.5,
+            "seats": 40,
+            "id": "12345678-1234-5678-1234-567812345678",
+            "tags": ["b"],
+            "renewed": "2024-01-02T03:04:05",
+            "started": "2024-01-02T00:00:00",
+        }
+        with pytest.raises(TypeError, match="bytes"):
+            Mixpanel(TOKEN, consumer=consumer, serializer=SDKSerializer).group_set(
+                "company", "sdk", {"raw": b"x"}
+            )
+    finally:
+        reset_consumers()
