@@ -120,3 +120,15 @@ def test_block_runs_as_written(code, sink, tmp_path):
         if key in code:
             for group_key, group_id, properties in profiles:
                 assert sink.profile(group_key, group_id) == properties
+
+
+def test_install_lines_name_a_checkout_or_a_wheel():
+    """The package is not on a registry: ``pip install mixpanel-otel`` cannot work."""
+    from_registry = re.compile(r"pip install[^\n`]*?(?<![/\w.-])['\"]?mixpanel-otel\b")
+    found = []
+    for path in _documents():
+        with open(os.path.join(ROOT, path), encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if from_registry.search(line):
+                    found.append(f"{path}:{number}: {line.strip()}")
+    assert found == []
