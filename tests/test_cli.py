@@ -335,6 +335,13 @@ def test_check_fails_for_a_token_the_server_refuses_has_spaces_or_is_disabled(tm
             "FAILED: disabled: MIXPANEL_OTEL_DISABLED is set: nothing is sent"
         )
         assert server.profiles() == [], "the probe changed no profile"
+
+        from mixpanel_otel.sink import Fault
+
+        server.script(Fault(status=200, body='{"status": 0, "error": "unknown group key"}'))
+        other = _check("--api-host", server.url, MIXPANEL_TOKEN="local")
+        assert other.returncode == 0, other.stdout
+        assert "note  token: not refused; the probe was refused for another reason" in other.stdout
     finally:
         server.stop()
 
