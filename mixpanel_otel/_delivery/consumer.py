@@ -27,6 +27,7 @@ from . import closing, signals
 from .jobs import Lane
 from .parts import Parts
 from .receipts import Receipt
+from .stats import Health
 from .worker import WORKER_THREADS
 
 __all__ = ["Consumer"]
@@ -97,7 +98,8 @@ class Consumer:
         return self.parts.reporter.health.failing
 
     @property
-    def health(self) -> Any:
+    def health(self) -> Health:
+        """Whether delivery is failing, since when and why."""
         return self.parts.reporter.health
 
     # -- callers ---------------------------------------------------------------------
