@@ -26,7 +26,8 @@ class MixpanelGroupHandler(logging.Handler):
     ``logger.info("group", extra={"group_key": "company", "group_id": "acme",
     "$set": {"plan": "pro"}})``. Records without group tags are ignored, so the
     handler can sit on the root logger. ``emit`` only validates and queues:
-    no I/O, no JSON, and it never raises into the caller.
+    no I/O and no JSON on the caller's thread (a full consumer may make it
+    wait up to ``max_block`` for room), and it never raises into the caller.
 
     With no token (no argument, no ``MIXPANEL_TOKEN``) or
     ``MIXPANEL_OTEL_DISABLED=true`` the handler is a no-op (``disabled`` says

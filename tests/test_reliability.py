@@ -151,6 +151,7 @@ def test_overflow_goes_to_the_spool_and_is_replayed_in_order(sink, make_consumer
     assert consumer.stats()["replayed"] == consumer.stats()["spooled"]
 
 
+@pytest.mark.slow
 def test_exit_spools_what_it_cannot_deliver_and_the_next_process_replays_it(sink, tmp_path):
     sink.down = True
     result, took = run_script(
@@ -212,6 +213,7 @@ def test_a_dead_worker_is_restarted_by_the_next_enqueue(sink, make_consumer):
     assert _ids(sink) == ["a", "b"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spool", [False, True])
 def test_exit_is_bounded_when_the_server_answers_slowly(sink, tmp_path, spool):
     sink.script(*[Fault(delay=3)] * 4)
@@ -233,6 +235,7 @@ def test_exit_is_bounded_when_the_server_answers_slowly(sink, tmp_path, spool):
         assert "not delivered within" in result.stderr
 
 
+@pytest.mark.slow
 def test_exit_with_a_logging_handler_keeps_the_spool_and_stays_bounded(sink, tmp_path):
     sink.down = True
     result, took = run_script(
