@@ -113,17 +113,20 @@ class Consumer:
         parts = self.parts
         if not isinstance(updates, list):
             updates = list(updates)
-        if self._pid != os.getpid():
-            self.after_fork()
-            parts = self.parts
         if not parts.ledger.offer(updates, sum(update.size for update in updates)):
+            if self._pid != os.getpid():  # a fork the registry did not see
+                self.after_fork()
+                parts = self.parts
             parts.admit(updates, wait=True)
-        if not parts.worker.started:
+        lifecycle = parts.lifecycle
+        if not parts.worker.started and not lifecycle.stopped:
             parts.worker.ensure()
-        if parts.lifecycle.eager_left() > 0 and threading.get_ident() not in WORKER_THREADS:
+        if lifecycle.eager and threading.get_ident() not in WORKER_THREADS:
             # After a SIGTERM the application handles, the process may die by the
             # signal once its handler is done: deliver before returning.
-            self.flush(parts.lifecycle.eager_left())
+            left = lifecycle.eager_left()
+            if left > 0:
+                self.flush(left)
         if signals.pending:
             signals.check()
 

@@ -79,6 +79,13 @@ class Dispatch:
         """Anything in memory not yet taken by a job."""
         return bool(self.buffer.count or self.sdk or self.to_spill)
 
+    def due(self) -> bool:
+        """Whether another job may be due now (a hint to wake one more worker)."""
+        count = self.buffer.count
+        return bool(
+            self.to_spill or count >= self.batch_size or (self.partial and (count or self.sdk))
+        )
+
     def spilling(self) -> bool:
         return bool(self.to_spill) or any(job.kind is Kind.SPILL for job in self.jobs)
 

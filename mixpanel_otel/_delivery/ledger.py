@@ -206,7 +206,7 @@ class Ledger:
                     self._count()
                     if job.kind is Kind.SPILL:
                         self._change.notify_all()  # room for more overflow
-                    if dispatch.pending():
+                    if dispatch.due():
                         self._work.notify()  # more may be due: pass it on
                     return job
                 if dispatch.partial and not dispatch.pending():

@@ -86,6 +86,10 @@ class Lifecycle:
     def paused_until(self) -> float:
         return self._paused_until
 
+    @property
+    def eager(self) -> bool:
+        return self._phase is Phase.EAGER
+
     def eager_left(self) -> float:
         """Seconds a caller still waits for its updates after a handled SIGTERM."""
         if self._phase is not Phase.EAGER or self.deadline is None:
