@@ -9,6 +9,7 @@ Each result goes back to the :class:`~.ledger.Ledger`; counts, health and
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import Optional
 
@@ -57,6 +58,7 @@ class Deliverer:
             clock=lifecycle.clock,
         )
         self._spool_lock = threading.Lock()  # one writer at a time keeps the spool in order
+        self._token_field = '{"$token":' + json.dumps(encoder.token) + ","
 
     # -- Hooks -----------------------------------------------------------------------
 
@@ -114,13 +116,19 @@ class Deliverer:
         rows = self.spool.peek(self.ledger.batch_size)
         self.reporter.stats.add("replayed", len(rows))
         ids = [row_id for row_id, _ in rows]
-        texts = [text for _, text in rows]
+        texts = [self._with_token(text) for _, text in rows]
         batch = Texts(self.encoder, texts, origins=ids, before_send=False)
         result = self.sender.deliver(GROUPS_PATH, batch)
         self.spool.ack(result.delivered + [failure.origin for failure in result.failed])
         by_id = dict(rows)
         result.failed = [Failure(f.origin, by_id[f.origin], f.reason) for f in result.failed]
         return result, self.spool.rows
+
+    def _with_token(self, text: str) -> str:
+        """A spooled row as sent: rows may be kept without ``$token``; it is added here."""
+        if text.startswith("{") and '"$token"' not in text:
+            return self._token_field + text[1:]
+        return text
 
     def _spill_job(self, job: Job) -> None:
         kept = self.spill([], job.updates)

@@ -331,3 +331,17 @@ class TestBounds:
         monkeypatch.setenv("MIXPANEL_OTEL_SPOOL_DIR", str(tmp_path))
         consumer, _, _ = make()
         assert consumer.spool_dir == str(tmp_path) and consumer.parts.spool is not None
+
+
+class TestReplay:
+    def test_spooled_rows_go_first_and_a_row_kept_without_the_token_gets_it(
+        self, make, tmp_path
+    ):
+        consumer, transport, client = make(spool_dir=str(tmp_path))
+        row = '{"$time":1,"$group_key":"company","$group_id":"old","$set":{"x":1}}'
+        assert consumer.parts.spool.append([row])
+        client.group_set("company", "new", {"x": 2})
+        assert consumer.flush(5)
+        assert transport.ids() == ["old", "new"]
+        assert transport.delivered[0]["$token"] == TOKEN
+        assert consumer.stats()["replayed"] == 1 and consumer.stats()["spool_rows"] == 0
