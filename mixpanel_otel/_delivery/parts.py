@@ -100,7 +100,7 @@ class Parts:
             can_wait=self._can_wait,
         )
         if overflow:
-            self.overflow(overflow, reason)
+            self.overflow(overflow, reason, wait)
 
     def _can_wait(self) -> bool:
         return (
@@ -109,10 +109,11 @@ class Parts:
             and self.worker.started
         )
 
-    def overflow(self, updates: list[GroupUpdate], reason: str) -> None:
+    def overflow(self, updates: list[GroupUpdate], reason: str, wait: bool) -> None:
         """Updates that found no room: to a spill job when there is a spool, else dropped."""
         if self.spool is not None:
-            updates = self.ledger.spill_later(updates, self.max_block, self._can_wait)
+            patience = self.max_block if wait else 0.0
+            updates = self.ledger.spill_later(updates, patience, self._can_wait)
             reason = "the spool writer is behind"
         if updates:
             reason = f"{reason} (max_pending {self.max_pending})"
@@ -135,7 +136,7 @@ class Parts:
         for update in updates:
             update.receipts = [receipt]
         if failing or full:  # kept on disk: the receipt settles as spooled
-            self.overflow(list(updates), "no room or delivery is failing")
+            self.overflow(list(updates), "no room or delivery is failing", wait=False)
         else:  # someone waits on this receipt: sent now, not on the next tick
             self.ledger.admit(
                 list(updates), wait=0.0, failing=_never, can_wait=_never, bounded=False
