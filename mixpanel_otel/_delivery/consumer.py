@@ -86,6 +86,7 @@ class Consumer:
         self._pid = os.getpid()
         self.transport = transport
         self.parts = Parts(self._token, self.base_url, self.options, transport, clock, wait)
+        self._ledger = self.parts.ledger  # the hot path's one hop
         self.parts.worker.enabled = threads
         self.truncations.count = 0
 
@@ -110,10 +111,10 @@ class Consumer:
         Usually an append; past the bounds the caller goes through admission
         (:mod:`.admission`): it waits for room, or its updates overflow.
         """
-        parts = self.parts
         if not isinstance(updates, list):
             updates = list(updates)
-        if not parts.ledger.offer(updates, sum(update.size for update in updates)):
+        parts = self.parts
+        if not self._ledger.offer(updates, sum(update.size for update in updates)):
             if self._pid != os.getpid():  # a fork the registry did not see
                 self.after_fork()
                 parts = self.parts
@@ -121,11 +122,11 @@ class Consumer:
         lifecycle = parts.lifecycle
         if not parts.worker.started and not lifecycle.stopped:
             parts.worker.ensure()
-        if lifecycle.eager and threading.get_ident() not in WORKER_THREADS:
+        if lifecycle.deadline is not None and lifecycle.eager:
             # After a SIGTERM the application handles, the process may die by the
             # signal once its handler is done: deliver before returning.
             left = lifecycle.eager_left()
-            if left > 0:
+            if left > 0 and threading.get_ident() not in WORKER_THREADS:
                 self.flush(left)
         if signals.pending:
             signals.check()
