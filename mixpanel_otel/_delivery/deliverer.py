@@ -131,7 +131,12 @@ class Deliverer:
         return text
 
     def _spill_job(self, job: Job) -> None:
-        kept = self.spill([], job.updates)
+        try:
+            kept = self.spill([], job.updates)
+        except Exception as exc:  # a bug must not leave the job out forever
+            self.reporter.stats.add("errors")
+            logger.error("mixpanel-otel spill error: %s", self.reporter.scrub(repr(exc)))
+            kept = False
         lost = self.ledger.finish_spill(job, self.spool.rows if kept and self.spool else None)
         self.reporter.dropped(lost, "the spool could not keep them and memory is full")
 
