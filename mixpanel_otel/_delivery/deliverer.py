@@ -137,7 +137,7 @@ class Deliverer:
             self.reporter.stats.add("errors")
             logger.error("mixpanel-otel spill error: %s", self.reporter.scrub(repr(exc)))
             kept = False
-        lost = self.ledger.finish_spill(job, self.spool.rows if kept and self.spool else None)
+        lost = self.ledger.finish(job, None, self.spool.rows if kept and self.spool else None)
         self.reporter.dropped(lost, "the spool could not keep them and memory is full")
 
     def spill(self, front: list[GroupUpdate], back: list[GroupUpdate]) -> bool:

@@ -2,10 +2,10 @@
 
 Callers append updates to the *inbox* (a deque: no lock, no I/O) while the
 consumer has room; whoever takes the lock next moves the inbox into the
-coalescing buffer. Past the bounds a caller is *admitted* under the lock
-(:mod:`.admission`): it waits for room, or gets its updates back as
-overflow. Workers take jobs (:meth:`Ledger.next_job`) and hand back their
-results (:meth:`Ledger.finish`). :class:`~.dispatch.Dispatch` decides which
+coalescing buffer. Past the bounds a caller adds under the lock and, as
+admission decides (:mod:`.admission`), waits for room or overflows.
+Workers take jobs (:meth:`Ledger.next_job`) and hand back their results
+(:meth:`Ledger.finish`). :class:`~.dispatch.Dispatch` decides which
 job goes next; the ledger adds the lock, the inbox and the waiting.
 
 One lock, two conditions on it: workers wait on ``_work`` (one is woken per
@@ -20,7 +20,6 @@ from collections import deque
 from typing import Any, Callable, Optional, Protocol
 
 from .._wire import GroupUpdate
-from .admission import Admission, decide
 from .dispatch import Dispatch, settle_receipts
 from .jobs import Job, Kind, Lane
 from .receipts import Fate
@@ -95,53 +94,40 @@ class Ledger:
             return True
         return False
 
-    def admit(
-        self,
-        updates: list[GroupUpdate],
-        *,
-        wait: float,
-        failing: Callable[[], bool],
-        can_wait: Callable[[], bool],
-        bounded: bool = True,
-    ) -> tuple[list[GroupUpdate], str]:
-        """Add updates under the lock, waiting up to ``wait`` s for room; returns the
-        ones that found none (the overflow) and why. ``bounded=False`` takes all."""
+    def add(self, updates: list[GroupUpdate], bounded: bool = True) -> int:
+        """Add updates in order under the lock, merging where they can; returns how
+        many went in before one found no room. ``bounded=False``: all go in, now."""
         with self._lock:
             self._move_inbox()
             room = self._room if bounded else _always
-            wait_until: Optional[float] = None
-            position = 0
-            while position < len(updates):
-                merged = self._dispatch.add(updates[position], room)
-                if merged >= 0:
-                    self._stats.add("enqueued")
-                    if merged:
-                        self._stats.add("coalesced", merged)
-                    position += 1
-                    continue
-                now = self._clock()
-                verdict, reason = decide(
-                    failing=failing(),
-                    max_block=wait,
-                    wait_until=wait_until,
-                    now=now,
-                    can_wait=can_wait(),
-                )
-                if verdict is Admission.OVERFLOW:
-                    self._count()
-                    return updates[position:], reason
-                if wait_until is None:
-                    wait_until = now + wait
-                    self._stats.add("blocked")
-                self._dispatch.partial = True
-                self._work.notify()
-                self._change.wait(max(0.0, wait_until - now))
-                self._move_inbox()
+            added = coalesced = 0
+            for update in updates:
+                merged = self._dispatch.add(update, room)
+                if merged < 0:
+                    break
+                added += 1
+                coalesced += merged
+            self._stats.add("enqueued", added)
+            if coalesced:
+                self._stats.add("coalesced", coalesced)
             self._count()
             if not bounded:
                 self._dispatch.partial = True
                 self._work.notify()
-        return [], ""
+        return added
+
+    def wait_for_room(self, timeout: float, spill: bool = False) -> None:
+        """Unless there is room now (for updates, or for overflow waiting to spill),
+        wait until a job finishes or is taken, at most ``timeout`` s; meanwhile the
+        workers send partial batches."""
+        with self._lock:
+            if spill and len(self._dispatch.to_spill) < self._spill_room:
+                return
+            if not spill and self._room():
+                return
+            self._dispatch.partial = True
+            self._work.notify()
+            self._change.wait(max(0.0, timeout))
 
     def add_sdk(self, key: tuple[Any, ...], new_lane: Callable[[], Lane], text: str) -> bool:
         """Queue an SDK message in its lane; False when the consumer is full."""
@@ -155,36 +141,24 @@ class Ledger:
                 self._work.notify()
         return True
 
-    def spill_later(
-        self, updates: list[GroupUpdate], wait: float, can_wait: Callable[[], bool]
-    ) -> list[GroupUpdate]:
-        """Hand overflow to a spill job; returns what does not fit.
-
-        A caller that may wait does so (up to ``wait`` s) while a few batches
-        already wait for the spool; the rest are taken up to
-        ``max_pending_bytes`` waiting, since the writer is only slow.
-        """
+    def to_spill(self, updates: list[GroupUpdate], patient: bool) -> int:
+        """Queue overflow for a spill job; returns how many were taken. A ``patient``
+        caller leaves room for a few batches only (then waits); the rest are taken
+        while under ``max_pending_bytes`` waiting, since the writer is only slow."""
         with self._lock:
-            wait_until = self._clock() + wait
             dispatch = self._dispatch
-            while True:
-                left = wait_until - self._clock()
-                patient = left > 0 and can_wait()
-                count = self._spill_room - len(dispatch.to_spill) if patient else len(updates)
-                room = self.max_pending_bytes - dispatch.to_spill_bytes
-                taken = 0
-                for update in updates[: max(0, count)]:
-                    room -= update.size
-                    if room < 0:
-                        break
-                    taken += 1
-                dispatch.add_to_spill(updates[:taken])
-                updates = updates[taken:]
-                self._count()
-                self._work.notify()
-                if not updates or not patient:
-                    return updates
-                self._change.wait(left)
+            count = self._spill_room - len(dispatch.to_spill) if patient else len(updates)
+            room = self.max_pending_bytes - dispatch.to_spill_bytes
+            taken = 0
+            for update in updates[: max(0, count)]:
+                room -= update.size
+                if room < 0:
+                    break
+                taken += 1
+            dispatch.add_to_spill(updates[:taken])
+            self._count()
+            self._work.notify()
+        return taken
 
     # -- workers ---------------------------------------------------------------------
 
@@ -222,29 +196,24 @@ class Ledger:
                     timeout = self._next_tick - now
                 self._work.wait(min(max(0.001, timeout), self.flush_interval))
 
-    def finish(self, job: Job, result: Result, spool_rows: Optional[int] = None) -> None:
-        """A group, SDK or replay job is done: account for its result."""
-        with self._lock:
-            self._dispatch.finish(job, result)
-            if spool_rows is not None:
-                self._dispatch.spool_rows = spool_rows
-            self._finished()
-
-    def finish_spill(self, job: Job, spool_rows: Optional[int]) -> list[GroupUpdate]:
-        """A spill job is done (``spool_rows`` None: the spool kept nothing); returns
-        the updates that neither the spool nor memory can keep."""
+    def finish(
+        self, job: Job, result: Optional[Result], spool_rows: Optional[int] = None
+    ) -> list[GroupUpdate]:
+        """A job is done: account for its result (a spill job: ``spool_rows`` None when
+        the spool kept nothing). Returns the updates neither spool nor memory keeps."""
+        lost: list[GroupUpdate] = []
         with self._lock:
             if spool_rows is not None:
                 self._dispatch.spool_rows = spool_rows
-            kept = spool_rows is not None
-            lost = self._dispatch.finish_spill(job, kept, self.max_pending)
-            self._finished()
+            if result is None:  # a spill job
+                kept = spool_rows is not None
+                lost = self._dispatch.finish_spill(job, kept, self.max_pending)
+            else:
+                self._dispatch.finish(job, result)
+            self._count()
+            self._work.notify()  # a group or lane is free again
+            self._change.notify_all()
         return lost
-
-    def _finished(self) -> None:
-        self._count()
-        self._work.notify()  # a group or lane is free again
-        self._change.notify_all()
 
     # -- flush and exit --------------------------------------------------------------
 

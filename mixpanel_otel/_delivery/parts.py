@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 from .._exceptions import MixpanelException
 from .._transport import Post
 from .._wire import GroupUpdate
+from .admission import Admission, decide
 from .deliverer import Deliverer
 from .encode import Encoder, Updates
 from .ledger import Ledger
@@ -92,15 +93,29 @@ class Parts:
     # -- callers ---------------------------------------------------------------------
 
     def admit(self, updates: list[GroupUpdate], wait: bool) -> None:
-        """The slow path of enqueue: wait for room, or overflow."""
-        overflow, reason = self.ledger.admit(
-            updates,
-            wait=self.max_block if wait else 0.0,
-            failing=lambda: self.reporter.health.failing,
-            can_wait=self._can_wait,
-        )
-        if overflow:
-            self.overflow(overflow, reason, wait)
+        """The slow path of enqueue: add what has room, wait for more, or overflow."""
+        max_block = self.max_block if wait else 0.0
+        clock = self.lifecycle.clock
+        wait_until: Optional[float] = None
+        while True:
+            updates = updates[self.ledger.add(updates) :]
+            if not updates:
+                return
+            now = clock()
+            verdict, reason = decide(
+                failing=self.reporter.health.failing,
+                max_block=max_block,
+                wait_until=wait_until,
+                now=now,
+                can_wait=self._can_wait(),
+            )
+            if verdict is Admission.OVERFLOW:
+                self.overflow(updates, reason, wait)
+                return
+            if wait_until is None:
+                wait_until = now + max_block
+                self.reporter.stats.add("blocked")
+            self.ledger.wait_for_room(wait_until - now)
 
     def _can_wait(self) -> bool:
         return (
@@ -112,13 +127,27 @@ class Parts:
     def overflow(self, updates: list[GroupUpdate], reason: str, wait: bool) -> None:
         """Updates that found no room: to a spill job when there is a spool, else dropped."""
         if self.spool is not None:
-            patience = self.max_block if wait else 0.0
-            updates = self.ledger.spill_later(updates, patience, self._can_wait)
+            updates = self._spill_later(updates, self.max_block if wait else 0.0)
             reason = "the spool writer is behind"
         if updates:
             reason = f"{reason} (max_pending {self.max_pending})"
             self.ledger.settle(updates, Fate.DROPPED, f"dropped: {reason}")
             self.reporter.dropped(updates, reason)
+
+    def _spill_later(self, updates: list[GroupUpdate], wait: float) -> list[GroupUpdate]:
+        """Hand overflow to a spill job, waiting up to ``wait`` s while a few batches
+        already wait for the spool; returns what does not fit."""
+        clock = self.lifecycle.clock
+        wait_until = clock() + wait
+        while updates:
+            left = wait_until - clock()
+            patient = left > 0 and self._can_wait()
+            updates = updates[self.ledger.to_spill(updates, patient) :]
+            if not patient:
+                break
+            if updates:
+                self.ledger.wait_for_room(left, spill=True)
+        return updates
 
     def submit(self, updates: Sequence[GroupUpdate]) -> Receipt:
         receipt = Receipt(len(updates))
@@ -138,9 +167,7 @@ class Parts:
         if failing or full:  # kept on disk: the receipt settles as spooled
             self.overflow(list(updates), "no room or delivery is failing", wait=False)
         else:  # someone waits on this receipt: sent now, not on the next tick
-            self.ledger.admit(
-                list(updates), wait=0.0, failing=_never, can_wait=_never, bounded=False
-            )
+            self.ledger.add(list(updates), bounded=False)
         return receipt
 
     def deliver_now(self, updates: list[GroupUpdate]) -> None:
@@ -172,7 +199,3 @@ class Parts:
 
     def quiescent(self, timeout: float) -> bool:
         return self.ledger.quiescent(timeout) and self.deliverer.quiescent(timeout)
-
-
-def _never() -> bool:
-    return False
