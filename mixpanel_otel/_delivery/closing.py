@@ -59,10 +59,10 @@ def _wait_empty(parts: Parts, deadline: float, inline: bool) -> bool:
         job = ledger.next_job(lifecycle, spool, block=False)
         if job is not None:
             parts.deliverer.run(job)
-        elif lifecycle.paused_until > now:
-            lifecycle.wait(min(left, lifecycle.paused_until - now))
-        else:
-            lifecycle.wait(min(left, 0.05))
+            continue
+        pause = lifecycle.paused_until - now
+        if not lifecycle.wait(min(left, pause if pause > 0 else 0.05)):
+            return ledger.empty()  # out of time
     return True
 
 

@@ -131,8 +131,11 @@ class Lifecycle:
     # -- the sender's waits -----------------------------------------------------------
 
     def exit_deadline(self) -> Optional[float]:
-        """When requests and retries stop: the exit's deadline, or an inline flush's."""
-        return self.deadline if self._phase is Phase.CLOSING else self._inline_until
+        """When requests and retries stop: the exit's deadline (also once stopped:
+        a request still out then gives up), or an inline flush's."""
+        if self._phase is Phase.CLOSING or self._phase is Phase.STOPPED:
+            return self.deadline
+        return self._inline_until
 
     def time_left(self) -> bool:
         deadline = self.exit_deadline()

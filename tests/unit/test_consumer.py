@@ -345,3 +345,16 @@ class TestReplay:
         assert transport.ids() == ["old", "new"]
         assert transport.delivered[0]["$token"] == TOKEN
         assert consumer.stats()["replayed"] == 1 and consumer.stats()["spool_rows"] == 0
+
+
+class TestAfterExit:
+    def test_a_job_still_out_after_the_deadline_gives_up_instead_of_retrying(self, make, clock):
+        consumer, transport, client = make(*[retry()] * 1000, shutdown_timeout=1)
+        client.group_set("company", "acme", {"x": 1})
+        parts = consumer.parts
+        parts.ledger.hurry()  # send the partial batch now
+        job = parts.ledger.next_job(parts.lifecycle, spool=False, block=False)
+        assert not consumer.shutdown()  # the job was out: the exit took its update
+        before = len(transport.requests)
+        parts.deliverer.run(job)  # the worker that held it comes back from its request
+        assert len(transport.requests) - before <= 1, "no retries once stopped"
