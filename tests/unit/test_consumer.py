@@ -283,8 +283,10 @@ class TestReports:
             raise RuntimeError("on_error bug")
 
         consumer, transport, client = make(
-            Answer(Outcome.OK), Answer(Outcome.FATAL, "HTTP 401"),
-            before_send=before_send, on_error=on_error,
+            Answer(Outcome.OK),
+            Answer(Outcome.FATAL, "HTTP 401"),
+            before_send=before_send,
+            on_error=on_error,
         )
         for group in ("a", "boom", "skip", "b"):
             client.group_set("company", group, {"x": 1})
@@ -334,9 +336,7 @@ class TestBounds:
 
 
 class TestReplay:
-    def test_spooled_rows_go_first_and_a_row_kept_without_the_token_gets_it(
-        self, make, tmp_path
-    ):
+    def test_spooled_rows_go_first_and_a_row_kept_without_the_token_gets_it(self, make, tmp_path):
         consumer, transport, client = make(spool_dir=str(tmp_path))
         row = '{"$time":1,"$group_key":"company","$group_id":"old","$set":{"x":1}}'
         assert consumer.parts.spool.append([row])
