@@ -73,7 +73,8 @@ class Reporter:
         count = sum(update.stands_for for update in updates)
         self.stats.add("dropped", count)
         self.losses += count
-        messages = [wire_message(self._token, update) for update in updates]
+        token = self._token
+        messages = [wire_message(token, u) for u in updates] if self.on_error else list(updates)
         self._tell(MixpanelException(f"dropped: {self.scrub(reason)}"), messages, throttled=True)
 
     def dropped_texts(self, texts: Sequence[str], reason: str) -> None:
