@@ -39,3 +39,20 @@ def make_consumer():
 
     yield make
     reset_consumers(timeout=2.0)
+
+
+@pytest.fixture
+def start_gateway():
+    """``start_gateway(sink, *args, env=None, ca=None)``: a gateway subprocess, stopped after."""
+    from tests.helpers import GatewayProcess
+
+    started: list[GatewayProcess] = []
+
+    def start(sink: Sink, *args: str, **kwargs) -> GatewayProcess:
+        gateway = GatewayProcess(sink, *args, **kwargs)
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        gateway.stop()
