@@ -298,6 +298,7 @@ class GatewayProcess:
             self.proc.kill()
             raise AssertionError(f"gateway did not start: {line!r} {self.proc.stderr.read()!r}")
         self.grpc, self.http = match.group(1), match.group(2)
+        self.stderr_text = ""
         self.ssl_context = None
         if ca is not None:
             import ssl
@@ -328,6 +329,8 @@ class GatewayProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        if self.proc.stderr and not self.proc.stderr.closed:
+            self.stderr_text = self.proc.stderr.read()  # what it logged, for the test
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream:
                 stream.close()

@@ -371,3 +371,229 @@ def test_delete_is_refused_by_default_and_allowed_with_the_flag(sink, start_gate
     status, raw = _post(allowing, _logs_request(delete), _PROTOBUF)
     assert (status, raw) == (200, b"")
     assert sink.profile("company", "acme") is None
+
+
+# -- attacks --------------------------------------------------------------------------------
+#
+# Each attack runs in threads until told to stop; meanwhile a real sender's Export must
+# succeed within 2 s on both protocols, /health must answer within 1 s, and the gateway's
+# RSS must stay under 300 MiB. (Before the fix: 566 MiB from one negative chunk size,
+# +3.66 GiB and 7.3 s for /health under 8 amplification bodies, 429 for 50 s under 32 slow
+# bodies, DEADLINE_EXCEEDED under 40 silent gRPC streams.)
+
+_MiB = 1024 * 1024
+
+
+def _delimited(tag: int, payload: bytes) -> bytes:
+    size, length = bytearray(), len(payload)
+    while True:
+        byte, length = length & 0x7F, length >> 7
+        size.append(byte | 0x80 if length else byte)
+        if not length:
+            return bytes([tag]) + bytes(size) + payload
+
+
+def _empty_attributes(size: int) -> bytes:
+    """An ExportLogsServiceRequest of about ``size`` bytes: one record of empty attributes."""
+    record = b"\x32\x00" * (size // 2)  # LogRecord.attributes (6): an empty KeyValue each
+    return _delimited(0x0A, _delimited(0x12, _delimited(0x12, record)))
+
+
+class _Attacks:
+    """Attack threads, each looping until :meth:`stop`; they note what they saw."""
+
+    def __init__(self, gateway: GatewayProcess) -> None:
+        import threading
+
+        self.gateway = gateway
+        self.host, port = gateway.http.rsplit("/", 1)[1].rsplit(":", 1)
+        self.port = int(port)
+        self.stopping = threading.Event()
+        self.threads: list[Any] = []
+        self.seen: dict[str, list[Any]] = {}
+        self._lock = threading.Lock()
+
+    def note(self, kind: str, what: Any) -> None:
+        with self._lock:
+            self.seen.setdefault(kind, []).append(what)
+
+    def run(self, kind: str, target: Any, count: int = 1) -> None:
+        import threading
+
+        def loop(n: int) -> None:
+            try:
+                target(n)
+            except Exception as exc:  # an attack thread never fails the test by itself
+                self.note(kind + ":error", repr(exc))
+
+        for n in range(count):
+            thread = threading.Thread(target=loop, args=(n,), daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection((self.host, self.port), timeout=5)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(30)
+
+    # -- the attacks
+
+    def negative_chunk_size(self, n: int) -> None:
+        size = (b"-1", b"-2")[n % 2]
+        block = b"\0" * _MiB
+        while not self.stopping.is_set():
+            with self.connect() as conn:
+                conn.sendall(
+                    b"POST /v1/logs HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    b"Content-Type: application/x-protobuf\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n" + size + b"\r\n"
+                )
+                try:
+                    for _ in range(512):  # up to 512 MiB, as in the report
+                        if self.stopping.is_set():
+                            break
+                        conn.sendall(block)
+                except OSError:
+                    pass  # the gateway answered and closed: what should happen
+                try:
+                    self.note("negative", conn.recv(200).split(b"\r\n", 1)[0])
+                except OSError as exc:
+                    self.note("negative", repr(exc))
+
+    def amplification(self, n: int) -> None:
+        import gzip
+
+        if n < 2:  # gRPC, gzip compression, a message just under the request limit
+            message = _empty_attributes(4 * _MiB - 64)
+            with grpc.insecure_channel(
+                self.gateway.grpc, compression=grpc.Compression.Gzip
+            ) as channel:
+                export = channel.unary_unary(_LOGS_EXPORT)
+                while not self.stopping.is_set():
+                    try:
+                        export(message, timeout=30)
+                        self.note("amplification", "grpc OK")
+                    except grpc.RpcError as exc:
+                        self.note("amplification", f"grpc {exc.code()}")
+            return
+        # HTTP: a few KiB of gzip that inflate to just under the limit, or to 16 MiB.
+        inflated = 16 * _MiB if n == 2 else 4 * _MiB - 64
+        body = gzip.compress(_empty_attributes(inflated))
+        headers = {**_PROTOBUF, "Content-Encoding": "gzip"}
+        while not self.stopping.is_set():
+            try:
+                self.note("amplification", _post(self.gateway, body, headers, timeout=30)[0])
+            except OSError as exc:
+                self.note("amplification", repr(exc))
+
+    def slow_body(self, n: int) -> None:
+        with self.connect() as conn:
+            conn.sendall(
+                b"POST /v1/logs HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/x-protobuf\r\nContent-Length: 1000\r\n\r\n\x0a"
+            )
+            self.note("slow", "started")
+            while not self.stopping.wait(0.5):
+                try:
+                    conn.sendall(b"\0")  # one byte now and then: never done
+                except OSError as exc:
+                    self.note("slow", repr(exc))
+                    return
+
+    def silent_streams(self, n: int) -> None:
+        import threading
+
+        never = threading.Event()
+
+        def nothing() -> Any:
+            never.wait(60)  # a stream is opened, and its message never comes
+            return
+            yield
+
+        with grpc.insecure_channel(self.gateway.grpc) as channel:
+            export = channel.stream_unary(_LOGS_EXPORT)
+            calls = [export.future(nothing()) for _ in range(10)]
+            self.note("silent", len(calls))
+            self.stopping.wait()
+            never.set()
+            for call in calls:
+                call.cancel()
+
+
+def _probe(gateway: GatewayProcess, round_number: int) -> None:
+    """A real sender's Export succeeds within 2 s on both protocols; /health within 1 s."""
+    with urllib.request.urlopen(gateway.http + "/health", timeout=1) as response:
+        assert response.status == 200
+    for name, exporter in (
+        ("http", HttpLogExporter(endpoint=gateway.http + "/v1/logs", timeout=2)),
+        ("grpc", GrpcLogExporter(endpoint=gateway.grpc, insecure=True, timeout=2)),
+    ):
+        group = f"real-{name}-{round_number}"
+        assert _export(exporter, group, n=round_number) == "SUCCESS", group
+
+
+def test_attacks_leave_room_for_real_senders_health_and_memory(sink, start_gateway):
+    import threading
+
+    gateway = start_gateway(sink, "--ack-timeout", "5")
+    attacks = _Attacks(gateway)
+    peak = [gateway.rss_mib()]
+    sampling = threading.Event()
+
+    def sample() -> None:
+        while not sampling.wait(0.02):
+            try:
+                peak[0] = max(peak[0], gateway.rss_mib())
+            except OSError:
+                return
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    attacks.run("negative", attacks.negative_chunk_size, 2)
+    attacks.run("amplification", attacks.amplification, 8)
+    attacks.run("slow", attacks.slow_body, 32)
+    attacks.run("silent", attacks.silent_streams, 4)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (
+            len(attacks.seen.get("slow", ())) >= 32
+            and sum(attacks.seen.get("silent", ())) >= 40
+            and len(attacks.seen.get("amplification", ())) >= 8
+            and attacks.seen.get("negative")
+        ):
+            time.sleep(0.05)
+        for round_number in range(3):
+            _probe(gateway, round_number)
+    finally:
+        attacks.stop()
+        sampling.set()
+        sampler.join(5)
+    for round_number in range(3):
+        for name in ("http", "grpc"):
+            assert sink.profile("company", f"real-{name}-{round_number}") == {"n": round_number}
+    assert peak[0] < 300, f"gateway RSS reached {peak[0]:.0f} MiB"
+    seen = attacks.seen
+    assert not [kind for kind in seen if kind.endswith(":error")], seen
+    assert set(seen["negative"]) <= {b"HTTP/1.1 400 Bad Request", b""}, seen["negative"]
+    assert b"HTTP/1.1 400 Bad Request" in seen["negative"]
+    # Bodies under the limit are parsed and their record rejected (over the attribute
+    # limit); the 16 MiB one is refused while inflating; none is lost to an error.
+    assert set(seen["amplification"]) <= {
+        200,
+        413,
+        429,
+        "grpc OK",
+        "grpc StatusCode.RESOURCE_EXHAUSTED",
+    }
+    assert 200 in seen["amplification"] and 413 in seen["amplification"]
+    assert "grpc OK" in seen["amplification"]
+    health = gateway.health()["gateway"]
+    assert health["over_limits"] >= 2
+    gateway.stop()
+    # Client errors are logged in one line each, throttled; never a traceback.
+    assert "Traceback" not in gateway.stderr_text
+    assert "bad chunk size" in gateway.stderr_text
+    assert len(gateway.stderr_text.splitlines()) < 40, gateway.stderr_text

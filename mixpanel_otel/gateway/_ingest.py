@@ -19,6 +19,7 @@ from .._delivery import Consumer
 from .._frontend import FrontEnd
 from ._limits import Budget, Limits, check_request, gunzip, gzip_claim, reserve_deadline
 from ._otlp import BadRequest, Signal, TooLarge, Translated, decode
+from ._protobuf import parse_request
 from ._security import Policy
 
 __all__ = ["Answer", "Ingest", "Outcome"]
@@ -195,9 +196,12 @@ class Ingest:
                         raise _NoRoom from None
                     held = limit
                     body = gunzip(body, limit)
-            request = decode(signal, body, json_encoding)
+            if json_encoding:
+                request = decode(signal, body, True)
+                removed, reasons = check_request(signal, request, self.limits)
+            else:
+                request, removed, reasons = parse_request(signal, body, self.limits)
             del body
-            removed, reasons = check_request(signal, request, self.limits)
             front = self.front
             result: Translated = signal.translate(
                 request, front.translator, self.consumer.truncations, front.report_invalid

@@ -13,6 +13,7 @@ from __future__ import annotations
 import struct
 import threading
 import zlib
+from collections import deque
 from dataclasses import dataclass
 from time import monotonic
 from typing import Any, Optional
@@ -26,6 +27,7 @@ __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
     "Budget",
     "Limits",
+    "attribute_problem",
     "check_request",
     "gunzip",
 ]
@@ -61,13 +63,15 @@ class Budget:
     """Bytes reserved by the calls in flight, never more than ``capacity`` at once.
 
     A call reserves what it will decode in one piece (so two calls never hold
-    half each and wait for each other) and waits for room until its deadline.
+    half each and wait for each other), first come first served (so a small
+    call is not passed over forever by large ones), waiting until its deadline.
     """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._used = 0
         self._room = threading.Condition()
+        self._queue: deque[object] = deque()
 
     @property
     def used(self) -> int:
@@ -77,18 +81,25 @@ class Budget:
         """Reserve ``size`` bytes, waiting until ``deadline`` (``monotonic()``) for room."""
         if size > self.capacity:
             return False
+        ticket = object()
         with self._room:
-            while self._used + size > self.capacity:
-                remaining = deadline - monotonic()
-                if remaining <= 0:
-                    return False
-                self._room.wait(remaining)
-            self._used += size
-            return True
+            self._queue.append(ticket)
+            try:
+                while self._queue[0] is not ticket or self._used + size > self.capacity:
+                    remaining = deadline - monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._room.wait(remaining)
+                self._used += size
+                return True
+            finally:
+                self._queue.remove(ticket)
+                self._room.notify_all()
 
     def try_acquire(self, size: int) -> bool:
+        """Reserve ``size`` bytes if there is room now (and nobody is waiting)."""
         with self._room:
-            if self._used + size > self.capacity:
+            if self._queue or self._used + size > self.capacity:
                 return False
             self._used += size
             return True
@@ -156,7 +167,7 @@ def _values(any_value: Any, budget: int) -> int:
     return 1
 
 
-def _attribute_problem(
+def attribute_problem(
     attributes: Any, what: str, limits: Limits, values: Optional[list[int]]
 ) -> str:
     """Why ``attributes`` are over a cap, or ``""``; ``values`` (a running count) walks them."""
@@ -183,15 +194,15 @@ def _record_problem(signal: Signal, record: Any, limits: Limits) -> str:
     """
     values = [0] if record.ByteSize() > 2 * limits.max_values else None
     what = "log record" if signal is LOGS else "span"
-    problem = _attribute_problem(record.attributes, what, limits, values)
+    problem = attribute_problem(record.attributes, what, limits, values)
     if problem or signal is LOGS:
         return problem
     for event in record.events:
-        problem = _attribute_problem(event.attributes, f"{what} event", limits, values)
+        problem = attribute_problem(event.attributes, f"{what} event", limits, values)
         if problem:
             return problem
     for link in record.links:
-        problem = _attribute_problem(link.attributes, f"{what} link", limits, values)
+        problem = attribute_problem(link.attributes, f"{what} link", limits, values)
         if problem:
             return problem
     return ""
@@ -214,7 +225,7 @@ def check_request(signal: Signal, request: Any, limits: Limits) -> tuple[int, li
     for resource_entry in resources:
         resource = resource_entry.resource
         values = [0] if resource.ByteSize() > 2 * limits.max_values else None
-        problem = _attribute_problem(resource.attributes, "a resource", limits, values)
+        problem = attribute_problem(resource.attributes, "a resource", limits, values)
         if problem:
             raise BadRequest(problem)
         for scope in getattr(resource_entry, scopes_field):
