@@ -597,3 +597,31 @@ def test_attacks_leave_room_for_real_senders_health_and_memory(sink, start_gatew
     assert "Traceback" not in gateway.stderr_text
     assert "bad chunk size" in gateway.stderr_text
     assert len(gateway.stderr_text.splitlines()) < 40, gateway.stderr_text
+
+
+def test_foreign_hosts_and_deeply_nested_json_are_refused_clearly(sink, start_gateway):
+    import http.client
+
+    gateway = start_gateway(sink)  # loopback, no authentication: loopback Host values only
+    host, port = gateway.http.rsplit("/", 1)[1].rsplit(":", 1)
+    body = _logs_request(_flat("rebound", ok=1))
+    for method, path, payload in (("POST", "/v1/logs", body), ("GET", "/health", None)):
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        connection.request(method, path, payload, {**_PROTOBUF, "Host": "attacker.example:4318"})
+        response = connection.getresponse()
+        assert response.status == 403, (method, path)
+        response.read()
+        connection.close()
+    assert sink.profile("company", "rebound") is None
+    for name in ("localhost", "127.0.0.1", f"127.0.0.1:{port}"):
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        connection.request("GET", "/health", headers={"Host": name})
+        assert connection.getresponse().status == 200, name
+        connection.close()
+
+    deep = b'{"resourceLogs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    status, raw = _post(gateway, deep, {"Content-Type": "application/json"})
+    assert status == 400, raw
+    assert "nested too deeply" in raw.decode()
+    gateway.stop()
+    assert "Traceback" not in gateway.stderr_text
