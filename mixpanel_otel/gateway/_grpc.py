@@ -42,13 +42,18 @@ _CODES = {
 _RECEIVE_TIMEOUT = 10.0
 #: Calls open at once (most of them waiting for their message cost a few kilobytes).
 _MAX_OPEN_CALLS = 1024
+_STREAMS_PER_CONNECTION = 256
 
 
-def _options(max_request_bytes: int, max_concurrent: int) -> list[tuple[str, Any]]:
+def _options(max_request_bytes: int) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_receive_message_length", max_request_bytes),  # also after decompression
         ("grpc.so_reuseport", 0),
-        ("grpc.max_concurrent_streams", max_concurrent),  # per connection
+        # Per connection. Channels to one address share a connection (a Collector's
+        # consumers, a process's exporters), and streams over the cap are refused
+        # (RST_STREAM REFUSED_STREAM, UNAVAILABLE to the caller): keep it well above
+        # the Export calls run at once; the calls open at all are capped below.
+        ("grpc.max_concurrent_streams", _STREAMS_PER_CONNECTION),
         ("grpc.keepalive_time_ms", 60_000),  # ping an idle connection every minute
         ("grpc.keepalive_timeout_ms", 20_000),  # and drop it if the ping is not answered
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),  # clients ping no faster
@@ -93,7 +98,7 @@ class GrpcServer:
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
             self._server, self.port = self._loop.run_until_complete(
-                self._create(target, max_concurrent, max_request_bytes, credentials)
+                self._create(target, max_request_bytes, credentials)
             )
         except BaseException:
             self._loop.close()
@@ -103,12 +108,11 @@ class GrpcServer:
     async def _create(
         self,
         target: str,
-        max_concurrent: int,
         max_request_bytes: int,
         credentials: Optional[grpc.ServerCredentials],
     ) -> tuple[aio.Server, int]:
         server = aio.server(
-            options=_options(max_request_bytes, max_concurrent),
+            options=_options(max_request_bytes),
             maximum_concurrent_rpcs=_MAX_OPEN_CALLS,
         )
         for signal in (LOGS, TRACES):
