@@ -154,31 +154,25 @@ class _Handler(BaseHTTPRequestHandler):
             return True
         return False
 
-    def _receive(self) -> bytes:
-        """The whole body, within its deadline, counted against the bytes being received."""
+    def _receive(self, held: list[int]) -> bytes:
+        """The whole body, within its deadline, counted against the bytes of bodies held.
+
+        ``held[0]`` is what this request holds; the caller releases it once done.
+        """
         server = self.server
         limit = server.max_request_bytes
         declared = self.headers.get("Content-Length", "")
         expected = int(declared) if declared.strip().isdigit() else limit
         deadline = monotonic() + _BODY_GRACE + min(expected, limit) / _MIN_RATE
-        taken = [0]
 
         def count(size: int) -> None:
             if not server.receiving.try_acquire(size):
                 raise _ReceiveFull
-            taken[0] += size
+            held[0] += size
 
-        try:
-            return read_body(
-                self.rfile,
-                self.headers,
-                limit,
-                sock=self.connection,
-                deadline=deadline,
-                count=count,
-            )
-        finally:
-            server.receiving.release(taken[0])
+        return read_body(
+            self.rfile, self.headers, limit, sock=self.connection, deadline=deadline, count=count
+        )
 
     # -- methods ----------------------------------------------------------------------
 
@@ -209,8 +203,15 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if self._refuse_caller(json_encoding):
             return
+        held = [0]
         try:
-            body = self._receive()
+            self._export(signal, json_encoding, encoding, held)
+        finally:
+            self.server.receiving.release(held[0])
+
+    def _export(self, signal: Signal, json_encoding: bool, encoding: str, held: list[int]) -> None:
+        try:
+            body = self._receive(held)
         except _ReceiveFull:
             self.close_connection = True
             self.server.ingest.count(overloaded=1)
@@ -233,6 +234,8 @@ class _Handler(BaseHTTPRequestHandler):
             signal, body, json_encoding, gzip=encoding == "gzip"
         )
         del body
+        self.server.receiving.release(held[0])
+        held[0] = 0
         if answer.outcome is Outcome.OK:
             body = signal.response_bytes(answer.rejected, answer.message, json_encoding)
             self._send(200, body, _JSON if json_encoding else _PROTOBUF)
