@@ -170,9 +170,17 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _ReceiveFull
             held[0] += size
 
-        return read_body(
-            self.rfile, self.headers, limit, sock=self.connection, deadline=deadline, count=count
-        )
+        try:
+            return read_body(
+                self.rfile,
+                self.headers,
+                limit,
+                sock=self.connection,
+                deadline=deadline,
+                count=count,
+            )
+        finally:
+            self.connection.settimeout(self.timeout)  # the keep-alive wait for the next request
 
     # -- methods ----------------------------------------------------------------------
 
