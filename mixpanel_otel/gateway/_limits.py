@@ -29,6 +29,7 @@ __all__ = [
     "Limits",
     "attribute_problem",
     "check_request",
+    "record_problem",
     "gunzip",
 ]
 
@@ -186,7 +187,7 @@ def attribute_problem(
     return ""
 
 
-def _record_problem(signal: Signal, record: Any, limits: Limits) -> str:
+def record_problem(signal: Signal, record: Any, limits: Limits) -> str:
     """Why ``record`` is over a cap, or ``""``.
 
     Every value takes 2 bytes or more on the wire, so values are counted only
@@ -238,7 +239,7 @@ def check_request(signal: Signal, request: Any, limits: Limits) -> tuple[int, li
                 )
             over = []
             for index, record in enumerate(records):
-                problem = _record_problem(signal, record, limits)
+                problem = record_problem(signal, record, limits)
                 if problem:
                     over.append(index)
                     if len(reasons) < 3:

@@ -16,7 +16,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from ._limits import Limits, attribute_problem
+from ._limits import Limits, attribute_problem, record_problem
 from ._otlp import LOGS, BadRequest, Signal
 
 __all__ = ["parse_request"]
@@ -165,23 +165,6 @@ def _record_on_the_wire(signal: Signal, data: memoryview, limits: Limits) -> str
     return ""
 
 
-def _record_problem(signal: Signal, record: Any, limits: Limits) -> str:
-    """Why a parsed (small) record has too many attributes, or ``""``."""
-    what = "log record" if signal is LOGS else "span"
-    problem = attribute_problem(record.attributes, what, limits, None)
-    if problem or signal is LOGS:
-        return problem
-    for event in record.events:
-        problem = attribute_problem(event.attributes, f"{what} event", limits, None)
-        if problem:
-            return problem
-    for link in record.links:
-        problem = attribute_problem(link.attributes, f"{what} link", limits, None)
-        if problem:
-            return problem
-    return ""
-
-
 def _parse_scope(
     signal: Signal, data: memoryview, scope: Any, records_field: str, limits: Limits, before: int
 ) -> tuple[int, list[str]]:
@@ -204,7 +187,7 @@ def _parse_scope(
         first = len(records)
         scope.MergeFromString(b"".join(run))
         for position in reversed(check):
-            problem = _record_problem(signal, records[first + position], limits)
+            problem = record_problem(signal, records[first + position], limits)
             if problem:
                 del records[first + position]
                 problems.append(problem)
