@@ -17,8 +17,9 @@ from typing import Optional
 
 from .._delivery import Consumer
 from .._frontend import FrontEnd
+from .._records import Ingested
 from ._limits import Budget, Limits, check_request, gunzip, gzip_claim, reserve_deadline
-from ._otlp import BadRequest, Signal, TooLarge, Translated, decode
+from ._otlp import BadRequest, Signal, TooLarge, decode
 from ._protobuf import parse_request
 from ._security import Policy
 
@@ -173,7 +174,7 @@ class Ingest:
 
     def _decoded(
         self, signal: Signal, body: bytes, json_encoding: bool, gzip: bool, deadline: float
-    ) -> tuple[Translated, int, list[str]]:
+    ) -> tuple[Ingested, int, list[str]]:
         """Decompress, parse, check and translate ``body`` within the memory budget."""
         limit = self.limits.max_request_bytes
         size = gzip_claim(body, limit) if gzip else len(body)
@@ -202,10 +203,7 @@ class Ingest:
             else:
                 request, removed, reasons = parse_request(signal, body, self.limits)
             del body
-            front = self.front
-            result: Translated = signal.translate(
-                request, front.translator, self.consumer.truncations, front.report_invalid
-            )
+            result = self.front.walker(signal.adapter).read(signal.records(request))
             return result, removed, reasons
         finally:
             budget.release(held)
