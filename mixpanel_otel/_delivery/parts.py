@@ -49,7 +49,10 @@ class Parts:
         self.max_block: float = options["max_block"]
         self.max_pending: int = options["max_pending"]
         warn_after = min(30.0, options["flush_interval"] * _HEALTH_WARN_TICKS)
-        self.reporter = Reporter(token, options["on_error"], warn_after, clock)
+        secret = getattr(options["credentials"], "secret", None)
+        self.reporter = Reporter(
+            token, options["on_error"], warn_after, clock, str(secret) if secret else None
+        )
         self.lifecycle = Lifecycle(clock, wait)
         self.ledger = Ledger(
             self.reporter.stats,

@@ -34,8 +34,10 @@ class Reporter:
         on_error: Optional[Callable[..., Any]],
         health_warn_after: float,
         clock: Callable[[], float],
+        secret: Optional[str] = None,
     ) -> None:
         self._token = token
+        self._secret = secret  # a service account's, when one is configured
         self.on_error = on_error
         self.stats = Stats()
         self.health = Health(health_warn_after, clock=clock, scrub=self.scrub)
@@ -44,7 +46,11 @@ class Reporter:
         self.losses = 0  # updates and messages failed or dropped, ever (flush compares)
 
     def scrub(self, text: str) -> str:
-        return text.replace(self._token, "<token>")
+        """``text`` without the token or the service-account secret (an upstream may echo them)."""
+        text = text.replace(self._token, "<token>")
+        if self._secret:
+            text = text.replace(self._secret, "<secret>")
+        return text
 
     def answered(self, answer: Answer) -> None:
         self.stats.add("requests")
