@@ -17,13 +17,14 @@ import logging
 import threading
 from collections import Counter
 from time import monotonic
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Protocol, Union
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Protocol, TypeVar, Union
 
 from ._config import check_arguments, disabled_by_environment, resolve_options, resolve_target
 from ._exceptions import ConfigurationError, MissingToken, MixpanelException
+from ._records import Adapter, Walker
 from ._rules import RulesSource, load_rules
 from ._translate import Translator
-from ._wire import GroupUpdate, Truncations
+from ._wire import ENDPOINTS, GroupUpdate, Truncations
 
 if TYPE_CHECKING:
     from ._delivery import Consumer
@@ -33,10 +34,12 @@ __all__ = [
     "DisabledConsumer",
     "FrontEnd",
     "disabled_front_ends",
+    "get_consumer",
     "open_consumer",
 ]
 
 logger = logging.getLogger("mixpanel_otel")
+R = TypeVar("R")
 _WARN_EVERY = 10.0
 _reporting = threading.local()
 
@@ -55,25 +58,16 @@ class ConsumerLike(Protocol):
     def stats(self) -> dict[str, int]: ...
 
 
-_STAT_KEYS = (
-    "enqueued",
-    "coalesced",
-    "sent",
-    "failed",
-    "dropped",
-    "invalid",
-    "ignored",
-    "retries",
-    "requests",
-    "pending",
-)
+#: What ``stats()`` reports besides the counters: the consumer's state now.
+_GAUGES = ("pending", "pending_bytes", "in_flight", "spool_rows", "truncated", "failing")
 
 
 class DisabledConsumer:
     """Stands in for the consumer of a disabled front end: accepts and discards.
 
-    ``stats()`` has the consumer's keys (all 0) plus ``discarded`` (updates a
-    :class:`GroupClient` handed it) and ``disabled`` (1); ``reason`` says why.
+    ``stats()`` has the consumer's counters (:data:`~mixpanel_otel._delivery.stats.COUNTERS`)
+    and gauges, all 0, plus ``discarded`` (updates a :class:`GroupClient`
+    handed it) and ``disabled`` (1); ``reason`` says why.
     """
 
     base_url = "disabled://"
@@ -96,6 +90,21 @@ class DisabledConsumer:
     def deliver_now(self, updates: Iterable[GroupUpdate]) -> None:
         self.enqueue(updates)
 
+    def send(
+        self,
+        endpoint: str,
+        json_message: str,
+        api_key: Any = None,
+        api_secret: Optional[str] = None,
+    ) -> None:
+        """The official SDK's consumer protocol: count the message and send nothing."""
+        if endpoint not in ENDPOINTS:
+            raise MixpanelException(
+                f"No such endpoint {endpoint!r}. Valid endpoints are one of {list(ENDPOINTS)}"
+            )
+        with self._lock:
+            self._discarded += 1
+
     def count_invalid(self, count: int = 1) -> None:
         pass
 
@@ -109,7 +118,11 @@ class DisabledConsumer:
         return True
 
     def stats(self) -> dict[str, int]:
-        stats = dict.fromkeys(_STAT_KEYS, 0)
+        # Imported here: importing the package must not import the delivery package,
+        # whose registry sets its exit and at-fork hooks when the first consumer is made.
+        from ._delivery.stats import COUNTERS
+
+        stats = dict.fromkeys((*COUNTERS, *_GAUGES), 0)
         stats["discarded"] = self._discarded
         stats["disabled"] = 1
         return stats
@@ -192,17 +205,39 @@ def open_consumer(
         return _disable(f"could not start: {reason}; group updates are discarded", logging.ERROR)
 
 
-def _shared(token: Optional[str], api_host: Optional[str], options: dict[str, Any]) -> ConsumerLike:
-    from ._delivery import get_consumer
+def _shared(token: Optional[str], api_host: Optional[str], options: dict[str, Any]) -> Consumer:
+    from ._delivery import get_consumer as shared_consumer
     from ._metrics import publish
 
-    shared: Consumer = get_consumer(token, api_host, **options)
+    shared: Consumer = shared_consumer(token, api_host, **options)
     publish(shared)
     return shared
 
 
+def get_consumer(
+    token: Optional[str] = None, api_host: Optional[str] = None, **options: Any
+) -> Union[Consumer, DisabledConsumer]:
+    """This process's consumer for (token, API host), created with ``options`` if new.
+
+    ``token`` and ``api_host`` fall back to ``MIXPANEL_TOKEN`` and
+    ``MIXPANEL_API_HOST`` (or ``MIXPANEL_REGION``); a missing token or a
+    wrong value raises :class:`MixpanelException`. Options apply when the
+    consumer is created; a later call that gives another value gets the
+    same consumer and one warning naming the option and the value kept.
+    The consumer publishes its ``stats()`` as OpenTelemetry metrics. With
+    ``MIXPANEL_OTEL_DISABLED=true`` it is a :class:`DisabledConsumer`: it
+    takes what the official SDK ``send()`` s and sends nothing.
+    """
+    check_arguments(options)
+    if disabled_by_environment() and not _capturing():
+        return _disable("MIXPANEL_OTEL_DISABLED is set", 0)
+    return _shared(token, api_host, dict(options))
+
+
 class FrontEnd:
     """Holds a front end's consumer and translator; counts and reports bad records.
+
+    Records go in through a :meth:`walker`, one per kind of record.
 
     ``enabled`` is False when the consumer is a :class:`DisabledConsumer`;
     the front end then skips its work. Rules from ``MIXPANEL_OTEL_RULES``
@@ -244,9 +279,17 @@ class FrontEnd:
                 found = []
         else:
             found = []
-        self.translator = Translator(found)
+        self.translator = Translator(found, self.consumer.truncations)
+        self._walkers: dict[Adapter[Any], Walker[Any]] = {}
         self._last_warning = -_WARN_EVERY
         self._unreported = 0
+
+    def walker(self, adapter: Adapter[R]) -> Walker[R]:
+        """The one path for this front end's records of ``adapter``'s kind (built once)."""
+        walker = self._walkers.get(adapter)
+        if walker is None:
+            walker = self._walkers[adapter] = Walker(self, adapter)
+        return walker
 
     @property
     def disabled(self) -> Optional[str]:

@@ -60,7 +60,8 @@ class GroupUpdate:
     """
 
     __slots__ = (
-        "group_key", "group_id", "op", "payload", "time", "meta", "size", "receipts", "index"
+        "group_key", "group_id", "op", "payload", "time", "meta", "size", "receipts", "index",
+        "stands_for",
     )
 
     def __init__(
@@ -84,6 +85,8 @@ class GroupUpdate:
         self.receipts: Optional[list[Any]] = None
         #: Identities already in this ``$union``'s lists, built by the first merge.
         self.index: Optional[dict[str, set[Any]]] = None
+        #: How many updates this one answers for (merges and a ``$delete`` add theirs).
+        self.stands_for = 1
 
     def __repr__(self) -> str:
         return f"GroupUpdate({self.group_key!r}, {self.group_id!r}, {self.op!r}, {self.payload!r})"
