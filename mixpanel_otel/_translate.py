@@ -212,7 +212,7 @@ class Translator:
         if group_id is None:
             return []
         for name, expected in rule.when.items():
-            value = lookup(name)
+            value = special(name) if name[0] == "@" else lookup(name)
             if value != expected and not (type(expected) is list and value in expected):
                 return []
         operations: dict[str, Any] = {}
