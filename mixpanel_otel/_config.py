@@ -93,6 +93,8 @@ CONSUMER_OPTIONS: dict[str, tuple[Optional[str], Any, Callable[[Any], Any]]] = {
     "max_block": ("MIXPANEL_OTEL_MAX_BLOCK", 5.0, _non_negative_float),
     "max_in_flight": ("MIXPANEL_OTEL_MAX_IN_FLIGHT", 8, _positive_int),
     "flush_on_sigterm": ("MIXPANEL_OTEL_FLUSH_ON_SIGTERM", True, _flag),
+    "trait_interval": ("MIXPANEL_OTEL_TRAIT_INTERVAL", 60.0, _positive_float),
+    "trait_state_dir": ("MIXPANEL_OTEL_TRAIT_STATE_DIR", None, _path_or_none),
     "backoff_base": (None, 2.0, _positive_float),
     "backoff_max": (None, 60.0, _positive_float),
     "on_error": (None, None, _callable_or_none),

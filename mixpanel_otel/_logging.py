@@ -47,7 +47,8 @@ class MixpanelGroupHandler(logging.Handler):
         self._front = FrontEnd(token, api_host, consumer, rules, options)
         self.consumer = self._front.consumer
         self._translate = self._front.translator.translate
-        self._has_rules = bool(self._front.translator.rules)
+        translator = self._front.translator
+        self._has_rules = bool(translator.rules) or translator.traits is not None
         self._off = not self._front.enabled
 
     @property

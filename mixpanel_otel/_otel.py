@@ -204,6 +204,10 @@ def _span_special(span: ReadableSpan, name: str) -> Any:
         return iso_utc(_seconds(span.end_time))
     if name == "@status":
         return span.status.status_code.name
+    if name == "@duration_ms":
+        if span.start_time is None or span.end_time is None:
+            return None
+        return (span.end_time - span.start_time) / 1e6
     return None
 
 

@@ -10,7 +10,7 @@ from it. Nothing that no tag or rule names leaves the process.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ._exceptions import MixpanelException
 from ._rules import Rule
@@ -21,6 +21,9 @@ from ._wire import (
     group_updates,
     make_update,
 )
+
+if TYPE_CHECKING:
+    from ._traits import TraitFeed
 
 __all__ = ["EVENT_NAME", "FLAT_PREFIX", "NoOperation", "Translator", "from_tags"]
 
@@ -97,10 +100,14 @@ def from_tags(
 
 
 class Translator:
-    """Reads tags, the flat form and rules from attribute mappings."""
+    """Reads tags, the flat form and rules from attribute mappings; hands each
+    record to the traits, if any (``traits``, with the rules)."""
 
-    def __init__(self, rules: Optional[list[Rule]] = None) -> None:
+    def __init__(
+        self, rules: Optional[list[Rule]] = None, traits: Optional[TraitFeed] = None
+    ) -> None:
         self.rules = list(rules or ())
+        self.traits = traits
 
     def translate(
         self,
@@ -134,6 +141,13 @@ class Translator:
                 ignored,
                 f"rule {rule.index}: ",
             )
+        if self.traits is not None and apply_rules:
+            try:
+                self.traits.observe(attributes, resource, time, special, errors)
+            except MixpanelException as exc:
+                if errors is None:
+                    raise
+                errors.append(str(exc))
         return updates
 
     @staticmethod

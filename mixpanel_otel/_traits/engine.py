@@ -1,0 +1,348 @@
+"""The traits engine: per-group rolling windows, and which ``$set`` is due when.
+
+No threads, no I/O; time comes from an injected clock. A record counts at
+its own timestamp (one ahead of the clock counts as now). Each window is
+cut into :data:`BUCKETS` buckets of ``window / BUCKETS`` seconds: at time
+``now`` a window holds the buckets after ``floor(now / width) - BUCKETS``,
+that is the last ``window`` seconds less at most one bucket. A record
+already outside its window is ignored (counted as ``late``); a late record
+inside it counts. ``lifetime`` is one bucket that never leaves.
+
+Emission: a group's traits are recomputed when it is *due*: when a record
+came in, and each time its oldest bucket leaves a window. Changed values go
+out as one ``$set`` (and a ``$unset`` for a trait whose window emptied
+that has no value, such as ``min``), at most once per ``interval`` seconds
+per group. A group whose windows are all empty is forgotten once its last
+values (``0`` for counts) went out, so a quiet group stops being re-sent.
+
+Memory: at most ``max_groups`` groups; past that the least recently
+observed one is evicted (its state is lost and its profile keeps the last
+values sent until it is seen again).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import threading
+import time as _time
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any, Callable, Optional
+
+from .._exceptions import MixpanelException
+from .._rules import Trait
+from .._wire import GroupUpdate, make_update
+from .aggregates import Aggregator, make_aggregator, needs_sketches, require_sketches
+
+__all__ = ["BUCKETS", "DEFAULT_EXACT_LIMIT", "DEFAULT_MAX_GROUPS", "TraitEngine"]
+
+BUCKETS = 60
+DEFAULT_MAX_GROUPS = 100_000
+DEFAULT_EXACT_LIMIT = 256
+
+GroupKey = tuple[str, str]  # (group_key, group_id)
+_UNSENT = object()
+
+
+class _Group:
+    """One group profile's trait state: buckets per trait, what was sent, when it is due."""
+
+    __slots__ = ("key", "states", "sent", "sent_at", "due")
+
+    def __init__(self, key: GroupKey) -> None:
+        self.key = key
+        self.states: dict[int, dict[int, Any]] = {}  # trait position -> bucket -> summary
+        self.sent: dict[str, Any] = {}  # property -> value last emitted (None: unset)
+        self.sent_at = -math.inf
+        self.due: Optional[float] = None
+
+
+class TraitEngine:
+    """Computes traits for many groups and says which updates are due.
+
+    Args:
+        interval: least seconds between two emissions for one group (``trait_interval``).
+        clock: wall-clock seconds (``time.time``); tests pass a fake one.
+        max_groups: groups tracked at once; the least recently observed is evicted past it.
+        exact_limit: values a bucket keeps exactly before a sketch takes over
+            (``count_distinct`` and percentiles).
+    """
+
+    def __init__(
+        self,
+        traits: Iterable[Trait] = (),
+        *,
+        interval: float = 60.0,
+        clock: Callable[[], float] = _time.time,
+        max_groups: int = DEFAULT_MAX_GROUPS,
+        exact_limit: int = DEFAULT_EXACT_LIMIT,
+    ) -> None:
+        self.interval = interval
+        self.clock = clock
+        self.max_groups = max_groups
+        self.exact_limit = exact_limit
+        self.traits: list[Trait] = []
+        self._aggregators: list[Aggregator] = []
+        self._widths: list[Optional[float]] = []
+        self._positions: dict[str, int] = {}  # signature -> position
+        self._by_group_key: dict[str, list[int]] = {}
+        self._groups: OrderedDict[GroupKey, _Group] = OrderedDict()
+        self._heap: list[tuple[float, int, GroupKey]] = []
+        self._seq = 0
+        self._lock = threading.Lock()
+        self.changed: set[GroupKey] = set()  # groups changed since the state was last saved
+        self.forgotten: set[GroupKey] = set()  # groups dropped since then
+        self.counts = dict.fromkeys(("observed", "late", "evicted", "emitted"), 0)
+        self.add_traits(traits)
+
+    # -- traits ----------------------------------------------------------------------
+
+    def add_traits(self, traits: Iterable[Trait]) -> list[int]:
+        """Track ``traits`` (one already tracked, by signature, is shared); their positions.
+
+        Raises :class:`MixpanelException` when a trait would keep a property
+        another trait already keeps, or needs sketches that are not installed.
+        """
+        positions = []
+        with self._lock:
+            for trait in traits:
+                position = self._positions.get(trait.signature)
+                if position is None:
+                    for other in self.traits:
+                        if (other.group_key, other.property) == (trait.group_key, trait.property):
+                            raise MixpanelException(
+                                f"trait {trait.index}: {trait.property!r} of {trait.group_key!r} "
+                                "is already computed differently by another front end's rules"
+                            )
+                    if needs_sketches(trait.aggregate):
+                        require_sketches()
+                    position = len(self.traits)
+                    self.traits.append(trait)
+                    self._aggregators.append(make_aggregator(trait.aggregate, self.exact_limit))
+                    self._widths.append(None if trait.window is None else trait.window / BUCKETS)
+                    self._positions[trait.signature] = position
+                    self._by_group_key.setdefault(trait.group_key, []).append(position)
+                positions.append(position)
+        return positions
+
+    def position(self, trait: Trait) -> int:
+        return self._positions[trait.signature]
+
+    # -- records ---------------------------------------------------------------------
+
+    def observe(self, position: int, group_id: str, time: float, value: Any = None) -> bool:
+        """Count ``value`` at ``time`` for the group; False when older than the window."""
+        now = self.clock()
+        if time > now:
+            time = now
+        width = self._widths[position]
+        if width is None:
+            bucket = 0
+        else:
+            bucket = int(time // width)
+            if bucket <= int(now // width) - BUCKETS:
+                with self._lock:
+                    self.counts["late"] += 1
+                return False
+        key = (self.traits[position].group_key, group_id)
+        aggregator = self._aggregators[position]
+        with self._lock:
+            group = self._groups.get(key)
+            if group is None:
+                group = self._groups[key] = _Group(key)
+                if len(self._groups) > self.max_groups:
+                    self._evict()
+            else:
+                self._groups.move_to_end(key)
+            buckets = group.states.get(position)
+            if buckets is None:
+                buckets = group.states[position] = {}
+            elif width is not None and len(buckets) > 2 * BUCKETS:
+                self._expire(buckets, int(now // width) - BUCKETS)
+            self._seq += 1
+            buckets[bucket] = aggregator.add(buckets.get(bucket), value, time, self._seq)
+            self.counts["observed"] += 1
+            self.changed.add(key)
+            due = max(now, group.sent_at + self.interval)
+            if group.due is None or group.due > due:
+                self._schedule(group, due)
+        return True
+
+    def _evict(self) -> None:
+        key, _ = self._groups.popitem(last=False)
+        self.counts["evicted"] += 1
+        self.changed.discard(key)
+        self.forgotten.add(key)
+
+    def _schedule(self, group: _Group, at: float) -> None:
+        group.due = at
+        heapq.heappush(self._heap, (at, id(group), group.key))
+
+    @staticmethod
+    def _expire(buckets: dict[int, Any], last_out: int) -> None:
+        for bucket in [b for b in buckets if b <= last_out]:
+            del buckets[bucket]
+
+    # -- values ----------------------------------------------------------------------
+
+    def _values(self, group: _Group, now: float) -> dict[str, Any]:
+        """Every trait of the group's key at ``now``, dropping buckets that left their window."""
+        values = {}
+        for position in self._by_group_key.get(group.key[0], ()):
+            buckets = group.states.get(position)
+            aggregator = self._aggregators[position]
+            width = self._widths[position]
+            if buckets and width is not None:
+                self._expire(buckets, int(now // width) - BUCKETS)
+            if buckets:
+                values[self.traits[position].property] = aggregator.result(buckets.values())
+            else:
+                group.states.pop(position, None)
+                values[self.traits[position].property] = aggregator.empty
+        return values
+
+    def value(self, trait: Trait, group_id: str, now: Optional[float] = None) -> Any:
+        """The trait's value for one group now (for tests and ``check``)."""
+        now = self.clock() if now is None else now
+        with self._lock:
+            group = self._groups.get((trait.group_key, group_id))
+            if group is None:
+                return self._aggregators[self.position(trait)].empty
+            return self._values(group, now)[trait.property]
+
+    def _next_expiry(self, group: _Group) -> Optional[float]:
+        """When the group's oldest bucket leaves its window (None: nothing will)."""
+        soonest: Optional[float] = None
+        for position, buckets in group.states.items():
+            width = self._widths[position]
+            if width is None or not buckets:
+                continue
+            at = (min(buckets) + BUCKETS) * width
+            if soonest is None or at < soonest:
+                soonest = at
+        return soonest
+
+    # -- emission --------------------------------------------------------------------
+
+    def next_due(self) -> Optional[float]:
+        """When :meth:`due` next has work (None: no group is due ever)."""
+        with self._lock:
+            while self._heap:
+                at, _, key = self._heap[0]
+                group = self._groups.get(key)
+                if group is not None and group.due == at:
+                    return at
+                heapq.heappop(self._heap)
+        return None
+
+    def due(self, now: Optional[float] = None) -> list[GroupUpdate]:
+        """The updates due at ``now``: changed traits of the groups whose time has come."""
+        now = self.clock() if now is None else now
+        updates: list[GroupUpdate] = []
+        with self._lock:
+            while self._heap and self._heap[0][0] <= now:
+                at, _, key = heapq.heappop(self._heap)
+                group = self._groups.get(key)
+                if group is None or group.due != at:
+                    continue
+                group.due = None
+                self._settle(group, now, updates)
+            self.counts["emitted"] += len(updates)
+        return updates
+
+    def _settle(self, group: _Group, now: float, updates: list[GroupUpdate]) -> None:
+        values = self._values(group, now)
+        sent = group.sent
+        changed = {p: v for p, v in values.items() if not _same(sent.get(p, _UNSENT), v)}
+        to_set = {p: v for p, v in changed.items() if v is not None}
+        to_unset = [p for p, v in changed.items() if v is None and sent.get(p) is not None]
+        ready = group.sent_at + self.interval
+        if (to_set or to_unset) and now < ready:
+            self._schedule(group, ready)  # changed, but sent too recently
+            return
+        if to_set or to_unset:
+            group_key, group_id = group.key
+            if to_set:
+                updates.append(make_update(group_key, group_id, "$set", to_set, now))
+            if to_unset:
+                updates.append(make_update(group_key, group_id, "$unset", to_unset, now))
+            sent.update(changed)
+            group.sent_at = now
+            self.changed.add(group.key)
+        expiry = self._next_expiry(group)
+        if expiry is not None:
+            self._schedule(group, max(expiry, group.sent_at + self.interval))
+        elif not group.states:
+            # Every window is empty and its values went out: forget the group.
+            del self._groups[group.key]
+            self.changed.discard(group.key)
+            self.forgotten.add(group.key)
+
+    # -- state (for the store) -------------------------------------------------------
+
+    def tracked(self) -> int:
+        return len(self._groups)
+
+    def export_groups(self, keys: Iterable[GroupKey]) -> list[tuple[GroupKey, dict[str, Any]]]:
+        """The stored form of the given groups (those still tracked)."""
+        rows = []
+        with self._lock:
+            for key in keys:
+                group = self._groups.get(key)
+                if group is None:
+                    continue
+                states = {
+                    self.traits[position].signature: [
+                        [bucket, self._aggregators[position].encode(summary)]
+                        for bucket, summary in buckets.items()
+                    ]
+                    for position, buckets in group.states.items()
+                }
+                rows.append(
+                    (
+                        key,
+                        {
+                            "sent": group.sent,
+                            "sent_at": group.sent_at if group.sent_at > -math.inf else None,
+                            "states": states,
+                        },
+                    )
+                )
+        return rows
+
+    def import_group(self, key: GroupKey, data: dict[str, Any]) -> None:
+        """Restore one stored group (states of traits no longer defined are dropped);
+        it is due at once, so what changed while the process was down goes out."""
+        now = self.clock()
+        with self._lock:
+            group = _Group(key)
+            group.sent = dict(data.get("sent") or {})
+            sent_at = data.get("sent_at")
+            group.sent_at = -math.inf if sent_at is None else float(sent_at)
+            for signature, buckets in (data.get("states") or {}).items():
+                position = self._positions.get(signature)
+                if position is None:
+                    continue
+                aggregator = self._aggregators[position]
+                state = {int(bucket): aggregator.decode(summary) for bucket, summary in buckets}
+                group.states[position] = state
+                if aggregator.name in ("first", "last"):
+                    self._seq = max([self._seq, *(s[1] for s in state.values())])
+            self._groups[key] = group
+            if len(self._groups) > self.max_groups:
+                self._evict()
+            self._schedule(group, max(now, group.sent_at + self.interval))
+
+    def clear(self) -> None:
+        """Forget every group (a forked child starts empty; its parent's lock may be held)."""
+        self._lock = threading.Lock()
+        self._groups.clear()
+        self._heap.clear()
+        self.changed.clear()
+        self.forgotten.clear()
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal and of the same type (``1 == 1.0 == True`` would hide a change of type)."""
+    return a is b or (type(a) is type(b) and a == b)

@@ -1,0 +1,150 @@
+"""Computed traits end to end: real time, a short window, the local sink over HTTP."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.trace import Status, StatusCode
+
+from mixpanel_otel import MixpanelGroupHandler, MixpanelSpanExporter
+
+from .helpers import run_script
+
+WINDOW = "2s"
+
+
+def _traits(of_latency: str) -> dict[str, Any]:
+    common = {"group_key": "company", "group_id": "tenant.id", "window": WINDOW}
+    return {
+        "trait": [
+            {"property": "requests", "aggregate": "count", **common},
+            {"property": "users", "aggregate": "count_distinct", "of": "enduser.id", **common},
+            {"property": "last_route", "aggregate": "last", "of": "http.route", **common},
+            {"property": "latency_p95", "aggregate": "p95", "of": of_latency, **common},
+            {
+                "property": "errors",
+                "aggregate": "count",
+                "when": {"@status": "ERROR"},
+                **common,
+            },
+        ]
+    }
+
+
+def _wait(sink: Any, predicate: Any, timeout: float = 20.0) -> dict[str, Any]:
+    """Poll the sink until the profile satisfies ``predicate``; return it."""
+    deadline = time.monotonic() + timeout
+    profile: Any = None
+    while time.monotonic() < deadline:
+        profile = sink.profile("company", "acme") or {}
+        if predicate(profile):
+            return dict(profile)
+        time.sleep(0.05)
+    raise AssertionError(f"the profile never got there: {profile}")
+
+
+def test_logging_handler_sets_traits_that_decay_when_quiet(sink, make_consumer) -> None:
+    consumer = make_consumer(sink, trait_interval=0.1)
+    handler = MixpanelGroupHandler(consumer=consumer, rules=_traits("duration_ms"))
+    log = logging.getLogger("test_traits.handler")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        for i, (user, route, ms) in enumerate(
+            [("u1", "/a", 10), ("u2", "/b", 20), ("u1", "/c", 30), ("u3", "/d", 400)]
+        ):
+            log.info(
+                "request %d",
+                i,
+                extra={
+                    "tenant.id": "acme",
+                    "enduser.id": user,
+                    "http.route": route,
+                    "duration_ms": ms,
+                },
+            )
+        profile = _wait(sink, lambda p: p.get("requests") == 4)
+        assert profile["users"] == 3
+        assert profile["last_route"] == "/d"
+        assert profile["latency_p95"] == 400
+        assert profile["errors"] == 0
+        # The window passes with no records: the counts go back to 0.
+        profile = _wait(sink, lambda p: p.get("requests") == 0)
+        assert profile["users"] == 0
+        assert "latency_p95" not in profile and "last_route" not in profile  # unset
+    finally:
+        log.removeHandler(handler)
+
+
+def test_span_exporter_sets_traits_with_span_specials(sink, make_consumer) -> None:
+    consumer = make_consumer(sink, trait_interval=0.1)
+    exporter = MixpanelSpanExporter(consumer=consumer, rules=_traits("@duration_ms"))
+    provider = TracerProvider(resource=Resource.create({"tenant.id": "acme"}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    try:
+        start = time.time_ns() - 500_000_000  # every end time in the past
+        for i, (user, route, ms) in enumerate([("u1", "/a", 5), ("u2", "/b", 50), ("u2", "/c", 7)]):
+            span = tracer.start_span("GET", start_time=start)
+            span.set_attribute("enduser.id", user)
+            span.set_attribute("http.route", route)
+            if i == 1:
+                span.set_status(Status(StatusCode.ERROR))
+            span.end(end_time=start + ms * 1_000_000)
+        profile = _wait(sink, lambda p: p.get("requests") == 3)
+        assert profile["users"] == 2
+        assert profile["errors"] == 1
+        assert profile["latency_p95"] == 50
+        assert profile["last_route"] == "/b"  # spans ended out of order: the latest end wins
+        profile = _wait(sink, lambda p: p.get("requests") == 0)
+        assert profile["errors"] == 0
+    finally:
+        provider.shutdown()
+
+
+def test_a_bad_value_is_reported_and_costs_the_record_nothing_else(sink, make_consumer) -> None:
+    consumer = make_consumer(sink, trait_interval=0.1)
+    handler = MixpanelGroupHandler(consumer=consumer, rules=_traits("duration_ms"))
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "slow", (), None)
+    record.__dict__.update({"tenant.id": "acme", "duration_ms": "slow", "enduser.id": "u1"})
+    handler.handle(record)
+    profile = _wait(sink, lambda p: p.get("requests") == 1)
+    assert profile["users"] == 1
+    assert consumer.stats()["invalid"] == 1
+
+
+@pytest.mark.slow
+def test_state_survives_a_restart_with_a_state_dir(sink, tmp_path) -> None:
+    rules = tmp_path / "rules.toml"
+    rules.write_text(
+        '[[trait]]\nproperty = "requests"\ngroup_key = "company"\n'
+        'group_id = "tenant.id"\naggregate = "count"\nwindow = "1h"\n'
+    )
+    source = """
+        import logging, sys
+        from mixpanel_otel import MixpanelGroupHandler
+        log = logging.getLogger("svc")
+        log.addHandler(MixpanelGroupHandler())
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        for _ in range(int(sys.argv[1]) if len(sys.argv) > 1 else 3):
+            log.info("hit", extra={"tenant.id": "acme"})
+    """
+    env = {
+        "MIXPANEL_OTEL_RULES": str(rules),
+        "MIXPANEL_OTEL_TRAIT_STATE_DIR": str(tmp_path / "state"),
+        "MIXPANEL_OTEL_TRAIT_INTERVAL": "0.1",
+    }
+    run_script(source, sink, **env)
+    _wait(sink, lambda p: p.get("requests") == 3)
+    assert os.listdir(tmp_path / "state")
+    run_script(source, sink, **env)
+    _wait(sink, lambda p: p.get("requests") == 6)
