@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 from .._delivery import Consumer
 from .._frontend import FrontEnd
+from .._traits import TraitFeed, held_observations
 from ._otlp import BadRequest, Signal, TooLarge, Translated, decode
 
 __all__ = ["Answer", "Ingest", "Outcome"]
@@ -151,9 +152,10 @@ class Ingest:
             body = read()
         request = decode(signal, body, json_encoding)
         front = self.front
-        result: Translated = signal.translate(
-            request, front.translator, self.consumer.truncations, front.report_invalid
-        )
+        with held_observations() as traits:  # counted once the call is acknowledged
+            result: Translated = signal.translate(
+                request, front.translator, self.consumer.truncations, front.report_invalid
+            )
         self._count(records=result.records, updates=len(result.updates))
         rejected, reasons = result.rejected, list(result.reasons)
         if result.rejected:
@@ -182,6 +184,7 @@ class Ingest:
                 reasons.append(
                     f"{receipt.failed} update(s) refused by Mixpanel: {'; '.join(receipt.errors)}"
                 )
+        TraitFeed.commit(traits)  # a retried call is not counted twice
         self._count(accepted=1, rejected_records=rejected)
         return Answer(Outcome.OK, rejected=rejected, message="; ".join(reasons))
 
