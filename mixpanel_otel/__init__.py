@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._client import GroupClient
-from ._delivery import get_consumer
 from ._exceptions import MixpanelException
+from ._frontend import get_consumer
+from ._serializer import SDKSerializer
 
 if TYPE_CHECKING:
     from ._logging import MixpanelGroupHandler
@@ -27,6 +28,7 @@ __all__ = [
     "MixpanelGroupProcessor",
     "MixpanelLogExporter",
     "MixpanelSpanExporter",
+    "SDKSerializer",
     "get_consumer",
 ]
 

@@ -5,14 +5,14 @@ checks the token is there, the options and the rules file parse, the API
 host resolves and answers, and that it answers like Mixpanel's ingestion API.
 
 The probe changes nothing. It is one ``POST /groups`` (form body
-``data=[...]&verbose=1``, as the library sends) carrying a single message
-with the token and a group but **no operation**, so there is nothing to
-apply: Mixpanel (and the local sink) answer ``{"status": 0, "error": ...}``
-naming the missing operation, which shows the host validates messages as
-Mixpanel does. An answer of 401/403, or an error about the token, means the
-token was refused. A ``data=[]`` request would show less: an empty batch
-says nothing about the token, and an empty body is refused before the
-message is read.
+``data=[...]&verbose=1``, as the library sends) carrying a single
+``$delete`` of a group no project has (``mixpanel-otel-check`` /
+``probe``): a valid message, so the host checks its token as it checks
+every real update, and deleting a profile that does not exist changes
+nothing. ``{"status": 1}`` means the token was accepted; 401/403, or an
+error about the token, means it was refused; another error is noted. A message with no operation
+would show less: it is refused for that before its token is looked at.
+``MIXPANEL_OTEL_DISABLED=true`` fails the check: nothing would be sent.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def run_check(
     check = Check()
     try:
         if disabled_by_environment():
-            check.note("disabled", f"{DISABLED_ENV} is set: every front end sends nothing")
+            return check.fail("disabled", f"{DISABLED_ENV} is set: nothing is sent")
     except MixpanelException as exc:
         return check.fail("configuration", str(exc))
     source = "--token" if token else "MIXPANEL_TOKEN"
@@ -121,6 +121,7 @@ def _probe(check: Check, token: str, base_url: str, timeout: float) -> Check:
         "$time": time.time(),
         "$group_key": PROBE_GROUP[0],
         "$group_id": PROBE_GROUP[1],
+        "$delete": "",
     }
     url = f"{base_url}/groups"
     try:
@@ -140,9 +141,7 @@ def _probe(check: Check, token: str, base_url: str, timeout: float) -> Check:
         return check.fail("connection", f"{url} did not answer within {timeout:g} s")
     except requests.exceptions.RequestException as exc:
         return check.fail("connection", f"{url}: {_cause(exc)}")
-    check.step(
-        "connection", f"POST {parts.scheme}://{host}:{port}/groups answered {answer.status_code}"
-    )
+    check.step("connection", f"POST {url} answered {answer.status_code}")
     text = answer.text.replace(token, "<token>")  # never show the token, even echoed
     return _verdict(check, answer.status_code, text)
 
@@ -162,11 +161,12 @@ def _verdict(check: Check, status: int, text: str) -> Check:
             f"the host does not answer like Mixpanel's API (HTTP {status}: {text[:80]!r})",
         )
     if body["status"] in (1, "1"):
-        check.step("API", "speaks Mixpanel's API; the probe (no operation) changed nothing")
+        check.step("token", "accepted (the probe deleted a group that does not exist)")
         return check
     if "token" in error.lower():
         return check.fail("token", f"the server refused it: {error}")
-    check.step("API", f"speaks Mixpanel's API; refused the probe as intended ({error[:100]})")
+    # Validated and refused for something else: the host checks messages as Mixpanel does.
+    check.note("token", f"not refused; the probe was refused for another reason: {error[:200]}")
     return check
 
 

@@ -6,10 +6,11 @@ import os
 from typing import Any, Callable, Optional
 
 from ._exceptions import ConfigurationError, MissingToken
-from ._wire import DEFAULT_BATCH_SIZE, MAX_BATCH_MESSAGES, REGION_HOSTS
+from ._wire import DEFAULT_BATCH_SIZE, ENDPOINTS, MAX_BATCH_MESSAGES, REGION_HOSTS
 
 __all__ = [
     "CONSUMER_OPTIONS",
+    "base_url_of",
     "DISABLED_ENV",
     "check_arguments",
     "disabled_by_environment",
@@ -157,18 +158,28 @@ def disabled_by_environment() -> bool:
 def resolve_target(
     token: Optional[str], api_host: Optional[str], region: Optional[str] = None
 ) -> tuple[str, str]:
-    """Return ``(token, base_url)``; ``api_host`` may be a host or a full URL.
+    """Return ``(token, base_url)``; ``api_host`` may be a host or a full URL
+    (see :func:`base_url_of`).
 
     A missing token (``None`` or ``""`` and no ``MIXPANEL_TOKEN``) raises
-    :class:`MissingToken`; a token that is not a string raises at once.
+    :class:`MissingToken`; a token that is not a string, or that has
+    whitespace around it (a copy-paste slip Mixpanel would refuse), raises.
     """
     if token is not None and not isinstance(token, str):
         raise ConfigurationError(f"token must be a string, not {type(token).__name__}")
     if api_host is not None and not isinstance(api_host, str):
         raise ConfigurationError(f"api_host must be a string, not {type(api_host).__name__}")
-    token = token or os.environ.get("MIXPANEL_TOKEN", "").strip()
-    if not token:
+    token_from_environment = not token
+    token = token or os.environ.get("MIXPANEL_TOKEN", "")
+    if not token.strip():
         raise MissingToken()
+    if token != token.strip():
+        name = "MIXPANEL_TOKEN" if token_from_environment else "token"
+        raise ConfigurationError(
+            f"{name} has whitespace around it; remove it (Mixpanel would refuse the token)",
+            from_environment=token_from_environment,
+        )
+    host_from_environment = not api_host
     api_host = api_host or os.environ.get("MIXPANEL_API_HOST", "").strip()
     if not api_host:
         from_environment = not region
@@ -179,6 +190,59 @@ def resolve_target(
                 f"{name}={region!r}: expected one of {', '.join(REGION_HOSTS)}",
                 from_environment=from_environment,
             )
-        api_host = REGION_HOSTS[region]
-    base_url = api_host if "://" in api_host else f"https://{api_host}"
-    return token, base_url.rstrip("/")
+        return token, f"https://{REGION_HOSTS[region]}"
+    try:
+        return token, base_url_of(api_host)
+    except ValueError as exc:
+        name = "MIXPANEL_API_HOST" if host_from_environment else "api_host"
+        raise ConfigurationError(
+            f"{name}={api_host!r}: {exc}", from_environment=host_from_environment
+        ) from None
+
+
+_LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+def base_url_of(api_host: str) -> str:
+    """The base URL requests go to (``<base_url>/groups``), or ``ValueError`` saying why not.
+
+    - a full URL keeps its scheme, which must be ``http`` or ``https``;
+    - a bare ``host[:port]`` is ``https``, except on loopback (``localhost``,
+      ``127.x.x.x``, ``[::1]``), where it is ``http``: the local sink speaks
+      plain HTTP, and loopback traffic never leaves the machine;
+    - a path is a prefix (a proxy at ``https://proxy.example/mixpanel``); a
+      trailing endpoint (``/groups``, ``/engage``, ``/track``, ``/import``) is
+      dropped, so a URL copied from Mixpanel's docs works: requests never
+      go to ``/groups/groups``;
+    - query strings, fragments, user names and spaces are refused.
+    """
+    from urllib.parse import urlsplit
+
+    text = api_host.strip()
+    if not text or any(c.isspace() for c in text):
+        raise ValueError("must be a host name or URL with no spaces")
+    if "://" not in text:
+        host = urlsplit(f"//{text}").hostname or ""
+        loopback = host in _LOOPBACK or host.startswith("127.")
+        text = f"{'http' if loopback else 'https'}://{text}"
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(
+            f"scheme {parts.scheme!r} is not http or https (e.g. https://api.mixpanel.com)"
+        )
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise ValueError("the port is not a number from 0 to 65535") from None
+    if not parts.hostname:
+        raise ValueError("no host name")
+    if parts.query or parts.fragment or "?" in text or "#" in text:
+        raise ValueError("a query string or fragment does not belong in the API host")
+    if parts.username is not None:
+        raise ValueError("user names and passwords do not belong in the API host")
+    path = parts.path.rstrip("/")
+    for endpoint in ENDPOINTS.values():
+        if path.endswith(endpoint):
+            path = path[: -len(endpoint)]
+            break
+    return f"{parts.scheme}://{parts.netloc}{path.rstrip('/')}"

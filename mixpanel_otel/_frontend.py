@@ -23,7 +23,7 @@ from ._config import check_arguments, disabled_by_environment, resolve_options, 
 from ._exceptions import ConfigurationError, MissingToken, MixpanelException
 from ._rules import Rules, RulesSource, load_all
 from ._translate import Translator
-from ._wire import GroupUpdate, Truncations
+from ._wire import ENDPOINTS, GroupUpdate, Truncations
 
 if TYPE_CHECKING:
     from ._delivery import Consumer
@@ -33,6 +33,7 @@ __all__ = [
     "DisabledConsumer",
     "FrontEnd",
     "disabled_front_ends",
+    "get_consumer",
     "open_consumer",
 ]
 
@@ -95,6 +96,21 @@ class DisabledConsumer:
 
     def deliver_now(self, updates: Iterable[GroupUpdate]) -> None:
         self.enqueue(updates)
+
+    def send(
+        self,
+        endpoint: str,
+        json_message: str,
+        api_key: Any = None,
+        api_secret: Optional[str] = None,
+    ) -> None:
+        """The official SDK's consumer protocol: count the message and send nothing."""
+        if endpoint not in ENDPOINTS:
+            raise MixpanelException(
+                f"No such endpoint {endpoint!r}. Valid endpoints are one of {list(ENDPOINTS)}"
+            )
+        with self._lock:
+            self._discarded += 1
 
     def count_invalid(self, count: int = 1) -> None:
         pass
@@ -192,13 +208,33 @@ def open_consumer(
         return _disable(f"could not start: {reason}; group updates are discarded", logging.ERROR)
 
 
-def _shared(token: Optional[str], api_host: Optional[str], options: dict[str, Any]) -> ConsumerLike:
-    from ._delivery import get_consumer
+def _shared(token: Optional[str], api_host: Optional[str], options: dict[str, Any]) -> Consumer:
+    from ._delivery import get_consumer as shared_consumer
     from ._metrics import publish
 
-    shared: Consumer = get_consumer(token, api_host, **options)
+    shared: Consumer = shared_consumer(token, api_host, **options)
     publish(shared)
     return shared
+
+
+def get_consumer(
+    token: Optional[str] = None, api_host: Optional[str] = None, **options: Any
+) -> Union[Consumer, DisabledConsumer]:
+    """This process's consumer for (token, API host), created with ``options`` if new.
+
+    ``token`` and ``api_host`` fall back to ``MIXPANEL_TOKEN`` and
+    ``MIXPANEL_API_HOST`` (or ``MIXPANEL_REGION``); a missing token or a
+    wrong value raises :class:`MixpanelException`. Options apply when the
+    consumer is created; a later call that gives another value gets the
+    same consumer and one warning naming the option and the value kept.
+    The consumer publishes its ``stats()`` as OpenTelemetry metrics. With
+    ``MIXPANEL_OTEL_DISABLED=true`` it is a :class:`DisabledConsumer`: it
+    takes what the official SDK ``send()`` s and sends nothing.
+    """
+    check_arguments(options)
+    if disabled_by_environment() and not _capturing():
+        return _disable("MIXPANEL_OTEL_DISABLED is set", 0)
+    return _shared(token, api_host, dict(options))
 
 
 class FrontEnd:

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
 import pytest
+from hypothesis import settings
 
 from mixpanel_otel.sink import Sink
+
+# Property tests: 300 examples in the everyday run; HYPOTHESIS_PROFILE=deep for a long hunt.
+settings.register_profile("default", max_examples=300)
+settings.register_profile("deep", max_examples=5000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture

@@ -259,7 +259,7 @@ def test_check_passes_against_the_sink_and_changes_nothing(sink, tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK" in result.stdout and "1 rule(s)" in result.stdout
-    assert "refused the probe as intended" in result.stdout
+    assert "token: accepted" in result.stdout
     assert "secret-token-123" not in result.stdout + result.stderr
     assert sink.profiles() == [], "the probe changed no profile"
 
@@ -301,3 +301,60 @@ def test_check_fails_with_the_reason(sink, tmp_path):
     not_mixpanel = _check("--api-host", sink.url, MIXPANEL_TOKEN=TOKEN)
     assert not_mixpanel.returncode == 1
     assert "does not answer like Mixpanel's API (HTTP 404" in not_mixpanel.stdout
+
+
+def _verdict(result):
+    """The verdict: the last line of ``check``'s output."""
+    return result.stdout.strip().splitlines()[-1]
+
+
+def test_check_fails_for_a_token_the_server_refuses_has_spaces_or_is_disabled(tmp_path):
+    from mixpanel_otel.sink import Sink
+
+    server = Sink(db_path=tmp_path / "sink.sqlite3", port=0, token="local").start()
+    try:
+        accepted = _check("--api-host", server.url, MIXPANEL_TOKEN="local")
+        assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+
+        wrong = _check("--api-host", server.url, MIXPANEL_TOKEN="wrong-token")
+        assert wrong.returncode == 1, wrong.stdout
+        assert _verdict(wrong).startswith("FAILED: token: the server refused it")
+        assert "invalid project token" in wrong.stdout and "wrong-token" not in wrong.stdout
+
+        spaced = _check("--api-host", server.url, MIXPANEL_TOKEN=" local\n")
+        assert spaced.returncode == 1
+        assert "MIXPANEL_TOKEN has whitespace around it" in _verdict(spaced)
+        spaced_arg = _check("--api-host", server.url, "--token", "local ")
+        assert spaced_arg.returncode == 1 and "whitespace" in _verdict(spaced_arg)
+
+        disabled = _check(
+            "--api-host", server.url, MIXPANEL_TOKEN="local", MIXPANEL_OTEL_DISABLED="true"
+        )
+        assert disabled.returncode == 1 and "OK" not in disabled.stdout
+        assert _verdict(disabled) == (
+            "FAILED: disabled: MIXPANEL_OTEL_DISABLED is set: nothing is sent"
+        )
+        assert server.profiles() == [], "the probe changed no profile"
+
+        from mixpanel_otel.sink import Fault
+
+        server.script(Fault(status=200, body='{"status": 0, "error": "unknown group key"}'))
+        other = _check("--api-host", server.url, MIXPANEL_TOKEN="local")
+        assert other.returncode == 0, other.stdout
+        assert "note  token: not refused; the probe was refused for another reason" in other.stdout
+    finally:
+        server.stop()
+
+
+def test_check_refuses_a_wrong_api_host_and_hints_at_the_scheme(sink):
+    typo = _check("--api-host", "htp://127.0.0.1:8765", MIXPANEL_TOKEN=TOKEN)
+    assert typo.returncode == 1
+    assert "scheme 'htp' is not http or https" in _verdict(typo)
+
+    bare = _check("--api-host", sink.url.replace("http://", ""), MIXPANEL_TOKEN=TOKEN)
+    assert bare.returncode == 0, bare.stdout
+    assert f"POST {sink.url}/groups answered 200" in bare.stdout
+
+    endpoint = _check(MIXPANEL_TOKEN=TOKEN, MIXPANEL_API_HOST=f"{sink.url}/groups/")
+    assert endpoint.returncode == 0, endpoint.stdout
+    assert f"POST {sink.url}/groups answered 200" in endpoint.stdout

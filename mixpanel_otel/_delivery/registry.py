@@ -29,7 +29,7 @@ from time import monotonic
 from types import FrameType
 from typing import Any, Callable, Optional, Union
 
-from .._config import resolve_options, resolve_target
+from .._config import check_arguments, resolve_options, resolve_target
 from . import signals
 from .consumer import Consumer
 from .stats import logger
@@ -40,6 +40,8 @@ _LIVE: weakref.WeakSet[Consumer] = weakref.WeakSet()
 _SHARED: dict[tuple[str, str], Consumer] = {}
 _LOCK = threading.Lock()
 _OVERRIDE: list[Consumer] = []
+_OPTIONS: dict[tuple[str, str], dict[str, Any]] = {}  # each shared consumer's options
+_WARNED: set[tuple[str, str, str]] = set()
 
 _Handler = Union[Callable[[int, Optional[FrameType]], Any], int, None]
 
@@ -52,20 +54,43 @@ def get_consumer(
     ``token`` and ``api_host`` fall back to ``MIXPANEL_TOKEN`` and
     ``MIXPANEL_API_HOST`` (or ``MIXPANEL_REGION``). Options apply only when
     the consumer is created; a later call gets the same consumer (a
-    misspelt option is still refused).
+    misspelt option is still refused) and a warning, once per option, for
+    each option it gives a different value (as the OpenTelemetry SDK warns
+    when a global provider is set twice).
     """
     if _OVERRIDE:
         return _OVERRIDE[-1]
     region = options.pop("region", None)
     token, base_url = resolve_target(token, api_host, region)
     with _LOCK:
-        consumer = _SHARED.get((token, base_url))
+        key = (token, base_url)
+        consumer = _SHARED.get(key)
         if consumer is None:
-            consumer = _SHARED[(token, base_url)] = Consumer(token, base_url, **options)
+            consumer = _SHARED[key] = Consumer(token, base_url, **options)
+            _OPTIONS[key] = resolve_options(options)
             register(consumer)
         else:
-            resolve_options(options)
+            _warn_ignored(key, base_url, check_arguments(options))
     return consumer
+
+
+def _warn_ignored(key: tuple[str, str], base_url: str, given: dict[str, Any]) -> None:
+    """Warn, once per option, that an option differs from the shared consumer's."""
+    kept = _OPTIONS.get(key, {})
+    for name, value in given.items():
+        if name not in kept or kept[name] == value or (*key, name) in _WARNED:
+            continue
+        _WARNED.add((*key, name))
+        logger.warning(
+            "mixpanel-otel: the consumer for %s already exists and keeps %s=%r; %s=%r is "
+            "ignored (options apply when the consumer is created: give them to the first "
+            "front end or get_consumer() call, or set them in the environment)",
+            base_url,
+            name,
+            kept[name],
+            name,
+            value,
+        )
 
 
 def register(consumer: Consumer) -> None:
@@ -91,6 +116,8 @@ def reset(timeout: float = 2.0) -> None:
     with _LOCK:
         consumers = list(_SHARED.values())
         _SHARED.clear()
+        _OPTIONS.clear()
+        _WARNED.clear()
     for consumer in consumers:
         consumer.shutdown(timeout)
         _LIVE.discard(consumer)

@@ -4,7 +4,10 @@ Pages: the group profiles (``/``), one profile (``/profile``), each
 endpoint's messages (``/messages?endpoint=track``) and the refused messages
 with Mixpanel's reasons (``/rejected``). Lists refresh in place: a small
 script fetches ``/api/...`` and rebuilds the table's rows, so what a user
-typed in the search boxes stays. Everything is read through the store's
+typed in the search boxes stays. The profile list is paged (``page``,
+``per_page``); long ids and values are cut, with the whole value in the
+cell's ``title`` (shown on hover), and every cell wraps rather than widening
+the page. Everything is read through the store's
 public queries (:class:`~mixpanel_otel.sink.store.Reader`) and every value
 is escaped (by ``html.escape`` here, by ``textContent`` in the script).
 :func:`format_profiles_table` is the text table of ``mixpanel-otel profiles``.
@@ -27,10 +30,15 @@ __all__ = ["format_profiles_table", "handle_get"]
 JSONDict = dict[str, Any]
 #: (status, body, content type, extra headers)
 Reply = tuple[int, bytes, str, list[tuple[str, str]]]
-#: One table cell: text ``t``, and optionally a link ``href`` and a CSS class ``c``.
+#: One table cell: text ``t``, and optionally a link ``href``, a CSS class ``c`` and
+#: the full text ``f`` (a ``title``, shown on hover) when ``t`` is cut.
 Cell = dict[str, str]
 
-_PAGE_LIMIT = 500
+_PER_PAGE = 100  # profiles a page, unless ?per_page= says otherwise
+_MAX_PER_PAGE = 1000
+_TITLE_LIMIT = 10_000  # characters of a cut value kept for its hover text
+_ID_WIDTH = 80
+_KEY_WIDTH = 60
 _MESSAGE_LIMIT = 200
 _SCAN_LIMIT = 2000  # newest messages searched by a filter
 
@@ -43,6 +51,14 @@ def _clip(text: str, width: int) -> str:
     if len(text) <= width:
         return text
     return text[: max(width - 3, 0)] + "..." if width > 3 else text[:width]
+
+
+def _cut(text: str, width: int, **extra: str) -> Cell:
+    """A cell showing at most ``width`` characters of ``text``, the rest on hover."""
+    cell: Cell = {"t": _clip(text, width), **extra}
+    if len(text) > width:
+        cell["f"] = _clip(text, _TITLE_LIMIT)
+    return cell
 
 
 def format_profiles_table(profiles: list[JSONDict], width: int = 120) -> str:
@@ -82,11 +98,14 @@ a{color:#0b5cad;text-decoration:none}a:hover{text-decoration:underline}
 nav{margin:0 0 1rem;padding:0 0 .5rem;border-bottom:1px solid #e3e3e3}nav a{margin-right:1rem}
 nav a.here{font-weight:600;color:#222}
 table{border-collapse:collapse;width:100%}
-th,td{text-align:left;padding:.3rem .6rem;border-bottom:1px solid #e3e3e3;vertical-align:top}
+th,td{text-align:left;padding:.3rem .6rem;border-bottom:1px solid #e3e3e3;vertical-align:top;
+overflow-wrap:anywhere}
+h1{overflow-wrap:anywhere}
 th{background:#f6f7f9;font-weight:600}
 code,pre,td.code{font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,monospace}
-td.code{word-break:break-all}
-pre{margin:0;white-space:pre-wrap;word-break:break-word}
+td.code,code{word-break:break-all}
+pre{margin:0;white-space:pre-wrap;overflow-wrap:anywhere}
+td[title]{cursor:help}.pager a{margin-right:1rem}
 form{margin:0 0 1rem}input{padding:.25rem .4rem;margin-right:.5rem}
 .muted{color:#777}td.muted{white-space:nowrap}td.bad{color:#a40000}
 """
@@ -99,6 +118,7 @@ _SCRIPT = """
   if (!table) return;
   var form = document.querySelector("form.live");
   var summary = document.getElementById("summary");
+  var pager = document.getElementById("pager");
   var every = Math.max(0.2, parseFloat(document.body.dataset.refresh) || 5) * 1000;
   var timer = null, asked = 0;
   function params() {
@@ -112,6 +132,7 @@ _SCRIPT = """
   function cell(c) {
     var td = document.createElement("td"), el = td;
     if (c.c) td.className = c.c;
+    if (c.f) td.title = c.f;
     if (c.href) { el = document.createElement("a"); el.href = c.href; td.appendChild(el); }
     el.textContent = c.t;
     return td;
@@ -125,6 +146,13 @@ _SCRIPT = """
     });
     table.replaceChild(body, table.tBodies[0]);
     if (summary) summary.textContent = data.summary;
+    if (pager && data.pager) {
+      while (pager.firstChild) pager.removeChild(pager.firstChild);
+      data.pager.forEach(function (link) {
+        var a = document.createElement("a");
+        a.href = link.href; a.textContent = link.t; pager.appendChild(a);
+      });
+    }
     Object.keys(data.counts || {}).forEach(function (key) {
       var count = document.querySelector('[data-count="' + key + '"]');
       if (count) count.textContent = "(" + data.counts[key] + ")";
@@ -151,7 +179,10 @@ _SCRIPT = """
     timer = setTimeout(function () { refresh().then(function () { later(every); }); }, delay);
   }
   if (form) {
-    form.addEventListener("input", function () { later(150); });
+    form.addEventListener("input", function () {
+      if (form.elements.page) form.elements.page.value = "1";  // a new search starts over
+      later(150);
+    });
     form.addEventListener("submit", function (e) { e.preventDefault(); later(0); });
   }
   later(every);
@@ -204,21 +235,38 @@ def _cells_html(rows: list[list[Cell]]) -> str:
     for row in rows:
         tds = []
         for c in row:
-            cls = f' class="{html.escape(c["c"])}"' if c.get("c") else ""
+            attributes = f' class="{html.escape(c["c"])}"' if c.get("c") else ""
+            if c.get("f"):
+                attributes += f' title="{html.escape(c["f"])}"'
             text = html.escape(c["t"])
             if c.get("href"):
                 text = f'<a href="{html.escape(c["href"])}">{text}</a>'
-            tds.append(f"<td{cls}>{text}</td>")
+            tds.append(f"<td{attributes}>{text}</td>")
         out.append("<tr>" + "".join(tds) + "</tr>")
     return "".join(out)
 
 
-def _live_table(api: str, headers: list[str], rows: list[list[Cell]], summary: str) -> str:
+def _live_table(
+    api: str,
+    headers: list[str],
+    rows: list[list[Cell]],
+    summary: str,
+    pager: Optional[list[Cell]] = None,
+) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    return (
+    table = (
         f'<p class="muted" id="summary">{html.escape(summary)}</p>'
         f'<table data-api="{html.escape(api)}"><thead><tr>{head}</tr></thead>'
         f"<tbody>{_cells_html(rows)}</tbody></table>"
+    )
+    if pager is None:
+        return table
+    return table + f'<p class="pager" id="pager">{_links_html(pager)}</p>'
+
+
+def _links_html(links: list[Cell]) -> str:
+    return "".join(
+        f'<a href="{html.escape(link["href"])}">{html.escape(link["t"])}</a>' for link in links
     )
 
 
@@ -232,29 +280,51 @@ def _refresh(query: dict[str, str]) -> float:
 # --------------------------------------------------------------------------- lists
 
 
-def _profile_rows(store: Reader, query: dict[str, str]) -> tuple[list[list[Cell]], str]:
+def _number(query: dict[str, str], name: str, default: int, most: int) -> int:
+    try:
+        return min(max(1, int(query.get(name) or default)), most)
+    except ValueError:
+        return default
+
+
+def _profile_page(
+    store: Reader, query: dict[str, str]
+) -> tuple[list[list[Cell]], str, list[Cell]]:
+    """One page of the profile list: rows, summary and the links to the pages around it."""
+    group_key, wanted = query.get("group_key") or None, query.get("q") or None
+    total = store.count_profiles(group_key, wanted)
+    per_page = _number(query, "per_page", _PER_PAGE, _MAX_PER_PAGE)
+    last = max(1, -(-total // per_page))
+    page = _number(query, "page", 1, last)
     rows = store.search_profiles(
-        query.get("group_key") or None,
-        query.get("q") or None,
-        recent_first=True,
-        limit=_PAGE_LIMIT + 1,
+        group_key, wanted, recent_first=True, limit=per_page, offset=(page - 1) * per_page
     )
-    shown = rows[:_PAGE_LIMIT]
-    more = f" (showing the first {_PAGE_LIMIT})" if len(rows) > _PAGE_LIMIT else ""
+    first = (page - 1) * per_page
+    shown = f", {first + 1}-{first + len(rows)} shown" if len(rows) < total else ""
     summary = (
-        f"{len(shown)} profile{'' if len(shown) == 1 else 's'}{more}, most recently updated"
-        " first; the list refreshes in place."
+        f"{total} profile{'' if total == 1 else 's'}{shown}, most recently updated first;"
+        " the list refreshes in place."
     )
     cells = [
         [
-            {"t": row["group_key"]},
-            {"t": row["group_id"], "href": _profile_link(row["group_key"], row["group_id"])},
-            {"t": _clip(_compact(row["properties"]), 300), "c": "code"},
+            _cut(row["group_key"], _KEY_WIDTH),
+            _cut(row["group_id"], _ID_WIDTH, href=_profile_link(row["group_key"], row["group_id"])),
+            _cut(_compact(row["properties"]), 300, c="code"),
             {"t": _when(row["updated_at"]), "c": "muted"},
         ]
-        for row in shown
+        for row in rows
     ]
-    return cells, summary
+
+    def link(number: int, label: str) -> Cell:
+        kept = {k: v for k, v in query.items() if v and k not in ("page", "refresh")}
+        return {"t": label, "href": "/?" + urlencode({**kept, "page": str(number)})}
+
+    pager = []
+    if page > 1:
+        pager += [link(1, "first"), link(page - 1, f"previous ({page - 1} of {last})")]
+    if page < last:
+        pager += [link(page + 1, f"next ({page + 1} of {last})"), link(last, "last")]
+    return cells, summary, pager
 
 
 def _contains(needle: str) -> Callable[[str], bool]:
@@ -315,7 +385,7 @@ def _rejected_rows(store: Reader, query: dict[str, str]) -> tuple[list[list[Cell
 def _render_list(store: Reader, query: dict[str, str]) -> str:
     esc = html.escape
     group_key, q = query.get("group_key", ""), query.get("q", "")
-    rows, summary = _profile_rows(store, query)
+    rows, summary, pager = _profile_page(store, query)
     options = "".join(f'<option value="{esc(k)}">' for k in store.group_keys())
     parts = [
         _nav(store, "/"),
@@ -325,9 +395,15 @@ def _render_list(store: Reader, query: dict[str, str]) -> str:
         f' value="{esc(group_key)}"></label>',
         f'<datalist id="keys">{options}</datalist>',
         f'<label>id contains <input name="q" id="q" value="{esc(q)}"></label>',
+        f'<input type="hidden" name="page" value="{esc(query.get("page", ""))}">',
+        f'<input type="hidden" name="per_page" value="{esc(query.get("per_page", ""))}">',
         '<button type="submit">Search</button> <a href="/">clear</a></form>',
         _live_table(
-            "/api/profile-list", ["group key", "group id", "properties", "updated"], rows, summary
+            "/api/profile-list",
+            ["group key", "group id", "properties", "updated"],
+            rows,
+            summary,
+            pager,
         ),
     ]
     if not rows and not group_key and not q:
@@ -394,17 +470,23 @@ def _render_profile(store: Reader, group_key: str, group_id: str) -> tuple[bool,
             "<th>payload</th></tr></thead><tbody>"
         )
         for update in reversed(updates):
+            payload = _compact(update["payload"])
             parts.append(
                 f'<tr><td class="muted">{esc(_when(update["received_at"]))}</td>'
                 f'<td class="muted">{esc(_when(update["time"]))}</td>'
                 f"<td><code>{esc(update['op'])}</code></td>"
-                f"<td><code>{esc(_clip(_compact(update['payload']), 500))}</code></td></tr>"
+                f"<td{_title(payload, 500)}><code>{esc(_clip(payload, 500))}</code></td></tr>"
             )
         parts.append("</tbody></table>")
     else:
         parts.append('<p class="muted">No updates recorded.</p>')
     title = f"{group_key} / {group_id} - mixpanel-otel sink"
     return props is not None, _page(title, "".join(parts))
+
+
+def _title(text: str, width: int) -> str:
+    """A ``title`` attribute with ``text`` when it is cut at ``width``, else nothing."""
+    return f' title="{html.escape(_clip(text, _TITLE_LIMIT))}"' if len(text) > width else ""
 
 
 def _json(code: int, payload: Any) -> Reply:
@@ -436,7 +518,11 @@ def handle_get(store: Reader, path: str) -> Reply:
         if path == "/rejected":
             return _html(200, _render_rejected(store, query))
         if path == "/api/profile-list":
-            return _table(store, _profile_rows(store, query))
+            rows, summary, pager = _profile_page(store, query)
+            return _json(
+                200,
+                {"summary": summary, "rows": rows, "counts": store.counts(), "pager": pager},
+            )
         if path == "/api/messages":
             return _table(store, _message_rows(store, query))
         if path == "/api/rejected":

@@ -165,15 +165,17 @@ class Reader:
         id_contains: Optional[str] = None,
         recent_first: bool = False,
         limit: Optional[int] = None,
+        offset: int = 0,
     ) -> list[JSONDict]:
-        """Profiles with ``created_at``/``updated_at``; by (group_key, group_id) or newest first."""
+        """Profiles with ``created_at``/``updated_at``; by (group_key, group_id) or newest
+        first; ``limit`` rows after skipping ``offset`` (a page)."""
         where, params = _profile_filter(group_key, id_contains)
         sql = "SELECT group_key, group_id, properties, created_at, updated_at FROM profiles" + where
         sql += " ORDER BY " + (
             "updated_at DESC, group_key, group_id" if recent_first else "group_key, group_id"
         )
         if limit is not None:
-            sql += f" LIMIT {int(limit)}"
+            sql += f" LIMIT {int(limit)} OFFSET {max(0, int(offset))}"
         return [
             {
                 "group_key": k,
@@ -184,6 +186,13 @@ class Reader:
             }
             for k, i, p, c, u in self._query(sql, params)
         ]
+
+    def count_profiles(
+        self, group_key: Optional[str] = None, id_contains: Optional[str] = None
+    ) -> int:
+        """How many profiles :meth:`search_profiles` finds with this filter."""
+        where, params = _profile_filter(group_key, id_contains)
+        return int(self._query("SELECT COUNT(*) FROM profiles" + where, params)[0][0])
 
     def profiles(
         self, group_key: Optional[str] = None, id_contains: Optional[str] = None

@@ -104,7 +104,7 @@ def coalesced(sequence, cap=MERGE_CAP, take_every=None):
     return one_by_one(sent), len(sent)
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(updates(), max_size=30),
     st.sampled_from([None, 1, 4]),

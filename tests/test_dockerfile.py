@@ -1,0 +1,141 @@
+"""The gateway's Dockerfile, checked without Docker (none runs here).
+
+Statically: it builds from this checkout, runs as a non-root user, has an
+exec-form entry point, a volume for the spool and a health check. Then its
+contract is run for real, as a container would: the entry point with the
+image's environment (host and ports moved to loopback), the health check
+command against it, and a clean stop on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import TOKEN
+from .helpers import ROOT, free_port
+
+
+def instructions(path: str = os.path.join(ROOT, "Dockerfile")) -> list[tuple[str, str]]:
+    """``(INSTRUCTION, arguments)`` in order, continuation lines joined, comments dropped."""
+    found: list[tuple[str, str]] = []
+    pending = ""
+    with open(path, encoding="utf-8") as handle:
+        for raw in handle:
+            line = raw.strip()
+            if not pending and (not line or line.startswith("#")):
+                continue
+            if line.startswith("#"):
+                continue
+            if line.endswith("\\"):
+                pending += line[:-1] + " "
+                continue
+            command, _, arguments = (pending + line).partition(" ")
+            found.append((command.upper(), arguments.strip()))
+            pending = ""
+    assert not pending, "the Dockerfile ends inside a continued line"
+    return found
+
+
+def final_stage() -> list[tuple[str, str]]:
+    steps = instructions()
+    last_from = max(i for i, (command, _) in enumerate(steps) if command == "FROM")
+    return steps[last_from:]
+
+
+def _env(stage: list[tuple[str, str]]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for command, arguments in stage:
+        if command == "ENV":
+            env.update(word.split("=", 1) for word in shlex.split(arguments))  # type: ignore[misc]
+    return env
+
+
+def _exec_form(arguments: str) -> list[str]:
+    value = json.loads(arguments)
+    assert isinstance(value, list) and all(isinstance(x, str) for x in value), arguments
+    return value
+
+
+class TestStatically:
+    def test_builds_from_the_checkout(self):
+        steps = instructions()
+        copies = [arguments.split() for command, arguments in steps if command == "COPY"]
+        sources = [src for words in copies if not words[0].startswith("--") for src in words[:-1]]
+        assert "mixpanel_otel" in sources and "pyproject.toml" in sources
+        for source in sources:
+            assert os.path.exists(os.path.join(ROOT, source)), source
+        with open(os.path.join(ROOT, ".dockerignore")) as handle:
+            kept = {line[1:].rstrip("/") for line in handle.read().split() if line[0] == "!"}
+        assert set(sources) <= kept, "the context keeps what COPY needs"
+        runs = " ".join(arguments for command, arguments in steps if command == "RUN")
+        assert "'.[gateway]'" in runs and "mixpanel-otel[gateway]" in runs
+
+    def test_runs_as_a_user_that_is_not_root(self):
+        users = [arguments for command, arguments in final_stage() if command == "USER"]
+        assert users and users[-1].split(":")[0] not in ("root", "0")
+
+    def test_exec_form_entry_point_runs_the_gateway(self):
+        (entry,) = [a for c, a in final_stage() if c == "ENTRYPOINT"]
+        assert _exec_form(entry) == ["mixpanel-otel", "gateway"]
+
+    def test_the_spool_is_a_volume(self):
+        stage = final_stage()
+        (volume,) = [a for c, a in stage if c == "VOLUME"]
+        assert _env(stage)["MIXPANEL_OTEL_SPOOL_DIR"] in _exec_form(volume)
+        assert {"4317", "4318"} <= {p for c, a in stage if c == "EXPOSE" for p in a.split()}
+
+    def test_health_check_is_exec_form(self):
+        (check,) = [a for c, a in final_stage() if c == "HEALTHCHECK"]
+        options, _, command = check.partition("CMD ")
+        assert "--interval=" in options and "--timeout=" in options
+        assert "/health" in " ".join(_exec_form(command))
+
+
+@pytest.mark.slow
+def test_the_image_contract_runs_as_a_container_would(sink, tmp_path):
+    stage = final_stage()
+    (entry,) = [a for c, a in stage if c == "ENTRYPOINT"]
+    (check,) = [a for c, a in stage if c == "HEALTHCHECK"]
+    http_port = str(free_port())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MIXPANEL", "OTEL"))}
+    env.update(_env(stage))
+    env.update(
+        MIXPANEL_TOKEN=TOKEN,
+        MIXPANEL_API_HOST=sink.url,
+        MIXPANEL_OTEL_SPOOL_DIR=str(tmp_path),  # the volume
+        MIXPANEL_OTEL_GATEWAY_HOST="127.0.0.1",  # tests listen on loopback only
+        MIXPANEL_OTEL_GATEWAY_GRPC_PORT="0",
+        MIXPANEL_OTEL_GATEWAY_HTTP_PORT=http_port,
+    )
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    command = _exec_form(entry)
+    assert shutil.which(command[0], path=env["PATH"]), "the console script is installed"
+    health = _exec_form(check.partition("CMD ")[2])
+    health[0] = sys.executable  # the image's `python`
+    gateway = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        ready = gateway.stdout.readline() if gateway.stdout else ""
+        assert f"127.0.0.1:{http_port}" in ready, ready + gateway.stderr.read()
+        healthy = subprocess.run(health, env=env, capture_output=True, text=True, timeout=30)
+        assert healthy.returncode == 0, healthy.stderr
+        gateway.send_signal(signal.SIGTERM)
+        assert gateway.wait(30) == 0
+        gone = subprocess.run(health, env=env, capture_output=True, text=True, timeout=30)
+        assert gone.returncode != 0, "the health check fails when nothing answers"
+    finally:
+        if gateway.poll() is None:
+            gateway.kill()
+        gateway.wait(10)
+        for stream in (gateway.stdout, gateway.stderr):
+            if stream:
+                stream.close()
