@@ -181,13 +181,13 @@ def run(processes: Processes, protocol: str, batch: int, requests: int, senders:
 
 def breakdown(batch: int = 1000, rounds: int = 20) -> None:
     """Per-record cost of each step, in this process (no network)."""
-    from mixpanel_otel._translate import Translator
-    from mixpanel_otel._wire import Truncations
+    from mixpanel_otel._frontend import DisabledConsumer, FrontEnd
     from mixpanel_otel.gateway import _otlp
 
     body = request_body(batch, 0)
-    translator = Translator([])
-    counter = Truncations()
+    walker = FrontEnd(None, None, DisabledConsumer("benchmark"), [], {}).walker(
+        _otlp.LOGS.adapter
+    )
 
     def timed(function: Any) -> float:
         start = time.perf_counter()
@@ -199,7 +199,7 @@ def breakdown(batch: int = 1000, rounds: int = 20) -> None:
     records = [r for rl in request.resource_logs for sl in rl.scope_logs for r in sl.log_records]
     decode = timed(lambda: _otlp.decode(_otlp.LOGS, body))
     attributes = timed(lambda: [_otlp._attributes(r.attributes) for r in records])
-    whole = timed(lambda: _otlp.LOGS.translate(request, translator, counter, lambda *a: None))
+    whole = timed(lambda: walker.read(_otlp.LOGS.records(request)))
     print(f"| protobuf decode | {decode:.2f} |")
     print(f"| attributes -> dict | {attributes:.2f} |")
     print(f"| translate (attributes + Translator) | {whole:.2f} |")

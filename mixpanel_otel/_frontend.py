@@ -17,10 +17,12 @@ import logging
 import threading
 from collections import Counter
 from time import monotonic
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Protocol, Union
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Protocol, TypeVar, Union
 
 from ._config import check_arguments, disabled_by_environment, resolve_options, resolve_target
+from ._delivery.stats import COUNTERS
 from ._exceptions import ConfigurationError, MissingToken, MixpanelException
+from ._records import Adapter, Walker
 from ._rules import Rules, RulesSource, load_all
 from ._translate import Translator
 from ._wire import ENDPOINTS, GroupUpdate, Truncations
@@ -38,6 +40,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger("mixpanel_otel")
+R = TypeVar("R")
 _WARN_EVERY = 10.0
 _reporting = threading.local()
 
@@ -56,25 +59,16 @@ class ConsumerLike(Protocol):
     def stats(self) -> dict[str, int]: ...
 
 
-_STAT_KEYS = (
-    "enqueued",
-    "coalesced",
-    "sent",
-    "failed",
-    "dropped",
-    "invalid",
-    "ignored",
-    "retries",
-    "requests",
-    "pending",
-)
+#: What ``stats()`` reports besides the counters: the consumer's state now.
+_GAUGES = ("pending", "pending_bytes", "in_flight", "spool_rows", "truncated", "failing")
 
 
 class DisabledConsumer:
     """Stands in for the consumer of a disabled front end: accepts and discards.
 
-    ``stats()`` has the consumer's keys (all 0) plus ``discarded`` (updates a
-    :class:`GroupClient` handed it) and ``disabled`` (1); ``reason`` says why.
+    ``stats()`` has the consumer's counters (:data:`~mixpanel_otel._delivery.stats.COUNTERS`)
+    and gauges, all 0, plus ``discarded`` (updates a :class:`GroupClient`
+    handed it) and ``disabled`` (1); ``reason`` says why.
     """
 
     base_url = "disabled://"
@@ -125,7 +119,7 @@ class DisabledConsumer:
         return True
 
     def stats(self) -> dict[str, int]:
-        stats = dict.fromkeys(_STAT_KEYS, 0)
+        stats = dict.fromkeys((*COUNTERS, *_GAUGES), 0)
         stats["discarded"] = self._discarded
         stats["disabled"] = 1
         return stats
@@ -240,6 +234,8 @@ def get_consumer(
 class FrontEnd:
     """Holds a front end's consumer and translator; counts and reports bad records.
 
+    Records go in through a :meth:`walker`, one per kind of record.
+
     ``enabled`` is False when the consumer is a :class:`DisabledConsumer`;
     the front end then skips its work. Rules from ``MIXPANEL_OTEL_RULES``
     are read only when enabled; rules passed as an argument are always
@@ -285,9 +281,17 @@ class FrontEnd:
             from ._traits import feed_for
 
             traits = feed_for(self.consumer, found.traits)
-        self.translator = Translator(found.rules, traits)
+        self.translator = Translator(found.rules, self.consumer.truncations, traits)
+        self._walkers: dict[Adapter[Any], Walker[Any]] = {}
         self._last_warning = -_WARN_EVERY
         self._unreported = 0
+
+    def walker(self, adapter: Adapter[R]) -> Walker[R]:
+        """The one path for this front end's records of ``adapter``'s kind (built once)."""
+        walker = self._walkers.get(adapter)
+        if walker is None:
+            walker = self._walkers[adapter] = Walker(self, adapter)
+        return walker
 
     @property
     def disabled(self) -> Optional[str]:

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
-from typing import Any, Optional
+from collections.abc import Mapping
+from typing import Any, Callable, Optional
 
 from ._delivery.worker import WORKER_THREADS
-from ._exceptions import MixpanelException
 from ._frontend import ConsumerLike, FrontEnd
+from ._records import Adapter
 from ._rules import RulesSource
-from ._translate import NoOperation, from_tags
-from ._wire import GroupUpdate, iso_utc
 
-__all__ = ["MixpanelGroupHandler"]
+__all__ = ["LOG_RECORDS", "LogRecords", "MixpanelGroupHandler"]
 
-_EMPTY: dict[str, Any] = {}
 _RETURNS_RECORD = sys.version_info >= (3, 12)  # what Handler.handle returns there
 
 
@@ -25,8 +22,11 @@ class MixpanelGroupHandler(logging.Handler):
 
     ``logger.info("group", extra={"group_key": "company", "group_id": "acme",
     "$set": {"plan": "pro"}})``. Records without group tags are ignored, so the
-    handler can sit on the root logger. ``emit`` only validates and queues:
-    no I/O, no JSON, and it never raises into the caller.
+    handler can sit on the root logger. ``emit`` translates and queues and
+    never raises into the caller. It does no JSON and no network I/O of its
+    own, but a full consumer makes it wait for room (``max_block``) or write
+    the overflow to the spool (``spool_dir``), and after a SIGTERM it
+    delivers before it returns (see docs/delivery.md).
 
     With no token (no argument, no ``MIXPANEL_TOKEN``) or
     ``MIXPANEL_OTEL_DISABLED=true`` the handler is a no-op (``disabled`` says
@@ -46,10 +46,9 @@ class MixpanelGroupHandler(logging.Handler):
         super().__init__(level)
         self._front = FrontEnd(token, api_host, consumer, rules, options)
         self.consumer = self._front.consumer
-        self._translate = self._front.translator.translate
-        translator = self._front.translator
-        self._has_rules = bool(translator.rules) or translator.traits is not None
-        self._off = not self._front.enabled
+        self._ingest: Callable[[logging.LogRecord], None] = (
+            self._front.walker(LOG_RECORDS).ingest_one if self._front.enabled else _off
+        )
 
     @property
     def disabled(self) -> Optional[str]:
@@ -64,53 +63,11 @@ class MixpanelGroupHandler(logging.Handler):
                 return result
             if isinstance(result, logging.LogRecord):  # Python 3.12+ filters may replace it
                 record = result
-        self.emit(record)
+        self._ingest(record)  # what emit does, one call sooner
         return record if _RETURNS_RECORD else True
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self._off:
-            return
-        attributes = record.__dict__
-        if (
-            not self._has_rules
-            and "group_id" not in attributes
-            and "group_key" not in attributes
-            and "mixpanel.group_id" not in attributes
-            and "mixpanel.group_key" not in attributes
-        ):
-            return  # not a group record
-        if record.name.startswith("mixpanel_otel") or record.thread in WORKER_THREADS:
-            return  # our own records: never feed back
-        consumer = self.consumer
-        errors: list[str] = []
-        try:
-            updates: list[GroupUpdate]
-            flat = "mixpanel.group_id" in attributes or "mixpanel.group_key" in attributes
-            if self._has_rules or flat:
-                ignored: list[str] = []
-                updates = self._translate(
-                    attributes,
-                    record.created,
-                    _EMPTY,
-                    functools.partial(_special, record),
-                    consumer.truncations,
-                    errors,
-                    ignored=ignored,
-                )
-                if ignored:
-                    self._front.report_ignored(len(ignored))
-            else:  # the usual record: tags only
-                updates = from_tags(attributes, record.created, consumer.truncations, errors)
-            if errors:
-                self._front.report_invalid(_describe(record), errors)
-            if updates:
-                consumer.enqueue(updates)
-        except NoOperation:
-            self._front.report_ignored(1)
-        except MixpanelException as exc:
-            self._front.report_invalid(_describe(record), [*errors, str(exc)])
-        except Exception as exc:  # never raise into the application's logging call
-            self._front.report_invalid(_describe(record), [repr(exc)])
+        self._ingest(record)
 
     def flush(self) -> None:
         """Deliver what is pending, waiting at most the consumer's shutdown timeout."""
@@ -124,22 +81,38 @@ class MixpanelGroupHandler(logging.Handler):
             super().close()
 
 
-def _special(record: logging.LogRecord, name: str) -> Any:
-    if name == "@name":
-        return record.getMessage()
-    if name == "@severity":
-        return record.levelname
-    if name in ("@start_time", "@end_time"):
-        return iso_utc(record.created)
-    return None
+class LogRecords(Adapter[logging.LogRecord]):
+    """Reads a stdlib ``LogRecord``: its ``__dict__`` (``extra`` lands there) is the attributes."""
+
+    def attributes(self, record: logging.LogRecord) -> Mapping[str, Any]:
+        return record.__dict__
+
+    def skip(self, record: logging.LogRecord) -> bool:
+        return record.name.startswith("mixpanel_otel") or record.thread in WORKER_THREADS
+
+    def time(self, record: logging.LogRecord) -> float:
+        return record.created
+
+    def special(self, record: logging.LogRecord, name: str, time: float) -> Any:
+        if name == "@name":
+            return record.getMessage()
+        if name == "@severity":
+            return record.levelname
+        return super().special(record, name, time)
+
+    def describe(self, record: logging.LogRecord) -> str:
+        try:
+            message = record.getMessage()
+        except Exception:
+            message = str(record.msg)
+        return (
+            f"log record {message[:60]!r} from logger {record.name!r} "
+            f"({record.pathname}:{record.lineno})"
+        )
 
 
-def _describe(record: logging.LogRecord) -> str:
-    try:
-        message = record.getMessage()
-    except Exception:
-        message = str(record.msg)
-    return (
-        f"log record {message[:60]!r} from logger {record.name!r} "
-        f"({record.pathname}:{record.lineno})"
-    )
+LOG_RECORDS = LogRecords()
+
+
+def _off(record: logging.LogRecord) -> None:
+    """What a disabled handler does with a record: nothing."""

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any, Callable, Optional
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Optional
 
 try:
     from opentelemetry.sdk._logs.export import LogRecordExporter, LogRecordExportResult
@@ -27,13 +27,19 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from ._frontend import ConsumerLike, FrontEnd
+from ._records import EMPTY, Adapter, Event
 from ._rules import RulesSource
 from ._translate import EVENT_NAME
-from ._wire import GroupUpdate, iso_utc
+from ._wire import iso_utc
 
-__all__ = ["MixpanelLogExporter", "MixpanelSpanExporter"]
-
-_EMPTY: dict[str, Any] = {}
+__all__ = [
+    "SDK_LOG_RECORDS",
+    "SDK_SPANS",
+    "MixpanelLogExporter",
+    "MixpanelSpanExporter",
+    "SdkLogRecords",
+    "SdkSpans",
+]
 
 
 def _seconds(nanos: Optional[int]) -> Optional[float]:
@@ -77,7 +83,6 @@ class _Exporter:
             fallback_on_error=not explicit,
         )
         self.consumer = self._front.consumer
-        self._translate = self._front.translator.translate
         self._off = not self._front.enabled
         self._stopped = False
 
@@ -85,13 +90,6 @@ class _Exporter:
     def disabled(self) -> Optional[str]:
         """Why this exporter sends nothing, or None when it delivers."""
         return self._front.disabled
-
-    def _report(self, what: Callable[[], str], errors: list[str], ignored: list[str]) -> None:
-        if ignored:
-            self._front.report_ignored(len(ignored))
-            ignored.clear()
-        if errors:
-            self._front.report_invalid(what(), errors)
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         """Deliver what is pending; True when nothing is left within the timeout."""
@@ -114,43 +112,11 @@ class MixpanelSpanExporter(_Exporter, SpanExporter):
         if self._off:
             return SpanExportResult.SUCCESS
         try:
-            updates: list[GroupUpdate] = []
-            counter = self.consumer.truncations
-            ignored: list[str] = []
-            for span in spans:
-                errors: list[str] = []
-                seconds = _seconds(span.end_time or span.start_time) or time.time()
-                resource = span.resource.attributes if span.resource is not None else _EMPTY
-
-                def special(name: str, span: ReadableSpan = span) -> Any:
-                    return _span_special(span, name)
-
-                updates += self._translate(
-                    span.attributes or _EMPTY,
-                    seconds,
-                    resource,
-                    special,
-                    counter,
-                    errors,
-                    ignored=ignored,
-                )
-                for event in span.events:
-                    if event.name == EVENT_NAME:
-                        updates += self._translate(
-                            event.attributes or _EMPTY,
-                            _seconds(event.timestamp) or seconds,
-                            counter=counter,
-                            errors=errors,
-                            apply_rules=False,
-                            ignored=ignored,
-                        )
-                self._report(lambda span=span: _describe_span(span), errors, ignored)  # type: ignore[misc]
-            if updates:
-                self.consumer.enqueue(updates)
-            return SpanExportResult.SUCCESS
+            self._front.walker(SDK_SPANS).ingest(spans)
         except Exception as exc:  # the SDK's processors expect no exceptions
             self._front.report_invalid(f"a batch of {len(spans)} span(s)", [repr(exc)])
             return SpanExportResult.FAILURE
+        return SpanExportResult.SUCCESS
 
 
 class MixpanelLogExporter(_Exporter, LogRecordExporter):
@@ -162,67 +128,80 @@ class MixpanelLogExporter(_Exporter, LogRecordExporter):
         if self._off:
             return LogRecordExportResult.SUCCESS
         try:
-            updates: list[GroupUpdate] = []
-            counter = self.consumer.truncations
-            ignored: list[str] = []
-            for item in batch:
-                record = item.log_record
-                errors: list[str] = []
-                resource = getattr(item, "resource", None) or getattr(record, "resource", None)
-
-                def special(name: str, record: Any = record) -> Any:
-                    return _log_special(record, name)
-
-                updates += self._translate(
-                    record.attributes or _EMPTY,
-                    _seconds(record.timestamp or record.observed_timestamp) or time.time(),
-                    resource.attributes if resource is not None else _EMPTY,
-                    special,
-                    counter,
-                    errors,
-                    ignored=ignored,
-                )
-                self._report(
-                    lambda record=record: f"log record {str(record.body)[:60]!r}",  # type: ignore[misc]
-                    errors,
-                    ignored,
-                )
-            if updates:
-                self.consumer.enqueue(updates)
-            return LogRecordExportResult.SUCCESS
+            self._front.walker(SDK_LOG_RECORDS).ingest(batch)
         except Exception as exc:
             self._front.report_invalid(f"a batch of {len(batch)} log record(s)", [repr(exc)])
             return LogRecordExportResult.FAILURE
+        return LogRecordExportResult.SUCCESS
 
 
-def _span_special(span: ReadableSpan, name: str) -> Any:
-    if name == "@name":
-        return span.name
-    if name == "@start_time":
-        return iso_utc(_seconds(span.start_time))
-    if name == "@end_time":
-        return iso_utc(_seconds(span.end_time))
-    if name == "@status":
-        return span.status.status_code.name
-    if name == "@duration_ms":
-        if span.start_time is None or span.end_time is None:
-            return None
-        return (span.end_time - span.start_time) / 1e6
-    return None
+class SdkSpans(Adapter[ReadableSpan]):
+    """Reads an SDK span; its time is its end (its start while it runs)."""
+
+    has_events = True
+
+    def attributes(self, record: ReadableSpan) -> Mapping[str, Any]:
+        return record.attributes or EMPTY
+
+    def time(self, record: ReadableSpan) -> float:
+        return _seconds(record.end_time or record.start_time) or time.time()
+
+    def resource(self, record: ReadableSpan) -> Mapping[str, Any]:
+        return record.resource.attributes if record.resource is not None else EMPTY
+
+    def special(self, record: ReadableSpan, name: str, time: float) -> Any:
+        if name == "@name":
+            return record.name
+        if name == "@start_time":
+            return iso_utc(_seconds(record.start_time))
+        if name == "@end_time":
+            return iso_utc(_seconds(record.end_time))
+        if name == "@status":
+            return record.status.status_code.name
+        if name == "@duration_ms":
+            if record.start_time is None or record.end_time is None:
+                return None
+            return (record.end_time - record.start_time) / 1e6
+        return None
+
+    def events(self, record: ReadableSpan, time: float) -> Iterator[Event]:
+        for event in record.events:
+            if event.name == EVENT_NAME:
+                yield event.attributes or EMPTY, _seconds(event.timestamp) or time
+
+    def describe(self, record: ReadableSpan) -> str:
+        context = record.get_span_context()
+        trace = f"{context.trace_id:032x}" if context is not None else "?"
+        return f"span {record.name!r} (trace {trace})"
 
 
-def _log_special(record: Any, name: str) -> Any:
-    if name == "@name":
-        event_name = getattr(record, "event_name", None)
-        return event_name or (record.body if isinstance(record.body, str) else None)
-    if name == "@severity":
-        return record.severity_text
-    if name in ("@start_time", "@end_time"):
-        return iso_utc(_seconds(record.timestamp or record.observed_timestamp))
-    return None
+class SdkLogRecords(Adapter[Any]):
+    """Reads an SDK log record as the exporter gets it (``ReadableLogRecord`` or
+    ``LogData``, by SDK release): the record and its resource."""
+
+    def attributes(self, record: Any) -> Mapping[str, Any]:
+        return record.log_record.attributes or EMPTY
+
+    def time(self, record: Any) -> float:
+        log_record = record.log_record
+        return _seconds(log_record.timestamp or log_record.observed_timestamp) or time.time()
+
+    def resource(self, record: Any) -> Mapping[str, Any]:
+        resource = getattr(record, "resource", None) or getattr(record.log_record, "resource", None)
+        return resource.attributes if resource is not None else EMPTY
+
+    def special(self, record: Any, name: str, time: float) -> Any:
+        log_record = record.log_record
+        if name == "@name":
+            event_name = getattr(log_record, "event_name", None)
+            return event_name or (log_record.body if isinstance(log_record.body, str) else None)
+        if name == "@severity":
+            return log_record.severity_text
+        return super().special(record, name, time)
+
+    def describe(self, record: Any) -> str:
+        return f"log record {str(record.log_record.body)[:60]!r}"
 
 
-def _describe_span(span: ReadableSpan) -> str:
-    context = span.get_span_context()
-    trace = f"{context.trace_id:032x}" if context is not None else "?"
-    return f"span {span.name!r} (trace {trace})"
+SDK_SPANS = SdkSpans()
+SDK_LOG_RECORDS = SdkLogRecords()

@@ -299,6 +299,11 @@ def load_all(rules: RulesSource) -> Rules:
     return _load(rules)
 
 
+_NOT_RULES = (
+    "rules must be a path to a TOML file or a list of dicts (or a dict of 'rule' and 'trait' lists)"
+)
+
+
 def _load(source: Any) -> Rules:
     where = "rules"
     if isinstance(source, (str, os.PathLike)):
@@ -313,6 +318,8 @@ def _load(source: Any) -> Rules:
             raise MixpanelException(f"{where} is not valid TOML: {exc}") from None
     if isinstance(source, Mapping):
         unknown = sorted(set(source) - {"rule", "trait"})
+        if unknown and where == "rules":
+            raise MixpanelException(_NOT_RULES)
         if unknown:
             raise MixpanelException(
                 f"{where}: unknown top-level key {unknown[0]!r} (use [[rule]] and [[trait]] tables)"
@@ -324,9 +331,7 @@ def _load(source: Any) -> Rules:
     elif isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
         rule_tables, trait_tables = source, []
     else:
-        raise MixpanelException(
-            "rules must be a path to a TOML file, a list of dicts or a dict of 'rule'/'trait' lists"
-        )
+        raise MixpanelException(_NOT_RULES)
     problems: list[str] = []
     found_rules: list[Rule] = []
     found_traits: list[Trait] = []

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import time
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any, Optional
 
 from ._frontend import ConsumerLike, FrontEnd
+from ._records import Adapter
 from ._rules import RulesSource
 from ._translate import FLAT_PREFIX
-from ._wire import ALL_OPERATIONS, META_KEYS, iso_utc
+from ._wire import ALL_OPERATIONS, META_KEYS
 
-__all__ = ["MixpanelGroupProcessor"]
+__all__ = ["STRUCTLOG_EVENTS", "MixpanelGroupProcessor", "StructlogEvents"]
 
 _GROUP_KEYS = frozenset(("group_key", "group_id", *ALL_OPERATIONS, *META_KEYS))
 
@@ -45,7 +46,9 @@ class MixpanelGroupProcessor:
         self._front = FrontEnd(token, api_host, consumer, rules, options)
         self.consumer = self._front.consumer
         self.strip = strip
-        self._off = not self._front.enabled
+        self._ingest = (
+            self._front.walker(STRUCTLOG_EVENTS).ingest_one if self._front.enabled else None
+        )
 
     @property
     def disabled(self) -> Optional[str]:
@@ -53,41 +56,37 @@ class MixpanelGroupProcessor:
         return self._front.disabled
 
     def __call__(self, logger: Any, method_name: str, event_dict: EventDict) -> EventDict:
-        if not self._off:
-            self._process(method_name, event_dict)
+        if self._ingest is not None:
+            self._ingest((method_name, event_dict))
         if self.strip:
             for key in [k for k in event_dict if k in _GROUP_KEYS or k.startswith(FLAT_PREFIX)]:
                 del event_dict[key]
         return event_dict
 
-    def _process(self, method_name: str, event_dict: EventDict) -> None:
-        try:
-            errors: list[str] = []
-            ignored: list[str] = []
-            now = time.time()
 
-            def special(name: str) -> Any:
-                if name == "@name":
-                    return event_dict.get("event")
-                if name == "@severity":
-                    return event_dict.get("level", method_name)
-                if name in ("@start_time", "@end_time"):
-                    return iso_utc(now)
-                return None
+#: What the processor hands its walker: the method name and the event dict.
+Call = tuple[str, EventDict]
 
-            updates = self._front.translator.translate(
-                event_dict,
-                now,
-                special=special,
-                counter=self.consumer.truncations,
-                errors=errors,
-                ignored=ignored,
-            )
-            if updates:
-                self.consumer.enqueue(updates)
-            if ignored:
-                self._front.report_ignored(len(ignored))
-            if errors:
-                self._front.report_invalid(f"structlog event {event_dict.get('event')!r}", errors)
-        except Exception as exc:  # never raise into the application's logging call
-            self._front.report_invalid(f"structlog event {event_dict.get('event')!r}", [repr(exc)])
+
+class StructlogEvents(Adapter[Call]):
+    """Reads a structlog event dict; its time is when the processor sees it."""
+
+    def attributes(self, record: Call) -> Mapping[str, Any]:
+        return record[1]
+
+    def time(self, record: Call) -> float:
+        return time.time()
+
+    def special(self, record: Call, name: str, time: float) -> Any:
+        method_name, event_dict = record
+        if name == "@name":
+            return event_dict.get("event")
+        if name == "@severity":
+            return event_dict.get("level", method_name)
+        return super().special(record, name, time)
+
+    def describe(self, record: Call) -> str:
+        return f"structlog event {record[1].get('event')!r}"
+
+
+STRUCTLOG_EVENTS = StructlogEvents()

@@ -9,7 +9,7 @@ from it. Nothing that no tag or rule names leaves the process.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ._exceptions import MixpanelException
@@ -25,17 +25,27 @@ from ._wire import (
 if TYPE_CHECKING:
     from ._traits import TraitFeed
 
-__all__ = ["EVENT_NAME", "FLAT_PREFIX", "NoOperation", "Translator", "from_tags"]
+__all__ = [
+    "EVENT_NAME",
+    "FLAT_GROUP_ID",
+    "FLAT_GROUP_KEY",
+    "FLAT_PREFIX",
+    "NoOperation",
+    "Special",
+    "Translator",
+    "from_flat",
+    "from_rule",
+    "from_tags",
+]
 
 FLAT_PREFIX = "mixpanel."
 EVENT_NAME = "mixpanel.group"  # a span event carrying one more update in the flat form
-_FLAT_GROUP_KEY = "mixpanel.group_key"
-_FLAT_GROUP_ID = "mixpanel.group_id"
+FLAT_GROUP_KEY = "mixpanel.group_key"
+FLAT_GROUP_ID = "mixpanel.group_id"
 _FLAT_OP_PREFIX = "mixpanel.$"
 _PROPERTY_OPS = frozenset(("$set", "$set_once", "$union", "$remove"))
-_TAG_OPERATIONS = ("$set", "$set_once", "$union", "$remove", "$unset", "$delete")  # likeliest first
-_EMPTY: Mapping[str, Any] = {}
 
+#: Gives a record's ``@`` values (``@name``, ``@start_time``...) by name; None when it has none.
 Special = Callable[[str], Any]
 
 
@@ -50,10 +60,6 @@ def _unwrap(value: Any) -> Any:
     if type(value) in (tuple, list) and len(value) == 1:
         return value[0]
     return value
-
-
-def _no_special(name: str) -> Any:
-    return None
 
 
 def _half_tagged(key_name: str, group_key: Any, id_name: str, op: str) -> MixpanelException:
@@ -77,7 +83,20 @@ def from_tags(
     """
     group_key = attributes.get("group_key")
     group_id = attributes.get("group_id")
-    operations = {op: attributes[op] for op in _TAG_OPERATIONS if op in attributes}
+    # Unrolled: a comprehension over the six names costs twice as much, on every logging call.
+    operations = {}
+    if "$set" in attributes:
+        operations["$set"] = attributes["$set"]
+    if "$set_once" in attributes:
+        operations["$set_once"] = attributes["$set_once"]
+    if "$union" in attributes:
+        operations["$union"] = attributes["$union"]
+    if "$remove" in attributes:
+        operations["$remove"] = attributes["$remove"]
+    if "$unset" in attributes:
+        operations["$unset"] = attributes["$unset"]
+    if "$delete" in attributes:
+        operations["$delete"] = attributes["$delete"]
     if group_key is None or group_id is None:
         if operations:
             raise _half_tagged("group_key", group_key, "group_id", next(iter(operations)))
@@ -100,151 +119,172 @@ def from_tags(
 
 
 class Translator:
-    """Reads tags, the flat form and rules from attribute mappings; hands each
-    record to the traits, if any (``traits``, with the rules)."""
+    """Reads the record conventions, the flat form and rules from attribute mappings.
+
+    What to read is decided once, here: without rules :attr:`translate` is
+    :meth:`tags` alone. Problems never raise: each bad part of a record adds
+    a reason to ``errors`` (its other parts are kept); group tags without an
+    operation add one to ``ignored``.
+
+    Args:
+        rules: checked rules (:func:`~mixpanel_otel._rules.load_rules`).
+        counter: counts strings cut to Mixpanel's limit (the consumer's).
+        traits: the computed traits each record is also counted for, if any.
+    """
+
+    #: ``translate(attributes, time, resource, special, errors, ignored)``: every
+    #: update a record asks for. ``resource`` holds attributes a rule reads when
+    #: the record lacks them; ``special`` gives the ``@`` values a rule maps.
+    translate: Callable[
+        [Mapping[str, Any], float, Mapping[str, Any], Special, list[str], list[str]],
+        list[GroupUpdate],
+    ]
 
     def __init__(
-        self, rules: Optional[list[Rule]] = None, traits: Optional[TraitFeed] = None
-    ) -> None:
-        self.rules = list(rules or ())
-        self.traits = traits
-
-    def translate(
         self,
-        attributes: Mapping[str, Any],
-        time: float,
-        resource: Mapping[str, Any] = _EMPTY,
-        special: Special = _no_special,
+        rules: Optional[Sequence[Rule]] = None,
         counter: Optional[Truncations] = None,
-        errors: Optional[list[str]] = None,
-        apply_rules: bool = True,
-        ignored: Optional[list[str]] = None,
+        traits: Optional[TraitFeed] = None,
+    ) -> None:
+        self.rules = tuple(rules or ())
+        self.counter = counter
+        self.traits = traits
+        #: Whether a record is read whole (resource, specials): rules or traits need it.
+        self.reads_records = bool(self.rules) or traits is not None
+        self.translate = self._with_rules if self.reads_records else self._tags_only
+
+    def tags(
+        self, attributes: Mapping[str, Any], time: float, errors: list[str], ignored: list[str]
     ) -> list[GroupUpdate]:
-        """All updates a record asks for. Problems go to ``errors`` (a reason each),
-        group tags without an operation to ``ignored``; a bad part of a record
-        never costs its other parts. With no ``errors`` list, a problem raises."""
+        """The updates the record conventions and the flat form ask for, no rules
+        (a ``mixpanel.group`` span event is read so)."""
         updates: list[GroupUpdate] = []
-        parts: list[tuple[str, Callable[[], list[GroupUpdate]]]] = []
         if "group_id" in attributes or "group_key" in attributes:
-            parts.append(("", lambda: from_tags(attributes, time, counter, errors)))
-        if _FLAT_GROUP_KEY in attributes or _FLAT_GROUP_ID in attributes:
-            parts.append(("", lambda: self.from_flat(attributes, time, counter, errors)))
-        for part_label, part in parts:
-            self._guard(part, updates, errors, ignored, part_label)
-        for rule in self.rules if apply_rules else ():
-            self._guard(
-                lambda rule=rule: self._from_rule(  # type: ignore[misc]
-                    rule, attributes, resource, time, special, counter, errors
-                ),
-                updates,
-                errors,
-                ignored,
-                f"rule {rule.index}: ",
-            )
-        if self.traits is not None and apply_rules:
             try:
-                self.traits.observe(attributes, resource, time, special, errors)
+                updates = from_tags(attributes, time, self.counter, errors)
+            except NoOperation as exc:
+                ignored.append(str(exc))
             except MixpanelException as exc:
-                if errors is None:
-                    raise
+                errors.append(str(exc))
+        if FLAT_GROUP_KEY in attributes or FLAT_GROUP_ID in attributes:
+            try:
+                updates = updates + from_flat(attributes, time, self.counter, errors)
+            except NoOperation as exc:
+                ignored.append(str(exc))
+            except MixpanelException as exc:
                 errors.append(str(exc))
         return updates
 
-    @staticmethod
-    def _guard(
-        part: Callable[[], list[GroupUpdate]],
-        updates: list[GroupUpdate],
-        errors: Optional[list[str]],
-        ignored: Optional[list[str]],
-        label: str,
-    ) -> None:
-        try:
-            updates.extend(part())
-        except NoOperation as exc:
-            if ignored is not None:
-                ignored.append(str(exc))
-        except MixpanelException as exc:
-            if errors is None:
-                raise
-            errors.append(f"{label}{exc}")
-
-    @staticmethod
-    def from_flat(
+    def _tags_only(
+        self,
         attributes: Mapping[str, Any],
         time: float,
-        counter: Optional[Truncations] = None,
-        errors: Optional[list[str]] = None,
-    ) -> list[GroupUpdate]:
-        """The flat form of span attributes and span events (``mixpanel.$set.plan``...)."""
-        group_key = attributes.get(_FLAT_GROUP_KEY)
-        group_id = attributes.get(_FLAT_GROUP_ID)
-        operations: dict[str, Any] = {}
-        meta: dict[str, Any] = {}
-        for name, value in attributes.items():
-            if not name.startswith(_FLAT_OP_PREFIX):
-                continue
-            op, dot, prop = name[len(FLAT_PREFIX) :].partition(".")
-            if op in _PROPERTY_OPS and prop:
-                operations.setdefault(op, {})[prop] = value
-            elif dot:
-                raise MixpanelException(f"unknown attribute {name!r}")
-            elif op == "$unset":
-                operations[op] = value
-            elif op == "$delete":
-                if value:
-                    operations[op] = ""
-            elif op in META_KEYS:
-                meta[op] = value
-            else:
-                raise MixpanelException(f"unknown attribute {name!r}")
-        if group_key is None or group_id is None:
-            if operations:
-                op = FLAT_PREFIX + next(iter(operations))
-                raise _half_tagged(_FLAT_GROUP_KEY, group_key, _FLAT_GROUP_ID, op)
-            raise NoOperation("group tags without an operation")
-        if not operations:
-            raise NoOperation("group tags without an operation")
-        return group_updates(group_key, group_id, operations, meta, time, counter, errors)
-
-    @staticmethod
-    def _from_rule(
-        rule: Rule,
-        attributes: Mapping[str, Any],
         resource: Mapping[str, Any],
-        time: float,
         special: Special,
-        counter: Optional[Truncations],
-        errors: Optional[list[str]] = None,
+        errors: list[str],
+        ignored: list[str],
     ) -> list[GroupUpdate]:
-        def lookup(name: str) -> Any:
-            value = attributes.get(name)
-            if value is None:
-                value = resource.get(name)
-            return _unwrap(value)
+        return self.tags(attributes, time, errors, ignored)
 
-        group_id = lookup(rule.group_id)
-        if group_id is None:
-            return []
-        for name, expected in rule.when.items():
-            value = special(name) if name[0] == "@" else lookup(name)
-            if value != expected and not (type(expected) is list and value in expected):
-                return []
-        operations: dict[str, Any] = {}
-        for op, pairs in rule.operations:
-            properties = {}
-            for prop, source in pairs:
-                value = special(source) if source[0] == "@" else lookup(source)
-                if value is not None:
-                    properties[prop] = value
-            if properties:
-                operations[op] = properties
-        if rule.unset:
-            operations["$unset"] = rule.unset
-        if not operations:
-            return []
-        if errors is None:
-            return group_updates(rule.group_key, group_id, operations, None, time, counter)
-        dropped: list[str] = []
-        updates = group_updates(rule.group_key, group_id, operations, None, time, counter, dropped)
-        errors.extend(f"rule {rule.index}: {reason}" for reason in dropped)
+    def _with_rules(
+        self,
+        attributes: Mapping[str, Any],
+        time: float,
+        resource: Mapping[str, Any],
+        special: Special,
+        errors: list[str],
+        ignored: list[str],
+    ) -> list[GroupUpdate]:
+        updates = self.tags(attributes, time, errors, ignored)
+        counter = self.counter
+        for rule in self.rules:
+            try:
+                updates += from_rule(rule, attributes, resource, time, special, counter, errors)
+            except MixpanelException as exc:
+                errors.append(f"rule {rule.index}: {exc}")
+        if self.traits is not None:
+            self.traits.observe(attributes, resource, time, special, errors)
         return updates
+
+
+def from_flat(
+    attributes: Mapping[str, Any],
+    time: float,
+    counter: Optional[Truncations] = None,
+    errors: Optional[list[str]] = None,
+) -> list[GroupUpdate]:
+    """The flat form of span attributes and span events (``mixpanel.$set.plan``...)."""
+    group_key = attributes.get(FLAT_GROUP_KEY)
+    group_id = attributes.get(FLAT_GROUP_ID)
+    operations: dict[str, Any] = {}
+    meta: dict[str, Any] = {}
+    for name, value in attributes.items():
+        if not name.startswith(_FLAT_OP_PREFIX):
+            continue
+        op, dot, prop = name[len(FLAT_PREFIX) :].partition(".")
+        if op in _PROPERTY_OPS and prop:
+            operations.setdefault(op, {})[prop] = value
+        elif dot:
+            raise MixpanelException(f"unknown attribute {name!r}")
+        elif op == "$unset":
+            operations[op] = value
+        elif op == "$delete":
+            if value:
+                operations[op] = ""
+        elif op in META_KEYS:
+            meta[op] = value
+        else:
+            raise MixpanelException(f"unknown attribute {name!r}")
+    if group_key is None or group_id is None:
+        if operations:
+            op = FLAT_PREFIX + next(iter(operations))
+            raise _half_tagged(FLAT_GROUP_KEY, group_key, FLAT_GROUP_ID, op)
+        raise NoOperation("group tags without an operation")
+    if not operations:
+        raise NoOperation("group tags without an operation")
+    return group_updates(group_key, group_id, operations, meta, time, counter, errors)
+
+
+def from_rule(
+    rule: Rule,
+    attributes: Mapping[str, Any],
+    resource: Mapping[str, Any],
+    time: float,
+    special: Special,
+    counter: Optional[Truncations],
+    errors: list[str],
+) -> list[GroupUpdate]:
+    """What one rule derives from a record: nothing unless the record (or its
+    resource) names the group and every ``when`` matches. A property whose
+    value is bad is left out, with its reason in ``errors``."""
+
+    def lookup(name: str) -> Any:
+        value = attributes.get(name)
+        if value is None:
+            value = resource.get(name)
+        return _unwrap(value)
+
+    group_id = lookup(rule.group_id)
+    if group_id is None:
+        return []
+    for name, expected in rule.when.items():
+        value = special(name) if name[0] == "@" else lookup(name)
+        if value != expected and not (type(expected) is list and value in expected):
+            return []
+    operations: dict[str, Any] = {}
+    for op, pairs in rule.operations:
+        properties = {}
+        for prop, source in pairs:
+            value = special(source) if source[0] == "@" else lookup(source)
+            if value is not None:
+                properties[prop] = value
+        if properties:
+            operations[op] = properties
+    if rule.unset:
+        operations["$unset"] = rule.unset
+    if not operations:
+        return []
+    dropped: list[str] = []
+    updates = group_updates(rule.group_key, group_id, operations, None, time, counter, dropped)
+    errors.extend(f"rule {rule.index}: {reason}" for reason in dropped)
+    return updates

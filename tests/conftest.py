@@ -46,3 +46,53 @@ def make_consumer():
 
     yield make
     reset_consumers(timeout=2.0)
+
+
+class RecordingConsumer:
+    """A consumer that keeps what front ends hand it, in memory: no thread, no I/O.
+
+    For tests of translation and reporting, which need no delivery at all.
+    """
+
+    base_url = "memory://"
+    shutdown_timeout = 0.0
+
+    def __init__(self) -> None:
+        from mixpanel_otel._wire import Truncations
+
+        self.truncations = Truncations()
+        self.updates: list = []
+        self.invalid = 0
+        self.ignored = 0
+
+    def enqueue(self, updates) -> None:
+        self.updates.extend(updates)
+
+    def count_invalid(self, count: int = 1) -> None:
+        self.invalid += count
+
+    def count_ignored(self, count: int = 1) -> None:
+        self.ignored += count
+
+    def flush(self, timeout=None) -> bool:
+        return True
+
+    def stats(self) -> dict:
+        return {"enqueued": len(self.updates), "invalid": self.invalid, "ignored": self.ignored}
+
+
+@pytest.fixture
+def recording() -> RecordingConsumer:
+    """A :class:`RecordingConsumer` for a front end's ``consumer=``."""
+    return RecordingConsumer()
+
+
+@pytest.fixture
+def make_front(recording):
+    """``make_front(rules=None)``: a ``FrontEnd`` over the ``recording`` consumer."""
+    from mixpanel_otel._frontend import FrontEnd
+
+    def make(rules=None):
+        return FrontEnd(None, None, recording, rules if rules is not None else [], {})
+
+    return make

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 from .._delivery import Consumer
 from .._frontend import FrontEnd
 from .._traits import TraitFeed, held_observations
-from ._otlp import BadRequest, Signal, TooLarge, Translated, decode
+from ._otlp import BadRequest, Signal, TooLarge, decode
 
 __all__ = ["Answer", "Ingest", "Outcome"]
 
@@ -151,11 +151,8 @@ class Ingest:
         if read is not None:
             body = read()
         request = decode(signal, body, json_encoding)
-        front = self.front
         with held_observations() as traits:  # counted once the call is acknowledged
-            result: Translated = signal.translate(
-                request, front.translator, self.consumer.truncations, front.report_invalid
-            )
+            result = self.front.walker(signal.adapter).read(signal.records(request))
         self._count(records=result.records, updates=len(result.updates))
         rejected, reasons = result.rejected, list(result.reasons)
         if result.rejected:

@@ -1,10 +1,9 @@
 """OTLP requests in, translated group updates out; OTLP answers back.
 
 Decodes ``ExportLogsServiceRequest`` / ``ExportTraceServiceRequest`` from
-protobuf or OTLP/JSON, turns each log record, span and ``mixpanel.group``
-span event into the flat attribute mapping every front end hands the shared
-:class:`~mixpanel_otel._translate.Translator`, and encodes the responses
-(partial success) and error bodies (``google.rpc.Status``).
+protobuf or OTLP/JSON, reads their log records and spans (adapters for the
+front ends' one :class:`~mixpanel_otel._records.Walker`), and encodes the
+responses (partial success) and error bodies (``google.rpc.Status``).
 """
 
 from __future__ import annotations
@@ -12,9 +11,8 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from functools import partial
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from google.protobuf import json_format
@@ -28,26 +26,26 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from .._translate import EVENT_NAME, Translator
-from .._wire import GroupUpdate, Truncations, iso_utc
+from .._records import Adapter, Event
+from .._translate import EVENT_NAME
+from .._wire import iso_utc
 
 __all__ = [
     "LOGS",
     "TRACES",
-    "Signal",
-    "Translated",
     "BadRequest",
+    "OtlpLogRecords",
+    "OtlpSpans",
+    "Signal",
     "TooLarge",
     "decode",
     "retry_info",
     "status_body",
 ]
 
-_EMPTY: dict[str, Any] = {}
+#: An OTLP record beside its resource's attributes (converted once per resource).
+Item = tuple[Mapping[str, Any], Any]
 _STATUS_NAMES = ("UNSET", "OK", "ERROR")  # trace.v1.Status.StatusCode, as the SDK names them
-_MAX_REASONS = 5  # reasons kept per request for the partial-success message
-
-Report = Callable[[str, list[Any]], None]
 
 
 class BadRequest(Exception):
@@ -58,24 +56,9 @@ class TooLarge(BadRequest):
     """The request body (or what it decompresses to) is over the gateway's limit."""
 
 
-@dataclass
-class Translated:
-    """What one Export request produced."""
-
-    records: int = 0  # log records or spans in the request
-    updates: list[GroupUpdate] = field(default_factory=list)
-    rejected: int = 0  # records with invalid group data
-    reasons: list[str] = field(default_factory=list)  # the first few, for the answer
-
-    def reject(self, what: str, errors: list[Any]) -> None:
-        self.rejected += 1
-        if len(self.reasons) < _MAX_REASONS:
-            self.reasons.append(f"{what}: {'; '.join(map(str, errors))}")
-
-
 @dataclass(frozen=True)
 class Signal:
-    """One OTLP signal: its messages, how to translate it, how to answer."""
+    """One OTLP signal: its messages, how to read its records, how to answer."""
 
     name: str  # "logs" / "traces"
     path: str  # HTTP path
@@ -83,7 +66,8 @@ class Signal:
     request: Any
     response: Any
     rejected_field: str
-    translate: Callable[[Any, Translator, Truncations, Report], Translated]
+    adapter: Adapter[Item]  # how the walker reads one of its records
+    records: Callable[[Any], Iterator[Item]]  # a request's records, each beside its resource
 
     def response_bytes(self, rejected: int, message: str, json_encoding: bool) -> bytes:
         """An Export response, with partial success when some records were rejected."""
@@ -125,74 +109,88 @@ def _seconds(nanos: int) -> Optional[float]:
     return nanos / 1e9 if nanos else None
 
 
-def _translate_logs(
-    request: Any, translator: Translator, counter: Truncations, report: Report
-) -> Translated:
-    result = Translated()
-    translate = translator.translate
-    updates = result.updates
-    now = time.time()
+def _log_records(request: Any) -> Iterator[Item]:
     for resource_logs in request.resource_logs:
         resource = _attributes(resource_logs.resource.attributes)
         for scope_logs in resource_logs.scope_logs:
             for record in scope_logs.log_records:
-                result.records += 1
-                attributes = _attributes(record.attributes)
-                if not attributes and not translator.rules:
-                    continue
-                errors: list[Any] = []
-                seconds = _seconds(record.time_unix_nano or record.observed_time_unix_nano)
-                updates += translate(
-                    attributes,
-                    seconds or now,
-                    resource,
-                    partial(_log_special, record, seconds),
-                    counter,
-                    errors,
-                )
-                if errors:
-                    what = f"log record {_body_text(record)[:60]!r}"
-                    result.reject(what, errors)
-                    report(what, errors)
-    return result
+                yield resource, record
 
 
-def _translate_spans(
-    request: Any, translator: Translator, counter: Truncations, report: Report
-) -> Translated:
-    result = Translated()
-    translate = translator.translate
-    updates = result.updates
-    now = time.time()
+def _spans(request: Any) -> Iterator[Item]:
     for resource_spans in request.resource_spans:
         resource = _attributes(resource_spans.resource.attributes)
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
-                result.records += 1
-                errors: list[Any] = []
-                seconds = _seconds(span.end_time_unix_nano or span.start_time_unix_nano) or now
-                updates += translate(
-                    _attributes(span.attributes),
-                    seconds,
-                    resource,
-                    partial(_span_special, span),
-                    counter,
-                    errors,
-                )
-                for event in span.events:
-                    if event.name == EVENT_NAME:
-                        updates += translate(
-                            _attributes(event.attributes),
-                            _seconds(event.time_unix_nano) or seconds,
-                            counter=counter,
-                            errors=errors,
-                            apply_rules=False,
-                        )
-                if errors:
-                    what = f"span {span.name!r} (trace {span.trace_id.hex() or '?'})"
-                    result.reject(what, errors)
-                    report(what, errors)
-    return result
+                yield resource, span
+
+
+class OtlpLogRecords(Adapter[Item]):
+    """Reads an OTLP ``LogRecord`` (protobuf) beside its resource."""
+
+    def attributes(self, record: Item) -> Mapping[str, Any]:
+        return _attributes(record[1].attributes)
+
+    def time(self, record: Item) -> float:
+        log = record[1]
+        return _seconds(log.time_unix_nano or log.observed_time_unix_nano) or time.time()
+
+    def resource(self, record: Item) -> Mapping[str, Any]:
+        return record[0]
+
+    def special(self, record: Item, name: str, time: float) -> Any:
+        log = record[1]
+        if name == "@name":
+            if log.event_name:
+                return log.event_name
+            body = log.body
+            return body.string_value if body.WhichOneof("value") == "string_value" else None
+        if name == "@severity":
+            return log.severity_text or None
+        return super().special(record, name, time)
+
+    def describe(self, record: Item) -> str:
+        return f"log record {_body_text(record[1])[:60]!r}"
+
+
+class OtlpSpans(Adapter[Item]):
+    """Reads an OTLP ``Span`` (protobuf) beside its resource; its time is its end."""
+
+    has_events = True
+
+    def attributes(self, record: Item) -> Mapping[str, Any]:
+        return _attributes(record[1].attributes)
+
+    def time(self, record: Item) -> float:
+        span = record[1]
+        return _seconds(span.end_time_unix_nano or span.start_time_unix_nano) or time.time()
+
+    def resource(self, record: Item) -> Mapping[str, Any]:
+        return record[0]
+
+    def special(self, record: Item, name: str, time: float) -> Any:
+        span = record[1]
+        if name == "@name":
+            return span.name
+        if name == "@start_time":
+            return iso_utc(_seconds(span.start_time_unix_nano))
+        if name == "@end_time":
+            return iso_utc(_seconds(span.end_time_unix_nano))
+        if name == "@status":
+            code = span.status.code
+            return _STATUS_NAMES[code] if 0 <= code < len(_STATUS_NAMES) else str(code)
+        if name == "@duration_ms" and span.start_time_unix_nano and span.end_time_unix_nano:
+            return (span.end_time_unix_nano - span.start_time_unix_nano) / 1e6
+        return None
+
+    def events(self, record: Item, time: float) -> Iterator[Event]:
+        for event in record[1].events:
+            if event.name == EVENT_NAME:
+                yield _attributes(event.attributes), _seconds(event.time_unix_nano) or time
+
+    def describe(self, record: Item) -> str:
+        span = record[1]
+        return f"span {span.name!r} (trace {span.trace_id.hex() or '?'})"
 
 
 def _body_text(record: Any) -> str:
@@ -202,32 +200,6 @@ def _body_text(record: Any) -> str:
     return str(_value(body)) if record.HasField("body") else ""
 
 
-def _log_special(record: Any, seconds: Optional[float], name: str) -> Any:
-    if name == "@name":
-        if record.event_name:
-            return record.event_name
-        body = record.body
-        return body.string_value if body.WhichOneof("value") == "string_value" else None
-    if name == "@severity":
-        return record.severity_text or None
-    if name in ("@start_time", "@end_time"):
-        return iso_utc(seconds)
-    return None
-
-
-def _span_special(span: Any, name: str) -> Any:
-    if name == "@name":
-        return span.name
-    if name == "@start_time":
-        return iso_utc(_seconds(span.start_time_unix_nano))
-    if name == "@end_time":
-        return iso_utc(_seconds(span.end_time_unix_nano))
-    if name == "@status":
-        code = span.status.code
-        return _STATUS_NAMES[code] if 0 <= code < len(_STATUS_NAMES) else str(code)
-    return None
-
-
 LOGS = Signal(
     name="logs",
     path="/v1/logs",
@@ -235,7 +207,8 @@ LOGS = Signal(
     request=ExportLogsServiceRequest,
     response=ExportLogsServiceResponse,
     rejected_field="rejected_log_records",
-    translate=_translate_logs,
+    adapter=OtlpLogRecords(),
+    records=_log_records,
 )
 TRACES = Signal(
     name="traces",
@@ -244,7 +217,8 @@ TRACES = Signal(
     request=ExportTraceServiceRequest,
     response=ExportTraceServiceResponse,
     rejected_field="rejected_spans",
-    translate=_translate_spans,
+    adapter=OtlpSpans(),
+    records=_spans,
 )
 
 # OTLP/JSON writes trace and span ids as hex, where proto3 JSON expects base64.
