@@ -85,6 +85,7 @@ class TraitEngine:
         self.traits: list[Trait] = []
         self._aggregators: list[Aggregator] = []
         self._widths: list[Optional[float]] = []
+        self._plan: list[tuple[str, Optional[float], Any]] = []  # (group key, width, add)
         self._positions: dict[str, int] = {}  # signature -> position
         self._by_group_key: dict[str, list[int]] = {}
         self._groups: OrderedDict[GroupKey, _Group] = OrderedDict()
@@ -119,8 +120,11 @@ class TraitEngine:
                         require_sketches()
                     position = len(self.traits)
                     self.traits.append(trait)
-                    self._aggregators.append(make_aggregator(trait.aggregate, self.exact_limit))
-                    self._widths.append(None if trait.window is None else trait.window / BUCKETS)
+                    aggregator = make_aggregator(trait.aggregate, self.exact_limit)
+                    width = None if trait.window is None else trait.window / BUCKETS
+                    self._aggregators.append(aggregator)
+                    self._widths.append(width)
+                    self._plan.append((trait.group_key, width, aggregator.add))
                     self._positions[trait.signature] = position
                     self._by_group_key.setdefault(trait.group_key, []).append(position)
                 positions.append(position)
@@ -133,41 +137,56 @@ class TraitEngine:
 
     def observe(self, position: int, group_id: str, time: float, value: Any = None) -> bool:
         """Count ``value`` at ``time`` for the group; False when older than the window."""
+        return self.observe_many(time, [(position, group_id, value)]) == 1
+
+    def observe_many(self, time: float, items: Iterable[tuple[int, str, Any]]) -> int:
+        """Count one record for several traits: ``(position, group_id, value)`` each.
+
+        One clock reading and one lock for the record; how many were in their window.
+        """
         now = self.clock()
         if time > now:
             time = now
-        width = self._widths[position]
-        if width is None:
-            bucket = 0
-        else:
-            bucket = int(time // width)
-            if bucket <= int(now // width) - BUCKETS:
-                with self._lock:
-                    self.counts["late"] += 1
-                return False
-        key = (self.traits[position].group_key, group_id)
-        aggregator = self._aggregators[position]
+        counted = 0
+        plan, groups = self._plan, self._groups
         with self._lock:
-            group = self._groups.get(key)
-            if group is None:
-                group = self._groups[key] = _Group(key)
-                if len(self._groups) > self.max_groups:
-                    self._evict()
-            else:
-                self._groups.move_to_end(key)
-            buckets = group.states.get(position)
-            if buckets is None:
-                buckets = group.states[position] = {}
-            elif width is not None and len(buckets) > 2 * BUCKETS:
-                self._expire(buckets, int(now // width) - BUCKETS)
-            self._seq += 1
-            buckets[bucket] = aggregator.add(buckets.get(bucket), value, time, self._seq)
-            self.counts["observed"] += 1
-            self.changed.add(key)
-            due = max(now, group.sent_at + self.interval)
-            if group.due is None or group.due > due:
-                self._schedule(group, due)
-        return True
+            last_key: Optional[GroupKey] = None
+            group: Any = None
+            for position, group_id, value in items:
+                group_key, width, add = plan[position]
+                if width is None:
+                    bucket = 0
+                else:
+                    bucket = int(time // width)
+                    if bucket <= int(now // width) - BUCKETS:
+                        self.counts["late"] += 1
+                        continue
+                if last_key is None or group_id != last_key[1] or group_key != last_key[0]:
+                    key = (group_key, group_id)
+                    last_key = key
+                    group = groups.get(key)
+                    if group is None:
+                        group = groups[key] = _Group(key)
+                        if len(groups) > self.max_groups:
+                            self._evict()
+                    else:
+                        groups.move_to_end(key)
+                    self.changed.add(key)
+                    due = group.sent_at + self.interval
+                    if due < now:
+                        due = now
+                    if group.due is None or group.due > due:
+                        self._schedule(group, due)
+                buckets = group.states.get(position)
+                if buckets is None:
+                    buckets = group.states[position] = {}
+                elif width is not None and len(buckets) > 2 * BUCKETS:
+                    self._expire(buckets, int(now // width) - BUCKETS)
+                self._seq += 1
+                buckets[bucket] = add(buckets.get(bucket), value, time, self._seq)
+                counted += 1
+            self.counts["observed"] += counted
+        return counted
 
     def _evict(self) -> None:
         key, _ = self._groups.popitem(last=False)
@@ -333,6 +352,12 @@ class TraitEngine:
             if len(self._groups) > self.max_groups:
                 self._evict()
             self._schedule(group, max(now, group.sent_at + self.interval))
+
+    def release(self) -> None:
+        """Drop every group's state (at exit, once it is saved and sent)."""
+        with self._lock:
+            self._groups.clear()
+            self._heap.clear()
 
     def clear(self) -> None:
         """Forget every group (a forked child starts empty; its parent's lock may be held)."""

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Optional
 
 from .._config import resolve_options
+from .._exceptions import MixpanelException
 from .._rules import Trait
 from .._wire import group_id_key
 from .engine import TraitEngine
@@ -35,7 +36,8 @@ _SAVE_EVERY = 1.0  # seconds between two saves of changed state
 _MAX_WAIT = 1.0  # the timer looks at least this often (a record may make a group due)
 
 Special = Callable[[str], Any]
-Observation = tuple[int, str, float, Any]
+#: Observations held back for the gateway: (engine, record time, [(position, group id, value)]).
+Held = tuple[TraitEngine, float, list[tuple[int, str, Any]]]
 
 
 class _Runtime:
@@ -113,21 +115,15 @@ def feed_for(consumer: Any, traits: list[Trait]) -> TraitFeed:
 # -- records -> observations -----------------------------------------------------------
 
 
-def _unwrap(value: Any) -> Any:
-    if type(value) in (tuple, list) and len(value) == 1:
-        return value[0]
-    return value
-
-
 _held = threading.local()
 
 
 @contextlib.contextmanager
-def held_observations() -> Iterator[list[tuple[TraitFeed, Observation]]]:
+def held_observations() -> Iterator[list[Held]]:
     """Within the block, this thread's observations are collected, not counted: the
     gateway counts a request's records only once it acknowledges it
     (:meth:`TraitFeed.commit`), so a retried request is not counted twice."""
-    held: list[tuple[TraitFeed, Observation]] = []
+    held: list[Held] = []
     _held.list = held
     try:
         yield held
@@ -135,12 +131,28 @@ def held_observations() -> Iterator[list[tuple[TraitFeed, Observation]]]:
         _held.list = None
 
 
+_SEQUENCES = (tuple, list)
+
+
 class TraitFeed:
-    """Reads a record's traits (group, ``when``, value) and hands them to the engine."""
+    """Reads a record's traits (group, ``when``, value) and hands them to the engine.
+
+    What to read is decided once, here: the attributes every trait needs are
+    looked up once per record, ``@`` specials only when a trait asks.
+    """
 
     def __init__(self, traits: list[Trait], engine: TraitEngine, positions: list[int]) -> None:
         self.engine = engine
-        self._plan = list(zip(traits, positions))
+        names: list[str] = []
+        for trait in traits:
+            for name in (trait.group_id, trait.of, *trait.when):
+                if name and name[0] != "@" and name not in names:
+                    names.append(name)
+        self._names = tuple(names)
+        self._plan = [
+            (trait, position, trait.group_id, trait.of, tuple(trait.when.items()), trait.numeric)
+            for trait, position in zip(traits, positions)
+        ]
 
     def observe(
         self,
@@ -155,66 +167,76 @@ class TraitFeed:
             _timer.ensure()  # after a fork, or after the timer found nothing to do
             if _forked[0] and not _warned[0]:
                 _warn_forked()
-        held = getattr(_held, "list", None)
-
-        def lookup(name: str) -> Any:
-            if name[0] == "@":
-                return special(name)
-            value = attributes.get(name)
-            if value is None:
-                value = resource.get(name)
-            return _unwrap(value)
-
-        for trait, position in self._plan:
-            group_id = lookup(trait.group_id)
+        found: dict[str, Any] = {}  # attribute -> value, read once per record
+        get, fallback = attributes.get, resource.get if resource else None
+        for name in self._names:
+            value: Any = get(name)
+            if value is None and fallback is not None:
+                value = fallback(name)
+            if type(value) in _SEQUENCES and len(value) == 1:
+                value = value[0]  # HTTP header capture gives ("acme",)
+            found[name] = value
+        items: list[tuple[int, str, Any]] = []
+        for trait, position, id_name, of, when, numeric in self._plan:
+            group_id = found[id_name] if id_name[0] != "@" else special(id_name)
             if group_id is None:
                 continue
-            skip = False
-            for name, expected in trait.when.items():
-                found = lookup(name)
-                if found != expected and not (type(expected) is list and found in expected):
-                    skip = True
-                    break
-            if skip:
+            if when and not _matches(when, found, special):
                 continue
             value = None
-            if trait.of is not None:
-                value = lookup(trait.of)
+            if of is not None:
+                value = found[of] if of[0] != "@" else special(of)
                 if value is None:
                     continue
-                problem = _bad_value(trait, value)
-                if problem:
-                    if errors is None:
-                        from .._exceptions import MixpanelException
-
-                        raise MixpanelException(problem)
-                    errors.append(problem)
-                    continue
+                kind = type(value)
+                if not (
+                    kind is int
+                    or (kind is float and value - value == 0)  # finite
+                    or (kind is str and not numeric)
+                ):
+                    problem = _bad_value(trait, value)
+                    if problem:
+                        _report(problem, errors)
+                        continue
             if type(group_id) is not str:
                 if isinstance(group_id, bool) or not isinstance(group_id, (int, float)):
-                    problem = (
-                        f"trait {trait.index} ({trait.property}): group id {trait.group_id!r} "
-                        f"is {type(group_id).__name__}, not a string or a number"
+                    _report(
+                        f"trait {trait.index} ({trait.property}): group id {id_name!r} "
+                        f"is {type(group_id).__name__}, not a string or a number",
+                        errors,
                     )
-                    if errors is None:
-                        from .._exceptions import MixpanelException
-
-                        raise MixpanelException(problem)
-                    errors.append(problem)
                     continue
                 group_id = group_id_key(group_id)
             elif not group_id:
                 continue
-            if held is not None:
-                held.append((self, (position, group_id, time, value)))
-            else:
-                self.engine.observe(position, group_id, time, value)
+            items.append((position, group_id, value))
+        if not items:
+            return
+        held = getattr(_held, "list", None)
+        if held is not None:
+            held.append((self.engine, time, items))
+        else:
+            self.engine.observe_many(time, items)
 
     @staticmethod
-    def commit(held: list[tuple[TraitFeed, Observation]]) -> None:
+    def commit(held: list[Held]) -> None:
         """Count observations collected by :func:`held_observations`."""
-        for feed, (position, group_id, time, value) in held:
-            feed.engine.observe(position, group_id, time, value)
+        for engine, time, items in held:
+            engine.observe_many(time, items)
+
+
+def _matches(when: tuple[tuple[str, Any], ...], found: dict[str, Any], special: Special) -> bool:
+    for name, expected in when:
+        value = found[name] if name[0] != "@" else special(name)
+        if value != expected and not (type(expected) is list and value in expected):
+            return False
+    return True
+
+
+def _report(problem: str, errors: Optional[list[str]]) -> None:
+    if errors is None:
+        raise MixpanelException(problem)
+    errors.append(problem)
 
 
 def _bad_value(trait: Trait, value: Any) -> Optional[str]:
@@ -280,6 +302,9 @@ def _emit_at_exit() -> None:
             runtime.tick(final=True)
         except Exception as exc:
             logger.error("mixpanel-otel: trait emission at exit failed: %r", exc)
+        # Sketches still alive at interpreter teardown make their bindings print
+        # "leaked instance" lines: the state is saved and sent, let it go now.
+        runtime.engine.release()
 
 
 def _after_fork_in_child() -> None:
