@@ -282,3 +282,28 @@ def test_gateway_counts_a_retried_export_once(sink, tmp_path) -> None:
 def _health(gateway: _Gateway) -> dict[str, Any]:
     with urllib.request.urlopen(gateway.http + "/health", timeout=5) as response:
         return dict(json.loads(response.read())["gateway"])
+
+
+@pytest.mark.slow
+def test_a_forked_process_computing_traits_warns_once_to_use_the_gateway(sink) -> None:
+    source = """
+        import logging, os
+        from mixpanel_otel import MixpanelGroupHandler
+        rules = {"trait": [{"property": "n", "group_key": "company", "group_id": "tenant.id",
+                            "aggregate": "count", "window": "1h"}]}
+        log = logging.getLogger("svc")
+        log.addHandler(MixpanelGroupHandler(rules=rules))
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        log.info("hit", extra={"tenant.id": "acme"})
+        pid = os.fork()
+        for _ in range(3):
+            log.info("hit", extra={"tenant.id": "acme"})
+        if pid == 0:
+            logging.shutdown()
+            os._exit(0)
+        os.waitpid(pid, 0)
+    """
+    result, _ = run_script(source, sink)
+    assert result.stderr.count("computed traits in a forked process") == 1, result.stderr
+    assert "gateway" in result.stderr

@@ -308,3 +308,93 @@ class TestState:
         assert engine.add_traits([_one()]) == [0]
         with pytest.raises(MixpanelException, match="already computed differently"):
             engine.add_traits([_one(window="1h")])
+
+
+BAD_TABLES = """
+[[trait]]
+property = "ok"
+group_key = "company"
+group_id = "tenant.id"
+aggregate = "count"
+window = "7d"
+
+[[trait]]
+property = "a"
+group_key = "company"
+group_id = "tenant.id"
+aggregate = "median"
+of = "x"
+window = "7d"
+
+[[trait]]
+property = "b"
+group_key = "company"
+group_id = "tenant.id"
+aggregate = "sum"
+window = "1h"
+
+[[trait]]
+property = "c"
+group_key = "company"
+group_id = "tenant.id"
+aggregate = "max"
+of = "x"
+window = "7 days"
+"""
+
+
+class TestTables:
+    def test_each_bad_table_gives_one_line(self, tmp_path) -> None:
+        path = tmp_path / "rules.toml"
+        path.write_text(BAD_TABLES)
+        with pytest.raises(MixpanelException) as caught:
+            load_all(str(path))
+        lines = str(caught.value).splitlines()
+        assert lines == [
+            "rules: trait 2, key 'aggregate': unknown aggregate 'median' (known: count, sum, "
+            "min, max, avg, count_distinct, first, last, p50, p90, p95, p99)",
+            "rules: trait 3, key 'of': missing: sum needs the attribute it aggregates",
+            "rules: trait 4, key 'window': bad window '7 days' (expected <n>s, <n>m, <n>h, "
+            '<n>d, e.g. "7d", or "lifetime")',
+        ]
+
+    def test_check_rules_prints_them_one_a_line(self, tmp_path) -> None:
+        from mixpanel_otel._check import run_check
+
+        path = tmp_path / "rules.toml"
+        path.write_text(BAD_TABLES)
+        check = run_check("token", "http://127.0.0.1:9", rules=str(path))
+        failures = [line for line in check.lines if line.lstrip().startswith("FAIL")]
+        assert len(failures) == 3 and not check.ok
+        assert "trait 3, key 'of'" in failures[1]
+
+    @pytest.mark.parametrize(
+        ("table", "message"),
+        [
+            ({"window": "0d"}, "bad window"),
+            ({"window": "lifetime", "of": "x"}, "count counts records"),
+            ({"group_id": ""}, "group_id.*non-empty"),
+            ({"when": {"@nope": 1}}, "unknown '@nope'"),
+            ({"every": "1d"}, "unknown key"),
+        ],
+    )
+    def test_other_mistakes_are_named(self, table: dict[str, Any], message: str) -> None:
+        base = {"property": "n", "group_key": "c", "group_id": "t", "aggregate": "count"}
+        base["window"] = "1d"
+        with pytest.raises(MixpanelException, match=message):
+            load_all({"trait": [{**base, **table}]})
+
+    def test_windows_and_a_property_kept_twice(self) -> None:
+        base = {"group_key": "c", "group_id": "t", "aggregate": "count"}
+        traits = load_all(
+            {
+                "trait": [
+                    {"property": "a", "window": "90s", **base},
+                    {"property": "b", "window": "2h", **base},
+                    {"property": "c", "window": "lifetime", **base},
+                ]
+            }
+        ).traits
+        assert [t.window for t in traits] == [90.0, 7200.0, None]
+        with pytest.raises(MixpanelException, match="is kept by trait 1"):
+            load_all({"trait": [{"property": "a", "window": "1d", **base}] * 2})
