@@ -96,6 +96,7 @@ CONSUMER_OPTIONS: dict[str, tuple[Optional[str], Any, Callable[[Any], Any]]] = {
     "flush_on_sigterm": ("MIXPANEL_OTEL_FLUSH_ON_SIGTERM", True, _flag),
     "trait_interval": ("MIXPANEL_OTEL_TRAIT_INTERVAL", 60.0, _positive_float),
     "trait_state_dir": ("MIXPANEL_OTEL_TRAIT_STATE_DIR", None, _path_or_none),
+    "trait_max_groups": ("MIXPANEL_OTEL_TRAIT_MAX_GROUPS", 100_000, _positive_int),
     "backoff_base": (None, 2.0, _positive_float),
     "backoff_max": (None, 60.0, _positive_float),
     "on_error": (None, None, _callable_or_none),

@@ -92,6 +92,7 @@ class TraitEngine:
         self._heap: list[tuple[float, int, GroupKey]] = []
         self._seq = 0
         self._lock = threading.Lock()
+        self.track_changes = False  # set by a store: it saves what changed
         self.changed: set[GroupKey] = set()  # groups changed since the state was last saved
         self.forgotten: set[GroupKey] = set()  # groups dropped since then
         self.counts = dict.fromkeys(("observed", "late", "evicted", "emitted"), 0)
@@ -148,8 +149,9 @@ class TraitEngine:
         if time > now:
             time = now
         counted = 0
-        plan, groups = self._plan, self._groups
+        plan, groups, track = self._plan, self._groups, self.track_changes
         with self._lock:
+            seq = self._seq
             last_key: Optional[GroupKey] = None
             group: Any = None
             for position, group_id, value in items:
@@ -171,7 +173,8 @@ class TraitEngine:
                             self._evict()
                     else:
                         groups.move_to_end(key)
-                    self.changed.add(key)
+                    if track:
+                        self.changed.add(key)
                     due = group.sent_at + self.interval
                     if due < now:
                         due = now
@@ -182,17 +185,19 @@ class TraitEngine:
                     buckets = group.states[position] = {}
                 elif width is not None and len(buckets) > 2 * BUCKETS:
                     self._expire(buckets, int(now // width) - BUCKETS)
-                self._seq += 1
-                buckets[bucket] = add(buckets.get(bucket), value, time, self._seq)
+                seq += 1
+                buckets[bucket] = add(buckets.get(bucket), value, time, seq)
                 counted += 1
+            self._seq = seq
             self.counts["observed"] += counted
         return counted
 
     def _evict(self) -> None:
         key, _ = self._groups.popitem(last=False)
         self.counts["evicted"] += 1
-        self.changed.discard(key)
-        self.forgotten.add(key)
+        if self.track_changes:
+            self.changed.discard(key)
+            self.forgotten.add(key)
 
     def _schedule(self, group: _Group, at: float) -> None:
         group.due = at
@@ -288,15 +293,17 @@ class TraitEngine:
                 updates.append(make_update(group_key, group_id, "$unset", to_unset, now))
             sent.update(changed)
             group.sent_at = now
-            self.changed.add(group.key)
+            if self.track_changes:
+                self.changed.add(group.key)
         expiry = self._next_expiry(group)
         if expiry is not None:
             self._schedule(group, max(expiry, group.sent_at + self.interval))
         elif not group.states:
             # Every window is empty and its values went out: forget the group.
             del self._groups[group.key]
-            self.changed.discard(group.key)
-            self.forgotten.add(group.key)
+            if self.track_changes:
+                self.changed.discard(group.key)
+                self.forgotten.add(group.key)
 
     # -- state (for the store) -------------------------------------------------------
 

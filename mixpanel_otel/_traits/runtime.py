@@ -52,7 +52,8 @@ class _Runtime:
             or options["trait_state_dir"]
         )
         self.consumer = weakref.ref(consumer)
-        self.engine = TraitEngine(interval=interval)
+        max_groups = getattr(consumer, "trait_max_groups", None) or options["trait_max_groups"]
+        self.engine = TraitEngine(interval=interval, max_groups=max_groups)
         self.store: Optional[TraitStore] = None
         self._directory = directory
         self._scope = f"{getattr(consumer, '_token', '')}\n{getattr(consumer, 'base_url', '')}"

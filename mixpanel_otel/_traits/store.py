@@ -36,7 +36,9 @@ class TraitStore:
         )
 
     def load(self, engine: TraitEngine) -> int:
-        """Restore every stored group into ``engine``; how many."""
+        """Restore every stored group into ``engine``; how many. From now on the
+        engine notes which groups change, for :meth:`save`."""
+        engine.track_changes = True
         with self._lock:
             rows = self._db.execute("SELECT group_key, group_id, state FROM groups").fetchall()
         for group_key, group_id, state in rows:

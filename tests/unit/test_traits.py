@@ -296,7 +296,7 @@ class TestState:
                 engine.observe(
                     engine.position(trait), "acme", 1000.0 - i, f"u{i}" if trait.of == "user" else i
                 )
-        rows = engine.export_groups(engine.changed)
+        rows = engine.export_groups([("company", "acme")])
         other = TraitEngine(traits, clock=clock, exact_limit=2)
         for key, data in rows:
             other.import_group(key, __import__("json").loads(__import__("json").dumps(data)))
