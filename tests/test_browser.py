@@ -280,3 +280,34 @@ def test_messages_and_rejected_pages_in_a_real_browser(sink, browser):
     browser.screenshot(shot)
     with open(shot, "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_long_values_wrap_and_the_profile_list_pages(sink, make_consumer, browser):
+    from urllib.parse import urlencode
+
+    client = GroupClient(consumer=make_consumer(sink))
+    for n in range(30):
+        client.group_set("company", f"c{n:02}", {"plan": "pro"})
+    assert client.flush(10)
+    long_id = "a" + "x" * 9_999  # updated last (or, at the same instant, sorted first): page 1
+    client.group_set("company", long_id, {f"p{n}": "y" * 250 for n in range(20)})
+    assert client.flush(10)
+    fits = "document.documentElement.scrollWidth <= window.innerWidth"
+
+    browser.open(sink.url + "/?per_page=20&refresh=0.3")
+    for _ in range(2):  # as served, then as rebuilt by the refresh script
+        refreshed = int(browser.evaluate("document.body.dataset.refreshed || '0'"))
+        assert browser.evaluate(fits), "a long id or value does not widen the page"
+        titles = browser.evaluate(
+            "[...document.querySelectorAll('tbody td[title]')].map(td => td.title.length)"
+        )
+        assert 10_000 in titles, "the whole id shows on hover"
+        pager = browser.evaluate("document.getElementById('pager').textContent")
+        assert "next (2 of 2)" in pager
+        assert "31 profiles, 1-20 shown" in browser.evaluate(
+            "document.getElementById('summary').textContent"
+        )
+        browser.wait_until(f"Number(document.body.dataset.refreshed || 0) > {refreshed}")
+
+    browser.open(sink.url + "/profile?" + urlencode({"group_key": "company", "group_id": long_id}))
+    assert browser.evaluate(fits), "a long id and payload wrap on the profile page"

@@ -89,3 +89,15 @@ def test_long_ids_and_values_are_cut_with_the_whole_on_hover(sink: Sink) -> None
     )
     assert f'title="{html.escape(payload)}"' in profile
     assert f"<code>{html.escape(payload)}</code>" not in profile, "the payload is cut"
+
+
+def test_a_long_group_id_is_cut_in_the_heading_and_whole_below(sink: Sink) -> None:
+    long_id = "x" * 10_000
+    _post(sink, [_set(long_id)])
+    page = requests.get(
+        sink.url + "/profile", params={"group_key": "company", "group_id": long_id}, timeout=5
+    ).text
+    heading = page[page.index("<h1") : page.index("</h1>")]
+    assert len(heading) < 2 * 10_000 and f'title="{long_id}"' in heading
+    assert f">{long_id}<" not in heading
+    assert "the whole group id (10000 characters)" in page and f"<pre>{long_id}</pre>" in page

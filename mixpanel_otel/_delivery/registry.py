@@ -29,7 +29,7 @@ from time import monotonic
 from types import FrameType
 from typing import Any, Callable, Optional, Union
 
-from .._config import check_arguments, resolve_options, resolve_target
+from .._config import CONSUMER_OPTIONS, check_arguments, resolve_options, resolve_target
 from . import signals
 from .consumer import Consumer
 from .stats import logger
@@ -67,7 +67,8 @@ def get_consumer(
         consumer = _SHARED.get(key)
         if consumer is None:
             consumer = _SHARED[key] = Consumer(token, base_url, **options)
-            _OPTIONS[key] = resolve_options(options)
+            given = {name: options[name] for name in CONSUMER_OPTIONS if name in options}
+            _OPTIONS[key] = resolve_options(given)
             register(consumer)
         else:
             _warn_ignored(key, base_url, check_arguments(options))

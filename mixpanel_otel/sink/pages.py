@@ -446,8 +446,14 @@ def _render_profile(store: Reader, group_key: str, group_id: str) -> tuple[bool,
     parts = [
         _nav(store, ""),
         '<p><a href="/">&larr; all profiles</a></p>',
-        f"<h1>{esc(group_key)} / {esc(group_id)}</h1>",
+        f"<h1{_title(group_key, _KEY_WIDTH)}>{esc(_clip(group_key, _KEY_WIDTH))} / "
+        f"<span{_title(group_id, _ID_WIDTH)}>{esc(_clip(group_id, _ID_WIDTH))}</span></h1>",
     ]
+    if len(group_id) > _ID_WIDTH:
+        parts.append(
+            f"<details><summary>the whole group id ({len(group_id)} characters)</summary>"
+            f"<pre>{esc(group_id)}</pre></details>"
+        )
     if props is None:
         parts.append("<p>No such profile (never created, or deleted).</p>")
     elif not props:
