@@ -20,7 +20,6 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Protocol, TypeVar, Union
 
 from ._config import check_arguments, disabled_by_environment, resolve_options, resolve_target
-from ._delivery.stats import COUNTERS
 from ._exceptions import ConfigurationError, MissingToken, MixpanelException
 from ._records import Adapter, Walker
 from ._rules import Rules, RulesSource, load_all
@@ -119,6 +118,10 @@ class DisabledConsumer:
         return True
 
     def stats(self) -> dict[str, int]:
+        # Imported here: importing the package must not import the delivery package,
+        # whose registry sets its exit and at-fork hooks when the first consumer is made.
+        from ._delivery.stats import COUNTERS
+
         stats = dict.fromkeys((*COUNTERS, *_GAUGES), 0)
         stats["discarded"] = self._discarded
         stats["disabled"] = 1

@@ -198,7 +198,9 @@ class Walker(Generic[R]):
         time = adapter.time(record)
         resource = adapter.resource(record)
         special = partial(adapter.special, record, time=time)
-        # Here a record is read once: attributes, resource, time and specials.
+        # Every record is read here once (attributes, resource, time, specials): the
+        # place for anything else that reads every record, such as computed traits
+        # (which then also rule out the tags-only path in __init__).
         errors: list[str] = []
         ignored: list[str] = []
         updates = self.front.translator.translate(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from typing import Iterator, Optional
 
 import pytest
 from hypothesis import settings
@@ -96,3 +96,50 @@ def make_front(recording):
         return FrontEnd(None, None, recording, rules if rules is not None else [], {})
 
     return make
+
+
+class MemorySink:
+    """The sink's read API (``profiles``, ``profile``, ``updates``) over
+    :func:`mixpanel_otel.testing.capture_groups`: no server, no socket.
+
+    While it is active every ``get_consumer()`` returns its in-memory consumer
+    (``make_consumer(memory)`` too), so a front-end test written against the
+    sink runs unchanged. For translation and front-end behaviour; wire
+    compatibility stays with the real sink.
+    """
+
+    url = "memory://"
+
+    def __init__(self, capture) -> None:
+        self.capture = capture
+        self.consumer = capture.consumer
+
+    def profiles(self) -> list:
+        found = sorted(self.capture.profiles().items(), key=lambda item: item[0])
+        return [{"group_key": k, "group_id": i, "properties": p} for (k, i), p in found]
+
+    def profile(self, group_key: str, group_id) -> Optional[dict]:
+        from mixpanel_otel._wire import group_id_key
+
+        return self.capture.profiles().get((group_key, group_id_key(group_id)))
+
+    def updates(self, group_key: str, group_id) -> list:
+        from mixpanel_otel._wire import ALL_OPERATIONS, group_id_key
+
+        wanted = (group_key, group_id_key(group_id))
+        return [
+            {"op": op, "payload": message[op], "time": message["$time"]}
+            for message in self.capture.messages
+            if (message["$group_key"], group_id_key(message["$group_id"])) == wanted
+            for op in ALL_OPERATIONS
+            if op in message
+        ]
+
+
+@pytest.fixture
+def memory() -> Iterator[MemorySink]:
+    """A :class:`MemorySink`: front ends built in the test deliver to memory."""
+    from mixpanel_otel.testing import capture_groups
+
+    with capture_groups(TOKEN) as capture:
+        yield MemorySink(capture)

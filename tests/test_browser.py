@@ -13,9 +13,12 @@ from mixpanel_otel import GroupClient
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "screenshots")
 
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None and not os.environ.get("CI"), reason="chromium is not installed"
-)
+pytestmark = [
+    pytest.mark.slow,  # a real browser
+    pytest.mark.skipif(
+        CHROMIUM is None and not os.environ.get("CI"), reason="chromium is not installed"
+    ),
+]
 
 EVIL = "<img src=x onerror=\"document.title='pwned'\">"
 

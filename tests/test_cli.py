@@ -11,6 +11,7 @@ import sys
 import time
 
 import mixpanel
+import pytest
 import requests
 
 from mixpanel_otel import GroupClient, MixpanelGroupHandler
@@ -27,6 +28,7 @@ def _free_port():
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_serve_then_official_sdk_then_profiles(tmp_path):
     db = str(tmp_path / "cli.db")
     port = _free_port()
@@ -73,6 +75,7 @@ def test_serve_then_official_sdk_then_profiles(tmp_path):
     assert missing.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_demo_shows_profiles_from_every_front_end():
     started = time.monotonic()
     result = subprocess.run(
@@ -123,6 +126,7 @@ def _one_line_failure(result):
     return result.stderr
 
 
+@pytest.mark.slow
 def test_version():
     import mixpanel_otel
 
@@ -131,6 +135,7 @@ def test_version():
     assert result.stdout.strip() == f"mixpanel-otel {mixpanel_otel.__version__}"
 
 
+@pytest.mark.slow
 def test_serve_on_a_busy_port_says_so(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -145,6 +150,7 @@ def test_serve_on_a_busy_port_says_so(tmp_path):
     assert "port is in use" in _one_line_failure(result)
 
 
+@pytest.mark.slow
 def test_a_file_that_is_not_sqlite_is_refused_in_one_line(tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("these are my notes, not a database\n" * 20)
@@ -156,6 +162,7 @@ def test_a_file_that_is_not_sqlite_is_refused_in_one_line(tmp_path):
     assert notes.read_text().startswith("these are my notes"), "left untouched"
 
 
+@pytest.mark.slow
 def test_serve_host_not_loopback_warns_then_listens_or_says_why(tmp_path):
     # 192.0.2.1 (TEST-NET-1) is no address of this machine: the warning, then one line.
     result = subprocess.run(
@@ -186,6 +193,7 @@ def test_serve_host_not_loopback_warns_then_listens_or_says_why(tmp_path):
     assert result.returncode == 1 and "is not an IP address" in nonsense.stderr
 
 
+@pytest.mark.slow
 def test_profiles_over_http_from_a_running_sink(sink):
     client = GroupClient(TOKEN, api_host=sink.url, sync=True)
     client.group_set("company", "acme", {"plan": "pro", "tags": [f"t{n}" for n in range(60)]})
@@ -246,6 +254,7 @@ def _check(*args, **env):
     )
 
 
+@pytest.mark.slow
 def test_check_passes_against_the_sink_and_changes_nothing(sink, tmp_path):
     rules = tmp_path / "rules.toml"
     rules.write_text(
@@ -264,6 +273,7 @@ def test_check_passes_against_the_sink_and_changes_nothing(sink, tmp_path):
     assert sink.profiles() == [], "the probe changed no profile"
 
 
+@pytest.mark.slow
 def test_check_fails_with_the_reason(sink, tmp_path):
     closed = _free_port()
     refused = _check("--api-host", f"http://127.0.0.1:{closed}", MIXPANEL_TOKEN=TOKEN)
@@ -308,6 +318,7 @@ def _verdict(result):
     return result.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_check_fails_for_a_token_the_server_refuses_has_spaces_or_is_disabled(tmp_path):
     from mixpanel_otel.sink import Sink
 
@@ -346,6 +357,7 @@ def test_check_fails_for_a_token_the_server_refuses_has_spaces_or_is_disabled(tm
         server.stop()
 
 
+@pytest.mark.slow
 def test_check_refuses_a_wrong_api_host_and_hints_at_the_scheme(sink):
     typo = _check("--api-host", "htp://127.0.0.1:8765", MIXPANEL_TOKEN=TOKEN)
     assert typo.returncode == 1

@@ -222,30 +222,53 @@ def _random_updates(rng, count):
             yield "group_delete", (group,)
 
 
-def test_coalesced_state_equals_sending_every_update_in_order(tmp_path, make_consumer):
-    from mixpanel_otel.sink import Sink
+class _Messages:
+    """The official SDK's consumer protocol, keeping each message it is handed."""
 
+    def __init__(self) -> None:
+        self.messages: list = []
+
+    def send(self, endpoint, json_message, api_key=None, api_secret=None):
+        self.messages.append(json.loads(json_message))
+
+
+def _profiles(messages):
+    """What Mixpanel makes of ``messages`` sent one by one, in order."""
+    from mixpanel_otel._semantics import apply_operation
+    from mixpanel_otel._wire import ALL_OPERATIONS, group_id_key
+
+    profiles: dict = {}
+    for message in messages:
+        key = (message["$group_key"], group_id_key(message["$group_id"]))
+        op = next(op for op in ALL_OPERATIONS if op in message)
+        state = apply_operation(profiles.get(key), op, message[op])
+        if state is None:
+            profiles.pop(key, None)
+        else:
+            profiles[key] = state
+    return profiles
+
+
+def test_coalesced_state_equals_sending_every_update_in_order(memory, make_consumer):
     rng = random.Random(1234)
     updates = list(_random_updates(rng, 1500))
-    with Sink(tmp_path / "ours.db") as ours, Sink(tmp_path / "each.db") as each:
-        consumer = make_consumer(ours, flush_interval=60)
-        client = GroupClient(consumer=consumer)
-        official = mixpanel.Mixpanel(
-            TOKEN, consumer=mixpanel.Consumer(groups_url=each.url + "/groups")
-        )
-        for method, args in updates:
-            getattr(client, method)("company", *args)
-            getattr(official, method)("company", *args)
-        assert client.flush(10)
-        assert ours.profiles() == each.profiles()
-        stats = consumer.stats()
-        assert stats["coalesced"] > 0
-        assert stats["sent"] + stats["coalesced"] == stats["enqueued"]
-        assert sum(ours.counters["batch_sizes"]) < len(updates) / 3
+    consumer = make_consumer(memory, flush_interval=60)
+    client = GroupClient(consumer=consumer)
+    each = _Messages()
+    official = mixpanel.Mixpanel(TOKEN, consumer=each)
+    for method, args in updates:
+        getattr(client, method)("company", *args)
+        getattr(official, method)("company", *args)
+    assert client.flush(10)
+    assert memory.capture.profiles() == _profiles(each.messages)
+    stats = consumer.stats()
+    assert stats["coalesced"] > 0
+    assert stats["sent"] + stats["coalesced"] == stats["enqueued"]
+    assert len(memory.capture.messages) < len(updates) / 3
 
 
-def test_eight_threads_lose_nothing_and_duplicate_nothing(sink, make_consumer):
-    consumer = make_consumer(sink, flush_interval=0.05, max_pending=20000)
+def test_eight_threads_lose_nothing_and_duplicate_nothing(memory, make_consumer):
+    consumer = make_consumer(memory)
     client = GroupClient(consumer=consumer)
 
     def work(thread):
@@ -258,8 +281,8 @@ def test_eight_threads_lose_nothing_and_duplicate_nothing(sink, make_consumer):
     for thread in threads:
         thread.join()
     assert client.flush(30)
-    assert sink.counters["messages"] == 16000
-    profiles = sink.profiles()
+    assert len(memory.capture.messages) == 16000
+    profiles = memory.profiles()
     assert len(profiles) == 16000
     assert {(p["properties"]["thread"], p["properties"]["i"]) for p in profiles} == {
         (t, i) for t in range(8) for i in range(2000)

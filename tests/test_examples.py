@@ -8,10 +8,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 import requests
 
 from .conftest import TOKEN
 from .helpers import free_port as _free_port
+
+pytestmark = pytest.mark.slow  # real subprocesses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")

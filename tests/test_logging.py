@@ -1,4 +1,9 @@
-"""MixpanelGroupHandler and MixpanelGroupProcessor against the sink."""
+"""MixpanelGroupHandler and MixpanelGroupProcessor.
+
+Translation and front-end behaviour run against the in-memory ``memory``
+memory; what needs real HTTP or a real process (the root logger with urllib3's
+own debug records) runs against the real one.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +21,8 @@ from .helpers import run_script
 
 
 @pytest.fixture
-def group_logger(sink, make_consumer):
-    consumer = make_consumer(sink, flush_interval=60)
+def group_logger(memory, make_consumer):
+    consumer = make_consumer(memory, flush_interval=60)
     handler = MixpanelGroupHandler(consumer=consumer)
     log = logging.getLogger(f"test.group.{id(handler)}")
     log.setLevel(logging.DEBUG)
@@ -31,7 +36,7 @@ def g(group_id="acme", **ops):
     return {"group_key": "company", "group_id": group_id, **{f"${k}": v for k, v in ops.items()}}
 
 
-def test_every_operation_through_the_handler(sink, group_logger):
+def test_every_operation_through_the_handler(memory, group_logger):
     log, handler, consumer = group_logger
     log.info("g", extra=g(set={"plan": "free", "seats": 3}))
     log.info("g", extra=g(set_once={"plan": "no", "first": "2024"}))
@@ -41,36 +46,36 @@ def test_every_operation_through_the_handler(sink, group_logger):
     log.info("g", extra=g("gone", set={"x": 1}))
     log.info("g", extra=g("gone", delete=True))
     handler.flush()
-    assert sink.profile("company", "acme") == {
+    assert memory.profile("company", "acme") == {
         "plan": "free",
         "first": "2024",
         "tags": ["b"],
         "regions": ["eu"],
     }
-    assert sink.profile("company", "gone") is None
+    assert memory.profile("company", "gone") is None
 
 
-def test_several_operations_in_one_record_are_sent_in_order(sink, group_logger):
+def test_several_operations_in_one_record_are_sent_in_order(memory, group_logger):
     log, handler, consumer = group_logger
     log.info("g", extra=g(set={"plan": "pro"}, set_once={"plan": "first"}, unset=["plan"]))
     handler.flush()
-    assert sink.profile("company", "acme") is None or "plan" not in sink.profile("company", "acme")
-    ops = [u["op"] for u in sink.updates("company", "acme")]
+    assert "plan" not in (memory.profile("company", "acme") or {})
+    ops = [u["op"] for u in memory.updates("company", "acme")]
     assert ops == ["$set_once", "$set", "$unset"]
     log.info("g", extra=g(set={"plan": "x"}, delete=True))
     handler.flush()
-    assert [u["op"] for u in sink.updates("company", "acme")][-1] == "$delete"
+    assert [u["op"] for u in memory.updates("company", "acme")][-1] == "$delete"
 
 
-def test_meta_keys_are_merged(sink, group_logger):
+def test_meta_keys_are_merged(memory, group_logger):
     log, handler, consumer = group_logger
     log.info("g", extra={**g(set={"plan": "pro"}), "$time": 1700000000.5, "$ignore_time": True})
     handler.flush()
-    (update,) = sink.updates("company", "acme")
+    (update,) = memory.updates("company", "acme")
     assert update["time"] == 1700000000.5
 
 
-def test_untagged_records_are_ignored(sink, group_logger):
+def test_untagged_records_are_ignored(memory, group_logger):
     log, handler, consumer = group_logger
     log.info("plain")
     log.info("half", extra={"group_key": "company"})
@@ -78,10 +83,10 @@ def test_untagged_records_are_ignored(sink, group_logger):
     handler.flush()
     stats = consumer.stats()
     assert stats["enqueued"] == 0 and stats["invalid"] == 0
-    assert sink.profiles() == []
+    assert memory.profiles() == []
 
 
-def test_bad_records_never_raise_and_never_cost_the_others(sink, group_logger, caplog):
+def test_bad_records_never_raise_and_never_cost_the_others(memory, group_logger, caplog):
     log, handler, consumer = group_logger
     log.info("ok1", extra=g("a", set={"n": 1}))
     log.info("bad", extra=g("b", set="not a dict"))
@@ -91,7 +96,7 @@ def test_bad_records_never_raise_and_never_cost_the_others(sink, group_logger, c
     log.info("bad", extra=g("e", set={"x": float("nan")}))
     log.info("ok2", extra=g("f", set={"n": 2}))
     handler.flush()
-    assert [p["group_id"] for p in sink.profiles()] == ["a", "f"]
+    assert [p["group_id"] for p in memory.profiles()] == ["a", "f"]
     assert consumer.stats()["invalid"] == 4
     assert consumer.stats()["ignored"] == 1
     warnings = [r for r in caplog.records if r.name == "mixpanel_otel"]
@@ -99,8 +104,8 @@ def test_bad_records_never_raise_and_never_cost_the_others(sink, group_logger, c
     assert "'bad'" in warnings[0].getMessage() and "$set" in warnings[0].getMessage()
 
 
-def test_dict_config(sink, make_consumer):
-    make_consumer(sink, flush_interval=60)
+def test_dict_config(memory, make_consumer):
+    make_consumer(memory, flush_interval=60)
     logging.config.dictConfig(
         {
             "version": 1,
@@ -109,7 +114,7 @@ def test_dict_config(sink, make_consumer):
                 "mixpanel": {
                     "class": "mixpanel_otel.MixpanelGroupHandler",
                     "token": TOKEN,
-                    "api_host": sink.url,
+                    "api_host": memory.url,
                     "level": "INFO",
                 }
             },
@@ -122,14 +127,14 @@ def test_dict_config(sink, make_consumer):
     log.info("g", extra=g(set={"via": "dictConfig"}))
     (handler,) = log.handlers
     handler.flush()
-    assert sink.profiles() == [
+    assert memory.profiles() == [
         {"group_key": "company", "group_id": "acme", "properties": {"via": "dictConfig"}}
     ]
     log.removeHandler(handler)
 
 
-def test_file_config(sink, make_consumer, tmp_path):
-    make_consumer(sink, flush_interval=60)
+def test_file_config(memory, make_consumer, tmp_path):
+    make_consumer(memory, flush_interval=60)
     config = tmp_path / "logging.ini"
     config.write_text(
         f"""
@@ -149,7 +154,7 @@ level=INFO
 [handler_mixpanel]
 class=mixpanel_otel.MixpanelGroupHandler
 args=()
-kwargs={{"token": "{TOKEN}", "api_host": "{sink.url}"}}
+kwargs={{"token": "{TOKEN}", "api_host": "{memory.url}"}}
 """
     )
     logging.config.fileConfig(config, disable_existing_loggers=False)
@@ -157,12 +162,12 @@ kwargs={{"token": "{TOKEN}", "api_host": "{sink.url}"}}
     log.info("g", extra=g(set={"via": "fileConfig"}))
     (handler,) = log.handlers
     handler.flush()
-    assert sink.profile("company", "acme") == {"via": "fileConfig"}
+    assert memory.profile("company", "acme") == {"via": "fileConfig"}
     log.removeHandler(handler)
 
 
-def test_eight_threads_of_records_arrive_exactly_once(sink, make_consumer):
-    consumer = make_consumer(sink, flush_interval=0.05)
+def test_eight_threads_of_records_arrive_exactly_once(memory, make_consumer):
+    consumer = make_consumer(memory, flush_interval=0.05)
     handler = MixpanelGroupHandler(consumer=consumer)
     log = logging.getLogger("test.threads")
     log.propagate = False
@@ -181,7 +186,7 @@ def test_eight_threads_of_records_arrive_exactly_once(sink, make_consumer):
     handler.flush()
     log.removeHandler(handler)
     for thread in range(8):
-        props = sink.profile("company", f"t{thread}")
+        props = memory.profile("company", f"t{thread}")
         assert sorted(props["seen"]) == list(range(2000))
         assert {props[f"last{k}"] for k in range(7)} == {
             max(i for i in range(2000) if i % 7 == k) for k in range(7)
@@ -191,6 +196,7 @@ def test_eight_threads_of_records_arrive_exactly_once(sink, make_consumer):
     assert stats["pending"] == 0 and stats["failed"] == 0
 
 
+@pytest.mark.slow
 def test_root_handler_at_debug_with_urllib3_debug_neither_loops_nor_deadlocks(sink):
     result, took = run_script(
         """
@@ -224,8 +230,8 @@ def test_root_handler_at_debug_with_urllib3_debug_neither_loops_nor_deadlocks(si
 # -- structlog ---------------------------------------------------------------------------
 
 
-def test_structlog_processor_every_operation_and_rendering(sink, make_consumer):
-    consumer = make_consumer(sink, flush_interval=60)
+def test_structlog_processor_every_operation_and_rendering(memory, make_consumer):
+    consumer = make_consumer(memory, flush_interval=60)
     rendered = []
     structlog.configure(
         processors=[
@@ -243,15 +249,15 @@ def test_structlog_processor_every_operation_and_rendering(sink, make_consumer):
     log.info("plain", user="ann")
     log.info("bad", **g(set=["oops"]))
     assert consumer.flush(10)
-    assert sink.profile("company", "acme") == {"plan": "free", "tags": ["b"]}
+    assert memory.profile("company", "acme") == {"plan": "free", "tags": ["b"]}
     assert rendered[0]["$set"] == {"plan": "free"} and rendered[0]["event"] == "g"
     assert rendered[4] == {"event": "plain", "user": "ann"}
     assert consumer.stats()["invalid"] == 1
     structlog.reset_defaults()
 
 
-def test_structlog_strip_and_processor_formatter(sink, make_consumer):
-    consumer = make_consumer(sink, flush_interval=60)
+def test_structlog_strip_and_processor_formatter(memory, make_consumer):
+    consumer = make_consumer(memory, flush_interval=60)
     records = []
 
     class Keep(logging.Handler):
@@ -284,7 +290,7 @@ def test_structlog_strip_and_processor_formatter(sink, make_consumer):
     )
     structlog.get_logger().info("upgrade", **g(set={"plan": "pro"}), user="ann")
     assert consumer.flush(10)
-    assert sink.profile("company", "acme") == {"plan": "pro"}
+    assert memory.profile("company", "acme") == {"plan": "pro"}
     assert consumer.stats()["enqueued"] == 1
     assert records == ['{"user": "ann", "event": "upgrade"}']
     structlog.reset_defaults()

@@ -179,8 +179,8 @@ def test_exporters_from_the_environment_survive_a_broken_rules_file(tmp_path, mo
 
 
 @pytest.fixture
-def handler_logger(sink, make_consumer):
-    consumer = make_consumer(sink, flush_interval=60)
+def handler_logger(memory, make_consumer):
+    consumer = make_consumer(memory, flush_interval=60)
     handler = MixpanelGroupHandler(consumer=consumer)
     log = logging.getLogger(f"test.operability.{id(handler)}")
     log.setLevel(logging.DEBUG)
@@ -190,7 +190,7 @@ def handler_logger(sink, make_consumer):
     log.removeHandler(handler)
 
 
-def test_uuid_group_ids_arrive(sink, handler_logger):
+def test_uuid_group_ids_arrive(memory, handler_logger):
     log, handler, consumer = handler_logger
     tenant = uuid.UUID("12345678-1234-5678-1234-567812345678")
     log.info("g", extra={"group_key": "company", "group_id": tenant, "$set": {"a": 1}})
@@ -205,11 +205,11 @@ def test_uuid_group_ids_arrive(sink, handler_logger):
     )
     GroupClient(consumer=consumer).group_set("company", tenant, {"c": 3})
     handler.flush()
-    assert sink.profile("company", str(tenant)) == {"a": 1, "b": 2, "c": 3, "t": ["x"]}
+    assert memory.profile("company", str(tenant)) == {"a": 1, "b": 2, "c": 3, "t": ["x"]}
     assert consumer.stats()["invalid"] == 0
 
 
-def test_one_bad_operation_keeps_the_good_ones_and_says_which(sink, handler_logger, caplog):
+def test_one_bad_operation_keeps_the_good_ones_and_says_which(memory, handler_logger, caplog):
     log, handler, consumer = handler_logger
     log.info(
         "g",
@@ -221,7 +221,7 @@ def test_one_bad_operation_keeps_the_good_ones_and_says_which(sink, handler_logg
         },
     )
     handler.flush()
-    assert sink.profile("company", "acme") == {"ok": 1}
+    assert memory.profile("company", "acme") == {"ok": 1}
     assert consumer.stats()["invalid"] == 1
     (warning,) = _ours(caplog)
     assert "$union: property 'bad'" in warning.getMessage(), warning.getMessage()
@@ -237,7 +237,7 @@ def test_one_bad_operation_keeps_the_good_ones_and_says_which(sink, handler_logg
     ],
 )
 def test_an_operation_without_both_tags_is_invalid_with_a_reason(
-    sink, handler_logger, caplog, extra, reason
+    memory, handler_logger, caplog, extra, reason
 ):
     log, handler, consumer = handler_logger
     log.info("half", extra=extra)
@@ -247,10 +247,10 @@ def test_an_operation_without_both_tags_is_invalid_with_a_reason(
     assert reason in warning.getMessage(), warning.getMessage()
 
 
-def test_tags_without_operation_are_ignored_not_invalid(sink, make_consumer, caplog):
+def test_tags_without_operation_are_ignored_not_invalid(memory, make_consumer, caplog):
     import contextvars
 
-    consumer = make_consumer(sink, flush_interval=60)
+    consumer = make_consumer(memory, flush_interval=60)
     handler = MixpanelGroupHandler(consumer=consumer)
     log = logging.getLogger(f"test.bound.{id(handler)}")
     log.propagate = False
@@ -287,8 +287,8 @@ def test_tags_without_operation_are_ignored_not_invalid(sink, make_consumer, cap
         log.removeHandler(handler)
     stats = consumer.stats()
     assert stats["ignored"] == 4 and stats["invalid"] == 0, stats
-    assert sink.profile("company", "globex") == {"plan": "pro"}
-    assert sink.profile("company", "initech") == {"seats": 3}
+    assert memory.profile("company", "globex") == {"plan": "pro"}
+    assert memory.profile("company", "initech") == {"seats": 3}
     assert _ours(caplog) == [], "ignored records never warn"
 
 
@@ -346,6 +346,7 @@ def test_metrics_equal_stats(sink, make_consumer):
     provider.shutdown()
 
 
+@pytest.mark.slow
 def test_metrics_through_the_global_meter_provider(sink):
     """A zero-code service: the consumer exists before the MeterProvider is set."""
     script = textwrap.dedent(
@@ -383,11 +384,11 @@ def test_metrics_through_the_global_meter_provider(sink):
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
-def test_spans_keep_good_operations_and_ignore_routing_tags(sink, make_consumer, caplog):
+def test_spans_keep_good_operations_and_ignore_routing_tags(memory, make_consumer, caplog):
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-    consumer = make_consumer(sink, flush_interval=60)
+    consumer = make_consumer(memory, flush_interval=60)
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(MixpanelSpanExporter(consumer=consumer)))
     tracer = provider.get_tracer("test")
@@ -401,7 +402,7 @@ def test_spans_keep_good_operations_and_ignore_routing_tags(sink, make_consumer,
         span.set_attribute("mixpanel.$unset", [""])  # an empty property name: refused
     provider.shutdown()
     assert consumer.flush(10)
-    assert sink.profile("company", "acme") == {"plan": "pro"}
+    assert memory.profile("company", "acme") == {"plan": "pro"}
     stats = consumer.stats()
     assert stats["ignored"] == 1 and stats["invalid"] == 1, stats
     (warning,) = _ours(caplog)

@@ -1,4 +1,8 @@
-"""OpenTelemetry exporters and rules, with real TracerProvider / LoggerProvider."""
+"""OpenTelemetry exporters and rules, with real TracerProvider / LoggerProvider.
+
+Translation runs against the in-memory ``memory`` sink; the entry points and
+the worker's own HTTP calls against the real one.
+"""
 
 from __future__ import annotations
 
@@ -45,12 +49,12 @@ services = "service.name"
 
 
 @pytest.fixture
-def tracing(sink, make_consumer):
+def tracing(memory, make_consumer):
     """A factory: (exporter options, processor kind) -> (tracer, provider, exporter)."""
     providers = []
 
     def build(batch=False, resource=None, **options):
-        consumer = make_consumer(sink, flush_interval=60)
+        consumer = make_consumer(memory, flush_interval=60)
         exporter = MixpanelSpanExporter(consumer=consumer, **options)
         provider = TracerProvider(resource=Resource.create(resource or {"service.name": "shop"}))
         processor = (
@@ -68,7 +72,7 @@ def tracing(sink, make_consumer):
 
 
 @pytest.mark.parametrize("batch", [False, True])
-def test_span_attributes_and_events(sink, tracing, batch):
+def test_span_attributes_and_events(memory, tracing, batch):
     tracer, provider, exporter = tracing(batch=batch)
     with tracer.start_as_current_span("upgrade") as span:
         span.set_attribute("mixpanel.group_key", "company")
@@ -88,7 +92,7 @@ def test_span_attributes_and_events(sink, tracing, batch):
         span.set_attribute("mixpanel.$delete", True)
     assert provider.force_flush()
     assert exporter.force_flush()
-    assert sink.profiles() == [
+    assert memory.profiles() == [
         {
             "group_key": "company",
             "group_id": "acme",
@@ -96,10 +100,10 @@ def test_span_attributes_and_events(sink, tracing, batch):
         },
         {"group_key": "team", "group_id": "t1", "properties": {"seats": 4}},
     ]
-    assert [u["op"] for u in sink.updates("company", "old")] == ["$delete"]
+    assert [u["op"] for u in memory.updates("company", "old")] == ["$delete"]
 
 
-def test_rules_coalesce_high_rate_spans_from_a_few_tenants(sink, tracing, tmp_path):
+def test_rules_coalesce_high_rate_spans_from_a_few_tenants(memory, tracing, tmp_path):
     rules = tmp_path / "rules.toml"
     rules.write_text(RULES)
     tracer, provider, exporter = tracing(batch=True, rules=str(rules))
@@ -120,15 +124,15 @@ def test_rules_coalesce_high_rate_spans_from_a_few_tenants(sink, tracing, tmp_pa
     stats = exporter.consumer.stats()
     assert stats["enqueued"] == 4000 * 3
     assert stats["sent"] <= 3 * 4 * 3, "a few messages per tenant per flush"
-    acme = sink.profile("company", "acme")
+    acme = memory.profile("company", "acme")
     assert acme["plan"] == "enterprise" and acme["last_service"] == "shop"
     assert acme["services"] == ["shop"] and acme["last_span"] == "POST /checkout"
-    assert acme["status"] == "UNSET" and sink.profile("company", "initech")["status"] == "ERROR"
+    assert acme["status"] == "UNSET" and memory.profile("company", "initech")["status"] == "ERROR"
     assert acme["first_seen"] <= acme["last_seen"] and len(acme["last_seen"]) == 19
-    assert len(sink.profiles()) == 4
+    assert len(memory.profiles()) == 4
 
 
-def test_group_id_from_resource_and_one_element_header_sequences(sink, tracing):
+def test_group_id_from_resource_and_one_element_header_sequences(memory, tracing):
     rules = [
         {"group_key": "company", "group_id": "tenant.id", "set": {"svc": "service.name"}},
         {
@@ -144,11 +148,11 @@ def test_group_id_from_resource_and_one_element_header_sequences(sink, tracing):
         span.set_attribute("http.request.header.x_tenant_id", ("acme",))
         span.set_attribute("http.request.header.user_agent", ("curl",))
     assert exporter.force_flush()
-    assert sink.profile("company", "from-resource") == {"svc": "billing"}
-    assert sink.profile("company", "acme") == {"agents": ["curl"]}
+    assert memory.profile("company", "from-resource") == {"svc": "billing"}
+    assert memory.profile("company", "acme") == {"agents": ["curl"]}
 
 
-def test_default_deny_unmapped_attributes_never_leave(sink, tracing, tmp_path):
+def test_default_deny_unmapped_attributes_never_leave(memory, tracing, tmp_path):
     rules = tmp_path / "rules.toml"
     rules.write_text(RULES)
     tracer, provider, exporter = tracing(rules=str(rules))
@@ -160,8 +164,8 @@ def test_default_deny_unmapped_attributes_never_leave(sink, tracing, tmp_path):
         span.set_attribute("mixpanel.group_id", "acme")
         span.set_attribute("mixpanel.$set.ok", 1)
     assert exporter.force_flush()
-    assert sink.profile("company", "acme")["ok"] == 1
-    wire = json.dumps(sink.updates("company", "acme")) + json.dumps(sink.profiles())
+    assert memory.profile("company", "acme")["ok"] == 1
+    wire = json.dumps(memory.updates("company", "acme")) + json.dumps(memory.profiles())
     assert "secret.example" not in wire and "user.email" not in wire
 
 
@@ -179,29 +183,31 @@ def test_default_deny_unmapped_attributes_never_leave(sink, tracing, tmp_path):
         ([{"group_key": "c", "group_id": "t", "unset": "a"}], "key 'unset'"),
     ],
 )
-def test_bad_rules_fail_at_construction_naming_rule_and_key(sink, make_consumer, rules, fragment):
+def test_bad_rules_fail_at_construction_naming_rule_and_key(memory, make_consumer, rules, fragment):
     with pytest.raises(MixpanelException) as info:
-        MixpanelSpanExporter(consumer=make_consumer(sink), rules=rules)
+        MixpanelSpanExporter(consumer=make_consumer(memory), rules=rules)
     assert fragment in str(info.value)
 
 
-def test_bad_rules_file(sink, make_consumer, tmp_path):
+def test_bad_rules_file(memory, make_consumer, tmp_path):
     path = tmp_path / "rules.toml"
     path.write_text("[[rule]]\ngroup_key = 'company'\ngroup_id = \n")
     with pytest.raises(MixpanelException, match="not valid TOML"):
-        MixpanelSpanExporter(consumer=make_consumer(sink), rules=str(path))
+        MixpanelSpanExporter(consumer=make_consumer(memory), rules=str(path))
     with pytest.raises(MixpanelException, match="No such file"):
-        MixpanelSpanExporter(consumer=make_consumer(sink), rules=str(tmp_path / "missing.toml"))
+        MixpanelSpanExporter(consumer=make_consumer(memory), rules=str(tmp_path / "missing.toml"))
 
 
-def test_rules_from_environment_apply_to_stdlib_records(sink, make_consumer, tmp_path, monkeypatch):
+def test_rules_from_environment_apply_to_stdlib_records(
+    memory, make_consumer, tmp_path, monkeypatch
+):
     rules = tmp_path / "rules.toml"
     rules.write_text(
         '[[rule]]\ngroup_key = "company"\ngroup_id = "tenant"\n'
         '[rule.set]\nlast_message = "@name"\nlevel = "@severity"\n'
     )
     monkeypatch.setenv("MIXPANEL_OTEL_RULES", str(rules))
-    handler = MixpanelGroupHandler(consumer=make_consumer(sink, flush_interval=60))
+    handler = MixpanelGroupHandler(consumer=make_consumer(memory, flush_interval=60))
     log = logging.getLogger("test.rules.stdlib")
     log.propagate = False
     log.addHandler(handler)
@@ -209,7 +215,7 @@ def test_rules_from_environment_apply_to_stdlib_records(sink, make_consumer, tmp
     log.warning("no tenant here")
     handler.flush()
     log.removeHandler(handler)
-    assert sink.profiles() == [
+    assert memory.profiles() == [
         {
             "group_key": "company",
             "group_id": "acme",
@@ -218,7 +224,7 @@ def test_rules_from_environment_apply_to_stdlib_records(sink, make_consumer, tmp
     ]
 
 
-def test_bad_span_never_raises_and_never_costs_the_batch(sink, tracing):
+def test_bad_span_never_raises_and_never_costs_the_batch(memory, tracing):
     tracer, provider, exporter = tracing(batch=True)
     for i, plan in enumerate(["pro", None, "free"]):
         with tracer.start_as_current_span("s") as span:
@@ -230,20 +236,20 @@ def test_bad_span_never_raises_and_never_costs_the_batch(sink, tracing):
                 span.set_attribute("mixpanel.$bogus.plan", "x")
     assert provider.force_flush()
     assert exporter.force_flush()
-    assert [p["group_id"] for p in sink.profiles()] == ["g0", "g2"]
+    assert [p["group_id"] for p in memory.profiles()] == ["g0", "g2"]
     assert exporter.consumer.stats()["invalid"] == 1
 
 
-def test_span_exporter_shutdown(sink, make_consumer):
-    exporter = MixpanelSpanExporter(consumer=make_consumer(sink))
+def test_span_exporter_shutdown(memory, make_consumer):
+    exporter = MixpanelSpanExporter(consumer=make_consumer(memory))
     exporter.shutdown()
     exporter.shutdown()  # idempotent
     assert exporter.export([]) is SpanExportResult.FAILURE
 
 
 @pytest.mark.parametrize("batch", [False, True])
-def test_log_exporter_record_conventions_and_flat_form(sink, make_consumer, batch):
-    consumer = make_consumer(sink, flush_interval=60)
+def test_log_exporter_record_conventions_and_flat_form(memory, make_consumer, batch):
+    consumer = make_consumer(memory, flush_interval=60)
     exporter = MixpanelLogExporter(consumer=consumer)
     provider = LoggerProvider(resource=Resource.create({"service.name": "shop"}))
     processor = BatchLogRecordProcessor(exporter) if batch else SimpleLogRecordProcessor(exporter)
@@ -271,7 +277,7 @@ def test_log_exporter_record_conventions_and_flat_form(sink, make_consumer, batc
     otel_logger.emit(body="bad", attributes={"group_key": "c", "group_id": "x", "$set": "no"})
     assert provider.force_flush()
     assert exporter.force_flush()
-    assert sink.profiles() == [
+    assert memory.profiles() == [
         {
             "group_key": "company",
             "group_id": "acme",

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from mixpanel_otel.sink import Fault
 
 from .helpers import run_script
+
+pytestmark = pytest.mark.slow  # real subprocesses
 
 
 def test_exit_flush_delivers_everything_without_flush_or_close(sink):

@@ -8,10 +8,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 import requests
 
 from .conftest import TOKEN
 from .helpers import free_port as _free_port
+
+pytestmark = pytest.mark.slow  # real subprocesses
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", "flask_zero_code")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mixpanel_otel import MixpanelException
@@ -279,7 +279,11 @@ OPERATIONS = st.fixed_dictionaries(
 GROUP_IDS = st.one_of(st.text(min_size=1, max_size=20), st.integers(0, 10**9))
 #: A sixth of the profile's examples: these records are costly to draw (the unit tests'
 #: budget is 15 s); HYPOTHESIS_PROFILE=deep still runs hundreds.
-EXAMPLES = settings(max_examples=max(30, settings.default.max_examples // 6))
+EXAMPLES = settings(
+    max_examples=max(30, settings.default.max_examples // 6),
+    deadline=None,  # a loaded 2-core box
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 @EXAMPLES

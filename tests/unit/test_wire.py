@@ -8,7 +8,7 @@ import json
 import uuid
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mixpanel_otel import MixpanelException
@@ -25,7 +25,11 @@ from mixpanel_otel._wire import (
     wire_message,
 )
 
-EXAMPLES = settings(max_examples=max(30, settings.default.max_examples // 3))
+EXAMPLES = settings(
+    max_examples=max(30, settings.default.max_examples // 6),
+    deadline=None,  # a loaded 2-core box
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 class TestValues:
