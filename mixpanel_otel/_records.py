@@ -198,9 +198,9 @@ class Walker(Generic[R]):
         time = adapter.time(record)
         resource = adapter.resource(record)
         special = partial(adapter.special, record, time=time)
-        # Every record is read here once (attributes, resource, time, specials): the
-        # place for anything else that reads every record, such as computed traits
-        # (which then also rule out the tags-only path in __init__).
+        # Every record is read here once (attributes, resource, time, specials); the
+        # translator also counts it for the computed traits (``Translator.traits``,
+        # which rule out the tags-only path in __init__ too).
         errors: list[str] = []
         ignored: list[str] = []
         updates = self.front.translator.translate(
