@@ -307,3 +307,42 @@ def test_a_forked_process_computing_traits_warns_once_to_use_the_gateway(sink) -
     result, _ = run_script(source, sink)
     assert result.stderr.count("computed traits in a forked process") == 1, result.stderr
     assert "gateway" in result.stderr
+
+
+def test_structlog_processor_feeds_traits_in_memory() -> None:
+    import structlog
+
+    from mixpanel_otel import MixpanelGroupProcessor
+    from mixpanel_otel.testing import capture_groups
+
+    rules = {
+        "trait": [
+            {
+                "property": "logins",
+                "group_key": "company",
+                "group_id": "tenant_id",
+                "aggregate": "count",
+                "window": "1h",
+                "when": {"@name": "login"},
+            },
+            {
+                "property": "seats",
+                "group_key": "company",
+                "group_id": "tenant_id",
+                "aggregate": "max",
+                "of": "seats",
+                "window": "lifetime",
+            },
+        ]
+    }
+    with capture_groups(trait_interval=0.05) as capture:
+        log = structlog.wrap_logger(
+            structlog.ReturnLogger(), processors=[MixpanelGroupProcessor(rules=rules)]
+        )
+        log.info("login", tenant_id="acme", seats=3)
+        log.info("login", tenant_id="acme", seats=5)
+        log.info("logout", tenant_id="acme")
+        deadline = time.monotonic() + 20
+        while capture.profiles().get(("company", "acme")) != {"logins": 2, "seats": 5}:
+            assert time.monotonic() < deadline, capture.profiles()
+            time.sleep(0.05)
