@@ -42,6 +42,7 @@ DEFAULT_MAX_GROUPS = 100_000
 DEFAULT_EXACT_LIMIT = 256
 
 GroupKey = tuple[str, str]  # (group_key, group_id)
+_SETTLE_PER_LOCK = 64
 _UNSENT = object()
 
 
@@ -275,14 +276,20 @@ class TraitEngine:
         """The updates due at ``now``: changed traits of the groups whose time has come."""
         now = self.clock() if now is None else now
         updates: list[GroupUpdate] = []
+        more = True
+        while more:  # a few groups per hold of the lock: records are not kept waiting
+            with self._lock:
+                for _ in range(_SETTLE_PER_LOCK):
+                    more = bool(self._heap) and self._heap[0][0] <= now
+                    if not more:
+                        break
+                    at, _, key = heapq.heappop(self._heap)
+                    group = self._groups.get(key)
+                    if group is None or group.due != at:
+                        continue
+                    group.due = None
+                    self._settle(group, now, updates)
         with self._lock:
-            while self._heap and self._heap[0][0] <= now:
-                at, _, key = heapq.heappop(self._heap)
-                group = self._groups.get(key)
-                if group is None or group.due != at:
-                    continue
-                group.due = None
-                self._settle(group, now, updates)
             self.counts["emitted"] += len(updates)
         return updates
 

@@ -32,7 +32,7 @@ __all__ = ["TraitFeed", "feed_for", "held_observations"]
 
 logger = logging.getLogger("mixpanel_otel")
 
-_SAVE_EVERY = 1.0  # seconds between two saves of changed state
+_SAVE_EVERY = 5.0  # seconds between two saves of changed state (and one at exit)
 _MAX_WAIT = 1.0  # the timer looks at least this often (a record may make a group due)
 
 Special = Callable[[str], Any]

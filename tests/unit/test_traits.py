@@ -398,3 +398,29 @@ class TestTables:
         assert [t.window for t in traits] == [90.0, 7200.0, None]
         with pytest.raises(MixpanelException, match="is kept by trait 1"):
             load_all({"trait": [{"property": "a", "window": "1d", **base}] * 2})
+
+
+class TestStore:
+    def test_saved_groups_come_back_and_forgotten_ones_are_deleted(self, tmp_path) -> None:
+        from mixpanel_otel._traits.store import TraitStore
+
+        clock = Clock(1000.0)
+        traits = _traits("1m")
+        engine = TraitEngine(traits, clock=clock, max_groups=2)
+        store = TraitStore(str(tmp_path), "token\nhost")
+        store.load(engine)
+        for group in ("a", "b"):
+            for trait in traits:
+                value = "u1" if trait.of == "user" else 5
+                engine.observe(engine.position(trait), group, 999.0, value)
+        store.save(engine)
+        engine.observe(0, "c", 999.0, 1)  # evicts "a"
+        store.save(engine)
+        store.close()
+        again = TraitEngine(traits, clock=clock)
+        reopened = TraitStore(str(tmp_path), "token\nhost")
+        assert reopened.load(again) == 2
+        assert again.value(traits[0], "a") == 0  # evicted, deleted from the file
+        for trait in traits:
+            assert again.value(trait, "b") == engine.value(trait, "b"), trait
+        assert TraitStore(str(tmp_path), "other\nhost").load(TraitEngine(traits)) == 0
