@@ -135,22 +135,30 @@ def test_state_survives_a_restart_with_a_state_dir(sink, tmp_path) -> None:
         '[[trait]]\nproperty = "requests"\ngroup_key = "company"\n'
         'group_id = "tenant.id"\naggregate = "count"\nwindow = "1h"\n'
     )
+    # In the first run the first record goes out at once; the next two only at
+    # exit, as the trait interval (60 s) has not passed by then. (The interval
+    # holds across the restart too: the second run sends only at exit.)
     source = """
-        import logging, sys
+        import logging, os, time
         from mixpanel_otel import MixpanelGroupHandler
+        handler = MixpanelGroupHandler()
         log = logging.getLogger("svc")
-        log.addHandler(MixpanelGroupHandler())
+        log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
-        for _ in range(int(sys.argv[1]) if len(sys.argv) > 1 else 3):
-            log.info("hit", extra={"tenant.id": "acme"})
+        log.info("hit", extra={"tenant.id": "acme"})
+        deadline = time.monotonic() + 20
+        while os.environ.get("FIRST") and handler.consumer.stats()["sent"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        log.info("hit", extra={"tenant.id": "acme"})
+        log.info("hit", extra={"tenant.id": "acme"})
     """
     env = {
         "MIXPANEL_OTEL_RULES": str(rules),
         "MIXPANEL_OTEL_TRAIT_STATE_DIR": str(tmp_path / "state"),
-        "MIXPANEL_OTEL_TRAIT_INTERVAL": "0.1",
     }
-    run_script(source, sink, **env)
+    run_script(source, sink, FIRST="1", **env)
     _wait(sink, lambda p: p.get("requests") == 3)
     assert os.listdir(tmp_path / "state")
     run_script(source, sink, **env)

@@ -7,6 +7,6 @@ emit; no threads, no I/O), :mod:`.store` (SQLite state), :mod:`.runtime`
 """
 
 from .engine import TraitEngine
-from .runtime import TraitFeed, feed_for, held_observations
+from .runtime import TraitFeed, feed_for, finish, held_observations
 
-__all__ = ["TraitEngine", "TraitFeed", "feed_for", "held_observations"]
+__all__ = ["TraitEngine", "TraitFeed", "feed_for", "finish", "held_observations"]

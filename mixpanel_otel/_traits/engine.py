@@ -272,10 +272,19 @@ class TraitEngine:
                 heapq.heappop(self._heap)
         return None
 
-    def due(self, now: Optional[float] = None) -> list[GroupUpdate]:
-        """The updates due at ``now``: changed traits of the groups whose time has come."""
+    def due(self, now: Optional[float] = None, final: bool = False) -> list[GroupUpdate]:
+        """The updates due at ``now``: changed traits of the groups whose time has come.
+
+        ``final`` (the process is about to stop): every changed trait, however
+        recently its group was sent.
+        """
         now = self.clock() if now is None else now
         updates: list[GroupUpdate] = []
+        if final:
+            with self._lock:
+                for scheduled in self._groups.values():
+                    if scheduled.due is not None:
+                        self._schedule(scheduled, now)  # its heap entries are now stale
         more = True
         while more:  # a few groups per hold of the lock: records are not kept waiting
             with self._lock:
@@ -288,19 +297,21 @@ class TraitEngine:
                     if group is None or group.due != at:
                         continue
                     group.due = None
-                    self._settle(group, now, updates)
+                    self._settle(group, now, updates, final)
         with self._lock:
             self.counts["emitted"] += len(updates)
         return updates
 
-    def _settle(self, group: _Group, now: float, updates: list[GroupUpdate]) -> None:
+    def _settle(
+        self, group: _Group, now: float, updates: list[GroupUpdate], final: bool = False
+    ) -> None:
         values = self._values(group, now)
         sent = group.sent
         changed = {p: v for p, v in values.items() if not _same(sent.get(p, _UNSENT), v)}
         to_set = {p: v for p, v in changed.items() if v is not None}
         to_unset = [p for p, v in changed.items() if v is None and sent.get(p) is not None]
         ready = group.sent_at + self.interval
-        if (to_set or to_unset) and now < ready:
+        if (to_set or to_unset) and now < ready and not final:
             self._schedule(group, ready)  # changed, but sent too recently
             return
         if to_set or to_unset:

@@ -28,7 +28,7 @@ from .._wire import group_id_key
 from .engine import TraitEngine
 from .store import TraitStore
 
-__all__ = ["TraitFeed", "feed_for", "held_observations"]
+__all__ = ["TraitFeed", "feed_for", "finish", "held_observations"]
 
 logger = logging.getLogger("mixpanel_otel")
 
@@ -73,7 +73,7 @@ class _Runtime:
         consumer = self.consumer()
         if consumer is None:
             return False
-        updates = self.engine.due()
+        updates = self.engine.due(final=final)
         now = self.engine.clock()
         if self.store is not None and (final or now - self._saved_at >= _SAVE_EVERY):
             self._saved_at = now
@@ -294,8 +294,18 @@ def _make_timer() -> Any:
 _timer = _make_timer()
 
 
+def finish(consumer: Any) -> None:
+    """Hand ``consumer`` every changed trait (however recently sent) and save the
+    state: call it before shutting the consumer down (the gateway does)."""
+    with _LOCK:
+        runtime = _RUNTIMES.get(id(consumer))
+    if runtime is not None and runtime.consumer() is consumer:
+        runtime.tick(final=True)
+
+
 def _emit_at_exit() -> None:
-    """Registered after the consumers' exit flush, so it runs before it (atexit is LIFO)."""
+    """Registered after the consumers' exit flush, so it runs before it (atexit is LIFO):
+    every changed trait goes out, however recently its group was sent."""
     with _LOCK:
         runtimes = list(_RUNTIMES.values())
     for runtime in runtimes:

@@ -10,6 +10,7 @@ from typing import Any, Optional
 from .._delivery import Consumer
 from .._exceptions import MixpanelException
 from .._frontend import FrontEnd, open_consumer
+from .._traits import finish as finish_traits
 from ._grpc import make_grpc_server
 from ._http import HttpServer
 from ._ingest import Ingest
@@ -124,6 +125,7 @@ class Gateway:
                 logger.warning(
                     "mixpanel-otel gateway: Export calls still in flight after %.1f s", bound
                 )
+            finish_traits(self.consumer)  # the last values, before the consumer stops
             delivered = self.consumer.shutdown(bound)
             self._grpc.stop(0)
             grace.wait(1.0)

@@ -424,3 +424,14 @@ class TestStore:
         for trait in traits:
             assert again.value(trait, "b") == engine.value(trait, "b"), trait
         assert TraitStore(str(tmp_path), "other\nhost").load(TraitEngine(traits)) == 0
+
+
+def test_the_final_emission_sends_every_change_however_recent() -> None:
+    clock = Clock(1000.0)
+    engine = TraitEngine([_one()], interval=60.0, clock=clock)
+    engine.observe(0, "acme", 1000.0)
+    assert _sets(engine.due()) == [("acme", "$set", {"n": 1})]
+    engine.observe(0, "acme", 1000.0)
+    clock.now = 1001.0
+    assert engine.due() == []
+    assert _sets(engine.due(final=True)) == [("acme", "$set", {"n": 2})]
