@@ -83,6 +83,9 @@ def test_logging_handler_sets_traits_that_decay_when_quiet(sink, make_consumer) 
         assert profile["last_route"] == "/d"
         assert profile["latency_p95"] == 400
         assert profile["errors"] == 0
+        with urllib.request.urlopen(sink.url + "/", timeout=10) as page:  # like any property
+            html = page.read().decode()
+        assert "latency_p95" in html and "last_route" in html
         # The window passes with no records: the counts go back to 0.
         profile = _wait(sink, lambda p: p.get("requests") == 0)
         assert profile["users"] == 0
