@@ -44,15 +44,10 @@ class _Runtime:
     """A consumer's engine, store and where its due updates go."""
 
     def __init__(self, consumer: Any) -> None:
-        options = resolve_options({})
-        interval = getattr(consumer, "trait_interval", None) or options["trait_interval"]
-        directory = (
-            getattr(consumer, "trait_state_dir", None)
-            or getattr(consumer, "spool_dir", None)
-            or options["trait_state_dir"]
-        )
+        interval = _option(consumer, "trait_interval")
+        directory = _option(consumer, "trait_state_dir") or getattr(consumer, "spool_dir", None)
         self.consumer = weakref.ref(consumer)
-        max_groups = getattr(consumer, "trait_max_groups", None) or options["trait_max_groups"]
+        max_groups = _option(consumer, "trait_max_groups")
         self.engine = TraitEngine(interval=interval, max_groups=max_groups)
         self.store: Optional[TraitStore] = None
         self._directory = directory
@@ -64,8 +59,16 @@ class _Runtime:
         positions = self.engine.add_traits(traits)
         if self._directory and not self._loaded:
             self._loaded = True
-            self.store = TraitStore(self._directory, self._scope)
-            self.store.load(self.engine)
+            try:
+                self.store = TraitStore(self._directory, self._scope)
+                self.store.load(self.engine)
+            except Exception as exc:  # traits still work, in memory
+                self.store = None
+                logger.error(
+                    "mixpanel-otel: trait state in %r unavailable (%r); kept in memory only",
+                    self._directory,
+                    exc,
+                )
         return positions
 
     def tick(self, final: bool = False) -> bool:
@@ -88,6 +91,13 @@ class _Runtime:
     def after_fork(self) -> None:
         self.engine.clear()
         self.store = None  # the parent owns the state file
+
+
+def _option(consumer: Any, name: str) -> Any:
+    """The consumer's trait option; for a consumer of another kind, the environment's."""
+    if hasattr(consumer, name):
+        return getattr(consumer, name)
+    return resolve_options({})[name]
 
 
 _RUNTIMES: dict[int, _Runtime] = {}  # id(consumer) -> its runtime
