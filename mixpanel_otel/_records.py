@@ -133,11 +133,11 @@ class Walker(Generic[R]):
         def ingest_one(record: R) -> None:
             try:
                 attributes = attributes_of(record)
-                if not (
+                if not (  # literal names (FLAT_GROUP_ID...): this runs on every logging call
                     "group_id" in attributes
                     or "group_key" in attributes
-                    or FLAT_GROUP_ID in attributes
-                    or FLAT_GROUP_KEY in attributes
+                    or "mixpanel.group_id" in attributes
+                    or "mixpanel.group_key" in attributes
                 ) or skip(record):
                     return
                 errors: list[str] = []

@@ -158,15 +158,20 @@ class Translator:
     ) -> list[GroupUpdate]:
         """The updates the record conventions and the flat form ask for, no rules
         (a ``mixpanel.group`` span event is read so)."""
-        updates: list[GroupUpdate] = []
+        updates: list[GroupUpdate]
         if "group_id" in attributes or "group_key" in attributes:
             try:
                 updates = from_tags(attributes, time, self.counter, errors)
             except NoOperation as exc:
                 ignored.append(str(exc))
+                updates = []
             except MixpanelException as exc:
                 errors.append(str(exc))
-        if FLAT_GROUP_KEY in attributes or FLAT_GROUP_ID in attributes:
+                updates = []
+        else:
+            updates = []
+        # Literal names, not FLAT_GROUP_*: this runs on every logging call.
+        if "mixpanel.group_key" in attributes or "mixpanel.group_id" in attributes:
             try:
                 updates = updates + from_flat(attributes, time, self.counter, errors)
             except NoOperation as exc:
