@@ -435,3 +435,25 @@ def test_the_final_emission_sends_every_change_however_recent() -> None:
     clock.now = 1001.0
     assert engine.due() == []
     assert _sets(engine.due(final=True)) == [("acme", "$set", {"n": 2})]
+
+
+def test_a_rules_when_can_test_an_at_special() -> None:
+    from mixpanel_otel._translate import from_rule
+
+    (rule,) = load_all(
+        {
+            "rule": [
+                {
+                    "group_key": "company",
+                    "group_id": "tenant",
+                    "when": {"@status": "ERROR"},
+                    "set": {"failed": "@name"},
+                }
+            ]
+        }
+    ).rules
+    specials = {"@status": "ERROR", "@name": "checkout"}
+    updates = from_rule(rule, {"tenant": "acme"}, {}, 1.0, specials.get, None, [])
+    assert [(u.op, u.payload) for u in updates] == [("$set", {"failed": "checkout"})]
+    specials["@status"] = "OK"
+    assert from_rule(rule, {"tenant": "acme"}, {}, 1.0, specials.get, None, []) == []
