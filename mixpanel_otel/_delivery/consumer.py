@@ -62,6 +62,9 @@ class Consumer(Intake, Pipeline, Lifecycle):
         self.shutdown_timeout: float = opts["shutdown_timeout"]
         self.spool_dir: Optional[str] = opts["spool_dir"]
         self.flush_on_sigterm: bool = opts["flush_on_sigterm"]
+        self.trait_interval: float = opts["trait_interval"]  # read by mixpanel_otel._traits
+        self.trait_state_dir: Optional[str] = opts["trait_state_dir"]
+        self.trait_max_groups: int = opts["trait_max_groups"]
         self.on_error: Optional[Callable[..., Any]] = opts["on_error"]
         self._credentials: Any = opts["credentials"]
         self._backoff = Backoff(opts["backoff_base"], opts["backoff_max"])
