@@ -143,3 +143,20 @@ def memory() -> Iterator[MemorySink]:
 
     with capture_groups(TOKEN) as capture:
         yield MemorySink(capture)
+
+
+@pytest.fixture
+def start_gateway():
+    """``start_gateway(sink, *args, env=None, ca=None)``: a gateway subprocess, stopped after."""
+    from tests.helpers import GatewayProcess
+
+    started: list[GatewayProcess] = []
+
+    def start(sink: Sink, *args: str, **kwargs) -> GatewayProcess:
+        gateway = GatewayProcess(sink, *args, **kwargs)
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        gateway.stop()

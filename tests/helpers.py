@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -243,3 +244,94 @@ def spool_files(directory: str) -> list[str]:
 
 def dump(obj: Any) -> str:
     return json.dumps(obj, default=str)[:2000]
+
+
+# -- the gateway as a subprocess (tests/test_gateway*.py) -------------------------------
+
+_GATEWAY_READY = re.compile(r"gRPC on (\S+), OTLP/HTTP on (\S+) ")
+GATEWAY_TEST_OPTIONS = {
+    "--grpc-port": "0",
+    "--http-port": "0",
+    "--flush-interval": "0.05",
+    "--backoff-base": "0.05",
+    "--backoff-max": "0.3",
+    "--ack-timeout": "1",
+}
+
+
+class GatewayProcess:
+    """One ``mixpanel-otel gateway`` subprocess on free loopback ports.
+
+    ``args`` are option/value pairs (value ``""`` for a flag); ``ca`` is the
+    CA file to trust when the gateway speaks TLS.
+    """
+
+    def __init__(
+        self,
+        sink: Any,
+        *args: str,
+        env: Optional[dict[str, str]] = None,
+        ca: Optional[str] = None,
+    ) -> None:
+        environment = dict(
+            os.environ,
+            MIXPANEL_TOKEN=TOKEN,
+            MIXPANEL_API_HOST=sink.url,
+            PYTHONUNBUFFERED="1",
+            **(env or {}),
+        )
+        options = dict(GATEWAY_TEST_OPTIONS)
+        options.update(dict(zip(args[::2], args[1::2])))
+        command = [sys.executable, "-m", "mixpanel_otel._cli", "gateway"]
+        for name, value in options.items():
+            command += [name] if value == "" else [name, value]
+        self.proc = subprocess.Popen(
+            command,
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        match = _GATEWAY_READY.search(line)
+        if not match:
+            self.proc.kill()
+            raise AssertionError(f"gateway did not start: {line!r} {self.proc.stderr.read()!r}")
+        self.grpc, self.http = match.group(1), match.group(2)
+        self.stderr_text = ""
+        self.ssl_context = None
+        if ca is not None:
+            import ssl
+
+            self.ssl_context = ssl.create_default_context(cafile=ca)
+
+    def health(self, timeout: float = 5) -> dict[str, Any]:
+        import urllib.request
+
+        with urllib.request.urlopen(
+            self.http + "/health", timeout=timeout, context=self.ssl_context
+        ) as response:
+            return json.loads(response.read())
+
+    def rss_mib(self) -> float:
+        """The gateway process's resident set size, from /proc."""
+        with open(f"/proc/{self.proc.pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc.stderr and not self.proc.stderr.closed:
+            self.stderr_text = self.proc.stderr.read()  # what it logged, for the test
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream:
+                stream.close()
+        return self.proc.returncode

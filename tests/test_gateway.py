@@ -11,7 +11,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 
@@ -54,9 +53,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
 from opentelemetry.trace import Status, StatusCode  # noqa: E402
 
 from mixpanel_otel.sink import Sink  # noqa: E402
+from tests.helpers import GatewayProcess  # noqa: E402
 
-TOKEN = "test-token"
-_READY = re.compile(r"gRPC on (\S+), OTLP/HTTP on (\S+) ")
 _LOGS_EXPORT = "/opentelemetry.proto.collector.logs.v1.LogsService/Export"
 
 RULES = """
@@ -72,76 +70,6 @@ outcome = "@status"
 [rule.union]
 services = "service.name"
 """
-
-
-class GatewayProcess:
-    """One ``mixpanel-otel gateway`` subprocess on free loopback ports."""
-
-    def __init__(self, sink: Sink, *args: str, env: Optional[dict[str, str]] = None) -> None:
-        environment = dict(
-            os.environ,
-            MIXPANEL_TOKEN=TOKEN,
-            MIXPANEL_API_HOST=sink.url,
-            PYTHONUNBUFFERED="1",
-            **(env or {}),
-        )
-        options = {
-            "--grpc-port": "0",
-            "--http-port": "0",
-            "--flush-interval": "0.05",
-            "--backoff-base": "0.05",
-            "--backoff-max": "0.3",
-            "--ack-timeout": "1",
-        }
-        given = dict(zip(args[::2], args[1::2]))
-        options.update(given)
-        command = [sys.executable, "-m", "mixpanel_otel._cli", "gateway"]
-        for name, value in options.items():
-            command += [name] if value == "" else [name, value]
-        self.proc = subprocess.Popen(
-            command,
-            env=environment,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
-        match = _READY.search(line)
-        if not match:
-            self.proc.kill()
-            raise AssertionError(f"gateway did not start: {line!r} {self.proc.stderr.read()!r}")
-        self.grpc, self.http = match.group(1), match.group(2)
-
-    def health(self) -> dict[str, Any]:
-        with urllib.request.urlopen(self.http + "/health", timeout=5) as response:
-            return json.loads(response.read())
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream:
-                stream.close()
-        return self.proc.returncode
-
-
-@pytest.fixture
-def start_gateway():
-    started: list[GatewayProcess] = []
-
-    def start(sink: Sink, *args: str, env: Optional[dict[str, str]] = None) -> GatewayProcess:
-        gateway = GatewayProcess(sink, *args, env=env)
-        started.append(gateway)
-        return gateway
-
-    yield start
-    for gateway in started:
-        gateway.stop()
 
 
 def _log_exporter(protocol: str, gateway: GatewayProcess, timeout: float = 10) -> Any:

@@ -151,7 +151,12 @@ class Consumer(Intake, Pipeline, Lifecycle):
         self.stats_.add("ignored", count)
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self._token, "<token>")
+        """``text`` without the token or the service-account secret (an upstream may echo them)."""
+        text = text.replace(self._token, "<token>")
+        secret = getattr(self._credentials, "secret", None)
+        if secret:
+            text = text.replace(str(secret), "<secret>")
+        return text
 
     def _check_fork(self) -> None:
         if self._pid != os.getpid():

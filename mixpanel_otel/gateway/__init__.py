@@ -14,9 +14,13 @@ import logging
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from .._config import CONSUMER_OPTIONS
+
+#: The gateway's flush interval unless given (argument or MIXPANEL_OTEL_FLUSH_INTERVAL):
+#: an Export call is answered after delivery, so the interval is its added latency.
+DEFAULT_FLUSH_INTERVAL = 0.2
 
 if TYPE_CHECKING:
     from ._server import Gateway
@@ -24,7 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["Gateway", "add_arguments", "main"]
 
 # Consumer options a command line cannot carry (callables) or the gateway decides itself.
-_NOT_ON_COMMAND_LINE = frozenset(("on_error", "before_send", "flush_on_sigterm"))
+_NOT_ON_COMMAND_LINE = frozenset(("on_error", "before_send", "flush_on_sigterm", "credentials"))
 
 
 def __getattr__(name: str) -> Any:
@@ -75,8 +79,70 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-request-bytes",
         type=int,
-        default=16 * 1024 * 1024,
-        help="largest request, before and after decompression (default 16 MiB)",
+        default=4 * 1024 * 1024,
+        help="largest request, before and after decompression (default 4 MiB)",
+    )
+    parser.add_argument(
+        "--max-inflight-bytes",
+        type=int,
+        default=8 * 1024 * 1024,
+        help="decoded request bytes being parsed at once, across calls; a parsed request "
+        "takes up to ~30 times its size (default 8 MiB; at least --max-request-bytes)",
+    )
+    parser.add_argument(
+        "--max-records",
+        type=int,
+        default=50_000,
+        help="log records or spans in one request; more: 400 (default 50000)",
+    )
+    parser.add_argument(
+        "--max-attributes",
+        type=int,
+        default=128,
+        help="attributes of one record, event, link or resource; a record over it is "
+        "rejected in partial_success (default 128, as OTEL_ATTRIBUTE_COUNT_LIMIT)",
+    )
+    security = parser.add_argument_group(
+        "security",
+        "TLS, bearer tokens and the operation policy (docs/gateway.md, 'Securing the gateway')",
+    )
+    for flag, variable, what in (
+        (
+            "--tls-cert",
+            "MIXPANEL_OTEL_GATEWAY_TLS_CERT",
+            "PEM certificate (chain): TLS on both ports",
+        ),
+        ("--tls-key", "MIXPANEL_OTEL_GATEWAY_TLS_KEY", "PEM private key of --tls-cert"),
+        (
+            "--tls-client-ca",
+            "MIXPANEL_OTEL_GATEWAY_TLS_CLIENT_CA",
+            "PEM CA certificates: callers must present a certificate they sign (mutual TLS)",
+        ),
+        (
+            "--auth-token-file",
+            "MIXPANEL_OTEL_GATEWAY_AUTH_TOKEN_FILE",
+            "file of bearer tokens, one per line, re-read on SIGHUP; callers send "
+            "'authorization: Bearer <token>' (tokens may also come from "
+            "MIXPANEL_OTEL_GATEWAY_AUTH_TOKENS, comma-separated)",
+        ),
+    ):
+        security.add_argument(flag, default=_env(variable, None), help=f"{what} (env {variable})")
+    security.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="listen on a non-loopback address with neither client certificates nor tokens",
+    )
+    security.add_argument(
+        "--allow-ops",
+        default=_env("MIXPANEL_OTEL_GATEWAY_ALLOW_OPS", None),
+        help="operations forwarded, comma-separated (default: all but $delete; 'all' for "
+        "every one) (env MIXPANEL_OTEL_GATEWAY_ALLOW_OPS)",
+    )
+    security.add_argument(
+        "--group-keys",
+        default=_env("MIXPANEL_OTEL_GATEWAY_GROUP_KEYS", None),
+        help="group keys forwarded, comma-separated (default: any) "
+        "(env MIXPANEL_OTEL_GATEWAY_GROUP_KEYS)",
     )
     parser.add_argument(
         "--token", help="Mixpanel project token (prefer the MIXPANEL_TOKEN environment variable)"
@@ -87,10 +153,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level", default="INFO", help="the gateway's own log level (default INFO)"
     )
-    for name, (env, default, _parse) in CONSUMER_OPTIONS.items():
+    for name, (env, library_default, _parse) in CONSUMER_OPTIONS.items():
         if name in _NOT_ON_COMMAND_LINE:
             continue
         where = f"env {env}; " if env else ""
+        # The gateway's own flush interval: it adds to every answer's latency.
+        default = DEFAULT_FLUSH_INTERVAL if name == "flush_interval" else library_default
         parser.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,
@@ -124,7 +192,13 @@ def main(args: argparse.Namespace) -> int:
     }
     if args.region:
         options["region"] = args.region
+    from ._security import Tokens
+
+    def _names(text: Optional[str]) -> Optional[list[str]]:
+        return None if text is None else text.split(",")
+
     try:
+        tokens = Tokens(args.auth_token_file, os.environ.get("MIXPANEL_OTEL_GATEWAY_AUTH_TOKENS"))
         gateway = Gateway(
             args.token,
             api_host=args.api_host,
@@ -135,6 +209,16 @@ def main(args: argparse.Namespace) -> int:
             ack_timeout=args.ack_timeout,
             max_concurrent=args.max_concurrent,
             max_request_bytes=args.max_request_bytes,
+            max_inflight_bytes=args.max_inflight_bytes,
+            max_records=args.max_records,
+            max_attributes=args.max_attributes,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+            tokens=tokens,
+            allow_unauthenticated=args.allow_unauthenticated,
+            allow_ops=_names(args.allow_ops),
+            group_keys=_names(args.group_keys),
             flush_on_sigterm=False,  # the gateway stops itself on SIGTERM
             **options,
         )
@@ -143,12 +227,17 @@ def main(args: argparse.Namespace) -> int:
         return 2
 
     stop_requested: list[int] = []
+    reload_requested: list[int] = []
 
     def on_signal(signum: int, frame: Any) -> None:
         stop_requested.append(signum)  # only a flag: the main loop below notices it
 
+    def on_hangup(signum: int, frame: Any) -> None:
+        reload_requested.append(signum)
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     gateway.start()
     print(
         f"mixpanel-otel gateway: OTLP/gRPC on {gateway.grpc_address}, "
@@ -158,6 +247,17 @@ def main(args: argparse.Namespace) -> int:
     )
     while not stop_requested:
         gateway.wait(0.2)
+        if reload_requested:
+            reload_requested.clear()
+            try:
+                count = gateway.reload_tokens()
+                logging.getLogger("mixpanel_otel.gateway").info(
+                    "mixpanel-otel gateway: SIGHUP: %d bearer token(s) loaded", count
+                )
+            except MixpanelException as exc:
+                logging.getLogger("mixpanel_otel.gateway").error(
+                    "mixpanel-otel gateway: SIGHUP: %s; the previous tokens stay", exc
+                )
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     print("mixpanel-otel gateway: stopping", flush=True)

@@ -1,8 +1,11 @@
 """OTLP/HTTP: ``POST /v1/logs`` and ``/v1/traces`` (protobuf or JSON, gzip), ``GET /health``.
 
-Stdlib ``http.server``, one thread per connection. A body is read only
-after its Export call gets a slot, with its size checked before reading and
-while decompressing, so a large or hostile body costs other requests nothing.
+Stdlib ``http.server``, one thread per connection (at most
+``_MAX_CONNECTIONS``). Callers are checked first (bearer token, ``Host``
+on an unauthenticated loopback gateway), then the body is read whole, within
+a deadline that grows with its size, *before* its Export call takes a slot:
+a slow sender holds a thread, never a slot. Bodies being received share a
+byte cap; decoding shares the ingest's memory budget.
 """
 
 from __future__ import annotations
@@ -11,13 +14,20 @@ import json
 import logging
 import math
 import socket
-import zlib
+import ssl
+import sys
+import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from socketserver import TCPServer
+from time import monotonic
 from typing import Any, Callable, Optional
 
+from .._body import BodyError, BodyTimeout, BodyTooLarge, read_body
 from ._ingest import Answer, Ingest, Outcome
-from ._otlp import LOGS, TRACES, BadRequest, Signal, TooLarge, status_body
+from ._limits import Budget
+from ._otlp import LOGS, TRACES, Signal, status_body
+from ._security import Throttle, Tokens, loopback_host
 
 __all__ = ["HttpServer"]
 
@@ -40,25 +50,15 @@ _HTTP_STATUS = {
     Outcome.UNAVAILABLE: HTTPStatus.SERVICE_UNAVAILABLE,
     Outcome.STOPPING: HTTPStatus.SERVICE_UNAVAILABLE,
 }
-_READ_CHUNK = 1 << 16
-_SOCKET_TIMEOUT = 30.0  # a client that stops sending mid-request loses its thread after this
+_SOCKET_TIMEOUT = 30.0  # an idle keep-alive connection, or a stalled header, ends after this
+_BODY_GRACE = 10.0  # every body gets this long, plus its size at _MIN_RATE
+_MIN_RATE = 64 * 1024  # bytes/s a sender must keep up, on average, for a whole body
+_HANDSHAKE_TIMEOUT = 10.0
+_MAX_CONNECTIONS = 512
 
 
-def gunzip(data: bytes, limit: int) -> bytes:
-    """Decompress gzip (one or more members), refusing to produce more than ``limit`` bytes."""
-    out = bytearray()
-    while data:
-        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        try:
-            out += inflater.decompress(data, limit + 1 - len(out))
-        except zlib.error as exc:
-            raise BadRequest(f"body is not valid gzip: {exc}") from None
-        if len(out) > limit or inflater.unconsumed_tail:
-            raise TooLarge(f"body decompresses to more than {limit} bytes")
-        if not inflater.eof:
-            raise BadRequest("body is truncated gzip")
-        data = inflater.unused_data
-    return bytes(out)
+class _ReceiveFull(Exception):
+    """The bytes of bodies being received are at their cap."""
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -66,6 +66,12 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "mixpanel-otel-gateway"
     timeout = _SOCKET_TIMEOUT
     server: HttpServer
+
+    def setup(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.settimeout(_HANDSHAKE_TIMEOUT)
+            self.request.do_handshake()  # here, in this connection's thread, not in accept()
+        super().setup()
 
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("http %s - %s", self.address_string(), format % args)
@@ -99,9 +105,10 @@ class _Handler(BaseHTTPRequestHandler):
         message: str,
         json_encoding: bool = False,
         retry_after: Optional[float] = None,
+        headers: Optional[dict[str, str]] = None,
     ) -> None:
         """An OTLP error: a ``google.rpc.Status`` body in the request's encoding."""
-        headers = {}
+        headers = dict(headers or {})
         if retry_after is not None:
             headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
         if json_encoding:
@@ -117,53 +124,63 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(status, status_body(code, message, retry_after), _PROTOBUF, headers)
 
-    def _read_body(self) -> bytes:
-        limit = self.server.max_request_bytes
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            return self._read_chunked(limit)
-        length_text = self.headers.get("Content-Length")
-        if length_text is None:
-            raise BadRequest("Content-Length (or chunked encoding) is required")
-        try:
-            length = int(length_text)
-        except ValueError:
-            raise BadRequest(f"Content-Length {length_text[:20]!r} is not a number") from None
-        if length < 0:
-            raise BadRequest("negative Content-Length")
-        if length > limit:
-            self.close_connection = True  # the body stays unread
-            raise TooLarge(f"body of {length} bytes is over the limit of {limit} bytes")
-        data = self.rfile.read(length)
-        if len(data) != length:
+    def _refuse_caller(self, json_encoding: bool) -> bool:
+        """Answer a caller that may not call (wrong ``Host``, missing or wrong token)."""
+        server = self.server
+        if server.check_host and not loopback_host(self.headers.get("Host")):
+            server.ingest.count(unauthenticated=1)
+            server.client_error("host", f"refused Host {self.headers.get('Host', '')[:80]!r}")
             self.close_connection = True
-            raise BadRequest("body shorter than Content-Length")
-        return data
+            self._error(
+                403,
+                7,
+                "this gateway answers only to a loopback Host (no authentication)",
+                json_encoding,
+            )
+            return True
+        if not server.tokens.allows(self.headers.get("Authorization")):
+            server.ingest.count(unauthenticated=1)
+            server.client_error(
+                "auth", f"missing or wrong bearer token from {self.client_address[0]}"
+            )
+            self.close_connection = True  # the body stays unread
+            self._error(
+                401,
+                16,
+                "missing or wrong bearer token",
+                json_encoding,
+                headers={"WWW-Authenticate": 'Bearer realm="mixpanel-otel-gateway"'},
+            )
+            return True
+        return False
 
-    def _read_chunked(self, limit: int) -> bytes:
-        body = bytearray()
-        while True:
-            line = self.rfile.readline(1024)
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                self.close_connection = True
-                raise BadRequest("bad chunk size in chunked body") from None
-            if size == 0:
-                while self.rfile.readline(1024).strip():  # trailers
-                    pass
-                return bytes(body)
-            if len(body) + size > limit:
-                self.close_connection = True
-                raise TooLarge(f"chunked body over the limit of {limit} bytes")
-            body += self.rfile.read(size)
-            self.rfile.readline(16)  # CRLF after the chunk
+    def _receive(self, held: list[int]) -> bytes:
+        """The whole body, within its deadline, counted against the bytes of bodies held.
 
-    def _decoded_body(self) -> bytes:
-        data = self._read_body()
-        encoding = self.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding == "gzip":
-            return gunzip(data, self.server.max_request_bytes)
-        return data
+        ``held[0]`` is what this request holds; the caller releases it once done.
+        """
+        server = self.server
+        limit = server.max_request_bytes
+        declared = self.headers.get("Content-Length", "")
+        expected = int(declared) if declared.strip().isdigit() else limit
+        deadline = monotonic() + _BODY_GRACE + min(expected, limit) / _MIN_RATE
+
+        def count(size: int) -> None:
+            if not server.receiving.try_acquire(size):
+                raise _ReceiveFull
+            held[0] += size
+
+        try:
+            return read_body(
+                self.rfile,
+                self.headers,
+                limit,
+                sock=self.connection,
+                deadline=deadline,
+                count=count,
+            )
+        finally:
+            self.connection.settimeout(self.timeout)  # the keep-alive wait for the next request
 
     # -- methods ----------------------------------------------------------------------
 
@@ -192,9 +209,41 @@ class _Handler(BaseHTTPRequestHandler):
                 415, 3, f"unsupported Content-Encoding {encoding[:40]!r}: use gzip", json_encoding
             )
             return
+        if self._refuse_caller(json_encoding):
+            return
+        held = [0]
+        try:
+            self._export(signal, json_encoding, encoding, held)
+        finally:
+            self.server.receiving.release(held[0])
+
+    def _export(self, signal: Signal, json_encoding: bool, encoding: str, held: list[int]) -> None:
+        try:
+            body = self._receive(held)
+        except _ReceiveFull:
+            self.close_connection = True
+            self.server.ingest.count(overloaded=1)
+            self._error(
+                429, 8, "too many request bodies being received at once", json_encoding, 1.0
+            )
+            return
+        except BodyError as exc:
+            self.close_connection = True
+            self.server.ingest.count(invalid_requests=1)
+            self.server.client_error("body", f"{exc} from {self.client_address[0]}")
+            if isinstance(exc, BodyTimeout):
+                return  # the sender is too slow to read an answer either
+            if isinstance(exc, BodyTooLarge):
+                self._error(413, 8, str(exc), json_encoding)
+            else:
+                self._error(400, 3, str(exc), json_encoding)
+            return
         answer: Answer = self.server.ingest.export(
-            signal, b"", json_encoding, read=self._decoded_body
+            signal, body, json_encoding, gzip=encoding == "gzip"
         )
+        del body
+        self.server.receiving.release(held[0])
+        held[0] = 0
         if answer.outcome is Outcome.OK:
             body = signal.response_bytes(answer.rejected, answer.message, json_encoding)
             self._send(200, body, _JSON if json_encoding else _PROTOBUF)
@@ -211,6 +260,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
+        server = self.server
+        if server.check_host and not loopback_host(self.headers.get("Host")):
+            server.ingest.count(unauthenticated=1)
+            self.close_connection = True
+            self._error(403, 7, "this gateway answers only to a loopback Host (no authentication)")
+            return
         if path in ("/health", "/healthz", "/"):
             healthy, document = self.server.health()
             body = json.dumps(document, indent=1, sort_keys=True).encode()
@@ -224,7 +279,20 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class HttpServer(ThreadingHTTPServer):
-    """The OTLP/HTTP listener; ``serve_forever`` in a thread, ``shutdown`` to stop accepting."""
+    """The OTLP/HTTP listener; ``serve_forever`` in a thread, ``shutdown`` to stop accepting.
+
+    Args:
+        address: where to listen.
+        ingest: runs the Export calls.
+        health: the ``/health`` document.
+        max_request_bytes: largest body, before and after decompression.
+        tokens: the bearer tokens callers must present (none: no token needed).
+        tls: the TLS context (mutual TLS when it requires client certificates).
+        check_host: accept only loopback ``Host`` values (a gateway on loopback
+            without authentication, against DNS rebinding).
+        receiving: the cap on bytes of bodies being received at once.
+        throttle: limits the log lines about misbehaving clients.
+    """
 
     daemon_threads = True  # the gateway waits for Export calls itself, with a bound
     request_queue_size = 128
@@ -235,9 +303,61 @@ class HttpServer(ThreadingHTTPServer):
         ingest: Ingest,
         health: Callable[[], tuple[bool, dict[str, Any]]],
         max_request_bytes: int,
+        tokens: Optional[Tokens] = None,
+        tls: Optional[ssl.SSLContext] = None,
+        check_host: bool = False,
+        receiving: Optional[Budget] = None,
+        throttle: Optional[Throttle] = None,
     ) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.ingest = ingest
         self.health = health
         self.max_request_bytes = max_request_bytes
+        self.tokens = tokens or Tokens()
+        self.check_host = check_host
+        self.receiving = receiving or Budget(16 * max_request_bytes)
+        self.throttle = throttle or Throttle()
+        self._connections = threading.BoundedSemaphore(_MAX_CONNECTIONS)
         super().__init__(address, _Handler)
+        if tls is not None:
+            self.socket = tls.wrap_socket(
+                self.socket, server_side=True, do_handshake_on_connect=False
+            )
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind calls socket.getfqdn(), which can stall on DNS.
+        TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = port
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._connections.acquire(blocking=False):
+            self.client_error("connections", f"over {_MAX_CONNECTIONS} connections: closing one")
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connections.release()
+
+    def client_error(self, kind: str, message: str) -> None:
+        """Log a client's mistake: one line, at most one per kind every few seconds."""
+        now, skipped = self.throttle.allow(kind)
+        if now:
+            more = f" ({skipped} more like it not logged)" if skipped else ""
+            logger.warning("mixpanel-otel gateway: %s%s", message, more)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):  # resets, broken pipes, timeouts, failed TLS handshakes
+            self.client_error(
+                "connection", f"connection from {client_address[0]} ended: {exc!r}"[:300]
+            )
+            return
+        now, _ = self.throttle.allow("internal")
+        if now:
+            logger.exception("mixpanel-otel gateway: error serving %s", client_address[0])

@@ -13,17 +13,25 @@ import enum
 import threading
 from dataclasses import dataclass
 from time import monotonic
-from typing import Callable, Optional
+from typing import Optional
 
 from .._delivery import Consumer
 from .._frontend import FrontEnd
+from .._records import Ingested
+from ._limits import Budget, Limits, check_request, gunzip, gzip_claim, reserve_deadline
 from ._otlp import BadRequest, Signal, TooLarge, decode
+from ._protobuf import parse_request
+from ._security import Policy
 
 __all__ = ["Answer", "Ingest", "Outcome"]
 
 #: Time kept back from a gRPC deadline to send the answer before it expires.
 _DEADLINE_MARGIN = 0.2
 _DEFAULT_RETRY_AFTER = 1.0
+
+
+class _NoRoom(Exception):
+    """No room in the memory budget before the call's deadline."""
 
 
 class Outcome(enum.Enum):
@@ -54,14 +62,28 @@ class Ingest:
         ack_timeout: longest wait for a submission to settle before answering retryable.
         max_concurrent: Export calls handled at once; more are answered "overloaded"
             at once, before their body is decoded.
+        limits: the per-request caps.
+        budget: decoded bytes being parsed and translated across calls
+            (``--max-inflight-bytes``); a call waits for room up to ``ack_timeout``.
+        policy: the operations and group keys forwarded; others are rejected records.
     """
 
     def __init__(
-        self, front: FrontEnd, consumer: Consumer, ack_timeout: float, max_concurrent: int
+        self,
+        front: FrontEnd,
+        consumer: Consumer,
+        ack_timeout: float,
+        max_concurrent: int,
+        limits: Optional[Limits] = None,
+        budget: Optional[Budget] = None,
+        policy: Optional[Policy] = None,
     ) -> None:
         self.front = front
         self.consumer = consumer
         self.ack_timeout = ack_timeout
+        self.limits = limits or Limits()
+        self.budget = budget or Budget(2 * self.limits.max_request_bytes)
+        self.policy = policy or Policy()
         self._slots = threading.BoundedSemaphore(max_concurrent)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -78,13 +100,20 @@ class Ingest:
                 "invalid_requests",
                 "unavailable",
                 "overloaded",
+                "unauthenticated",
+                "refused_by_policy",
+                "over_limits",
             ),
             0,
         )
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return {**self._counts, "in_flight": self._active}
+            return {**self._counts, "in_flight": self._active, "inflight_bytes": self.budget.used}
+
+    def count(self, **counts: int) -> None:
+        """Add to the counters ``/health`` shows (the listeners count refused callers here)."""
+        self._count(**counts)
 
     def _count(self, **counts: int) -> None:
         with self._lock:
@@ -108,11 +137,12 @@ class Ingest:
         body: bytes,
         json_encoding: bool = False,
         deadline: Optional[float] = None,
-        read: Optional[Callable[[], bytes]] = None,
+        gzip: bool = False,
     ) -> Answer:
-        """Handle one Export call whose body is ``body`` (or what ``read()`` returns).
+        """Handle one Export call whose (already received) body is ``body``.
 
-        ``deadline`` is the caller's own (``monotonic()`` time), if it has one.
+        ``gzip``: the body is gzip-compressed. ``deadline`` is the caller's own
+        (``monotonic()`` time), if it has one.
         """
         if self.stopping:
             return Answer(Outcome.STOPPING, message="the gateway is shutting down")
@@ -127,11 +157,14 @@ class Ingest:
             self._active += 1
             self._counts["requests"] += 1
         try:
-            return self._export(signal, body, json_encoding, deadline, read)
+            return self._export(signal, body, json_encoding, deadline, gzip)
         except BadRequest as exc:
             self._count(invalid_requests=1)
             outcome = Outcome.TOO_LARGE if isinstance(exc, TooLarge) else Outcome.INVALID
             return Answer(outcome, message=str(exc))
+        except RecursionError:
+            self._count(invalid_requests=1)
+            return Answer(Outcome.INVALID, message="the request is nested too deeply")
         finally:
             self._slots.release()
             with self._lock:
@@ -139,24 +172,76 @@ class Ingest:
                 if not self._active:
                     self._idle.notify_all()
 
+    def _decoded(
+        self, signal: Signal, body: bytes, json_encoding: bool, gzip: bool, deadline: float
+    ) -> tuple[Ingested, int, list[str]]:
+        """Decompress, parse, check and translate ``body`` within the memory budget."""
+        limit = self.limits.max_request_bytes
+        size = gzip_claim(body, limit) if gzip else len(body)
+        if size > limit:
+            raise TooLarge(f"body decompresses to more than {limit} bytes")
+        budget = self.budget
+        if not budget.acquire(size, deadline):
+            raise _NoRoom
+        held = size
+        try:
+            if gzip:
+                try:
+                    body = gunzip(body, size)
+                except TooLarge:
+                    if size >= limit:
+                        raise
+                    # The size trailer understated it (or several gzip members): reserve
+                    # the rest of the limit and inflate again.
+                    if not budget.acquire(limit - size, deadline):
+                        raise _NoRoom from None
+                    held = limit
+                    body = gunzip(body, limit)
+            if json_encoding:
+                request = decode(signal, body, True)
+                removed, reasons = check_request(signal, request, self.limits)
+            else:
+                request, removed, reasons = parse_request(signal, body, self.limits)
+            del body
+            result = self.front.walker(signal.adapter).read(signal.records(request))
+            return result, removed, reasons
+        finally:
+            budget.release(held)
+
     def _export(
         self,
         signal: Signal,
         body: bytes,
         json_encoding: bool,
         deadline: Optional[float],
-        read: Optional[Callable[[], bytes]],
+        gzip: bool,
     ) -> Answer:
-        if read is not None:
-            body = read()
-        request = decode(signal, body, json_encoding)
-        result = self.front.walker(signal.adapter).read(signal.records(request))
-        self._count(records=result.records, updates=len(result.updates))
-        rejected, reasons = result.rejected, list(result.reasons)
+        try:
+            result, removed, over = self._decoded(
+                signal, body, json_encoding, gzip, reserve_deadline(deadline, self.ack_timeout)
+            )
+        except _NoRoom:
+            self._count(overloaded=1)
+            return Answer(
+                Outcome.OVERLOADED,
+                message="the gateway's memory budget is in use (--max-inflight-bytes)",
+                retry_after=_DEFAULT_RETRY_AFTER,
+            )
+        records = result.records + removed
+        self._count(records=records, over_limits=removed)
+        rejected, reasons = result.rejected + removed, list(result.reasons)
         if result.rejected:
             reasons.insert(0, f"{result.rejected} {signal.name} record(s) with invalid group data")
-        if result.updates:
-            receipt = self.consumer.submit(result.updates)
+        if removed:
+            reasons.append(f"{removed} {signal.name} record(s) over a limit: {'; '.join(over)}")
+        updates, refused, why = self.policy.split(result.updates)
+        if refused:
+            self._count(refused_by_policy=refused)
+            rejected = min(records, rejected + refused)
+            reasons.append(f"{refused} update(s) refused by the gateway's policy: {'; '.join(why)}")
+        self._count(updates=len(updates))
+        if updates:
+            receipt = self.consumer.submit(updates)
             if receipt.refused:
                 return self._retry(receipt.retry_after, "; ".join(receipt.errors), overloaded=True)
             timeout = self.ack_timeout
@@ -165,7 +250,7 @@ class Ingest:
             if not receipt.wait(max(0.0, timeout)):
                 return self._retry(
                     receipt.retry_after,
-                    f"{len(result.updates)} update(s) not delivered within {timeout:.1f} s"
+                    f"{len(updates)} update(s) not delivered within {timeout:.1f} s"
                     + (f": {'; '.join(receipt.errors)}" if receipt.errors else ""),
                 )
             if receipt.dropped:
@@ -175,7 +260,7 @@ class Ingest:
                 )
             if receipt.failed:
                 self._count(failed_updates=receipt.failed)
-                rejected = min(result.records, rejected + receipt.failed)
+                rejected = min(records, rejected + receipt.failed)
                 reasons.append(
                     f"{receipt.failed} update(s) refused by Mixpanel: {'; '.join(receipt.errors)}"
                 )

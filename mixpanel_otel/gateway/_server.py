@@ -2,26 +2,36 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import socket
 import threading
+from collections.abc import Iterable
 from typing import Any, Optional
+
+import grpc
 
 from .._delivery import Consumer
 from .._exceptions import MixpanelException
 from .._frontend import FrontEnd, open_consumer
-from ._grpc import make_grpc_server
+from . import DEFAULT_FLUSH_INTERVAL
+from ._grpc import GrpcServer
 from ._http import HttpServer
 from ._ingest import Ingest
+from ._limits import (
+    DEFAULT_MAX_ATTRIBUTES,
+    DEFAULT_MAX_INFLIGHT_BYTES,
+    DEFAULT_MAX_RECORDS,
+    DEFAULT_MAX_REQUEST_BYTES,
+    Budget,
+    Limits,
+)
+from ._security import Policy, Throttle, Tokens, is_loopback, read_file, server_tls
 
-__all__ = ["Gateway"]
+__all__ = ["Gateway", "ListenError"]
 
 logger = logging.getLogger("mixpanel_otel.gateway")
-
-DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
-#: The gateway's flush interval unless given (argument or MIXPANEL_OTEL_FLUSH_INTERVAL):
-#: an Export call is answered after delivery, so the interval is its added latency.
-DEFAULT_FLUSH_INTERVAL = 0.2
 
 
 class Gateway:
@@ -36,6 +46,18 @@ class Gateway:
         max_concurrent: Export calls handled at once per protocol; more are answered
             "overloaded" (HTTP 429, gRPC RESOURCE_EXHAUSTED).
         max_request_bytes: largest request body, before and after decompression.
+        max_inflight_bytes: decoded bytes being parsed and translated at once, across
+            calls (worst case, a parsed request takes about 30 times its size).
+        max_records: log records or spans in one request; more: the request is invalid.
+        max_attributes: attributes of one record, event, link or resource (and 8 times
+            as many values in a record, nested ones included); a record over it is
+            rejected (partial success).
+        tls_cert, tls_key: PEM files: both listeners speak TLS.
+        tls_client_ca: PEM file of the CA that signs client certificates: mutual TLS.
+        tokens: bearer tokens callers must present (:class:`Tokens`).
+        allow_unauthenticated: listen on a non-loopback address with neither
+            client certificates nor tokens (otherwise refused).
+        allow_ops, group_keys: the operation policy (:class:`Policy`).
         options: consumer options (``flush_interval``, ``spool_dir``, ...);
             ``flush_interval`` defaults to 0.2 s here, as it adds to every answer's latency.
     """
@@ -52,8 +74,38 @@ class Gateway:
         ack_timeout: float = 5.0,
         max_concurrent: int = 32,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+        max_records: int = DEFAULT_MAX_RECORDS,
+        max_attributes: int = DEFAULT_MAX_ATTRIBUTES,
+        tls_cert: Optional[str] = None,
+        tls_key: Optional[str] = None,
+        tls_client_ca: Optional[str] = None,
+        tokens: Optional[Tokens] = None,
+        allow_unauthenticated: bool = False,
+        allow_ops: Optional[Iterable[str]] = None,
+        group_keys: Optional[Iterable[str]] = None,
         **options: Any,
     ) -> None:
+        tokens = tokens or Tokens()
+        _check_security(host, tls_cert, tls_key, tls_client_ca, tokens, allow_unauthenticated)
+        if max_inflight_bytes < max_request_bytes:
+            raise MixpanelException(
+                f"--max-inflight-bytes ({max_inflight_bytes}) must be at least "
+                f"--max-request-bytes ({max_request_bytes})"
+            )
+        policy = Policy(allow_ops, group_keys)
+        http_tls = grpc_credentials = None
+        if tls_cert and tls_key:
+            http_tls = server_tls(tls_cert, tls_key, tls_client_ca)
+            grpc_credentials = grpc.ssl_server_credentials(
+                [(read_file(tls_key, "--tls-key"), read_file(tls_cert, "--tls-cert"))],
+                root_certificates=(
+                    read_file(tls_client_ca, "--tls-client-ca") if tls_client_ca else None
+                ),
+                require_client_auth=bool(tls_client_ca),
+            )
+        for port, what in ((grpc_port, "--grpc-port"), (http_port, "--http-port")):
+            _probe(host, port, what)
         if options.get("flush_interval") is None and not os.environ.get(
             "MIXPANEL_OTEL_FLUSH_INTERVAL"
         ):
@@ -64,14 +116,56 @@ class Gateway:
             raise MixpanelException(f"cannot run disabled: {getattr(consumer, 'reason', '')}")
         self.consumer: Consumer = consumer
         self.front = FrontEnd(None, None, consumer, rules, {})
-        self.ingest = Ingest(self.front, consumer, ack_timeout, max_concurrent)
-        self._grpc, port = make_grpc_server(
-            host, grpc_port, self.ingest, max_concurrent, max_request_bytes
+        limits = Limits(max_request_bytes, max_records, max_attributes)
+        self.ingest = Ingest(
+            self.front,
+            consumer,
+            ack_timeout,
+            max_concurrent,
+            limits=limits,
+            budget=Budget(max_inflight_bytes),
+            policy=policy,
         )
-        self._http = HttpServer((host, http_port), self.ingest, self.health, max_request_bytes)
+        self.tokens = tokens
+        throttle = Throttle()
+        try:
+            self._grpc = GrpcServer(
+                host,
+                grpc_port,
+                self.ingest,
+                max_concurrent,
+                max_request_bytes,
+                tokens=tokens,
+                credentials=grpc_credentials,
+                throttle=throttle,
+            )
+        except OSError as exc:
+            consumer.shutdown(0)
+            raise ListenError(_listen_problem(host, grpc_port, "--grpc-port", exc)) from None
+        try:
+            self._http = HttpServer(
+                (host, http_port),
+                self.ingest,
+                self.health,
+                max_request_bytes,
+                tokens=tokens,
+                tls=http_tls,
+                check_host=is_loopback(host) and not tokens.required and not tls_client_ca,
+                throttle=throttle,
+            )
+        except OSError as exc:
+            self._grpc.close()
+            consumer.shutdown(0)
+            raise ListenError(_listen_problem(host, http_port, "--http-port", exc)) from None
         shown = f"[{host}]" if ":" in host else host
-        self.grpc_address = f"{shown}:{port}"
-        self.http_url = f"http://{shown}:{self._http.server_address[1]}"
+        scheme = "https" if http_tls else "http"
+        self.grpc_address = f"{shown}:{self._grpc.port}"
+        self.http_url = f"{scheme}://{shown}:{self._http.server_address[1]}"
+        self.security = {
+            "tls": "mutual" if tls_client_ca else ("on" if http_tls else "off"),
+            "tokens": tokens.required,
+            **policy.describe(),
+        }
         self._http_thread: Optional[threading.Thread] = None
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
@@ -101,6 +195,7 @@ class Gateway:
             "gateway": self.ingest.stats(),
             "consumer": self.consumer.stats(),
             "delivery": self.consumer.health.describe(),  # failing for how long, and why
+            "security": self.security,
         }
         return status != "stopping", document
 
@@ -125,8 +220,9 @@ class Gateway:
                     "mixpanel-otel gateway: Export calls still in flight after %.1f s", bound
                 )
             delivered = self.consumer.shutdown(bound)
-            self._grpc.stop(0)
+            self._grpc.stop(0).wait(1.0)
             grace.wait(1.0)
+            self._grpc.close()
             self._http.server_close()
             self._stopped.set()
             return idle and delivered
@@ -134,3 +230,66 @@ class Gateway:
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Block until :meth:`stop` has finished."""
         return self._stopped.wait(timeout)
+
+    def reload_tokens(self) -> int:
+        """Re-read the token file (SIGHUP); the old tokens stay if it cannot be read."""
+        return self.tokens.reload()
+
+
+class ListenError(MixpanelException):
+    """A listener cannot bind its address; the text names the address and the option."""
+
+
+def _check_security(
+    host: str,
+    tls_cert: Optional[str],
+    tls_key: Optional[str],
+    tls_client_ca: Optional[str],
+    tokens: Tokens,
+    allow_unauthenticated: bool,
+) -> None:
+    if bool(tls_cert) != bool(tls_key):
+        raise MixpanelException("--tls-cert and --tls-key go together: give both or neither")
+    if tls_client_ca and not tls_cert:
+        raise MixpanelException("--tls-client-ca needs --tls-cert and --tls-key")
+    if is_loopback(host):
+        return
+    if not (tls_client_ca or tokens.required or allow_unauthenticated):
+        raise MixpanelException(
+            f"refusing to listen on {host} without authentication: anyone who can reach it "
+            "could write or delete group profiles. Give --tls-client-ca (mutual TLS) or "
+            "--auth-token-file / MIXPANEL_OTEL_GATEWAY_AUTH_TOKENS, or --allow-unauthenticated "
+            "on a network you trust"
+        )
+    if tokens.required and not tls_cert:
+        logger.warning(
+            "mixpanel-otel gateway: bearer tokens without TLS on %s travel in clear text "
+            "(give --tls-cert and --tls-key)",
+            host,
+        )
+
+
+def _probe(host: str, port: int, what: str) -> None:
+    """Raise :class:`ListenError` now if ``host:port`` is taken (gRPC would only log it)."""
+    if not port:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as both servers do
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ListenError(_listen_problem(host, port, what, exc)) from None
+
+
+def _listen_problem(host: str, port: int, what: str, exc: OSError) -> str:
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"cannot listen on {shown}: the port is in use (another gateway? choose another {what})"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {shown}: no such address on this machine"
+    if exc.errno == errno.EACCES:
+        return f"cannot listen on {shown}: permission denied (a port below 1024?)"
+    return f"cannot listen on {shown}: {exc.strerror or exc}"

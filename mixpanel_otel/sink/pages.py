@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 import sqlite3
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional
@@ -327,6 +328,23 @@ def _profile_page(
     return cells, summary, pager
 
 
+_TOKEN_IN_TEXT = re.compile(r'("\$token"\s*:\s*)"[^"]*"')
+
+
+def _redacted(message: Any) -> Any:
+    """``message`` with its ``$token`` shown as ``<token>``: pages never show the token."""
+    if isinstance(message, str):
+        return _TOKEN_IN_TEXT.sub(r'\1"<token>"', message)
+    if isinstance(message, dict):
+        return {
+            name: "<token>" if name == "$token" else _redacted(value)
+            for name, value in message.items()
+        }
+    if isinstance(message, list):
+        return [_redacted(item) for item in message]
+    return message
+
+
 def _contains(needle: str) -> Callable[[str], bool]:
     folded = needle.casefold()
     return lambda text: folded in text.casefold()
@@ -339,7 +357,7 @@ def _message_rows(store: Reader, query: dict[str, str]) -> tuple[list[list[Cell]
     matches = _contains(wanted)
     cells: list[list[Cell]] = []
     for item in store.recent_messages(endpoint, scan):
-        text = _compact(item["message"])
+        text = _compact(_redacted(item["message"]))
         if wanted and not matches(text):
             continue
         cells.append(
@@ -361,7 +379,7 @@ def _rejected_rows(store: Reader, query: dict[str, str]) -> tuple[list[list[Cell
     cells: list[list[Cell]] = []
     limit = _SCAN_LIMIT if wanted else _MESSAGE_LIMIT
     for item in store.rejected(query.get("endpoint") or None, limit):
-        message = item["message"]
+        message = _redacted(item["message"])
         text = message if isinstance(message, str) else _compact(message)
         if wanted and not (matches(text) or matches(item["reason"])):
             continue

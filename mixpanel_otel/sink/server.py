@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from socketserver import TCPServer
 from typing import TYPE_CHECKING, Any, Optional
 
+from .._body import BodyTooLarge, read_chunked
 from .faults import Fault
 from .protocol import MAX_BODY_BYTES, TOO_LARGE
 
@@ -146,21 +147,14 @@ class _Handler(BaseHTTPRequestHandler):
             return 0
 
     def _read_chunked(self) -> Optional[bytes]:
-        """Read a chunked body; None when it grows past the size limit."""
-        parts: list[bytes] = []
-        total = 0
-        while True:
-            size_line = self.rfile.readline(1024)
-            size = int(size_line.split(b";", 1)[0].strip() or b"0", 16)
-            if size == 0:
-                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                    pass  # trailers
-                return b"".join(parts)
-            total += size
-            if total > MAX_BODY_BYTES:
-                return None
-            parts.append(self.rfile.read(size))
-            self.rfile.readline(1024)
+        """Read a chunked body; None when it grows past the size limit.
+
+        Malformed framing (a negative or non-hex chunk size) raises ``ValueError``.
+        """
+        try:
+            return read_chunked(self.rfile, MAX_BODY_BYTES)
+        except BodyTooLarge:
+            return None
 
     def _discard(self, length: int) -> None:
         """Read and throw away an oversized body so the client sees our answer."""

@@ -1,0 +1,137 @@
+"""Reading an HTTP/1.1 request body safely: a size cap, strict chunk framing, a deadline.
+
+Shared by the local sink and the gateway. A chunk-size line must be plain hex
+(a ``-1`` or ``0x10`` is malformed, not "read to the end of the stream"), the
+running total is checked before each chunk is read, and every read waits at
+most until the whole body's deadline.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from time import monotonic
+from typing import Any, Callable, Optional
+
+__all__ = ["BodyError", "BodyTimeout", "BodyTooLarge", "read_body", "read_chunked"]
+
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
+_READ = 1 << 16
+
+
+class BodyError(ValueError):
+    """The body is malformed (bad chunk framing, shorter than declared): answer 400, close."""
+
+
+class BodyTooLarge(BodyError):
+    """The body is over the size limit: answer 413, close."""
+
+
+class BodyTimeout(BodyError):
+    """The body did not arrive before its deadline: close."""
+
+
+class _Reader:
+    """Reads from a buffered socket file, each read bounded by the deadline."""
+
+    def __init__(
+        self,
+        rfile: Any,
+        sock: Optional[socket.socket],
+        deadline: Optional[float],
+        count: Optional[Callable[[int], None]],
+    ) -> None:
+        self.rfile = rfile
+        self.sock = sock
+        self.deadline = deadline
+        self.count = count
+
+    def _arm(self) -> None:
+        if self.deadline is None or self.sock is None:
+            return
+        remaining = self.deadline - monotonic()
+        if remaining <= 0:
+            raise BodyTimeout("the request body did not arrive in time")
+        self.sock.settimeout(remaining)
+
+    def readline(self) -> bytes:
+        self._arm()
+        try:
+            line: bytes = self.rfile.readline(1024)
+        except (socket.timeout, TimeoutError):
+            raise BodyTimeout("the request body did not arrive in time") from None
+        return line
+
+    def read(self, size: int) -> bytes:
+        parts = []
+        while size > 0:
+            self._arm()
+            try:
+                data: bytes = self.rfile.read1(min(size, _READ))
+            except (socket.timeout, TimeoutError):
+                raise BodyTimeout("the request body did not arrive in time") from None
+            if not data:
+                raise BodyError("the body ended early (connection closed)")
+            if self.count is not None:
+                self.count(len(data))
+            parts.append(data)
+            size -= len(data)
+        return b"".join(parts)
+
+
+def read_chunked(
+    rfile: Any,
+    limit: int,
+    *,
+    sock: Optional[socket.socket] = None,
+    deadline: Optional[float] = None,
+    count: Optional[Callable[[int], None]] = None,
+) -> bytes:
+    """A ``Transfer-Encoding: chunked`` body, at most ``limit`` bytes.
+
+    ``count(n)`` is called with each piece read (it may raise to stop the read).
+    """
+    reader = _Reader(rfile, sock, deadline, count)
+    parts: list[bytes] = []
+    total = 0
+    while True:
+        line = reader.readline()
+        if not line.endswith(b"\n"):
+            raise BodyError("bad chunk-size line in chunked body")
+        size_text = line.split(b";", 1)[0].strip()
+        if not _CHUNK_SIZE.fullmatch(size_text):
+            raise BodyError(f"bad chunk size {size_text[:20]!r} in chunked body")
+        size = int(size_text, 16)
+        if size == 0:
+            while reader.readline().strip():  # trailers, up to the empty line
+                pass
+            return b"".join(parts)
+        total += size
+        if total > limit:
+            raise BodyTooLarge(f"chunked body over the limit of {limit} bytes")
+        parts.append(reader.read(size))
+        if reader.readline().strip():
+            raise BodyError("chunk data longer than its declared size")
+
+
+def read_body(
+    rfile: Any,
+    headers: Any,
+    limit: int,
+    *,
+    sock: Optional[socket.socket] = None,
+    deadline: Optional[float] = None,
+    count: Optional[Callable[[int], None]] = None,
+) -> bytes:
+    """The request body framed by ``headers`` (``Content-Length`` or chunked)."""
+    if "chunked" in headers.get("Transfer-Encoding", "").lower():
+        return read_chunked(rfile, limit, sock=sock, deadline=deadline, count=count)
+    text = headers.get("Content-Length")
+    if text is None:
+        raise BodyError("Content-Length (or chunked encoding) is required")
+    if not text.strip().isdigit():
+        raise BodyError(f"Content-Length {text[:20]!r} is not a non-negative number")
+    length = int(text)
+    if length > limit:
+        raise BodyTooLarge(f"body of {length} bytes is over the limit of {limit} bytes")
+    return _Reader(rfile, sock, deadline, count).read(length)
