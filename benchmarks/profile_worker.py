@@ -34,7 +34,7 @@ class NoNetwork:
 
 def fill(consumer: Consumer, count: int, prefix: str) -> float:
     """Enqueue ``count`` distinct-group updates with no worker running; caller CPU s."""
-    consumer._worker.started = True  # the loop below runs the worker's part by hand
+    consumer.parts.worker.started = True  # callers do not wait; drain() runs the jobs
     client = GroupClient(consumer=consumer)
     started = time.process_time()
     for i in range(count):
@@ -44,16 +44,17 @@ def fill(consumer: Consumer, count: int, prefix: str) -> float:
 
 def drain(consumer: Consumer, profile: cProfile.Profile | None = None) -> float:
     """Run the worker's loop in this thread until everything is settled; CPU s."""
-    consumer._dispatch.draining = True
-    consumer._flushing += 1
+    parts = consumer.parts
+    parts.lifecycle.begin_flush()
+    parts.ledger.hurry()
     started = time.process_time()
     if profile is not None:
         profile.enable()
     while True:
-        job = consumer._next_job(block=False, inline=True)
+        job = parts.ledger.next_job(parts.lifecycle, spool=False, block=False)
         if job is None:
             break
-        consumer._run(job)
+        parts.deliverer.run(job)
     if profile is not None:
         profile.disable()
     return time.process_time() - started

@@ -24,8 +24,8 @@ class MixpanelGroupHandler(logging.Handler):
     "$set": {"plan": "pro"}})``. Records without group tags are ignored, so the
     handler can sit on the root logger. ``emit`` translates and queues and
     never raises into the caller. It does no JSON and no network I/O of its
-    own, but a full consumer makes it wait for room (``max_block``) or write
-    the overflow to the spool (``spool_dir``), and after a SIGTERM it
+    own, but a full consumer makes it wait for room (``max_block``) or hand
+    the overflow to the spool's writer (``spool_dir``), and after a SIGTERM it
     delivers before it returns (see docs/delivery.md).
 
     With no token (no argument, no ``MIXPANEL_TOKEN``) or

@@ -69,6 +69,7 @@ class GroupUpdate:
         "size",
         "receipts",
         "index",
+        "stands_for",
     )
 
     def __init__(
@@ -92,6 +93,8 @@ class GroupUpdate:
         self.receipts: Optional[list[Any]] = None
         #: Identities already in this ``$union``'s lists, built by the first merge.
         self.index: Optional[dict[str, set[Any]]] = None
+        #: How many updates this one answers for (merges and a ``$delete`` add theirs).
+        self.stands_for = 1
 
     def __repr__(self) -> str:
         return f"GroupUpdate({self.group_key!r}, {self.group_id!r}, {self.op!r}, {self.payload!r})"

@@ -323,7 +323,7 @@ def test_unauthorised_is_reported_and_not_retried(sink, make_consumer):
     consumer = make_consumer(sink, on_error=lambda exc, messages: errors.append((exc, messages)))
     sink.script(Fault(status=401))
     GroupClient(consumer=consumer).group_set("company", "acme", {"plan": "pro"})
-    assert consumer.flush(10)
+    assert not consumer.flush(10), "the message was refused"
     ((exc, messages),) = errors
     assert "401" in str(exc) and "token" in str(exc)
     assert messages == [

@@ -17,10 +17,14 @@ import threading
 import time
 import urllib.request
 
+import pytest
+
 from mixpanel_otel._delivery.spool import Spool, spooled_rows
 from mixpanel_otel.sink import Fault
 
 from .helpers import TOKEN, Child, Plan, compare, run, spool_files
+
+pytestmark = pytest.mark.slow  # every test here runs or kills subprocesses
 
 SEED = 20240612
 

@@ -88,34 +88,6 @@ def test_nested_union_values_coalesce_as_mixpanel_applies_them(sink, consumers):
     assert sink.profile("company", "acme") == {"x": [[1], [True]]}
 
 
-def test_every_message_refused_before_sending_reaches_on_error(sink, consumers):
-    errors = []
-
-    def before_send(message):
-        if message["$group_id"] == "boom":
-            raise ValueError("no " + TOKEN)
-        return message
-
-    consumer = consumers(
-        sink.url,
-        before_send=before_send,
-        on_error=lambda exc, msgs: errors.append((str(exc), msgs)),
-    )
-    client = GroupClient(consumer=consumer)
-    huge = {f"p{i}": "x" * 250 for i in range(5000)}  # over Mixpanel's 1 MB a message
-    client.group_set("company", "huge", huge)
-    client.group_set("company", "boom", {"a": 1})
-    client.group_set("company", "fine", {"a": 1})
-    assert consumer.flush(10)
-    reasons = " | ".join(reason for reason, _ in errors)
-    assert "1 MB" in reasons and "before_send raised" in reasons
-    assert TOKEN not in reasons
-    shown = [m for _, messages in errors for m in messages]
-    assert {m["$group_id"] for m in shown} == {"huge", "boom"}
-    assert all("$token" not in m for m in shown)
-    assert consumer.stats()["failed"] == 2 and consumer.stats()["sent"] == 1
-
-
 def test_failing_delivery_is_logged_while_it_happens_and_when_it_recovers(sink, consumers, caplog):
     consumer = consumers(sink.url, flush_interval=0.1, backoff_base=0.05, backoff_max=0.1)
     client = GroupClient(consumer=consumer)
@@ -199,53 +171,6 @@ def test_slow_out_of_order_and_failing_answers_keep_every_group_in_order(
     assert consumer.stats()["failed"] == 0
 
 
-class RecordingTransport:
-    """Answers 429 with Retry-After to the first request, OK after; records when."""
-
-    def __init__(self):
-        import threading
-        import time
-
-        self.clock = time.monotonic
-        self.lock = threading.Lock()
-        self.times: list[float] = []
-
-    def post(self, path, body, auth=None, timeout=None):
-        from mixpanel_otel._transport import Answer, Outcome
-
-        with self.lock:
-            self.times.append(self.clock())
-            first = len(self.times) == 1
-        if first:
-            self.answered = self.clock()
-            return Answer(Outcome.RETRY, "HTTP 429: rate limited", retry_after=0.5)
-        return Answer(Outcome.OK)
-
-
-def test_a_429_pauses_every_request_of_the_consumer():
-    transport = RecordingTransport()
-    consumer = Consumer(
-        TOKEN,
-        "http://rate.limited.invalid",
-        transport=transport,
-        max_in_flight=4,
-        batch_size=10,
-        flush_on_sigterm=False,
-    )
-    try:
-        client = GroupClient(consumer=consumer)
-        for i in range(200):
-            client.group_set("company", f"g{i}", {"i": i})
-        assert consumer.flush(10)
-    finally:
-        consumer.shutdown(1)
-    first = transport.times[0]
-    later = [t for t in transport.times[1:] if t > transport.answered]
-    assert len(later) >= 19
-    # Requests already on their way when the 429 came may land; none starts in the pause.
-    assert all(t - first >= 0.45 for t in later), [round(t - first, 3) for t in later[:8]]
-
-
 def test_service_account_credentials_authenticate_imports_as_the_sdk_does(tmp_path):
     import mixpanel
 
@@ -262,7 +187,8 @@ def test_service_account_credentials_authenticate_imports_as_the_sdk_does(tmp_pa
             }
             ours.send("imports", json.dumps(event))  # what Mixpanel(...).import_data sends
             bare.send("imports", json.dumps(event))
-            assert ours.flush(10) and bare.flush(10)
+            assert ours.flush(10)
+            assert not bare.flush(10), "its message was refused (401)"
         finally:
             ours.shutdown(1)
             bare.shutdown(1)

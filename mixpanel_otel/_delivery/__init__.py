@@ -1,11 +1,15 @@
 """Delivery: from group updates to acknowledged Mixpanel requests.
 
-The parts, in the order data passes through them: ``admission`` (what a
-caller does when it is full), ``buffer`` (coalescing per group),
-``dispatch`` (which batch goes next), ``encode`` (wire text, once),
-``sender`` (retry, backoff, split), ``spool`` (durable overflow), with
-``worker`` (threads), ``stats`` (counters, health), ``receipts``, the
-``consumer`` facade and the ``registry`` of shared consumers.
+The parts, in the order data passes through them: ``ledger`` (the inbox
+and everything held, under one lock) with ``admission`` (what a caller does
+when it is full), ``buffer`` (coalescing per group) and ``dispatch`` (which
+job goes next); ``deliverer`` (runs one job) with ``encode`` (wire text,
+once), ``sender`` (retry, backoff, split) and ``spool`` (durable overflow).
+Around them: ``lifecycle`` (the phase state machine, deadline, pause),
+``closing`` (flush and exit), ``report`` and ``stats`` (counters, health,
+``on_error``), ``worker`` (threads), ``receipts``, ``parts`` (built
+together), the ``consumer`` facade and the ``registry`` of shared
+consumers. docs/delivery.md has the glossary.
 """
 
 from .consumer import Consumer

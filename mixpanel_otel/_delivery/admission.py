@@ -1,7 +1,7 @@
 """Admission: what a caller does when the consumer is full. One decision, no state.
 
 While delivery is succeeding a caller *waits* for room, at most
-``max_block`` seconds: a burst is absorbed by backpressure, never dropped.
+``max_block`` seconds: a burst is held back by backpressure, never dropped.
 When delivery is failing, when the wait expires, when waiting could never
 end (the caller is the worker itself, or nothing is running to make room),
 or with ``max_block=0``, the update *overflows*: it is spilled to the spool

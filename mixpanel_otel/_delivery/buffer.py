@@ -73,6 +73,7 @@ class Buffer:
             superseded = len(pending)
             for old in pending:
                 self.bytes -= old.size
+                update.stands_for += old.stands_for
                 _pass_receipts(old, update)
             pending[:] = [update]
             self.count += 1 - superseded
@@ -89,6 +90,7 @@ class Buffer:
                 old.size += growth
                 self.bytes += growth
                 old.time = update.time
+                old.stands_for += update.stands_for
                 _pass_receipts(update, old)
                 return 1
             if old.op == "$delete" or touches(old.payload, payload):

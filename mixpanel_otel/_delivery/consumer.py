@@ -1,57 +1,62 @@
 """The consumer: the one object every front end hands its updates to.
 
-Data flow: callers append updates to the *inbox* (a deque, no lock, no I/O);
-whoever next takes the lock *absorbs* the inbox into the coalescing
-:class:`~.buffer.Buffer`. Worker threads (``max_in_flight`` of them) take
-:class:`~.jobs.Job` s (a batch each), encode and send them through the
-:class:`~.sender.Sender`, and *settle* them: delivered, refused, or put
-back. Overflow goes to the :class:`~.spool.Spool` (a *spill*) or is dropped
-(:mod:`.admission`). One consumer exists per (token, API host) per process
-(:mod:`.registry`).
+A facade over parts that own their state: the :class:`~.ledger.Ledger`
+(what is held, under the one lock), the :class:`~.deliverer.Deliverer`
+(runs a job through encoder, sender and spool), the
+:class:`~.lifecycle.Lifecycle` (phase, deadline, pause), the
+:class:`~.report.Reporter` (counts, health, ``on_error``) and the
+:class:`~.worker.Worker` threads. Flush and exit are in :mod:`.closing`.
+One consumer exists per (token, API host) per process (:mod:`.registry`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import threading
-from collections import deque
+from collections.abc import Iterable, Sequence
 from time import monotonic
 from typing import Any, Callable, Optional
+from urllib.parse import quote_plus
 
 from .._config import resolve_options
+from .._exceptions import MixpanelException
 from .._transport import Post, Transport
-from .._wire import GroupUpdate, Truncations
-from .dispatch import Dispatch
-from .encode import Encoder
-from .intake import Intake
-from .lifecycle import Lifecycle
-from .pipeline import Pipeline
-from .sender import Backoff, Sender
-from .spool import Spool
-from .stats import Health, Stats, Throttle
-from .worker import Worker
+from .._wire import ENDPOINTS, GroupUpdate, Truncations, updates_from_message
+from . import closing, signals
+from .jobs import Lane
+from .parts import Parts
+from .receipts import Receipt
+from .stats import Health
+from .worker import WORKER_THREADS
 
 __all__ = ["Consumer"]
 
-_OVERFLOW_WARN_EVERY = 10.0
-_HEALTH_WARN_TICKS = 5  # warn when failing for this many flush intervals (at most 30 s)
-_STATS_DEBUG_EVERY = 60.0
 
-
-class Consumer(Intake, Pipeline, Lifecycle):
+class Consumer:
     """Buffers, coalesces and delivers group updates (and SDK messages) for one (token, host).
 
     Build it with :func:`~mixpanel_otel.get_consumer`. It also speaks the
     official SDK's consumer protocol (:meth:`send`), so
     ``Mixpanel(token, consumer=...)`` gets background, batched delivery.
+    ``transport``, ``clock``, ``wait`` and ``threads=False`` are test seams.
     """
 
     def __init__(
-        self, token: str, base_url: str, *, transport: Optional[Post] = None, **options: Any
+        self,
+        token: str,
+        base_url: str,
+        *,
+        transport: Optional[Post] = None,
+        clock: Callable[[], float] = monotonic,
+        wait: Optional[Callable[[float], bool]] = None,
+        threads: bool = True,
+        **options: Any,
     ) -> None:
-        opts = resolve_options(options)
+        self.options = resolve_options(options)
         self._token = token
         self.base_url = base_url
+        opts = self.options
         self.flush_interval: float = opts["flush_interval"]
         self.batch_size: int = opts["batch_size"]
         self.max_pending: int = opts["max_pending"]
@@ -66,107 +71,199 @@ class Consumer(Intake, Pipeline, Lifecycle):
         self.trait_state_dir: Optional[str] = opts["trait_state_dir"]
         self.trait_max_groups: int = opts["trait_max_groups"]
         self.on_error: Optional[Callable[..., Any]] = opts["on_error"]
-        self._credentials: Any = opts["credentials"]
-        self._backoff = Backoff(opts["backoff_base"], opts["backoff_max"])
-        self._encoder = Encoder(token, opts["before_send"])
-        self._transport_given = transport
         self.truncations = Truncations()
-        self._fresh_state()
-        if self._spool is not None and self._spool.orphans():
-            self._worker.ensure()  # replay what processes that are gone left behind
-
-    def _fresh_state(self) -> None:
-        """Everything a forked child must not share with its parent."""
-        self._pid = os.getpid()
-        self._cond = threading.Condition(threading.Lock())
-        self.transport: Post = self._transport_given or Transport(
-            self.base_url, self.request_timeout, connections=self.max_in_flight + 1
-        )
-        self._inbox: deque[GroupUpdate] = deque()
-        self._inbox_bytes = 0
-        self._dispatch = Dispatch(self.batch_size)
-        self.held = 0  # pending + in flight, read without the lock by the hot path
-        self.held_bytes = 0
-        self._spool = Spool(self.spool_dir, self._token, self.base_url) if self.spool_dir else None
-        self._spill_lock = threading.Lock()  # one mover at a time keeps the spool in order
+        self._seams = (transport, clock, wait, threads)
         self._finishing = threading.Lock()  # one shutdown at a time
-        self._flushing = 0  # flush() calls waiting
-        self._eager = False  # after a chained SIGTERM: every update is sent at once
-        self._eager_until = 0.0  # ... and callers wait for it until then
-        self._next_tick = monotonic() + self.flush_interval
-        self._deadline: Optional[float] = None  # the exit deadline while shutting down
-        self._closing = False
-        self._stopped = False
-        self._pause_until = 0.0  # a 429 / Retry-After pauses every request
-        self._retry_now = threading.Event()  # flush() and shutdown cut retry waits short
-        self._wake_sent = False
-        self._debug_due = False
-        self._wake_at = max(1, self.batch_size // 2)
-        self._gave_up = False  # shut down with updates left: later flushes don't wait again
-        self.stats_ = Stats()
+        self._fresh()
+        if self.parts.spool is not None and self.parts.spool.orphans():
+            self.parts.worker.ensure()  # replay what processes that are gone left behind
+
+    def _fresh(self) -> None:
+        """Everything a forked child must not share with its parent."""
+        transport, clock, wait, threads = self._seams
+        if transport is None:
+            opts = self.options
+            transport = Transport(
+                self.base_url, opts["request_timeout"], connections=opts["max_in_flight"] + 1
+            )
+        self._pid = os.getpid()
+        self.transport = transport
+        self.parts = Parts(self._token, self.base_url, self.options, transport, clock, wait)
+        self._ledger = self.parts.ledger  # the hot path's one hop
+        self.parts.worker.enabled = threads
         self.truncations.count = 0
-        self.health = Health(min(30.0, self.flush_interval * _HEALTH_WARN_TICKS), scrub=self._scrub)
-        self._overflow_warning = Throttle(_OVERFLOW_WARN_EVERY)
-        self._stats_debug = Throttle(_STATS_DEBUG_EVERY)
-        self._worker = Worker(self._loop, self.max_in_flight, "mixpanel-otel-worker")
-        self._sender = Sender(
-            self.transport,
-            request_timeout=self.request_timeout,
-            backoff=self._backoff,
-            wait=self._retry_wait,
-            deadline=lambda: self._deadline,
-            on_answer=self._on_answer,
-            before_post=self._wait_out_pause,
-        )
 
     def __repr__(self) -> str:
-        return f"<mixpanel_otel Consumer {self.base_url} held={self.held}>"
+        return f"<mixpanel_otel Consumer {self.base_url} held={self.parts.ledger.held}>"
 
     @property
     def failing(self) -> bool:
         """Delivery is failing right now (the last request got a retryable failure)."""
-        return self.health.failing
+        return self.parts.reporter.health.failing
+
+    @property
+    def health(self) -> Health:
+        """Whether delivery is failing, since when and why."""
+        return self.parts.reporter.health
+
+    # -- callers ---------------------------------------------------------------------
+
+    def enqueue(self, updates: Iterable[GroupUpdate]) -> None:
+        """Queue updates from the caller's thread: no I/O, never raises.
+
+        Usually an append; past the bounds the caller goes through admission
+        (:mod:`.admission`): it waits for room, or its updates overflow.
+        """
+        if not isinstance(updates, list):
+            updates = list(updates)
+        parts = self.parts
+        if not self._ledger.offer(updates, sum(update.size for update in updates)):
+            if self._pid != os.getpid():  # a fork the registry did not see
+                self.after_fork()
+                parts = self.parts
+            parts.admit(updates, wait=True)
+        lifecycle = parts.lifecycle
+        if not parts.worker.started and not lifecycle.stopped:
+            parts.worker.ensure()
+        if lifecycle.deadline is not None and lifecycle.eager:
+            # After a SIGTERM the application handles, the process may die by the
+            # signal once its handler is done: deliver before returning.
+            left = lifecycle.eager_left()
+            if left > 0 and threading.get_ident() not in WORKER_THREADS:
+                self.flush(left)
+        if signals.pending:
+            signals.check()
+
+    def submit(self, updates: Sequence[GroupUpdate]) -> Receipt:
+        """Queue updates and return a :class:`Receipt` that settles when all are settled.
+
+        Never waits, and sends at once rather than on the next interval. When
+        there is no room or delivery is failing, the updates go to the spool
+        (the receipt settles as spooled) or, without one, the receipt comes
+        back ``refused`` with nothing queued.
+        """
+        if self._pid != os.getpid():
+            self.after_fork()
+        receipt = self.parts.submit(updates)
+        if not self.parts.worker.started:
+            self.parts.worker.ensure()
+        return receipt
+
+    def send(
+        self,
+        endpoint: str,
+        json_message: str,
+        api_key: Any = None,
+        api_secret: Optional[str] = None,
+    ) -> None:
+        """The official SDK's consumer protocol: queue one JSON message for ``endpoint``."""
+        path = ENDPOINTS.get(endpoint)
+        if path is None:
+            raise MixpanelException(
+                f"No such endpoint {endpoint!r}. Valid endpoints are one of {list(ENDPOINTS)}"
+            )
+        if isinstance(api_key, tuple):
+            api_key, api_secret = api_key
+        if endpoint == "groups":
+            try:
+                message = json.loads(json_message)
+            except (TypeError, ValueError):
+                raise MixpanelException("groups message is not valid JSON") from None
+            if isinstance(message, dict) and message.get("$token", self._token) == self._token:
+                self.enqueue(updates_from_message(message, counter=self.truncations))
+                return
+        if self._pid != os.getpid():
+            self.after_fork()
+        lane = lambda: self._lane(endpoint, path, api_key, api_secret)  # noqa: E731
+        if not self.parts.ledger.add_sdk((endpoint, api_key, api_secret), lane, json_message):
+            self.parts.reporter.dropped_texts([json_message], "the consumer is full")
+        elif not self.parts.worker.started:
+            self.parts.worker.ensure()
+
+    def _lane(
+        self, endpoint: str, path: str, api_key: Optional[str], api_secret: Optional[str]
+    ) -> Lane:
+        credentials = self.options["credentials"]
+        if endpoint == "imports" and credentials is not None:
+            # Service-account credentials, as the SDK's Consumer(credentials=...) uses them.
+            project = quote_plus(str(credentials.project_id))
+            return Lane(f"{path}?project_id={project}", (credentials.username, credentials.secret))
+        if api_secret:
+            extra = f"&api_key={quote_plus(api_key)}" if api_key else ""
+            return Lane(path, (api_secret, ""), extra)
+        return Lane(path)
+
+    def deliver_now(self, updates: list[GroupUpdate]) -> None:
+        """Send ``updates`` from this thread at once; raise unless Mixpanel accepted them
+        (``GroupClient(sync=True)``)."""
+        self.parts.deliver_now(updates)
+
+    # -- flush and exit --------------------------------------------------------------
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Send everything held, waiting up to ``timeout`` s (default 30); cuts a retry
+        wait short. True when nothing is left and nothing since the call began was
+        refused, dropped or left behind."""
+        if self._pid != os.getpid():
+            self.after_fork()
+        return closing.flush(self, timeout)
+
+    def shutdown(self, timeout: Optional[float] = None) -> bool:
+        """Deliver what is held within ``timeout`` (default ``shutdown_timeout``), then stop.
+
+        Idempotent. Whatever is not acknowledged at the deadline, the batches
+        in flight included, goes to the spool when there is one. Updates
+        added later are sent by the next :meth:`flush`, from its thread.
+        """
+        if self._pid != os.getpid():
+            self.after_fork()
+        timeout = self.shutdown_timeout if timeout is None else timeout
+        return closing.shutdown(self, self.parts.lifecycle.clock() + timeout, timeout)
+
+    def send_eagerly(self) -> None:
+        """From now on send every update at once, and make callers wait for it
+        within ``shutdown_timeout`` (the process is about to stop)."""
+        self.parts.lifecycle.go_eager(self.shutdown_timeout)
+        self.parts.ledger.hurry()
+
+    # -- reporting -------------------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
         """Counters since the consumer started (or since this process forked)."""
-        with self._cond:
-            self._absorb()
-            held, held_bytes = self._dispatch.held, self._dispatch.held_bytes
-            jobs = len(self._dispatch.jobs)
-            spool_rows = self._dispatch.spool_rows
-        stats = self.stats_.snapshot()
-        stats.update(
-            pending=held,
-            pending_bytes=held_bytes,
-            in_flight=jobs,
-            spool_rows=spool_rows,
-            truncated=self.truncations.count,
-            failing=int(self.health.failing),
-        )
+        stats = self.parts.reporter.stats.snapshot()
+        stats.update(self.parts.ledger.snapshot())
+        stats.update(truncated=self.truncations.count, failing=int(self.failing))
         return stats
 
     def count_invalid(self, count: int = 1) -> None:
-        """Count records a front end refused (they never reach the queue)."""
-        self.stats_.add("invalid", count)
+        """Count records a front end could not use (they never reach the queue)."""
+        self.parts.reporter.stats.add("invalid", count)
 
     def count_ignored(self, count: int = 1) -> None:
         """Count records that carried group tags but no operation (not an error)."""
-        self.stats_.add("ignored", count)
+        self.parts.reporter.stats.add("ignored", count)
 
-    def _scrub(self, text: str) -> str:
-        """``text`` without the token or the service-account secret (an upstream may echo them)."""
-        text = text.replace(self._token, "<token>")
-        secret = getattr(self._credentials, "secret", None)
-        if secret:
-            text = text.replace(str(secret), "<secret>")
-        return text
+    # -- processes -------------------------------------------------------------------
 
-    def _check_fork(self) -> None:
-        if self._pid != os.getpid():
-            self.after_fork()
+    def quiescent(self, timeout: float = 0.05) -> bool:
+        """Whether this consumer's locks can be taken within ``timeout`` s each now
+        (a SIGTERM handler asks before flushing; see :mod:`.signals`)."""
+        if not self._finishing.acquire(timeout=timeout):
+            return False
+        self._finishing.release()
+        return self.parts.quiescent(timeout)
+
+    def before_fork(self) -> None:
+        """Hold the lock across ``fork()``, so the child's copy is not taken mid-change."""
+        self.parts.ledger.hold()
+
+    def after_fork_in_parent(self) -> None:
+        """Let go of what :meth:`before_fork` took."""
+        self.parts.ledger.let_go()
 
     def after_fork(self) -> None:
         """In a forked child: start empty; the parent keeps (and delivers) its updates."""
-        if self._spool is not None:
-            self._spool.forget_after_fork()
-        self._fresh_state()
+        if self.parts.spool is not None:
+            self.parts.spool.forget_after_fork()
+        self._finishing = threading.Lock()
+        self._fresh()

@@ -1,16 +1,18 @@
-"""Dispatch: which batch goes next, and what its outcome changes. No threads, no I/O.
+"""Dispatch: which job goes next, and what its result changes. No threads, no I/O.
 
-It owns what the consumer holds in memory: the coalescing buffer, the SDK
-lanes and the jobs in flight, with their counts (``held``: pending plus in
-flight, the figure ``max_pending`` bounds). The consumer calls it under its
-lock; tests call it directly, with no thread and no server.
+It keeps what the consumer holds in memory: the coalescing buffer, the SDK
+lanes, the updates waiting for the spool and the jobs in flight, with their
+counts (``held``: all of these, the figure ``max_pending`` bounds). The
+:class:`~.ledger.Ledger` calls it under its lock; tests call it directly,
+with no thread and no server.
 
 Order rules, the reason this exists:
 
 - a group with a job in flight is *busy*: none of its later updates is taken;
+- a spill job goes first, and takes everything pending with it;
 - rows in the spool are older than anything in memory: while there are any
-  (or a spill is writing some), no group job starts, and a spool job starts
-  only when no other group job is in flight;
+  (or a spill job is out), no group job starts, and a replay job starts only
+  when no group or spill job is in flight;
 - a lane sends one job at a time.
 """
 
@@ -38,7 +40,7 @@ def settle_receipts(updates: list[GroupUpdate], fate: Fate, reason: str = "") ->
 
 
 class Dispatch:
-    """The in-memory side of delivery: buffer, lanes, jobs in flight, counts."""
+    """The in-memory side of delivery: buffer, lanes, spill queue, jobs in flight, counts."""
 
     def __init__(self, batch_size: int) -> None:
         self.batch_size = batch_size
@@ -47,26 +49,45 @@ class Dispatch:
         self.jobs: list[Job] = []  # in flight, in the order they were taken
         self.busy: set[GroupKey] = set()
         self.in_flight = self.in_flight_bytes = 0
-        self.raw = self.raw_bytes = 0
+        self.sdk = self.sdk_bytes = 0  # SDK messages waiting in lanes
+        self.to_spill: list[GroupUpdate] = []  # overflow waiting for a spill job
+        self.to_spill_bytes = 0
         self.spool_rows = 0  # rows known to be in this process's spool
-        self.spilling = 0  # spills writing now
-        self.draining = False  # send partial batches (interval tick, flush, exit)
-        #: Updates that came back unsent (the exit deadline) while the spool held
-        #: newer rows: the exit spill writes them in front of every row.
-        self.unsent_front: list[GroupUpdate] = []
+        self.partial = False  # send partial batches now (interval tick, flush, exit)
+        #: Updates that came back unsent while the spool held newer rows: the
+        #: exit writes them in front of every row, so each group stays in order.
+        self.before_spool: list[GroupUpdate] = []
 
     @property
     def held(self) -> int:
-        return self.buffer.count + self.in_flight + self.raw + len(self.unsent_front)
+        return (
+            self.buffer.count
+            + self.in_flight
+            + self.sdk
+            + len(self.to_spill)
+            + len(self.before_spool)
+        )
 
     @property
     def held_bytes(self) -> int:
-        front = sum(update.size for update in self.unsent_front)
-        return self.buffer.bytes + self.in_flight_bytes + self.raw_bytes + front
+        front = sum(update.size for update in self.before_spool)
+        return (
+            self.buffer.bytes + self.in_flight_bytes + self.sdk_bytes + self.to_spill_bytes + front
+        )
 
     def pending(self) -> bool:
-        """Anything in memory not yet taken for sending."""
-        return bool(self.buffer.count or self.raw)
+        """Anything in memory not yet taken by a job."""
+        return bool(self.buffer.count or self.sdk or self.to_spill)
+
+    def due(self) -> bool:
+        """Whether another job may be due now (a hint to wake one more worker)."""
+        count = self.buffer.count
+        return bool(
+            self.to_spill or count >= self.batch_size or (self.partial and (count or self.sdk))
+        )
+
+    def spilling(self) -> bool:
+        return bool(self.to_spill) or any(job.kind is Kind.SPILL for job in self.jobs)
 
     # -- in ------------------------------------------------------------------------
 
@@ -84,46 +105,58 @@ class Dispatch:
         self.buffer.append(update)
         return 0
 
-    def add_raw(self, key: tuple[Any, ...], new_lane: Callable[[], Lane], text: str) -> Lane:
+    def add_sdk(self, key: tuple[Any, ...], new_lane: Callable[[], Lane], text: str) -> Lane:
         lane = self.lanes.get(key)
         if lane is None:
             lane = self.lanes[key] = new_lane()
         lane.queue.append(text)
         lane.bytes += len(text)
-        self.raw += 1
-        self.raw_bytes += len(text)
+        self.sdk += 1
+        self.sdk_bytes += len(text)
         return lane
+
+    def add_to_spill(self, updates: list[GroupUpdate]) -> None:
+        self.to_spill.extend(updates)
+        self.to_spill_bytes += sum(update.size for update in updates)
 
     # -- out -----------------------------------------------------------------------
 
-    def pick(self, spool_ready: bool) -> Optional[Job]:
-        """The next job due, or None; ``spool_ready``: a spool exists to replay from."""
-        if self.spool_rows or self.spilling or any(j.kind is Kind.SPOOL for j in self.jobs):
+    def pick(self, spool_ready: bool, in_flight_limit: int) -> Optional[Job]:
+        """The next job due, or None; ``spool_ready``: a spool exists to replay from.
+
+        At most ``in_flight_limit`` jobs that send are out at once; a spill
+        job does not count, so one thread is always free to write the spool.
+        """
+        jobs = self.jobs
+        if self.to_spill and not any(job.kind is Kind.SPILL for job in jobs):
+            updates = self.buffer.take_all() + self.to_spill
+            self.to_spill, self.to_spill_bytes = [], 0
+            return self._start(Job(Kind.SPILL, updates))
+        if sum(job.kind is not Kind.SPILL for job in jobs) >= in_flight_limit:
+            return None
+        if self.spool_rows or self.spilling() or any(j.kind is Kind.REPLAY for j in jobs):
             if (
                 spool_ready
                 and self.spool_rows
-                and not self.spilling
-                and not any(j.kind is not Kind.RAW for j in self.jobs)
+                and not self.spilling()
+                and not any(job.kind is not Kind.SDK for job in jobs)
             ):
-                return self._start(Job(Kind.SPOOL))
-        elif self.buffer.count >= self.batch_size or (self.draining and self.buffer.count):
+                return self._start(Job(Kind.REPLAY))
+        elif self.buffer.count >= self.batch_size or (self.partial and self.buffer.count):
             updates = self.buffer.take(self.batch_size, self.busy)
             if updates:
                 job = self._start(Job(Kind.GROUPS, updates))
                 self.busy |= job.groups
                 return job
         for lane in self.lanes.values():
-            if (
-                lane.queue
-                and not lane.busy
-                and (self.draining or len(lane.queue) >= self.batch_size)
-            ):
+            due = self.partial or len(lane.queue) >= self.batch_size
+            if lane.queue and not lane.busy and due:
                 count = min(self.batch_size, len(lane.queue))
-                job = Job(Kind.RAW, lane=lane, texts=[lane.queue.popleft() for _ in range(count)])
+                job = Job(Kind.SDK, lane=lane, texts=[lane.queue.popleft() for _ in range(count)])
                 lane.busy = True
                 lane.bytes -= job.bytes
-                self.raw -= job.count
-                self.raw_bytes -= job.bytes
+                self.sdk -= job.count
+                self.sdk_bytes -= job.bytes
                 return self._start(job)
         return None
 
@@ -134,62 +167,76 @@ class Dispatch:
         return job
 
     def finish(self, job: Job, result: Result) -> None:
-        """Account for a job's outcome: free its groups and lane, settle receipts.
+        """Account for a group or SDK job's result: free its groups or lane, settle receipts.
 
         Updates left unsent (the exit deadline) go back in front of their
-        groups, or of their lane, so the exit spill keeps them in order.
+        groups, or of their lane, so the exit keeps them in order.
         """
-        self.jobs.remove(job)
-        if job.abandoned:
-            return  # its updates were written to the spool at the deadline
-        self.in_flight -= job.count
-        self.in_flight_bytes -= job.bytes
+        if not self._close(job):
+            return
         if job.kind is Kind.GROUPS:
             self.busy -= job.groups
-            settle_receipts([m.origin for m in result.delivered], Fate.DELIVERED)
-            for message, reason in result.refused:
-                settle_receipts([message.origin], Fate.FAILED, reason)
-            unsent = [m.origin for m in result.unsent if isinstance(m.origin, GroupUpdate)]
-            if unsent and (self.spool_rows or self.spilling):
-                self.unsent_front.extend(unsent)  # older than the spooled rows: in front of them
-            elif unsent:
-                self.buffer.restore(unsent)
-        elif job.kind is Kind.RAW and job.lane is not None:
+            settle_receipts(result.delivered, Fate.DELIVERED)
+            settle_receipts(result.filtered, Fate.DELIVERED)  # before_send's choice
+            for failure in result.failed:
+                settle_receipts([failure.origin], Fate.FAILED, failure.reason)
+            if result.unsent and (self.spool_rows or self.spilling()):
+                self.before_spool.extend(result.unsent)  # older than the spooled rows
+            elif result.unsent:
+                self.buffer.restore(result.unsent)
+        elif job.kind is Kind.SDK and job.lane is not None:
             job.lane.busy = False
-            texts = [m.text for m in result.unsent]
+            texts: list[str] = result.unsent
             job.lane.queue.extendleft(reversed(texts))
             job.lane.bytes += sum(map(len, texts))
-            self.raw += len(texts)
-            self.raw_bytes += sum(map(len, texts))
+            self.sdk += len(texts)
+            self.sdk_bytes += sum(map(len, texts))
 
-    # -- exit and spills -----------------------------------------------------------
+    def finish_spill(self, job: Job, kept: bool, max_held: int) -> list[GroupUpdate]:
+        """Account for a spill job. When the spool could not keep its updates they
+        go back to memory, up to ``max_held`` held in all; returns the rest."""
+        if not self._close(job):
+            return []
+        if kept:
+            settle_receipts(job.updates, Fate.SPOOLED)
+            return []
+        free = max(0, max_held - self.held)
+        self.buffer.restore(job.updates[:free])
+        return job.updates[free:]
 
-    def take_for_spill(self) -> list[GroupUpdate]:
-        """Everything pending in the buffer, for the spool; it stays counted while written."""
-        updates = self.buffer.take_all()
-        self.spilling += 1
-        return updates
+    def _close(self, job: Job) -> bool:
+        self.jobs.remove(job)
+        if job.abandoned:
+            return False  # the exit took its updates at the deadline
+        self.in_flight -= job.count
+        self.in_flight_bytes -= job.bytes
+        return True
 
-    def abandon(self) -> tuple[list[GroupUpdate], int]:
-        """At the exit deadline: the updates of group jobs that came back unsent
-        or are still in flight, now the spool's to keep in front of its rows,
-        and how many SDK messages are lost."""
-        updates, self.unsent_front = self.unsent_front, []
-        lost = 0
+    # -- exit ----------------------------------------------------------------------
+
+    def take_all(self) -> tuple[list[GroupUpdate], list[GroupUpdate], list[str]]:
+        """At the exit deadline: updates that go in front of the spool's rows (those
+        of jobs in flight or come back unsent), then everything else held, and the
+        SDK messages that are lost. Jobs still out are abandoned."""
+        front, self.before_spool = self.before_spool, []
+        back: list[GroupUpdate] = []
+        lost: list[str] = []
         for job in self.jobs:
-            if job.abandoned:
-                continue
+            if job.abandoned or job.kind is Kind.SPILL:
+                continue  # a spill job being written finishes as usual
             job.abandoned = True
             self.in_flight -= job.count
             self.in_flight_bytes -= job.bytes
             if job.kind is Kind.GROUPS:
                 self.busy -= job.groups
-                updates.extend(job.updates)
-            elif job.kind is Kind.RAW:
-                lost += job.count
+                front.extend(job.updates)
+            elif job.kind is Kind.SDK:
+                lost += job.texts
+        back += self.buffer.take_all() + self.to_spill
+        self.to_spill, self.to_spill_bytes = [], 0
         for lane in self.lanes.values():
-            lost += len(lane.queue)
+            lost += lane.queue
             lane.queue.clear()
             lane.bytes = 0
-        self.raw = self.raw_bytes = 0
-        return updates, lost
+        self.sdk = self.sdk_bytes = 0
+        return front, back, lost

@@ -3,7 +3,7 @@
 A batch of group updates is first encoded in one piece (:meth:`Encoder.batch_body`:
 one ``json.dumps`` of the array, the request body byte for byte); it is encoded
 message by message (:meth:`Encoder.updates`) only when it must be: ``before_send``,
-a limit, or a batch Mixpanel refused that must be split. Each message's JSON text
+a limit, or a batch Mixpanel rejected that must be split. Each message's JSON text
 and form-quoted form are then made once and reused for sizing, retries, splits
 and the spool. A message that cannot go (over Mixpanel's 1 MB limit, not JSON,
 ``before_send`` raised) is an :class:`Unsendable` with its reason.
@@ -12,12 +12,15 @@ and the spool. A message that cannot go (over Mixpanel's 1 MB limit, not JSON,
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
 from .._transport import _FORM_TABLE, BODY_CLOSE, BODY_OPEN, form_quote
 from .._wire import MAX_BATCH_BYTES, MAX_MESSAGE_BYTES, GroupUpdate, wire_message
 
-__all__ = ["Encoder", "Message", "Unsendable", "shown"]
+if TYPE_CHECKING:
+    from .sender import Result
+
+__all__ = ["Encoder", "Failure", "Message", "Texts", "Unsendable", "Updates", "shown"]
 
 BeforeSend = Callable[[dict[str, Any]], Optional[dict[str, Any]]]
 
@@ -38,6 +41,15 @@ class Message:
 
     def __repr__(self) -> str:
         return f"Message({self.text[:60]!r})"
+
+
+class Failure(NamedTuple):
+    """A message that will not be delivered: what it came from, what ``on_error``
+    is shown (wire text or dict), and why."""
+
+    origin: Any
+    message: Any
+    reason: str
 
 
 class Unsendable(Exception):
@@ -80,25 +92,25 @@ class Encoder:
     def updates(
         self, updates: list[GroupUpdate]
     ) -> tuple[list[Message], list[tuple[GroupUpdate, Unsendable]], list[GroupUpdate]]:
-        """Messages for a batch, with the refused and the filtered updates.
+        """Messages for a batch, with the unsendable and the filtered updates.
 
         One loop with everything local: this is the worker's per-message cost.
         """
         messages: list[Message] = []
-        refused: list[tuple[GroupUpdate, Unsendable]] = []
+        unsendable: list[tuple[GroupUpdate, Unsendable]] = []
         filtered: list[GroupUpdate] = []
         if self.before_send is not None:
             for update in updates:
                 try:
                     message = self.update(update)
                 except Unsendable as exc:
-                    refused.append((update, exc))
+                    unsendable.append((update, exc))
                     continue
                 if message is None:
                     filtered.append(update)
                 else:
                     messages.append(message)
-            return messages, refused, filtered
+            return messages, unsendable, filtered
         token, dumps, append, table = self.token, _dumps, messages.append, _FORM_TABLE
         for update in updates:
             wire = wire_message(token, update)
@@ -106,22 +118,22 @@ class Encoder:
                 text = dumps(wire)
             except (TypeError, ValueError) as exc:
                 reason = f"message cannot be encoded as JSON: {exc}"
-                refused.append((update, Unsendable(reason, wire)))
+                unsendable.append((update, Unsendable(reason, wire)))
                 continue
             quoted = text.translate(table) if text.isascii() else form_quote(text)
             if len(text) > MAX_MESSAGE_BYTES or len(quoted) > _MAX_QUOTED:
                 try:
                     self._check(text, quoted, update, wire)
                 except Unsendable as exc:
-                    refused.append((update, exc))
+                    unsendable.append((update, exc))
                 continue
             append(Message(text, quoted, update))
-        return messages, refused, filtered
+        return messages, unsendable, filtered
 
     def batch_body(self, updates: list[GroupUpdate]) -> Optional[str]:
         """The whole request body for a batch in one ``json.dumps`` of the array, or
         None when it must go message by message (``before_send``, over a limit, a
-        value JSON refuses). Byte for byte what joining the messages gives."""
+        value JSON cannot encode). Byte for byte what joining the messages gives."""
         if self.before_send is not None:
             return None
         token = self.token
@@ -183,3 +195,54 @@ class Encoder:
                 message,
             )
         return Message(text, quoted, origin)
+
+
+class Updates:
+    """A batch of group updates: one request body when it can be, else message by message."""
+
+    def __init__(self, encoder: Encoder, updates: list[GroupUpdate]) -> None:
+        self._encoder = encoder
+        self.origins: list[Any] = list(updates)
+
+    def body(self) -> Optional[str]:
+        return self._encoder.batch_body(self.origins)
+
+    def messages(self, result: Result) -> list[Message]:
+        messages, unsendable, filtered = self._encoder.updates(self.origins)
+        result.failed.extend(Failure(u, exc.message, exc.reason) for u, exc in unsendable)
+        result.filtered.extend(filtered)
+        return messages
+
+
+class Texts:
+    """A batch of JSON texts: SDK messages (``before_send`` applies) or spooled rows
+    (already went through it). Each text is its own origin unless ``origins`` says."""
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        texts: list[str],
+        origins: Optional[list[Any]] = None,
+        before_send: bool = True,
+    ) -> None:
+        self._encoder = encoder
+        self._texts = texts
+        self.origins: list[Any] = list(texts) if origins is None else origins
+        self._before_send = before_send
+
+    def body(self) -> Optional[str]:
+        return None
+
+    def messages(self, result: Result) -> list[Message]:
+        messages: list[Message] = []
+        for origin, text in zip(self.origins, self._texts):
+            try:
+                message = self._encoder.text(text, origin, self._before_send)
+            except Unsendable as exc:
+                result.failed.append(Failure(origin, exc.message, exc.reason))
+                continue
+            if message is None:
+                result.filtered.append(origin)
+            else:
+                messages.append(message)
+        return messages

@@ -1,11 +1,12 @@
-"""Jobs: one request's worth of work a worker thread takes, sends and settles.
+"""Jobs: one request's worth of work (or one spool write) a worker thread takes and runs.
 
 A *group job* carries updates taken from the buffer; while it is in flight
 its groups are *busy*, so no later message of theirs is sent before it is
-settled. A *spool job* replays the oldest spooled rows; it runs alone, since
-spooled rows are older than anything in memory. A *raw job* carries SDK
-messages for ``/track``, ``/engage`` or ``/import`` from one *lane* (the
-FIFO of one endpoint and credential).
+finished. A *replay job* sends the oldest spooled rows; it runs alone, since
+spooled rows are older than anything in memory. A *spill job* writes updates
+to the spool (overflow, and what was pending when it came). An *SDK job*
+carries messages the official SDK handed over for ``/track``, ``/engage``
+or ``/import``, from one *lane* (the FIFO of one endpoint and credential).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ __all__ = ["Job", "Kind", "Lane"]
 
 class Kind(enum.Enum):
     GROUPS = "groups"
-    SPOOL = "spool"
-    RAW = "raw"
+    REPLAY = "replay"
+    SPILL = "spill"
+    SDK = "sdk"
 
 
 class Lane:
@@ -59,7 +61,7 @@ class Job:
         self.texts = texts or []
         self.count = len(self.updates) + len(self.texts)
         self.bytes = sum(u.size for u in self.updates) + sum(map(len, self.texts))
-        self.abandoned = False  # the exit deadline passed: its updates went to the spool
+        self.abandoned = False  # the exit deadline passed: the exit took its updates
 
     def __repr__(self) -> str:
         return f"<Job {self.kind.name} {self.count}>"

@@ -20,7 +20,7 @@ class Fate(enum.Enum):
 
     DELIVERED = "delivered"
     SPOOLED = "spooled"
-    FAILED = "failed"  # refused by Mixpanel or unencodable; reported to on_error
+    FAILED = "failed"  # rejected by Mixpanel or unsendable; reported to on_error
     DROPPED = "dropped"  # no room and no spool, or lost at exit
 
 

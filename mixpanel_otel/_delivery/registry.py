@@ -54,7 +54,7 @@ def get_consumer(
     ``token`` and ``api_host`` fall back to ``MIXPANEL_TOKEN`` and
     ``MIXPANEL_API_HOST`` (or ``MIXPANEL_REGION``). Options apply only when
     the consumer is created; a later call gets the same consumer (a
-    misspelt option is still refused) and a warning, once per option, for
+    misspelt option still raises) and a warning, once per option, for
     each option it gives a different value (as the OpenTelemetry SDK warns
     when a global provider is set twice).
     """
@@ -205,12 +205,7 @@ def _watchdog() -> None:
 
 def _locks_free() -> bool:
     """Whether every consumer's locks can be taken now (a worker holds them only briefly)."""
-    for consumer in list(_LIVE):
-        for lock in (consumer._finishing, consumer._spill_lock, consumer._cond):
-            if not lock.acquire(timeout=0.05):
-                return False
-            lock.release()
-    return True
+    return all(consumer.quiescent(0.05) for consumer in list(_LIVE))
 
 
 def _flush_eagerly() -> None:
@@ -249,12 +244,12 @@ def _before_fork() -> None:
     _LOCK.acquire()
     _fork_held[:] = list(_LIVE)
     for consumer in _fork_held:
-        consumer._cond.acquire()
+        consumer.before_fork()
 
 
 def _after_fork_in_parent() -> None:
     for consumer in _fork_held:
-        consumer._cond.release()
+        consumer.after_fork_in_parent()
     _fork_held.clear()
     _LOCK.release()
 

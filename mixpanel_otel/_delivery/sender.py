@@ -1,27 +1,31 @@
-"""The sender: one batch of encoded messages to one endpoint, until it is settled.
+"""The sender: one batch to one endpoint, until every message of it has an outcome.
 
-It sizes the batch into request bodies under Mixpanel's 2 MB limit, posts
-them in order, retries what is retryable with capped exponential backoff and
-jitter (honouring Retry-After), and splits a batch Mixpanel refused (status
-0, 413) in halves so only the bad messages are lost. It knows nothing of
-threads, buffers or spools: the transport, the clock and the wait are
-injected, so it is tested against a fake transport in milliseconds, and
-``GroupClient(sync=True)`` uses the same loop as the background worker.
+It posts a batch in one piece when the encoder could make one, else in
+request bodies under Mixpanel's 2 MB limit, in order; it retries what is
+retryable with capped exponential backoff and jitter (honouring
+Retry-After), and when Mixpanel rejects a batch (``status: 0``, 413) it
+*splits* it in halves, message by message if need be, so only the bad
+messages fail. It knows nothing of threads, buffers or spools: the
+transport and the clock are injected and everything else goes through one
+:class:`Hooks` object, so it is tested against a fake transport in
+milliseconds, and ``GroupClient(sync=True)`` uses the same loop as the
+background workers.
 """
 
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from time import monotonic
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Protocol
 
 from .._transport import BODY_CLOSE, BODY_OPEN, SEPARATOR, Answer, Outcome, Post, form_body
 from .._wire import MAX_BATCH_BYTES
-from .encode import Message
+from .encode import Failure, Message
 
-__all__ = ["Backoff", "Result", "Sender"]
+__all__ = ["Backoff", "Batch", "Hooks", "Messages", "Result", "Sender", "SyncHooks"]
 
 #: A server asking for a longer Retry-After than this is retried after this.
 RETRY_AFTER_CAP = 60.0
@@ -46,57 +50,115 @@ class Backoff:
 
 @dataclass
 class Result:
-    """What became of a batch: delivered, refused (with reasons), or left unsent."""
+    """What became of a batch, by origin (an update, a spool row id, an SDK message's text).
 
-    delivered: list[Message] = field(default_factory=list)
-    refused: list[tuple[Message, str]] = field(default_factory=list)
-    unsent: list[Message] = field(default_factory=list)
-    reason: str = ""  # the last failure's reason, for unsent messages
+    Every origin of the batch ends in exactly one list.
+    """
+
+    delivered: list[Any] = field(default_factory=list)
+    failed: list[Failure] = field(default_factory=list)  # rejected by Mixpanel, or unsendable
+    filtered: list[Any] = field(default_factory=list)  # before_send returned None
+    unsent: list[Any] = field(default_factory=list)  # out of time (the exit deadline)
+    reason: str = ""  # the last retryable failure's reason, for the unsent
 
 
-#: ``wait(seconds) -> bool``: sleep before a retry; False when there is no time
-#: left for one (the exit deadline), and it may return early to retry at once.
-Wait = Callable[[float], bool]
+class Batch(Protocol):
+    """A batch as the encoder hands it over."""
+
+    origins: list[Any]
+
+    def body(self) -> Optional[str]:
+        """The whole request body in one piece, or None when it must go message by message."""
+
+    def messages(self, result: Result) -> list[Message]:
+        """Each message on its own; the unencodable and filtered go into ``result``."""
+
+
+class Messages:
+    """A batch of messages already encoded."""
+
+    def __init__(self, messages: list[Message]) -> None:
+        self._messages = messages
+        self.origins = [message.origin for message in messages]
+
+    def body(self) -> Optional[str]:
+        return None
+
+    def messages(self, result: Result) -> list[Message]:
+        return self._messages
+
+
+class Hooks(Protocol):
+    """What the sender asks of the consumer (or of the sync path)."""
+
+    def answered(self, answer: Answer) -> None:
+        """Every answer: counts, health, a 429's pause."""
+
+    def may_post(self) -> bool:
+        """Before each request: wait out a pause of the whole consumer; False to stop."""
+
+    def wait(self, delay: float) -> bool:
+        """Before a retry; may return early to retry at once; False when out of time."""
+
+    def deadline(self) -> Optional[float]:
+        """The exit deadline, when one is set."""
+
+
+class SyncHooks:
+    """Hooks for sending from the caller's thread: plain sleeps, no deadline."""
+
+    def __init__(self, answered: Callable[[Answer], None]) -> None:
+        self.answered = answered
+
+    def may_post(self) -> bool:
+        return True
+
+    def wait(self, delay: float) -> bool:
+        threading.Event().wait(delay)
+        return True
+
+    def deadline(self) -> Optional[float]:
+        return None
 
 
 class Sender:
-    """Posts batches through ``transport`` and settles every message of them."""
+    """Posts batches through ``transport``; every message ends delivered, failed or unsent."""
 
     def __init__(
         self,
         transport: Post,
+        hooks: Hooks,
         *,
         request_timeout: float,
         backoff: Optional[Backoff] = None,
-        wait: Wait,
         clock: Callable[[], float] = monotonic,
-        deadline: Callable[[], Optional[float]] = lambda: None,
-        on_answer: Callable[[Answer], None] = lambda answer: None,
-        before_post: Callable[[], bool] = lambda: True,
         max_attempts: Optional[int] = None,
     ) -> None:
         self.transport = transport
+        self.hooks = hooks
         self.request_timeout = request_timeout
         self.backoff = backoff or Backoff()
-        self.wait = wait
         self.clock = clock
-        self.deadline = deadline  # the exit deadline, when one is set
-        self.on_answer = on_answer  # stats and health
-        self.before_post = before_post  # waits out a consumer-wide pause; False: stop
         self.max_attempts = max_attempts  # None: retry until the deadline
 
     def deliver(
-        self,
-        path: str,
-        messages: list[Message],
-        auth: Optional[tuple[str, str]] = None,
-        extra: str = "",
+        self, path: str, batch: Batch, auth: Optional[tuple[str, str]] = None, extra: str = ""
     ) -> Result:
-        """Send ``messages`` in order; every one ends in exactly one list of the result."""
+        """Send ``batch`` in order; every origin ends in exactly one list of the result."""
         result = Result()
-        for chunk in self._chunks(messages, extra):
+        body = batch.body()
+        if body is not None:
+            answer = self._post(path, body, auth, result)
+            if answer is None:
+                result.unsent.extend(batch.origins)
+            elif answer.outcome is Outcome.OK:
+                result.delivered.extend(batch.origins)
+            else:
+                self._rejected(path, batch.messages(result), auth, extra, answer, result)
+            return result
+        for chunk in self._chunks(batch.messages(result), extra):
             if result.unsent:  # later chunks wait behind an unsent one: order
-                result.unsent.extend(chunk)
+                result.unsent.extend(message.origin for message in chunk)
             else:
                 self._deliver(path, chunk, auth, extra, result)
         return result
@@ -119,41 +181,24 @@ class Sender:
 
     def _timeout(self) -> Optional[float]:
         """This request's timeout, bounded by the time left before the deadline."""
-        deadline = self.deadline()
+        deadline = self.hooks.deadline()
         if deadline is None:
             return self.request_timeout
         left = deadline - self.clock()
         return None if left <= 0.01 else min(self.request_timeout, left)
 
-    def deliver_body(self, path: str, body: str, origins: list[Any]) -> Union[Result, Answer]:
-        """Send a batch already encoded as one body (the encoder's fast path).
-
-        Delivered, or left unsent at the deadline: the result, with
-        text-less messages that name their origins. Refused: Mixpanel's
-        answer; the caller then splits the batch (status 0, 413) or reports
-        every message (401, 403, other 4xx), as :meth:`deliver` does.
-        """
-        result = Result()
-        answer = self._post(path, body, None, result)
-        if answer is None:
-            result.unsent = [Message("", "", origin) for origin in origins]
-            return result
-        if answer.outcome is Outcome.OK:
-            result.delivered = [Message("", "", origin) for origin in origins]
-            return result
-        return answer
-
     def _post(
         self, path: str, body: str, auth: Optional[tuple[str, str]], result: Result
     ) -> Optional[Answer]:
         """Post ``body`` until an answer other than "retry"; None when out of time or tries."""
+        hooks = self.hooks
         attempt = 0
         while True:
             timeout = self._timeout()
-            if timeout is None or not self.before_post():
+            if timeout is None or not hooks.may_post():
                 return None
             answer = self.transport.post(path, body, auth, timeout)
-            self.on_answer(answer)
+            hooks.answered(answer)
             if answer.outcome is not Outcome.RETRY:
                 return answer
             attempt += 1
@@ -161,10 +206,10 @@ class Sender:
             if self.max_attempts is not None and attempt >= self.max_attempts:
                 return None
             delay = self.backoff.delay(attempt, answer)
-            deadline = self.deadline()
+            deadline = hooks.deadline()
             if deadline is not None:
                 delay = min(delay, deadline - self.clock())
-            if delay < 0 or not self.wait(delay):
+            if delay < 0 or not hooks.wait(delay):
                 return None
 
     def _deliver(
@@ -175,18 +220,30 @@ class Sender:
         extra: str,
         result: Result,
     ) -> None:
-        body = form_body((message.quoted for message in chunk), extra)
-        answer = self._post(path, body, auth, result)
+        answer = self._post(path, form_body((m.quoted for m in chunk), extra), auth, result)
         if answer is None:
-            result.unsent.extend(chunk)
+            result.unsent.extend(message.origin for message in chunk)
         elif answer.outcome is Outcome.OK:
-            result.delivered.extend(chunk)
-        elif answer.outcome is Outcome.REJECTED and len(chunk) > 1:
+            result.delivered.extend(message.origin for message in chunk)
+        else:
+            self._rejected(path, chunk, auth, extra, answer, result)
+
+    def _rejected(
+        self,
+        path: str,
+        chunk: list[Message],
+        auth: Optional[tuple[str, str]],
+        extra: str,
+        answer: Answer,
+        result: Result,
+    ) -> None:
+        """Split a rejected batch in halves; a fatal answer (401, 403, 4xx) fails it whole."""
+        if answer.outcome is Outcome.REJECTED and len(chunk) > 1:
             half = len(chunk) // 2
             for part in (chunk[:half], chunk[half:]):
                 if result.unsent:
-                    result.unsent.extend(part)
+                    result.unsent.extend(message.origin for message in part)
                 else:
                     self._deliver(path, part, auth, extra, result)
-        else:
-            result.refused.extend((message, answer.reason) for message in chunk)
+        else:  # 401, 403, other 4xx, or one message rejected: never sent again
+            result.failed.extend(Failure(m.origin, m.text, answer.reason) for m in chunk)

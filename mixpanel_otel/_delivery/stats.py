@@ -21,9 +21,9 @@ COUNTERS = (
     "enqueued",  # updates accepted (a merged update counts once here and once in coalesced)
     "coalesced",  # updates merged into an earlier pending one (never sent on their own)
     "sent",  # messages Mixpanel acknowledged
-    "failed",  # messages Mixpanel refused, or that could not be encoded; reported to on_error
-    "dropped",  # updates refused for room (never enqueued): overflow without a spool
-    "invalid",  # records a front end refused (bad data), counted by the front end
+    "failed",  # messages Mixpanel rejected, or unsendable; reported to on_error
+    "dropped",  # updates given up: no room, the spool could not keep them, the exit deadline
+    "invalid",  # records a front end could not use (bad data), counted by the front end
     "ignored",  # records with group tags but no operation (not an error)
     "filtered",  # messages before_send returned None for
     "retries",  # requests retried after a retryable failure
@@ -77,7 +77,7 @@ class Health:
 
     Failing starts with the first retryable failure and ends with the next
     success. Once it has lasted ``warn_after`` seconds a warning names the
-    reason (DNS, refused, HTTP status and body), repeated at most every
+    reason (DNS, connection refused, HTTP status and body), repeated at most every
     ``repeat`` seconds; recovery gets one line.
     """
 

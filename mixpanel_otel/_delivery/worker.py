@@ -1,6 +1,6 @@
 """The worker: the consumer's background threads, started on demand, pid-stamped.
 
-Each thread runs the consumer's loop (take a batch, send it, settle it)
+Each thread runs the consumer's loop (take a job, run it)
 until the loop returns. A fork leaves the child without threads; the pid
 stamp tells :meth:`Worker.ensure` to start new ones there. Threads run with
 OpenTelemetry instrumentation suppressed, so their own HTTP requests make
@@ -51,9 +51,12 @@ class Worker:
         self._running = 0  # threads started whose loop has not ended
         self._lock = threading.Lock()
         self.started = False  # read without the lock by the hot path
+        self.enabled = True  # False: never start a thread (tests run jobs from flush())
 
     def ensure(self) -> bool:
         """Start missing threads; False when none can run (interpreter shutdown)."""
+        if not self.enabled:
+            return False
         with self._lock:
             if self._pid != os.getpid():
                 self._pid = os.getpid()

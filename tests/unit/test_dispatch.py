@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from mixpanel_otel._delivery.buffer import Buffer
 from mixpanel_otel._delivery.dispatch import Dispatch
-from mixpanel_otel._delivery.encode import Encoder
 from mixpanel_otel._delivery.jobs import Kind, Lane
 from mixpanel_otel._delivery.receipts import Fate, Receipt
 from mixpanel_otel._delivery.sender import Result
@@ -24,8 +23,7 @@ def add(target, *updates):
 
 
 def delivered(job):
-    encoder = Encoder("tok", None)
-    return Result(delivered=[encoder.update(u) for u in job.updates])
+    return Result(delivered=list(job.updates))
 
 
 # -- buffer ----------------------------------------------------------------------------
@@ -97,15 +95,15 @@ def test_take_skips_busy_groups_and_keeps_each_groups_order():
 def test_a_group_in_flight_is_busy_until_its_job_settles():
     dispatch = Dispatch(batch_size=2)
     add(dispatch, update("a", payload={"v": 1}), update("b"))
-    first = dispatch.pick(spool_ready=False)
+    first = dispatch.pick(spool_ready=False, in_flight_limit=8)
     assert first is not None and first.kind is Kind.GROUPS
     add(dispatch, update("a", "$unset", ["v"]), update("c"), update("d"))
-    second = dispatch.pick(spool_ready=False)
+    second = dispatch.pick(spool_ready=False, in_flight_limit=8)
     assert [u.group_id for u in second.updates] == ["c", "d"], "a waits for its first message"
-    assert dispatch.pick(spool_ready=False) is None
+    assert dispatch.pick(spool_ready=False, in_flight_limit=8) is None
     dispatch.finish(first, delivered(first))
-    dispatch.draining = True
-    third = dispatch.pick(spool_ready=False)
+    dispatch.partial = True
+    third = dispatch.pick(spool_ready=False, in_flight_limit=8)
     assert [(u.group_id, u.op) for u in third.updates] == [("a", "$unset")]
     assert dispatch.held == 3  # second and third in flight
 
@@ -113,9 +111,9 @@ def test_a_group_in_flight_is_busy_until_its_job_settles():
 def test_partial_batches_wait_for_a_tick_and_held_counts_in_flight():
     dispatch = Dispatch(batch_size=10)
     add(dispatch, *(update(f"g{i}") for i in range(3)))
-    assert dispatch.pick(spool_ready=False) is None
-    dispatch.draining = True
-    job = dispatch.pick(spool_ready=False)
+    assert dispatch.pick(spool_ready=False, in_flight_limit=8) is None
+    dispatch.partial = True
+    job = dispatch.pick(spool_ready=False, in_flight_limit=8)
     assert job.count == 3 and dispatch.held == 3 and dispatch.in_flight == 3
     receipt = Receipt(1)
     job.updates[0].receipts = [receipt]
@@ -125,36 +123,38 @@ def test_partial_batches_wait_for_a_tick_and_held_counts_in_flight():
 
 def test_spooled_rows_go_first_and_alone():
     dispatch = Dispatch(batch_size=1)
-    dispatch.draining = True
+    dispatch.partial = True
     add(dispatch, update("a"), update("b"))
-    in_flight = dispatch.pick(spool_ready=True)
+    in_flight = dispatch.pick(spool_ready=True, in_flight_limit=8)
     dispatch.spool_rows = 5  # a spill wrote rows while that job was out
-    assert dispatch.pick(spool_ready=True) is None, "no spool job beside a group job"
+    beside = dispatch.pick(spool_ready=True, in_flight_limit=8)
+    assert beside is None, "no replay job beside a group job"
     dispatch.finish(in_flight, delivered(in_flight))
-    spool_job = dispatch.pick(spool_ready=True)
-    assert spool_job.kind is Kind.SPOOL
-    assert dispatch.pick(spool_ready=True) is None, "memory waits while the spool has rows"
+    spool_job = dispatch.pick(spool_ready=True, in_flight_limit=8)
+    assert spool_job.kind is Kind.REPLAY
+    waits = dispatch.pick(spool_ready=True, in_flight_limit=8)
+    assert waits is None, "memory waits while the spool has rows"
     dispatch.finish(spool_job, Result())
     dispatch.spool_rows = 0
-    assert dispatch.pick(spool_ready=True).updates[0].group_id == "b"
+    assert dispatch.pick(spool_ready=True, in_flight_limit=8).updates[0].group_id == "b"
 
 
 def test_unsent_updates_go_back_in_front_and_abandoned_jobs_are_the_spools():
     dispatch = Dispatch(batch_size=2)
-    dispatch.draining = True
+    dispatch.partial = True
     add(dispatch, update("a", payload={"v": 1}), update("b"))
-    job = dispatch.pick(spool_ready=False)
+    job = dispatch.pick(spool_ready=False, in_flight_limit=8)
     add(dispatch, update("a", "$unset", ["v"]))
-    encoder = Encoder("tok", None)
-    dispatch.finish(job, Result(unsent=[encoder.update(u) for u in job.updates]))
+    dispatch.finish(job, Result(unsent=list(job.updates)))
     assert [(u.group_id, u.op) for u in dispatch.buffer] == [
         ("a", "$set"),
         ("a", "$unset"),
         ("b", "$set"),
     ]
-    job = dispatch.pick(spool_ready=False)
-    abandoned, lost = dispatch.abandon()
-    assert abandoned == job.updates and lost == 0 and dispatch.in_flight == 0
+    job = dispatch.pick(spool_ready=False, in_flight_limit=8)
+    front, back, lost = dispatch.take_all()
+    assert front == job.updates and [u.group_id for u in back] == ["b"] and lost == []
+    assert dispatch.in_flight == 0 and dispatch.held == 0
     dispatch.finish(job, delivered(job))  # a late answer changes nothing
     assert dispatch.in_flight == 0
 
@@ -162,13 +162,13 @@ def test_unsent_updates_go_back_in_front_and_abandoned_jobs_are_the_spools():
 def test_lanes_send_one_job_at_a_time_in_order():
     dispatch = Dispatch(batch_size=2)
     for text in ("1", "2", "3"):
-        dispatch.add_raw(("events",), lambda: Lane("/track"), text)
-    job = dispatch.pick(spool_ready=False)
-    assert job.texts == ["1", "2"] and dispatch.pick(spool_ready=False) is None
-    dispatch.draining = True
-    assert dispatch.pick(spool_ready=False) is None, "the lane is busy"
+        dispatch.add_sdk(("events",), lambda: Lane("/track"), text)
+    job = dispatch.pick(spool_ready=False, in_flight_limit=8)
+    assert job.texts == ["1", "2"] and dispatch.pick(spool_ready=False, in_flight_limit=8) is None
+    dispatch.partial = True
+    assert dispatch.pick(spool_ready=False, in_flight_limit=8) is None, "the lane is busy"
     dispatch.finish(job, Result())
-    assert dispatch.pick(spool_ready=False).texts == ["3"]
+    assert dispatch.pick(spool_ready=False, in_flight_limit=8).texts == ["3"]
 
 
 def test_receipts_count_each_fate():

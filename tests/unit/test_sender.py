@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from urllib.parse import parse_qs
 
-from mixpanel_otel._delivery.encode import Encoder
-from mixpanel_otel._delivery.sender import Backoff, Sender
+from mixpanel_otel._delivery.encode import Encoder, Updates
+from mixpanel_otel._delivery.sender import Backoff, Messages, Sender
 from mixpanel_otel._transport import Answer, Outcome, classify
 from mixpanel_otel._wire import MAX_BATCH_BYTES, make_update
 
@@ -32,9 +32,22 @@ class FakeTransport:
 
 
 class Clock:
-    def __init__(self):
+    """A fake clock that is also the sender's hooks: waits move time on."""
+
+    def __init__(self, deadline=None):
         self.now = 0.0
         self.waits: list[float] = []
+        self.answers: list = []
+        self._deadline = deadline
+
+    def answered(self, answer):
+        self.answers.append(answer)
+
+    def may_post(self):
+        return True
+
+    def deadline(self):
+        return self._deadline
 
     def __call__(self):
         return self.now
@@ -48,15 +61,17 @@ class Clock:
 def messages(*ids, size=0):
     encoder = Encoder("tok", None)
     properties = {f"p{n}": "y" * 200 for n in range(size // 200)} or {"x": 1}
-    return [encoder.update(make_update("company", i, "$set", properties, 1.0)) for i in ids]
+    return Messages(
+        [encoder.update(make_update("company", i, "$set", properties, 1.0)) for i in ids]
+    )
 
 
 def sender(transport, clock, **kwargs):
     return Sender(
         transport,
+        clock,
         request_timeout=5,
         backoff=Backoff(2.0, 60.0, rng=lambda a, b: b),
-        wait=clock.wait,
         clock=clock,
         **kwargs,
     )
@@ -66,7 +81,7 @@ def test_retries_with_doubling_backoff_until_delivered():
     clock = Clock()
     transport = FakeTransport(*[Answer(Outcome.RETRY, "HTTP 503")] * 3)
     result = sender(transport, clock).deliver("/groups", messages("a", "b"))
-    assert [m.origin.group_id for m in result.delivered] == ["a", "b"]
+    assert [u.group_id for u in result.delivered] == ["a", "b"]
     assert clock.waits == [2.0, 4.0, 8.0]
     assert len(transport.requests) == 4
 
@@ -85,8 +100,8 @@ def test_a_rejected_batch_is_split_so_only_bad_messages_are_lost_in_order():
     clock = Clock()
     transport = FakeTransport(bad={"c", "f"})
     result = sender(transport, clock).deliver("/groups", messages(*"abcdefgh"))
-    assert [m.origin.group_id for m in result.delivered] == list("abdegh")
-    assert [(m.origin.group_id, reason) for m, reason in result.refused] == [
+    assert [u.group_id for u in result.delivered] == list("abdegh")
+    assert [(f.origin.group_id, f.reason) for f in result.failed] == [
         ("c", "bad message"),
         ("f", "bad message"),
     ]
@@ -102,8 +117,9 @@ def test_a_rejected_batch_is_split_so_only_bad_messages_are_lost_in_order():
 def test_the_deadline_leaves_the_rest_unsent_in_order():
     clock = Clock()
     transport = FakeTransport(*[Answer(Outcome.RETRY, "connection refused")] * 10)
-    result = sender(transport, clock, deadline=lambda: 5.0).deliver("/groups", messages("a", "b"))
-    assert [m.origin.group_id for m in result.unsent] == ["a", "b"]
+    clock = Clock(deadline=5.0)
+    result = sender(transport, clock).deliver("/groups", messages("a", "b"))
+    assert [u.group_id for u in result.unsent] == ["a", "b"]
     assert result.reason == "connection refused"
     assert clock.now <= 5.0
 
@@ -112,7 +128,7 @@ def test_fatal_answers_refuse_the_whole_batch_without_retry():
     clock = Clock()
     transport = FakeTransport(Answer(Outcome.FATAL, "HTTP 401: Invalid token"))
     result = sender(transport, clock).deliver("/groups", messages("a", "b"))
-    assert len(result.refused) == 2 and clock.waits == []
+    assert len(result.failed) == 2 and clock.waits == []
 
 
 def test_bodies_stay_under_two_megabytes_and_keep_order():
@@ -168,15 +184,17 @@ def test_a_batch_encoded_in_one_piece_is_byte_identical_to_joined_messages():
     assert encoder.batch_body(updates) == joined
 
 
-def test_a_refused_one_piece_batch_comes_back_for_splitting():
+def test_a_refused_one_piece_batch_is_split_message_by_message():
     clock = Clock()
     transport = FakeTransport(bad={"b"})
-    batch = messages("a", "b", "c")
     encoder = Encoder("tok", None)
-    updates = [m.origin for m in batch]
-    refused = sender(transport, clock).deliver_body("/groups", encoder.batch_body(updates), updates)
-    assert isinstance(refused, Answer) and refused.outcome is Outcome.REJECTED
-    good = [m.origin for m in messages("x", "y")]
-    result = sender(transport, clock).deliver_body("/groups", encoder.batch_body(good), good)
-    assert not isinstance(result, Answer)
-    assert [m.origin.group_id for m in result.delivered] == ["x", "y"]
+    updates = [make_update("company", i, "$set", {"x": 1}, 1.0) for i in "abc"]
+    result = sender(transport, clock).deliver("/groups", Updates(encoder, updates))
+    assert transport.requests[0] == ["a", "b", "c"], "one piece first"
+    assert [u.group_id for u in result.delivered] == ["a", "c"]
+    assert [(f.origin.group_id, f.message) for f in result.failed] == [
+        ("b", encoder.update(updates[1]).text)
+    ]
+    good = [make_update("company", i, "$set", {"x": 1}, 1.0) for i in "xy"]
+    result = sender(transport, clock).deliver("/groups", Updates(encoder, good))
+    assert result.delivered == good and transport.requests[-1] == ["x", "y"]

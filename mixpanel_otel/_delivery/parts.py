@@ -1,0 +1,204 @@
+"""The parts of one consumer, built together (a forked child builds new ones).
+
+Also the callers' side that needs more than one part: admission and its
+overflow, :meth:`Parts.submit` for receipts, the synchronous path, and the
+worker threads' loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
+
+from .._exceptions import MixpanelException
+from .._transport import Post
+from .._wire import GroupUpdate
+from .admission import Admission, decide
+from .deliverer import Deliverer
+from .encode import Encoder, Updates
+from .ledger import Ledger
+from .lifecycle import Lifecycle
+from .receipts import Fate, Receipt
+from .report import Reporter
+from .sender import Backoff, Messages, Result, Sender, SyncHooks
+from .spool import Spool
+from .stats import Throttle, logger
+from .worker import WORKER_THREADS, Worker
+
+__all__ = ["Parts"]
+
+_HEALTH_WARN_TICKS = 5  # warn when failing for this many flush intervals (at most 30 s)
+_STATS_DEBUG_EVERY = 60.0
+
+
+class Parts:
+    """Ledger, lifecycle, reporter, deliverer, spool and worker of one consumer."""
+
+    def __init__(
+        self,
+        token: str,
+        base_url: str,
+        options: dict[str, Any],
+        transport: Post,
+        clock: Callable[[], float],
+        wait: Optional[Callable[[float], bool]],
+    ) -> None:
+        self.options = options
+        self.max_block: float = options["max_block"]
+        self.max_pending: int = options["max_pending"]
+        warn_after = min(30.0, options["flush_interval"] * _HEALTH_WARN_TICKS)
+        secret = getattr(options["credentials"], "secret", None)
+        self.reporter = Reporter(
+            token, options["on_error"], warn_after, clock, str(secret) if secret else None
+        )
+        self.lifecycle = Lifecycle(clock, wait)
+        self.ledger = Ledger(
+            self.reporter.stats,
+            batch_size=options["batch_size"],
+            max_pending=options["max_pending"],
+            max_pending_bytes=options["max_pending_bytes"],
+            max_in_flight=options["max_in_flight"],
+            flush_interval=options["flush_interval"],
+            clock=clock,
+        )
+        spool_dir = options["spool_dir"]
+        self.spool = Spool(spool_dir, token, base_url) if spool_dir else None
+        self.encoder = Encoder(token, options["before_send"])
+        self.deliverer = Deliverer(
+            self.ledger,
+            self.lifecycle,
+            self.reporter,
+            self.encoder,
+            transport,
+            self.spool,
+            request_timeout=options["request_timeout"],
+            backoff=Backoff(options["backoff_base"], options["backoff_max"]),
+        )
+        # One thread more than requests in flight with a spool: a spill never waits.
+        threads = options["max_in_flight"] + (1 if self.spool is not None else 0)
+        self.worker = Worker(self._loop, threads, "mixpanel-otel-worker")
+        self._stats_debug = Throttle(_STATS_DEBUG_EVERY)
+
+    def _loop(self) -> None:
+        """One worker thread: take a job, run it, until stopped."""
+        self.deliverer.adopt()
+        ledger, lifecycle, spool = self.ledger, self.lifecycle, self.spool is not None
+        while True:
+            job = ledger.next_job(lifecycle, spool)
+            if job is None:
+                return
+            self.deliverer.run(job)
+            if logger.isEnabledFor(logging.DEBUG) and self._stats_debug.ready() is not None:
+                logger.debug("mixpanel-otel: stats %s", self.reporter.stats.snapshot())
+
+    # -- callers ---------------------------------------------------------------------
+
+    def admit(self, updates: list[GroupUpdate], wait: bool) -> None:
+        """The slow path of enqueue: add what has room, wait for more, or overflow."""
+        max_block = self.max_block if wait else 0.0
+        clock = self.lifecycle.clock
+        wait_until: Optional[float] = None
+        while True:
+            updates = updates[self.ledger.add(updates) :]
+            if not updates:
+                return
+            now = clock()
+            verdict, reason = decide(
+                failing=self.reporter.health.failing,
+                max_block=max_block,
+                wait_until=wait_until,
+                now=now,
+                can_wait=self._can_wait(),
+            )
+            if verdict is Admission.OVERFLOW:
+                self.overflow(updates, reason, wait)
+                return
+            if wait_until is None:
+                wait_until = now + max_block
+                self.reporter.stats.add("blocked")
+            self.ledger.wait_for_room(wait_until - now)
+
+    def _can_wait(self) -> bool:
+        return (
+            threading.get_ident() not in WORKER_THREADS
+            and not self.lifecycle.closing
+            and self.worker.started
+        )
+
+    def overflow(self, updates: list[GroupUpdate], reason: str, wait: bool) -> None:
+        """Updates that found no room: to a spill job when there is a spool, else dropped."""
+        if self.spool is not None:
+            updates = self._spill_later(updates, self.max_block if wait else 0.0)
+            reason = "the spool writer is behind"
+        if updates:
+            reason = f"{reason} (max_pending {self.max_pending})"
+            self.ledger.settle(updates, Fate.DROPPED, f"dropped: {reason}")
+            self.reporter.dropped(updates, reason)
+
+    def _spill_later(self, updates: list[GroupUpdate], wait: float) -> list[GroupUpdate]:
+        """Hand overflow to a spill job, waiting up to ``wait`` s while a few batches
+        already wait for the spool; returns what does not fit."""
+        clock = self.lifecycle.clock
+        wait_until = clock() + wait
+        while updates:
+            left = wait_until - clock()
+            patient = left > 0 and self._can_wait()
+            updates = updates[self.ledger.to_spill(updates, patient) :]
+            if not patient:
+                break
+            if updates:
+                self.ledger.wait_for_room(left, spill=True)
+        return updates
+
+    def submit(self, updates: Sequence[GroupUpdate]) -> Receipt:
+        receipt = Receipt(len(updates))
+        if not updates:
+            return receipt
+        failing = self.reporter.health.failing
+        full = self.ledger.held + len(updates) > self.max_pending
+        if self.spool is None and (failing or full):
+            reason = f"over max_pending ({self.max_pending})"
+            if failing:
+                reason = f"delivery is failing: {self.reporter.scrub(self.reporter.health.reason)}"
+            refused = Receipt(len(updates), refused=True, reason=reason)
+            refused.retry_after = max(1.0, self.lifecycle.paused_until - self.lifecycle.clock())
+            return refused
+        for update in updates:
+            update.receipts = [receipt]
+        if failing or full:  # kept on disk: the receipt settles as spooled
+            self.overflow(list(updates), "no room or delivery is failing", wait=False)
+        else:  # someone waits on this receipt: sent now, not on the next tick
+            self.ledger.add(list(updates), bounded=False)
+        return receipt
+
+    def deliver_now(self, updates: list[GroupUpdate]) -> None:
+        """Send from this thread with the official SDK ``Consumer``'s patience (a few
+        quick retries); raise unless Mixpanel accepted every update."""
+        result = Result()
+        messages = Updates(self.encoder, updates).messages(result)
+        if result.failed:
+            self.reporter.stats.add("failed", len(result.failed))
+            raise MixpanelException(result.failed[0].reason)
+        if not messages:
+            return
+        stats = self.reporter.stats
+        stats.add("enqueued", len(messages))
+        sender = Sender(
+            self.deliverer.sender.transport,
+            SyncHooks(self.reporter.answered),
+            request_timeout=self.options["request_timeout"],
+            backoff=Backoff(0.25, 2.0),
+            max_attempts=5,
+        )
+        result = sender.deliver("/groups", Messages(messages))
+        stats.add("sent", len(result.delivered))
+        failed = len(result.failed) + len(result.unsent)
+        if failed:
+            stats.add("failed", failed)
+            reason = result.failed[0].reason if result.failed else result.reason
+            raise MixpanelException(f"Mixpanel error: {self.reporter.scrub(reason)}")
+
+    def quiescent(self, timeout: float) -> bool:
+        return self.ledger.quiescent(timeout) and self.deliverer.quiescent(timeout)
