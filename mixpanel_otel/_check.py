@@ -68,7 +68,7 @@ def run_check(
     """Run every step; stop at the first that fails. Never prints the token."""
     from ._config import DISABLED_ENV, disabled_by_environment, resolve_options, resolve_target
     from ._exceptions import MixpanelException
-    from ._rules import RULES_ENV, load_rules
+    from ._rules import RULES_ENV, load_all
 
     check = Check()
     try:
@@ -86,11 +86,16 @@ def run_check(
     rules_source = rules or os.environ.get(RULES_ENV) or None
     if rules_source:
         try:
-            found = load_rules(rules_source)
+            found, traits = load_all(rules_source)
         except MixpanelException as exc:
-            return check.fail("rules", str(exc))
+            for line in str(exc).splitlines():  # one line per bad table
+                check.fail("rules", line)
+            return check
         named = "--rules" if rules else RULES_ENV
-        check.step("rules", f"{len(found)} rule(s) in {rules_source} (from {named})")
+        check.step(
+            "rules",
+            f"{len(found)} rule(s), {len(traits)} trait(s) in {rules_source} (from {named})",
+        )
     else:
         check.note("rules", f"none (set {RULES_ENV} or pass --rules to check a file)")
     timeout = timeout or float(options["request_timeout"])

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Protocol, TypeVar, Un
 from ._config import check_arguments, disabled_by_environment, resolve_options, resolve_target
 from ._exceptions import ConfigurationError, MissingToken, MixpanelException
 from ._records import Adapter, Walker
-from ._rules import RulesSource, load_rules
+from ._rules import Rules, RulesSource, load_all
 from ._translate import Translator
 from ._wire import ENDPOINTS, GroupUpdate, Truncations
 
@@ -256,7 +256,7 @@ class FrontEnd:
         missing_token_level: int = logging.WARNING,
         fallback_on_error: bool = False,
     ) -> None:
-        explicit_rules = load_rules(rules) if rules is not None else None
+        explicit_rules = load_all(rules) if rules is not None else None
         self.consumer = open_consumer(
             token,
             api_host,
@@ -270,16 +270,21 @@ class FrontEnd:
             found = explicit_rules
         elif self.enabled:
             try:
-                found = load_rules(None)
+                found = load_all(None)
             except ConfigurationError as exc:
                 if not exc.from_environment:
                     raise
                 self.consumer = _disable(f"{exc}; group updates are discarded", logging.ERROR)
                 self.enabled = False
-                found = []
+                found = Rules([], [])
         else:
-            found = []
-        self.translator = Translator(found, self.consumer.truncations)
+            found = Rules([], [])
+        traits = None
+        if found.traits and self.enabled:
+            from ._traits import feed_for
+
+            traits = feed_for(self.consumer, found.traits)
+        self.translator = Translator(found.rules, self.consumer.truncations, traits)
         self._walkers: dict[Adapter[Any], Walker[Any]] = {}
         self._last_warning = -_WARN_EVERY
         self._unreported = 0

@@ -161,6 +161,10 @@ class SdkSpans(Adapter[ReadableSpan]):
             return iso_utc(_seconds(record.end_time))
         if name == "@status":
             return record.status.status_code.name
+        if name == "@duration_ms":
+            if record.start_time is None or record.end_time is None:
+                return None
+            return (record.end_time - record.start_time) / 1e6
         return None
 
     def events(self, record: ReadableSpan, time: float) -> Iterator[Event]:

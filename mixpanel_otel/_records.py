@@ -104,7 +104,7 @@ class Walker(Generic[R]):
         self.front = front
         self.adapter = adapter
         self._tags = front.translator.tags
-        tags_only = not front.translator.rules and not adapter.has_events
+        tags_only = not front.translator.reads_records and not adapter.has_events
         self._read: Callable[[R, Optional[Ingested]], list[GroupUpdate]] = (
             self._read_tags if tags_only else self._read_all
         )
@@ -133,11 +133,11 @@ class Walker(Generic[R]):
         def ingest_one(record: R) -> None:
             try:
                 attributes = attributes_of(record)
-                if not (
+                if not (  # literal names (FLAT_GROUP_ID...): this runs on every logging call
                     "group_id" in attributes
                     or "group_key" in attributes
-                    or FLAT_GROUP_ID in attributes
-                    or FLAT_GROUP_KEY in attributes
+                    or "mixpanel.group_id" in attributes
+                    or "mixpanel.group_key" in attributes
                 ) or skip(record):
                     return
                 errors: list[str] = []
@@ -198,9 +198,9 @@ class Walker(Generic[R]):
         time = adapter.time(record)
         resource = adapter.resource(record)
         special = partial(adapter.special, record, time=time)
-        # Every record is read here once (attributes, resource, time, specials): the
-        # place for anything else that reads every record, such as computed traits
-        # (which then also rule out the tags-only path in __init__).
+        # Every record is read here once (attributes, resource, time, specials); the
+        # translator also counts it for the computed traits (``Translator.traits``,
+        # which rule out the tags-only path in __init__ too).
         errors: list[str] = []
         ignored: list[str] = []
         updates = self.front.translator.translate(

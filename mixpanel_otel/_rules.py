@@ -1,16 +1,19 @@
 """Rules: derive group updates from attributes a service already emits.
 
-A rules file is TOML (``[[rule]]`` tables) or a list of dicts of the same
-shape. Rules are checked when loaded; a mistake names the rule (counted
-from 1, as a person reads the file) and the key.
+A rules file is TOML (``[[rule]]`` and ``[[trait]]`` tables) or a list of
+dicts of the rule shape (or a dict ``{"rule": [...], "trait": [...]}``).
+Everything is checked when loaded; each table with a mistake gives one line
+naming the table (counted from 1, as a person reads the file) and the key.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any, NamedTuple, Optional, Union
 
 from ._exceptions import ConfigurationError, MixpanelException
 
@@ -19,14 +22,45 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
-__all__ = ["RULES_ENV", "Rule", "RulesSource", "SPECIALS", "load_rules"]
+__all__ = [
+    "AGGREGATES",
+    "RULES_ENV",
+    "Rule",
+    "Rules",
+    "RulesSource",
+    "SPECIALS",
+    "Trait",
+    "load_all",
+    "load_rules",
+]
 
 RULES_ENV = "MIXPANEL_OTEL_RULES"
-#: What ``rules=`` accepts: a TOML path, a list of rule dicts, or None (the environment).
-RulesSource = Union[None, str, "os.PathLike[str]", Sequence[Mapping[str, Any]]]
+#: What ``rules=`` accepts: a TOML path, a list of rule dicts, a dict of ``rule``
+#: and ``trait`` lists, or None (the environment).
+RulesSource = Union[None, str, "os.PathLike[str]", Sequence[Mapping[str, Any]], Mapping[str, Any]]
 
-#: Values a rule can map besides attribute names.
-SPECIALS = frozenset(("@start_time", "@end_time", "@name", "@status", "@severity"))
+#: Values a rule can map besides attribute names (``@duration_ms``: spans only).
+SPECIALS = frozenset(("@start_time", "@end_time", "@name", "@status", "@severity", "@duration_ms"))
+
+#: What a ``[[trait]]`` can compute; every one but ``count`` needs ``of``.
+AGGREGATES = (
+    "count",
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "count_distinct",
+    "first",
+    "last",
+    "p50",
+    "p90",
+    "p95",
+    "p99",
+)
+_NUMERIC = frozenset(("sum", "min", "max", "avg", "p50", "p90", "p95", "p99"))
+_TRAIT_KEYS = frozenset(("property", "group_key", "group_id", "aggregate", "of", "window", "when"))
+_WINDOW = re.compile(r"^([1-9][0-9]{0,8})([smhd])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 _OPERATIONS = {
     "set_once": "$set_once",
@@ -62,8 +96,141 @@ class Rule:
         return f"<Rule {self.index} {self.group_key}={self.group_id}>"
 
 
-def _fail(index: int, key: str, problem: str) -> MixpanelException:
-    return MixpanelException(f"rules: rule {index}, key {key!r}: {problem}")
+class Trait:
+    """One checked ``[[trait]]``: which property of which group, computed how over which window.
+
+    ``window`` is in seconds, None for ``lifetime``. ``signature`` names the
+    computation (not the table's place in the file): state kept under it
+    (in memory, shared by front ends, or on disk) is found again by it.
+    """
+
+    __slots__ = (
+        "property",
+        "group_key",
+        "group_id",
+        "aggregate",
+        "of",
+        "window",
+        "when",
+        "index",
+        "signature",
+        "numeric",
+    )
+
+    def __init__(
+        self,
+        property: str,
+        group_key: str,
+        group_id: str,
+        aggregate: str,
+        of: Optional[str],
+        window: Optional[float],
+        when: dict[str, Any],
+        index: int,
+    ) -> None:
+        self.property = property
+        self.group_key = group_key
+        self.group_id = group_id  # attribute naming the group
+        self.aggregate = aggregate
+        self.of = of  # attribute or @special aggregated; None for count
+        self.window = window
+        self.when = when
+        self.index = index  # 1 for the first trait
+        self.numeric = aggregate in _NUMERIC
+        self.signature = json.dumps(
+            [property, group_key, group_id, aggregate, of, window, when],
+            sort_keys=True,
+            default=str,
+        )
+
+    def __repr__(self) -> str:
+        return f"<Trait {self.index} {self.property}={self.aggregate}>"
+
+
+class Rules(NamedTuple):
+    """Everything a rules file holds."""
+
+    rules: list[Rule]
+    traits: list[Trait]
+
+
+def _fail(index: int, key: str, problem: str, kind: str = "rule") -> MixpanelException:
+    return MixpanelException(f"rules: {kind} {index}, key {key!r}: {problem}")
+
+
+def _check_when(index: int, raw: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    when = raw.get("when", {})
+    if not isinstance(when, Mapping) or not all(isinstance(k, str) for k in when):
+        raise _fail(index, "when", "must be a table of attribute = value", kind)
+    for name, value in when.items():
+        if isinstance(value, Mapping):
+            raise _fail(index, f"when.{name}", "must be a value or a list of values", kind)
+        if name.startswith("@") and name not in SPECIALS:
+            raise _fail(
+                index,
+                f"when.{name}",
+                f"unknown {name!r} (known: {', '.join(sorted(SPECIALS))})",
+                kind,
+            )
+    return dict(when)
+
+
+def parse_window(text: Any) -> Optional[float]:
+    """``"7d"`` -> 604800.0, ``"lifetime"`` -> None; raise ValueError otherwise."""
+    if text == "lifetime":
+        return None
+    match = _WINDOW.match(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(
+            f'bad window {text!r} (expected <n>s, <n>m, <n>h, <n>d, e.g. "7d", or "lifetime")'
+        )
+    return float(int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+
+
+def _check_trait(index: int, raw: Any) -> Trait:
+    kind = "trait"
+    if not isinstance(raw, Mapping):
+        raise MixpanelException(f"rules: trait {index} is not a table but {type(raw).__name__}")
+    unknown = sorted(set(raw) - _TRAIT_KEYS)
+    if unknown:
+        raise _fail(
+            index,
+            unknown[0],
+            f"unknown key (expected one of {', '.join(sorted(_TRAIT_KEYS))})",
+            kind,
+        )
+    for key in ("property", "group_key", "group_id"):
+        value = raw.get(key)
+        if not isinstance(value, str) or not value:
+            raise _fail(index, key, "must be a non-empty string", kind)
+    if len(raw["property"]) > 255:
+        raise _fail(index, "property", "property name over 255 characters", kind)
+    aggregate = raw.get("aggregate")
+    if aggregate not in AGGREGATES:
+        raise _fail(
+            index,
+            "aggregate",
+            f"unknown aggregate {aggregate!r} (known: {', '.join(AGGREGATES)})",
+            kind,
+        )
+    of = raw.get("of")
+    if aggregate == "count":
+        if of is not None:
+            raise _fail(index, "of", "count counts records: it takes no 'of'", kind)
+    elif not isinstance(of, str) or not of:
+        raise _fail(index, "of", f"missing: {aggregate} needs the attribute it aggregates", kind)
+    elif of.startswith("@") and of not in SPECIALS:
+        raise _fail(index, "of", f"unknown {of!r} (known: {', '.join(sorted(SPECIALS))})", kind)
+    if "window" not in raw:
+        raise _fail(index, "window", 'missing (<n>s, <n>m, <n>h, <n>d, or "lifetime")', kind)
+    try:
+        window = parse_window(raw["window"])
+    except ValueError as exc:
+        raise _fail(index, "window", str(exc), kind) from None
+    when = _check_when(index, raw, kind)
+    return Trait(
+        raw["property"], raw["group_key"], raw["group_id"], aggregate, of, window, when, index
+    )
 
 
 def _check_rule(index: int, raw: Any) -> Rule:
@@ -76,12 +243,7 @@ def _check_rule(index: int, raw: Any) -> Rule:
         value = raw.get(key)
         if not isinstance(value, str) or not value:
             raise _fail(index, key, "must be a non-empty string")
-    when = raw.get("when", {})
-    if not isinstance(when, Mapping) or not all(isinstance(k, str) for k in when):
-        raise _fail(index, "when", "must be a table of attribute = value")
-    for name, value in when.items():
-        if isinstance(value, Mapping):
-            raise _fail(index, f"when.{name}", "must be a value or a list of values")
+    when = _check_when(index, raw, "rule")
     operations = []
     for key, op in _OPERATIONS.items():
         mapping = raw.get(key)
@@ -110,20 +272,26 @@ def _check_rule(index: int, raw: Any) -> Rule:
         raise _fail(index, "unset", "must be a list of non-empty property names")
     if not operations and not unset:
         raise _fail(index, "set", "the rule updates nothing (no set/set_once/union/remove/unset)")
-    return Rule(raw["group_key"], raw["group_id"], dict(when), operations, list(unset), index)
+    return Rule(raw["group_key"], raw["group_id"], when, operations, list(unset), index)
 
 
 def load_rules(rules: RulesSource) -> list[Rule]:
-    """Check rules given as a TOML path, a list of dicts, or None (``MIXPANEL_OTEL_RULES``).
+    """The ``[[rule]]`` tables of :func:`load_all`."""
+    return load_all(rules).rules
 
-    A problem raises :class:`MixpanelException`; one in the file the
-    environment names raises :class:`ConfigurationError` with
-    ``from_environment=True``, naming the variable.
+
+def load_all(rules: RulesSource) -> Rules:
+    """Check rules and traits given as a TOML path, a list of rule dicts, a dict of
+    ``rule`` and ``trait`` lists, or None (``MIXPANEL_OTEL_RULES``).
+
+    Problems raise one :class:`MixpanelException`, a line per bad table; one
+    in the file the environment names raises :class:`ConfigurationError`
+    with ``from_environment=True``, naming the variable.
     """
     if rules is None:
         path = os.environ.get(RULES_ENV, "").strip()
         if not path:
-            return []
+            return Rules([], [])
         try:
             return _load(path)
         except MixpanelException as exc:
@@ -131,24 +299,68 @@ def load_rules(rules: RulesSource) -> list[Rule]:
     return _load(rules)
 
 
-def _load(rules: Any) -> list[Rule]:
-    if isinstance(rules, (str, os.PathLike)):
-        path = os.fspath(rules)
+_NOT_RULES = (
+    "rules must be a path to a TOML file or a list of dicts (or a dict of 'rule' and 'trait' lists)"
+)
+
+
+def _load(source: Any) -> Rules:
+    where = "rules"
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        where = f"rules file {path!r}"
         try:
             with open(path, "rb") as handle:
-                document = tomllib.load(handle)
+                source = tomllib.load(handle)
         except OSError as exc:
-            raise MixpanelException(f"rules file {path!r}: {exc.strerror or exc}") from None
+            raise MixpanelException(f"{where}: {exc.strerror or exc}") from None
         except tomllib.TOMLDecodeError as exc:
-            raise MixpanelException(f"rules file {path!r} is not valid TOML: {exc}") from None
-        unknown = sorted(set(document) - {"rule"})
+            raise MixpanelException(f"{where} is not valid TOML: {exc}") from None
+    if isinstance(source, Mapping):
+        unknown = sorted(set(source) - {"rule", "trait"})
+        if unknown and where == "rules":
+            raise MixpanelException(_NOT_RULES)
         if unknown:
             raise MixpanelException(
-                f"rules file {path!r}: unknown top-level key {unknown[0]!r} (use [[rule]] tables)"
+                f"{where}: unknown top-level key {unknown[0]!r} (use [[rule]] and [[trait]] tables)"
             )
-        rules = document.get("rule", [])
-        if not isinstance(rules, list):
-            raise MixpanelException(f"rules file {path!r}: 'rule' must be [[rule]] tables")
-    if isinstance(rules, Mapping) or not isinstance(rules, Sequence):
-        raise MixpanelException("rules must be a path to a TOML file or a list of dicts")
-    return [_check_rule(index, raw) for index, raw in enumerate(rules, 1)]
+        rule_tables, trait_tables = source.get("rule", []), source.get("trait", [])
+        for name, tables in (("rule", rule_tables), ("trait", trait_tables)):
+            if not isinstance(tables, list):
+                raise MixpanelException(f"{where}: {name!r} must be [[{name}]] tables")
+    elif isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
+        rule_tables, trait_tables = source, []
+    else:
+        raise MixpanelException(_NOT_RULES)
+    problems: list[str] = []
+    found_rules: list[Rule] = []
+    found_traits: list[Trait] = []
+    for index, raw in enumerate(rule_tables, 1):
+        try:
+            found_rules.append(_check_rule(index, raw))
+        except MixpanelException as exc:
+            problems.append(str(exc))
+    by_property: dict[tuple[str, str], int] = {}
+    for index, raw in enumerate(trait_tables, 1):
+        try:
+            trait = _check_trait(index, raw)
+        except MixpanelException as exc:
+            problems.append(str(exc))
+            continue
+        other = by_property.setdefault((trait.group_key, trait.property), index)
+        if other != index:
+            problems.append(
+                str(
+                    _fail(
+                        index,
+                        "property",
+                        f"{trait.property!r} of {trait.group_key!r} is kept by trait {other}",
+                        "trait",
+                    )
+                )
+            )
+            continue
+        found_traits.append(trait)
+    if problems:
+        raise MixpanelException("\n".join(problems))
+    return Rules(found_rules, found_traits)

@@ -10,7 +10,7 @@ from it. Nothing that no tag or rule names leaves the process.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ._exceptions import MixpanelException
 from ._rules import Rule
@@ -21,6 +21,9 @@ from ._wire import (
     group_updates,
     make_update,
 )
+
+if TYPE_CHECKING:
+    from ._traits import TraitFeed
 
 __all__ = [
     "EVENT_NAME",
@@ -126,6 +129,7 @@ class Translator:
     Args:
         rules: checked rules (:func:`~mixpanel_otel._rules.load_rules`).
         counter: counts strings cut to Mixpanel's limit (the consumer's).
+        traits: the computed traits each record is also counted for, if any.
     """
 
     #: ``translate(attributes, time, resource, special, errors, ignored)``: every
@@ -137,26 +141,37 @@ class Translator:
     ]
 
     def __init__(
-        self, rules: Optional[Sequence[Rule]] = None, counter: Optional[Truncations] = None
+        self,
+        rules: Optional[Sequence[Rule]] = None,
+        counter: Optional[Truncations] = None,
+        traits: Optional[TraitFeed] = None,
     ) -> None:
         self.rules = tuple(rules or ())
         self.counter = counter
-        self.translate = self._with_rules if self.rules else self._tags_only
+        self.traits = traits
+        #: Whether a record is read whole (resource, specials): rules or traits need it.
+        self.reads_records = bool(self.rules) or traits is not None
+        self.translate = self._with_rules if self.reads_records else self._tags_only
 
     def tags(
         self, attributes: Mapping[str, Any], time: float, errors: list[str], ignored: list[str]
     ) -> list[GroupUpdate]:
         """The updates the record conventions and the flat form ask for, no rules
         (a ``mixpanel.group`` span event is read so)."""
-        updates: list[GroupUpdate] = []
+        updates: list[GroupUpdate]
         if "group_id" in attributes or "group_key" in attributes:
             try:
                 updates = from_tags(attributes, time, self.counter, errors)
             except NoOperation as exc:
                 ignored.append(str(exc))
+                updates = []
             except MixpanelException as exc:
                 errors.append(str(exc))
-        if FLAT_GROUP_KEY in attributes or FLAT_GROUP_ID in attributes:
+                updates = []
+        else:
+            updates = []
+        # Literal names, not FLAT_GROUP_*: this runs on every logging call.
+        if "mixpanel.group_key" in attributes or "mixpanel.group_id" in attributes:
             try:
                 updates = updates + from_flat(attributes, time, self.counter, errors)
             except NoOperation as exc:
@@ -192,6 +207,8 @@ class Translator:
                 updates += from_rule(rule, attributes, resource, time, special, counter, errors)
             except MixpanelException as exc:
                 errors.append(f"rule {rule.index}: {exc}")
+        if self.traits is not None:
+            self.traits.observe(attributes, resource, time, special, errors)
         return updates
 
 
@@ -256,7 +273,7 @@ def from_rule(
     if group_id is None:
         return []
     for name, expected in rule.when.items():
-        value = lookup(name)
+        value = special(name) if name[0] == "@" else lookup(name)
         if value != expected and not (type(expected) is list and value in expected):
             return []
     operations: dict[str, Any] = {}

@@ -60,7 +60,15 @@ class GroupUpdate:
     """
 
     __slots__ = (
-        "group_key", "group_id", "op", "payload", "time", "meta", "size", "receipts", "index",
+        "group_key",
+        "group_id",
+        "op",
+        "payload",
+        "time",
+        "meta",
+        "size",
+        "receipts",
+        "index",
         "stands_for",
     )
 

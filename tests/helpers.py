@@ -56,6 +56,7 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
 
+
 PRELUDE = """
 import os, sys, time, random, threading
 from mixpanel_otel import GroupClient, get_consumer

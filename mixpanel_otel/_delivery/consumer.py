@@ -67,6 +67,9 @@ class Consumer:
         self.shutdown_timeout: float = opts["shutdown_timeout"]
         self.spool_dir: Optional[str] = opts["spool_dir"]
         self.flush_on_sigterm: bool = opts["flush_on_sigterm"]
+        self.trait_interval: float = opts["trait_interval"]  # read by mixpanel_otel._traits
+        self.trait_state_dir: Optional[str] = opts["trait_state_dir"]
+        self.trait_max_groups: int = opts["trait_max_groups"]
         self.on_error: Optional[Callable[..., Any]] = opts["on_error"]
         self.truncations = Truncations()
         self._seams = (transport, clock, wait, threads)

@@ -18,6 +18,7 @@ from typing import Optional
 from .._delivery import Consumer
 from .._frontend import FrontEnd
 from .._records import Ingested
+from .._traits import TraitFeed, held_observations
 from ._limits import Budget, Limits, check_request, gunzip, gzip_claim, reserve_deadline
 from ._otlp import BadRequest, Signal, TooLarge, decode
 from ._protobuf import parse_request
@@ -217,9 +218,10 @@ class Ingest:
         gzip: bool,
     ) -> Answer:
         try:
-            result, removed, over = self._decoded(
-                signal, body, json_encoding, gzip, reserve_deadline(deadline, self.ack_timeout)
-            )
+            with held_observations() as traits:  # counted once the call is acknowledged
+                result, removed, over = self._decoded(
+                    signal, body, json_encoding, gzip, reserve_deadline(deadline, self.ack_timeout)
+                )
         except _NoRoom:
             self._count(overloaded=1)
             return Answer(
@@ -264,6 +266,7 @@ class Ingest:
                 reasons.append(
                     f"{receipt.failed} update(s) refused by Mixpanel: {'; '.join(receipt.errors)}"
                 )
+        TraitFeed.commit(traits)  # a retried call is not counted twice
         self._count(accepted=1, rejected_records=rejected)
         return Answer(Outcome.OK, rejected=rejected, message="; ".join(reasons))
 

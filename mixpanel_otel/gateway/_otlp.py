@@ -47,6 +47,7 @@ __all__ = [
 Item = tuple[Mapping[str, Any], Any]
 _STATUS_NAMES = ("UNSET", "OK", "ERROR")  # trace.v1.Status.StatusCode, as the SDK names them
 
+
 class BadRequest(Exception):
     """The request body is not a valid OTLP message of the expected kind."""
 
@@ -178,6 +179,8 @@ class OtlpSpans(Adapter[Item]):
         if name == "@status":
             code = span.status.code
             return _STATUS_NAMES[code] if 0 <= code < len(_STATUS_NAMES) else str(code)
+        if name == "@duration_ms" and span.start_time_unix_nano and span.end_time_unix_nano:
+            return (span.end_time_unix_nano - span.start_time_unix_nano) / 1e6
         return None
 
     def events(self, record: Item, time: float) -> Iterator[Event]:

@@ -15,6 +15,7 @@ import grpc
 from .._delivery import Consumer
 from .._exceptions import MixpanelException
 from .._frontend import FrontEnd, open_consumer
+from .._traits import finish as finish_traits
 from . import DEFAULT_FLUSH_INTERVAL
 from ._grpc import GrpcServer
 from ._http import HttpServer
@@ -219,6 +220,7 @@ class Gateway:
                 logger.warning(
                     "mixpanel-otel gateway: Export calls still in flight after %.1f s", bound
                 )
+            finish_traits(self.consumer)  # the last values, before the consumer stops
             delivered = self.consumer.shutdown(bound)
             self._grpc.stop(0).wait(1.0)
             grace.wait(1.0)

@@ -288,9 +288,7 @@ def _number(query: dict[str, str], name: str, default: int, most: int) -> int:
         return default
 
 
-def _profile_page(
-    store: Reader, query: dict[str, str]
-) -> tuple[list[list[Cell]], str, list[Cell]]:
+def _profile_page(store: Reader, query: dict[str, str]) -> tuple[list[list[Cell]], str, list[Cell]]:
     """One page of the profile list: rows, summary and the links to the pages around it."""
     group_key, wanted = query.get("group_key") or None, query.get("q") or None
     total = store.count_profiles(group_key, wanted)

@@ -1,0 +1,289 @@
+"""What each aggregate keeps per time bucket, how buckets merge, and how they are stored.
+
+A *summary* is one bucket's state for one trait of one group. Every
+aggregate is mergeable, so a window is the merge of its buckets:
+
+- ``count``, ``sum``: a number; ``min``, ``max``: the extreme; ``avg``: ``[sum, n]``;
+- ``first``, ``last``: ``(time, seq, value)`` (``seq``, the arrival order, breaks ties);
+- ``count_distinct``: the exact set of values up to ``exact_limit`` per bucket,
+  then an HLL sketch (Apache DataSketches, ``lg_k`` 12);
+- ``p50``...``p99``: the exact values up to ``exact_limit`` per bucket, then a KLL
+  sketch (``k`` 200); a window of exact buckets gives the exact nearest-rank value.
+
+Sketches come from the ``traits`` extra (``datasketches``), imported when first needed.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from array import array
+from collections.abc import Iterable
+from typing import Any
+
+from .._exceptions import MixpanelException
+
+__all__ = [
+    "HLL_LG_K",
+    "KLL_K",
+    "Aggregator",
+    "distinct_key",
+    "make_aggregator",
+    "nearest_rank",
+    "needs_sketches",
+    "require_sketches",
+]
+
+HLL_LG_K = 12  # 4096 registers: ~1.6 % relative standard error, about 2.5 KB
+KLL_K = 200  # ~1.3 % normalized rank error (99 % confidence), a few KB
+
+
+def require_sketches() -> Any:
+    """The ``datasketches`` module, or a clear error naming the extra to install."""
+    try:
+        import datasketches
+    except ImportError:
+        raise MixpanelException(
+            "count_distinct and percentile traits need the 'traits' extra: "
+            "pip install 'mixpanel-otel[traits]'"
+        ) from None
+    return datasketches
+
+
+def distinct_key(value: Any) -> str:
+    """What ``count_distinct`` compares: a string as it is, anything else as JSON."""
+    return value if type(value) is str else json.dumps(value, sort_keys=True, default=str)
+
+
+def nearest_rank(ordered: Any, q: float) -> Any:
+    """The smallest value with at least ``q`` of the values at or below it."""
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+class Aggregator:
+    """One aggregate: add a value to a bucket, merge buckets into a value, store a bucket."""
+
+    name = ""
+    empty: Any = None  # the value of a window without records
+
+    def __init__(self, exact_limit: int) -> None:
+        self.exact_limit = exact_limit
+
+    def add(self, summary: Any, value: Any, time: float, seq: int) -> Any:
+        raise NotImplementedError
+
+    def result(self, summaries: Iterable[Any]) -> Any:
+        raise NotImplementedError
+
+    def encode(self, summary: Any) -> Any:
+        return summary
+
+    def decode(self, data: Any) -> Any:
+        return data
+
+
+class Count(Aggregator):
+    name = "count"
+    empty = 0
+
+    def add(self, summary: Any, value: Any, time: float, seq: int) -> Any:
+        return (summary or 0) + 1
+
+    def result(self, summaries: Iterable[Any]) -> Any:
+        return sum(summaries)
+
+
+class Sum(Count):
+    name = "sum"
+
+    def add(self, summary: Any, value: Any, time: float, seq: int) -> Any:
+        return value if summary is None else summary + value
+
+
+class Min(Aggregator):
+    name = "min"
+
+    def add(self, summary: Any, value: Any, time: float, seq: int) -> Any:
+        return value if summary is None or value < summary else summary
+
+    def result(self, summaries: Iterable[Any]) -> Any:
+        return min(summaries, default=None)
+
+
+class Max(Aggregator):
+    name = "max"
+
+    def add(self, summary: Any, value: Any, time: float, seq: int) -> Any:
+        return value if summary is None or value > summary else summary
+
+    def result(self, summaries: Iterable[Any]) -> Any:
+        return max(summaries, default=None)
+
+
+class Avg(Aggregator):
+    name = "avg"
+
+    def add(self, summary: Any, value: Any, time: float, seq: int) -> Any:
+        if summary is None:
+            return [value, 1]
+        summary[0] += value
+        summary[1] += 1
+        return summary
+
+    def result(self, summaries: Iterable[Any]) -> Any:
+        total, count = 0.0, 0
+        for part_total, part_count in summaries:
+            total += part_total
+            count += part_count
+        return total / count if count else None
+
+
+class First(Aggregator):
+    name = "first"
+
+    def add(self, summary: Any, value: Any, time: float, seq: int) -> Any:
+        entry = (time, seq, value)
+        return entry if summary is None or entry[:2] < summary[:2] else summary
+
+    def result(self, summaries: Iterable[Any]) -> Any:
+        best = min(summaries, key=lambda s: s[:2], default=None)
+        return None if best is None else best[2]
+
+    def encode(self, summary: Any) -> Any:
+        return list(summary)
+
+    def decode(self, data: Any) -> Any:
+        return tuple(data)
+
+
+class Last(First):
+    name = "last"
+
+    def add(self, summary: Any, value: Any, time: float, seq: int) -> Any:
+        entry = (time, seq, value)
+        return entry if summary is None or entry[:2] > summary[:2] else summary
+
+    def result(self, summaries: Iterable[Any]) -> Any:
+        best = max(summaries, key=lambda s: s[:2], default=None)
+        return None if best is None else best[2]
+
+
+class CountDistinct(Aggregator):
+    """An exact set per bucket up to ``exact_limit`` values, then an HLL sketch."""
+
+    name = "count_distinct"
+    empty = 0
+
+    def add(self, summary: Any, value: Any, time: float, seq: int) -> Any:
+        key = distinct_key(value)
+        if summary is None:
+            return {key}
+        if type(summary) is set:
+            summary.add(key)
+            if len(summary) <= self.exact_limit:
+                return summary
+            sketch = require_sketches().hll_sketch(HLL_LG_K)
+            for item in summary:
+                sketch.update(item)
+            return sketch
+        summary.update(key)
+        return summary
+
+    def result(self, summaries: Iterable[Any]) -> Any:
+        exact: set[str] = set()
+        sketches = []
+        for summary in summaries:
+            if type(summary) is set:
+                exact |= summary
+            else:
+                sketches.append(summary)
+        if not sketches:
+            return len(exact)
+        ds = require_sketches()
+        union = ds.hll_union(HLL_LG_K)
+        for sketch in sketches:
+            union.update(sketch)
+        if exact:
+            extra = ds.hll_sketch(HLL_LG_K)
+            for item in exact:
+                extra.update(item)
+            union.update(extra)
+        return int(round(union.get_estimate()))
+
+    def encode(self, summary: Any) -> Any:
+        if type(summary) is set:
+            return sorted(summary)
+        return {"hll": base64.b64encode(summary.serialize_compact()).decode("ascii")}
+
+    def decode(self, data: Any) -> Any:
+        if isinstance(data, list):
+            return set(data)
+        return require_sketches().hll_sketch.deserialize(base64.b64decode(data["hll"]))
+
+
+class Percentile(Aggregator):
+    """The exact values per bucket up to ``exact_limit``, then a KLL sketch."""
+
+    def __init__(self, exact_limit: int, q: float) -> None:
+        super().__init__(exact_limit)
+        self.q = q
+        self.name = f"p{round(q * 100)}"
+
+    def add(self, summary: Any, value: Any, time: float, seq: int) -> Any:
+        if summary is None:
+            return array("d", (value,))
+        if type(summary) is array:
+            summary.append(value)
+            if len(summary) <= self.exact_limit:
+                return summary
+            sketch = require_sketches().kll_doubles_sketch(KLL_K)
+            for item in summary:
+                sketch.update(item)
+            return sketch
+        summary.update(value)
+        return summary
+
+    def result(self, summaries: Iterable[Any]) -> Any:
+        exact: list[float] = []
+        sketches = []
+        for summary in summaries:
+            if type(summary) is array:
+                exact.extend(summary)
+            else:
+                sketches.append(summary)
+        if not sketches:
+            return nearest_rank(sorted(exact), self.q) if exact else None
+        merged = require_sketches().kll_doubles_sketch(KLL_K)
+        for sketch in sketches:
+            merged.merge(sketch)
+        for item in exact:
+            merged.update(item)
+        return merged.get_quantile(self.q, True)
+
+    def encode(self, summary: Any) -> Any:
+        if type(summary) is array:
+            return summary.tolist()
+        return {"kll": base64.b64encode(summary.serialize()).decode("ascii")}
+
+    def decode(self, data: Any) -> Any:
+        if isinstance(data, list):
+            return array("d", data)
+        return require_sketches().kll_doubles_sketch.deserialize(base64.b64decode(data["kll"]))
+
+
+_SIMPLE: dict[str, type[Aggregator]] = {
+    cls.name: cls for cls in (Count, Sum, Min, Max, Avg, First, Last, CountDistinct)
+}
+
+
+def make_aggregator(name: str, exact_limit: int) -> Aggregator:
+    """The aggregator for ``name`` (one of ``_rules.AGGREGATES``)."""
+    if name.startswith("p"):
+        return Percentile(exact_limit, int(name[1:]) / 100)
+    return _SIMPLE[name](exact_limit)
+
+
+def needs_sketches(name: str) -> bool:
+    """Whether ``name`` may need a sketch (and so the ``traits`` extra)."""
+    return name == "count_distinct" or name.startswith("p")
