@@ -87,7 +87,7 @@ def _fill(directory, leave: int = 0) -> str:
 # -- 3. every update that will not be delivered reaches on_error --------------------------
 
 
-@pytest.mark.parametrize("spool", ["none", pytest.param("unusable", marks=CORE)])
+@pytest.mark.parametrize("spool", ["none", "unusable"])
 def test_overflow_and_failed_spills_reach_on_error(sink, make_consumer, tmp_path, spool):
     reported: list[dict] = []
     options = {}
@@ -107,11 +107,14 @@ def test_overflow_and_failed_spills_reach_on_error(sink, make_consumer, tmp_path
     sink.down = True
     for i in range(200):
         client.group_set("company", f"g{i}", {"i": i})
-    dropped = consumer.stats()["dropped"]
-    assert dropped >= 100, consumer.stats()
-    assert sink.wait_for(lambda: len(reported) >= dropped, timeout=10), (len(reported), dropped)
-    assert len(reported) == dropped, "each dropped update reported once"
-    assert {m["$group_id"] for m in reported} <= {f"g{i}" for i in range(200)}
+    assert sink.wait_for(lambda: consumer.stats()["dropped"] > 0 or len(reported) > 0)
+    consumer.shutdown(0.5)  # the server never came back: nothing of the 200 is delivered
+    assert sink.wait_for(lambda: len(reported) >= 200, timeout=10), (
+        len(reported),
+        consumer.stats(),
+    )
+    assert len(reported) == 200, "each update reported once"
+    assert sorted(m["$group_id"] for m in reported) == sorted(f"g{i}" for i in range(200))
 
 
 # -- 4. a full disk ------------------------------------------------------------------------

@@ -60,7 +60,9 @@ def nudge_on(signum: int, handled: threading.Event) -> bool:
     """
     if _nudge and _nudge[0] == os.getpid():
         return True
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or not hasattr(
+        signal, "pthread_kill"
+    ):
         return False
     read, write = os.pipe()
     os.set_blocking(write, False)
