@@ -30,8 +30,6 @@ from mixpanel_otel._delivery.spool import Spool, spooled_rows
 from .conftest import TOKEN
 from .helpers import Child, Plan, compare, free_port
 
-CORE = pytest.mark.xfail(strict=True, reason="fixed by the consumer restructure")
-
 BLOB = {f"p{k}": "x" * 240 for k in range(8)}  # about 2 KB a message
 
 
@@ -238,7 +236,6 @@ def test_sigterm_flush_and_exit_flush_share_one_shutdown_timeout(sink, tmp_path)
     assert took < 4.8, (took, err)
 
 
-@CORE
 @pytest.mark.slow
 def test_the_exit_loss_line_counts_updates_not_merged_messages(sink, tmp_path):
     sink.down = True

@@ -104,15 +104,19 @@ def _shutdown(consumer: Consumer, deadline: float, timeout: Optional[float]) -> 
         ledger.settle(left, Fate.DROPPED, reason)
         reporter.dropped(left, reason)
     reporter.dropped_texts(sdk_lost, "not delivered before exit")
+    spooled = sum(update.stands_for for update in left) if kept else 0
     updates = sum(update.stands_for for update in left) + len(sdk_lost)
     if updates:
         why = reporter.health.reason if reporter.health.failing else "no answer in time"
+        outcome = [f"{spooled} kept in the spool for the next process"] if spooled else []
+        if updates - spooled:
+            outcome.append(f"{updates - spooled} lost")
         logger.warning(
             "mixpanel-otel: %d update(s) not delivered within the %.1f s shutdown timeout (%s); %s",
             updates,
             consumer.shutdown_timeout if timeout is None else timeout,
             reporter.scrub(why),
-            "kept in the spool for the next process" if kept else "lost",
+            ", ".join(outcome),
         )
     lifecycle.stop(left_behind=bool(updates))
     if parts.spool is not None:
