@@ -10,6 +10,7 @@ byte cap; decoding shares the ingest's memory budget.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from socketserver import TCPServer
 from time import monotonic
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from .._body import BodyError, BodyTimeout, BodyTooLarge, read_body
 from ._ingest import Answer, Ingest, Outcome
@@ -213,7 +214,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         held = [0]
         try:
-            self._export(signal, json_encoding, encoding, held)
+            with self.server.answering():
+                self._export(signal, json_encoding, encoding, held)
         finally:
             self.server.receiving.release(held[0])
 
@@ -318,6 +320,8 @@ class HttpServer(ThreadingHTTPServer):
         self.receiving = receiving or Budget(16 * max_request_bytes)
         self.throttle = throttle or Throttle()
         self._connections = threading.BoundedSemaphore(_MAX_CONNECTIONS)
+        self._answering = 0  # Export requests between their first byte and their answer
+        self._answered = threading.Condition()
         super().__init__(address, _Handler)
         if tls is not None:
             self.socket = tls.wrap_socket(
@@ -330,6 +334,24 @@ class HttpServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         self.server_name = str(host)
         self.server_port = port
+
+    @contextlib.contextmanager
+    def answering(self) -> Iterator[None]:
+        """Count an Export request until its answer is written (see :meth:`wait_answered`)."""
+        with self._answered:
+            self._answering += 1
+        try:
+            yield
+        finally:
+            with self._answered:
+                self._answering -= 1
+                self._answered.notify_all()
+
+    def wait_answered(self, timeout: float) -> bool:
+        """Wait until every Export request has its answer written: handler threads are
+        daemons, so a process that exits first would cut the answer off."""
+        with self._answered:
+            return self._answered.wait_for(lambda: not self._answering, timeout)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._connections.acquire(blocking=False):

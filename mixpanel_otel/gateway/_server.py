@@ -220,6 +220,7 @@ class Gateway:
                 logger.warning(
                     "mixpanel-otel gateway: Export calls still in flight after %.1f s", bound
                 )
+            self._http.wait_answered(bound)  # their answers written before the process ends
             finish_traits(self.consumer)  # the last values, before the consumer stops
             delivered = self.consumer.shutdown(bound)
             self._grpc.stop(0).wait(1.0)
