@@ -80,7 +80,9 @@ class Reporter:
         self.stats.add("dropped", count)
         self.losses += count
         token = self._token
-        messages = [wire_message(token, u) for u in updates] if self.on_error else list(updates)
+        messages: list[Any] = (
+            [wire_message(token, u) for u in updates] if self.on_error else list(updates)
+        )
         self._tell(MixpanelException(f"dropped: {self.scrub(reason)}"), messages, throttled=True)
 
     def dropped_texts(self, texts: Sequence[str], reason: str) -> None:
