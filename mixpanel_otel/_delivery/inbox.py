@@ -25,7 +25,8 @@ class Inbox:
         self._updates: deque[GroupUpdate] = deque()
         self._bytes = 0
         self._batch_size = batch_size
-        self._bounds = bounds
+        self._max_pending = bounds.max_pending  # copied: one hop less on the hot path
+        self._max_pending_bytes = bounds.max_pending_bytes
         self._wake_at = max(1, batch_size // 2)
         self._wake = wake  # takes the ledger's lock and wakes one worker
         self.held = 0  # pending + in flight, as the ledger last counted
@@ -40,8 +41,8 @@ class Inbox:
         waiting = len(inbox)
         if (
             waiting < self._batch_size
-            and self.held + waiting < self._bounds.max_pending
-            and self.held_bytes + self._bytes + size < self._bounds.max_pending_bytes
+            and self.held + waiting < self._max_pending
+            and self.held_bytes + self._bytes + size < self._max_pending_bytes
         ):
             inbox.extend(updates)
             self._bytes += size  # not atomic; a rough figure, reset by every move
