@@ -1,10 +1,12 @@
 """Delivery: from group updates to acknowledged Mixpanel requests.
 
-The parts, in the order data passes through them: ``ledger`` (the inbox
-and everything held, under one lock) with ``admission`` (what a caller does
-when it is full), ``buffer`` (coalescing per group) and ``dispatch`` (which
-job goes next); ``deliverer`` (runs one job) with ``encode`` (wire text,
-once), ``sender`` (retry, backoff, split) and ``spool`` (durable overflow).
+The parts, in the order data passes through them: ``sdk`` (the official
+SDK's ``send()``), ``inbox`` (callers' appends without the lock), ``ledger``
+(everything held, under one lock) with ``bounds`` (what fits) and
+``admission`` (what a caller does when it is full), ``buffer`` (coalescing
+per group) and ``dispatch`` (which job goes next); ``deliverer`` (runs one
+job) with ``encode`` (wire text, once), ``sender`` (retry, backoff, split)
+and ``spool`` (durable overflow).
 Around them: ``lifecycle`` (the phase state machine, deadline, pause),
 ``closing`` (flush and exit), ``report`` and ``stats`` (counters, health,
 ``on_error``), ``worker`` (threads), ``receipts``, ``parts`` (built

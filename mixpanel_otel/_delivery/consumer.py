@@ -11,22 +11,19 @@ One consumer exists per (token, API host) per process (:mod:`.registry`).
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections.abc import Iterable, Sequence
 from time import monotonic
 from typing import Any, Callable, Optional
-from urllib.parse import quote_plus
 
 from .._config import resolve_options
-from .._exceptions import MixpanelException
 from .._transport import Post, Transport
-from .._wire import ENDPOINTS, GroupUpdate, Truncations, updates_from_message
+from .._wire import GroupUpdate, Truncations
 from . import closing, signals
-from .jobs import Lane
 from .parts import Parts
 from .receipts import Receipt
+from .sdk import SdkRoutes
 from .stats import Health
 from .worker import WORKER_THREADS
 
@@ -72,6 +69,7 @@ class Consumer:
         self.trait_max_groups: int = opts["trait_max_groups"]
         self.on_error: Optional[Callable[..., Any]] = opts["on_error"]
         self.truncations = Truncations()
+        self._sdk = SdkRoutes(token, self.options, self.truncations, self.enqueue)
         self._seams = (transport, clock, wait, threads)
         self._finishing = threading.Lock()  # one shutdown at a time
         self._fresh()
@@ -109,11 +107,8 @@ class Consumer:
     # -- callers ---------------------------------------------------------------------
 
     def enqueue(self, updates: Iterable[GroupUpdate]) -> None:
-        """Queue updates from the caller's thread: no I/O, never raises.
-
-        Usually an append; past the bounds the caller goes through admission
-        (:mod:`.admission`): it waits for room, or its updates overflow.
-        """
+        """Queue updates from the caller's thread: no I/O, never raises. Usually an
+        append; past the bounds, admission (:mod:`.admission`): wait, or overflow."""
         if not isinstance(updates, list):
             updates = list(updates)
         parts = self.parts
@@ -135,13 +130,9 @@ class Consumer:
             signals.check()
 
     def submit(self, updates: Sequence[GroupUpdate]) -> Receipt:
-        """Queue updates and return a :class:`Receipt` that settles when all are settled.
-
-        Never waits, and sends at once rather than on the next interval. When
-        there is no room or delivery is failing, the updates go to the spool
-        (the receipt settles as spooled) or, without one, the receipt comes
-        back ``refused`` with nothing queued.
-        """
+        """Queue updates, sent at once, never waiting; the :class:`Receipt` settles when
+        each has. No room or delivery failing: the spool takes them (settled as
+        spooled) or, without one, the receipt comes back ``refused``, nothing queued."""
         if self._pid != os.getpid():
             self.after_fork()
         receipt = self.parts.submit(updates)
@@ -157,41 +148,16 @@ class Consumer:
         api_secret: Optional[str] = None,
     ) -> None:
         """The official SDK's consumer protocol: queue one JSON message for ``endpoint``."""
-        path = ENDPOINTS.get(endpoint)
-        if path is None:
-            raise MixpanelException(
-                f"No such endpoint {endpoint!r}. Valid endpoints are one of {list(ENDPOINTS)}"
-            )
-        if isinstance(api_key, tuple):
-            api_key, api_secret = api_key
-        if endpoint == "groups":
-            try:
-                message = json.loads(json_message)
-            except (TypeError, ValueError):
-                raise MixpanelException("groups message is not valid JSON") from None
-            if isinstance(message, dict) and message.get("$token", self._token) == self._token:
-                self.enqueue(updates_from_message(message, counter=self.truncations))
-                return
+        routed = self._sdk.route(endpoint, json_message, api_key, api_secret)
+        if routed is None:  # a groups message, enqueued as updates
+            return
         if self._pid != os.getpid():
             self.after_fork()
-        lane = lambda: self._lane(endpoint, path, api_key, api_secret)  # noqa: E731
-        if not self.parts.ledger.add_sdk((endpoint, api_key, api_secret), lane, json_message):
+        key, lane = routed
+        if not self.parts.ledger.add_sdk(key, lane, json_message):
             self.parts.reporter.dropped_texts([json_message], "the consumer is full")
         elif not self.parts.worker.started:
             self.parts.worker.ensure()
-
-    def _lane(
-        self, endpoint: str, path: str, api_key: Optional[str], api_secret: Optional[str]
-    ) -> Lane:
-        credentials = self.options["credentials"]
-        if endpoint == "imports" and credentials is not None:
-            # Service-account credentials, as the SDK's Consumer(credentials=...) uses them.
-            project = quote_plus(str(credentials.project_id))
-            return Lane(f"{path}?project_id={project}", (credentials.username, credentials.secret))
-        if api_secret:
-            extra = f"&api_key={quote_plus(api_key)}" if api_key else ""
-            return Lane(path, (api_secret, ""), extra)
-        return Lane(path)
 
     def deliver_now(self, updates: list[GroupUpdate]) -> None:
         """Send ``updates`` from this thread at once; raise unless Mixpanel accepted them
@@ -209,12 +175,9 @@ class Consumer:
         return closing.flush(self, timeout)
 
     def shutdown(self, timeout: Optional[float] = None) -> bool:
-        """Deliver what is held within ``timeout`` (default ``shutdown_timeout``), then stop.
-
-        Idempotent. Whatever is not acknowledged at the deadline, the batches
-        in flight included, goes to the spool when there is one. Updates
-        added later are sent by the next :meth:`flush`, from its thread.
-        """
+        """Deliver what is held within ``timeout`` (default ``shutdown_timeout``), then
+        stop; idempotent. What is not acknowledged by then, in flight too, goes to the
+        spool if there is one. Updates added later go with the next :meth:`flush`."""
         if self._pid != os.getpid():
             self.after_fork()
         timeout = self.shutdown_timeout if timeout is None else timeout

@@ -1,8 +1,8 @@
 """The ledger: everything the consumer holds, under one lock.
 
-Callers append updates to the *inbox* (a deque: no lock, no I/O) while the
-consumer has room; whoever takes the lock next moves the inbox into the
-coalescing buffer. Past the bounds a caller adds under the lock and, as
+Callers append updates to the *inbox* (:mod:`.inbox`: no lock, no I/O)
+while the consumer has room; whoever takes the lock next moves the inbox
+into the coalescing buffer. Past the bounds a caller adds under the lock and, as
 admission decides (:mod:`.admission`), waits for room or overflows.
 Workers take jobs (:meth:`Ledger.next_job`) and hand back their results
 (:meth:`Ledger.finish`). :class:`~.dispatch.Dispatch` decides which
@@ -16,17 +16,18 @@ finished; all are woken when a job finishes).
 from __future__ import annotations
 
 import threading
-from collections import deque
 from typing import Any, Callable, Optional, Protocol
 
 from .._wire import GroupUpdate
+from .bounds import Bounds
 from .dispatch import Dispatch, settle_receipts
+from .inbox import Inbox
 from .jobs import Job, Kind, Lane
 from .receipts import Fate
 from .sender import Result
 from .stats import Stats
 
-__all__ = ["Ledger", "Pace"]
+__all__ = ["Ledger", "Pace", "Tick"]
 
 
 class Pace(Protocol):
@@ -40,6 +41,59 @@ class Pace(Protocol):
 
     @property
     def paused_until(self) -> float: ...  # a 429 pauses every request until then
+
+
+class Tick:
+    """Every ``flush_interval`` seconds partial batches go; how long an idle worker waits."""
+
+    def __init__(self, interval: float, clock: Callable[[], float]) -> None:
+        self.interval = interval
+        self.clock = clock
+        self._next = clock() + interval
+
+    def due(self, now: float) -> bool:
+        return now >= self._next
+
+    def restart(self, now: float) -> None:
+        self._next = now + self.interval
+
+    def wait(self, now: float, pause_end: Optional[float], partial: bool) -> float:
+        """Seconds to wait: until a pause ends, a tick, or (``partial``: the rest is
+        in flight and a finish wakes the worker) one interval."""
+        if pause_end is not None:
+            timeout = pause_end - now
+        elif partial:
+            timeout = self.interval
+        else:
+            timeout = self._next - now
+        return min(max(0.001, timeout), self.interval)
+
+
+class Guard:
+    """The ledger's one lock and its two conditions; held across a ``fork()``."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.work = threading.Condition(self.lock)  # workers: one woken per job due
+        self.change = threading.Condition(self.lock)  # callers: room, or all finished
+
+    def wake_one(self) -> None:
+        with self.lock:
+            self.work.notify()
+
+    def quiescent(self, timeout: float) -> bool:
+        """Whether the lock can be taken within ``timeout`` s."""
+        if not self.lock.acquire(timeout=timeout):
+            return False
+        self.lock.release()
+        return True
+
+    def hold(self) -> None:
+        """Take the lock across a ``fork()`` (:meth:`let_go` after it, in the parent)."""
+        self.lock.acquire()
+
+    def let_go(self) -> None:
+        self.lock.release()
 
 
 class Ledger:
@@ -58,48 +112,29 @@ class Ledger:
     ) -> None:
         self._stats = stats
         self.batch_size = batch_size
-        self.max_pending = max_pending
-        self.max_pending_bytes = max_pending_bytes
         self.max_in_flight = max_in_flight
-        self.flush_interval = flush_interval
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._work = threading.Condition(self._lock)
-        self._change = threading.Condition(self._lock)
-        self._inbox: deque[GroupUpdate] = deque()
-        self._inbox_bytes = 0
-        self._wake_at = max(1, batch_size // 2)
-        self._spill_room = max(64, max_pending // 4)  # overflow waiting for a spill job
+        guard = Guard()
+        self._lock, self._work, self._change = guard.lock, guard.work, guard.change
+        self.quiescent, self.hold, self.let_go = guard.quiescent, guard.hold, guard.let_go
         self._dispatch = Dispatch(batch_size)
-        self._next_tick = clock() + flush_interval
-        self.held = 0  # pending + in flight, read without the lock by the hot path
-        self.held_bytes = 0
+        self._bounds = Bounds(self._dispatch, max_pending, max_pending_bytes)
+        self._inbox = Inbox(batch_size, self._bounds, guard.wake_one)
+        self.offer = self._inbox.offer
+        self._tick = Tick(flush_interval, clock)
+
+    @property
+    def held(self) -> int:
+        """Pending + in flight, read without the lock by the hot path."""
+        return self._inbox.held
 
     # -- callers ---------------------------------------------------------------------
-
-    def offer(self, updates: list[GroupUpdate], size: int) -> bool:
-        """Append to the inbox without the lock when there is room; False when there is not."""
-        inbox = self._inbox
-        waiting = len(inbox)
-        if (
-            waiting < self.batch_size
-            and self.held + waiting < self.max_pending
-            and self.held_bytes + self._inbox_bytes + size < self.max_pending_bytes
-        ):
-            inbox.extend(updates)
-            self._inbox_bytes += size  # not atomic; a rough figure, reset by every move
-            if waiting < self._wake_at <= len(inbox):  # crossed: half a batch waits
-                with self._lock:
-                    self._work.notify()
-            return True
-        return False
 
     def add(self, updates: list[GroupUpdate], bounded: bool = True) -> int:
         """Add updates in order under the lock, merging where they can; returns how
         many went in before one found no room. ``bounded=False``: all go in, now."""
         with self._lock:
             self._move_inbox()
-            room = self._room if bounded else _always
+            room = self._bounds.room if bounded else _always
             added = coalesced = 0
             for update in updates:
                 merged = self._dispatch.add(update, room)
@@ -107,23 +142,18 @@ class Ledger:
                     break
                 added += 1
                 coalesced += merged
-            self._stats.add("enqueued", added)
-            if coalesced:
-                self._stats.add("coalesced", coalesced)
-            self._count()
+            self._counted(added, coalesced)
             if not bounded:
                 self._dispatch.partial = True
                 self._work.notify()
         return added
 
     def wait_for_room(self, timeout: float, spill: bool = False) -> None:
-        """Unless there is room now (for updates, or for overflow waiting to spill),
-        wait until a job finishes or is taken, at most ``timeout`` s; meanwhile the
-        workers send partial batches."""
+        """Unless there is room now (``spill``: for overflow), wait at most ``timeout`` s
+        for a job to finish or be taken; meanwhile workers send partial batches."""
         with self._lock:
-            if spill and len(self._dispatch.to_spill) < self._spill_room:
-                return
-            if not spill and self._room():
+            has_room = self._bounds.spill_has_room if spill else self._bounds.room
+            if has_room():
                 return
             self._dispatch.partial = True
             self._work.notify()
@@ -132,7 +162,7 @@ class Ledger:
     def add_sdk(self, key: tuple[Any, ...], new_lane: Callable[[], Lane], text: str) -> bool:
         """Queue an SDK message in its lane; False when the consumer is full."""
         with self._lock:
-            if not self._room():
+            if not self._bounds.room():
                 return False
             lane = self._dispatch.add_sdk(key, new_lane, text)
             self._stats.add("enqueued")
@@ -142,20 +172,10 @@ class Ledger:
         return True
 
     def to_spill(self, updates: list[GroupUpdate], patient: bool) -> int:
-        """Queue overflow for a spill job; returns how many were taken. A ``patient``
-        caller leaves room for a few batches only (then waits); the rest are taken
-        while under ``max_pending_bytes`` waiting, since the writer is only slow."""
+        """Queue overflow for a spill job, as much as :meth:`.Bounds.spill_fits`; how many."""
         with self._lock:
-            dispatch = self._dispatch
-            count = self._spill_room - len(dispatch.to_spill) if patient else len(updates)
-            room = self.max_pending_bytes - dispatch.to_spill_bytes
-            taken = 0
-            for update in updates[: max(0, count)]:
-                room -= update.size
-                if room < 0:
-                    break
-                taken += 1
-            dispatch.add_to_spill(updates[:taken])
+            taken = self._bounds.spill_fits(updates, patient)
+            self._dispatch.add_to_spill(updates[:taken])
             self._count()
             self._work.notify()
         return taken
@@ -171,8 +191,8 @@ class Ledger:
                 if block and pace.stopped:
                     return None
                 self._move_inbox()
-                now = self._clock()
-                if now >= self._next_tick:
+                now = self._tick.clock()
+                if self._tick.due(now):
                     dispatch.partial = True
                 paused = pace.paused_until > now
                 job = dispatch.pick(spool, 0 if paused else self.max_in_flight)
@@ -185,16 +205,11 @@ class Ledger:
                     return job
                 if dispatch.partial and not dispatch.pending():
                     dispatch.partial = pace.urgent
-                    self._next_tick = now + self.flush_interval
+                    self._tick.restart(now)
                 if not block:
                     return None
-                if paused:
-                    timeout = pace.paused_until - now
-                elif dispatch.partial:  # the rest is in flight: a finish wakes us
-                    timeout = self.flush_interval
-                else:
-                    timeout = self._next_tick - now
-                self._work.wait(min(max(0.001, timeout), self.flush_interval))
+                pause_end = pace.paused_until if paused else None
+                self._work.wait(self._tick.wait(now, pause_end, dispatch.partial))
 
     def finish(
         self, job: Job, result: Optional[Result], spool_rows: Optional[int] = None
@@ -207,7 +222,7 @@ class Ledger:
                 self._dispatch.spool_rows = spool_rows
             if result is None:  # a spill job
                 kept = spool_rows is not None
-                lost = self._dispatch.finish_spill(job, kept, self.max_pending)
+                lost = self._dispatch.finish_spill(job, kept, self._bounds.max_pending)
             else:
                 self._dispatch.finish(job, result)
             self._count()
@@ -220,12 +235,12 @@ class Ledger:
     def empty(self) -> bool:
         """Nothing held in memory and nothing left in the spool."""
         with self._lock:
-            return not (self._inbox or self._dispatch.held or self._dispatch.spool_rows)
+            return not (len(self._inbox) or self._dispatch.held or self._dispatch.spool_rows)
 
     def wait_for_change(self, timeout: float) -> None:
         """Wait until a job finishes (or ``timeout`` s)."""
         with self._lock:
-            if self._inbox or self._dispatch.held or self._dispatch.spool_rows:
+            if len(self._inbox) or self._dispatch.held or self._dispatch.spool_rows:
                 self._change.wait(timeout)
 
     def hurry(self) -> None:
@@ -267,44 +282,22 @@ class Ledger:
                 "spool_rows": dispatch.spool_rows,
             }
 
-    def quiescent(self, timeout: float) -> bool:
-        """Whether the lock can be taken within ``timeout`` s."""
-        if not self._lock.acquire(timeout=timeout):
-            return False
-        self._lock.release()
-        return True
-
-    def hold(self) -> None:
-        """Take the lock across a ``fork()`` (:meth:`let_go` after it, in the parent)."""
-        self._lock.acquire()
-
-    def let_go(self) -> None:
-        self._lock.release()
-
     # -- under the lock --------------------------------------------------------------
-
-    def _room(self) -> bool:
-        dispatch = self._dispatch
-        return dispatch.held < self.max_pending and dispatch.held_bytes < self.max_pending_bytes
 
     def _move_inbox(self) -> None:
         """Move the inbox into the buffer, in order (admitted by the callers' check)."""
-        inbox = self._inbox
-        self._inbox_bytes = 0
-        if not inbox:
-            return
-        add, enqueued, coalesced = self._dispatch.add, 0, 0
-        while inbox:
-            coalesced += add(inbox.popleft(), _always)
-            enqueued += 1
+        enqueued, coalesced = self._inbox.move(lambda update: self._dispatch.add(update, _always))
+        if enqueued:
+            self._counted(enqueued, coalesced)
+
+    def _counted(self, enqueued: int, coalesced: int) -> None:
         self._stats.add("enqueued", enqueued)
         if coalesced:
             self._stats.add("coalesced", coalesced)
         self._count()
 
     def _count(self) -> None:
-        self.held = self._dispatch.held
-        self.held_bytes = self._dispatch.held_bytes
+        self._inbox.count(self._dispatch.held, self._dispatch.held_bytes)
 
 
 def _always() -> bool:

@@ -34,7 +34,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .stats import Throttle, logger
 
@@ -43,7 +43,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: no adoption across processes
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["Spool", "spooled_rows"]
+__all__ = ["Spool", "SpoolFile", "spooled_rows"]
 
 _BUSY_TIMEOUT = 5.0  # seconds SQLite waits for another connection's transaction
 _SCHEMA = """
@@ -62,21 +62,25 @@ _INHERITED: list[Any] = []
 
 
 class Spool:
-    """This process's spool file for one (token, API host); thread-safe."""
+    """This process's spool for one (token, API host) in ``directory``: its own file
+    (created and locked on first use), adoption of gone processes' files; thread-safe."""
 
     def __init__(self, directory: str, token: str, base_url: str) -> None:
         digest = hashlib.sha256(f"{token}\n{base_url}".encode()).hexdigest()[:16]
         self.directory = directory
         self.prefix = os.path.join(directory, f"mixpanel-otel-{digest}")
         self._lock = threading.Lock()
-        self._db: Optional[sqlite3.Connection] = None
+        self._file: Optional[SpoolFile] = None
         self._lock_fd: Optional[int] = None
-        self.path = ""
-        self.rows = 0  # rows in this process's file, as far as it knows
+        self.path = ""  # this process's file, once it has one
         self._token_field = '{"$token":' + json.dumps(token) + ","
-        self._acked: set[int] = set()  # delivered, not deleted yet (a full disk)
         self._errors = Throttle(_ERRORS_EVERY)
         self._retry_open_at = 0.0
+
+    @property
+    def rows(self) -> int:
+        """Rows in this process's file, as far as it knows."""
+        return self._file.rows if self._file is not None else 0
 
     def _error(self, text: str, *args: Any) -> None:
         """Log a spool error, at most once per ``_ERRORS_EVERY`` seconds."""
@@ -87,10 +91,10 @@ class Spool:
 
     # -- files ---------------------------------------------------------------------
 
-    def _own(self) -> Optional[sqlite3.Connection]:
+    def _own(self) -> Optional[SpoolFile]:
         """This process's file, created (and locked) on first use."""
-        if self._db is not None:
-            return self._db
+        if self._file is not None:
+            return self._file
         if time.monotonic() < self._retry_open_at:
             return None
         fd: Optional[int] = None
@@ -101,7 +105,7 @@ class Spool:
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.close(os.open(stem + ".sqlite3", os.O_RDWR | os.O_CREAT, 0o600))
-            self._db = _open(stem + ".sqlite3")
+            self._file = SpoolFile(stem + ".sqlite3", self._error)
         except (OSError, sqlite3.Error) as exc:
             if fd is not None:  # release what this attempt took
                 os.close(fd)
@@ -112,9 +116,7 @@ class Spool:
             return None
         self._lock_fd = fd
         self.path = stem + ".sqlite3"
-        self.rows = 0
-        self._acked.clear()
-        return self._db
+        return self._file
 
     def _strip(self, text: str) -> str:
         """A message as stored: without its ``$token``."""
@@ -162,13 +164,10 @@ class Spool:
             except sqlite3.DatabaseError as exc:
                 _move_aside(path, exc)
                 return 0
-            db = self._own()
-            if db is None:
+            own = self._own()
+            if own is None:
                 return 0
-            if rows:
-                with _transaction(db):
-                    db.executemany("INSERT INTO messages (body) VALUES (?)", rows)
-                self.rows += len(rows)
+            own.insert(rows)
             for suffix in ("", "-wal", "-shm"):
                 _remove(path + suffix)
             _remove(lock_path)
@@ -192,23 +191,11 @@ class Spool:
         texts = [self._strip(text) for text in texts]
         for attempt in range(3):
             with self._lock:
-                db = self._own()
-                if db is None:
+                own = self._own()
+                if own is None:
                     return False
                 try:
-                    with _transaction(db):
-                        if front:
-                            first = db.execute("SELECT min(id) FROM messages").fetchone()[0]
-                            start = (first if first is not None else 1) - len(texts)
-                            db.executemany(
-                                "INSERT INTO messages (id, body) VALUES (?, ?)",
-                                ((start + i, text) for i, text in enumerate(texts)),
-                            )
-                        else:
-                            db.executemany(
-                                "INSERT INTO messages (body) VALUES (?)", ((t,) for t in texts)
-                            )
-                    self.rows += len(texts)
+                    own.insert(texts, front)
                     return True
                 except sqlite3.OperationalError as exc:  # busy, locked, disk full
                     error: Exception = exc
@@ -224,96 +211,131 @@ class Spool:
     def peek(self, limit: int) -> list[tuple[int, str]]:
         """The oldest ``limit`` rows, ``(id, text)``, left in place until :meth:`ack`."""
         with self._lock:
-            db = self._db
-            if db is None:
+            if self._file is None:
                 return []
-            self._compact(db)
-            acked = self._acked
-            try:
-                rows = db.execute(
-                    "SELECT id, body FROM messages ORDER BY id LIMIT ?", (limit + len(acked),)
-                ).fetchall()
-            except sqlite3.Error as exc:
-                self._error("spool %s unreadable: %s", self.path, exc)
-                return []
-            rows = [row for row in rows if row[0] not in acked][:limit]
-            if len(rows) < limit:
-                self.rows = len(rows)
-            return [(int(row[0]), self._unstrip(str(row[1]))) for row in rows]
+            return [(i, self._unstrip(body)) for i, body in self._file.peek(limit)]
 
     def ack(self, ids: list[int]) -> None:
         """Delete rows that were delivered (or refused for good)."""
-        if not ids:
-            return
         with self._lock:
-            db = self._db
-            if db is None:
-                return
-            self._acked.update(ids)
-            self.rows = max(0, self.rows - len(ids))
-            self._compact(db)
-
-    def _compact(self, db: sqlite3.Connection) -> None:
-        """Delete the rows acknowledged so far (the lock is held); kept in memory, and
-        skipped, while the disk is too full to delete them."""
-        if not self._acked:
-            return
-        ids = sorted(self._acked)
-        try:
-            with _transaction(db):
-                db.executemany("DELETE FROM messages WHERE id = ?", ((i,) for i in ids))
-        except sqlite3.Error as exc:
-            self._error("spool %s could not delete sent rows yet: %s", self.path, exc)
-            return
-        self._acked.difference_update(ids)
+            if ids and self._file is not None:
+                self._file.ack(ids)
 
     def count(self) -> int:
         with self._lock:
-            if self._db is None:
-                return 0
-            try:
-                count = int(self._db.execute("SELECT count(*) FROM messages").fetchone()[0])
-                self.rows = max(0, count - len(self._acked))
-            except sqlite3.Error:
-                pass
-            return self.rows
+            return self._file.count() if self._file is not None else 0
 
     def close(self) -> None:
         """Close the file; an empty one is removed, a full one stays for the next process."""
         with self._lock:
-            db, self._db = self._db, None
+            own, self._file = self._file, None
             fd, self._lock_fd = self._lock_fd, None
-            self.rows = 0
-            if db is not None:
-                try:
-                    self._compact(db)
-                    left = db.execute("SELECT count(*) FROM messages").fetchone()[0]
-                    empty = left - len(self._acked) <= 0
-                    db.close()
-                except sqlite3.Error:
-                    empty = False
-                if empty:
-                    for suffix in ("", "-wal", "-shm"):
-                        _remove(self.path + suffix)
-                    _remove(self.path[: -len(".sqlite3")] + ".lock")
+            if own is not None and own.close():
+                _remove(own.path[: -len(".sqlite3")] + ".lock")
             if fd is not None:
                 os.close(fd)
 
     def forget_after_fork(self) -> None:
         """In a forked child: let go of the parent's file without touching it."""
         self._lock = threading.Lock()
-        if self._db is not None:
-            _INHERITED.append(self._db)  # never closed here: see _INHERITED
+        if self._file is not None:
+            _INHERITED.append(self._file.db)  # never closed here: see _INHERITED
         if self._lock_fd is not None:
             try:
                 os.close(self._lock_fd)  # our copy only; the parent's lock stays
             except OSError:
                 pass
-        self._db = None
+        self._file = None
         self._lock_fd = None
         self.path = ""
+
+
+class SpoolFile:
+    """One open spool file: rows in send order. Acknowledged rows are deleted, or,
+    while the disk is too full to delete them, kept in memory and skipped. Callers
+    hold the :class:`Spool`'s lock."""
+
+    def __init__(self, path: str, error: Callable[..., None]) -> None:
+        self.path = path
+        self.db = _open(path)
+        self.rows = 0  # rows in the file, as far as it knows
+        self._acked: set[int] = set()  # delivered, not deleted yet (a full disk)
+        self._error = error
+
+    def insert(self, texts: list[str], front: bool = False) -> None:
+        """Write rows after every row, or before with ``front``; raises
+        :class:`sqlite3.Error`."""
+        if not texts:
+            return
+        db = self.db
+        with _transaction(db):
+            if front:
+                first = db.execute("SELECT min(id) FROM messages").fetchone()[0]
+                start = (first if first is not None else 1) - len(texts)
+                db.executemany(
+                    "INSERT INTO messages (id, body) VALUES (?, ?)",
+                    ((start + i, text) for i, text in enumerate(texts)),
+                )
+            else:
+                db.executemany("INSERT INTO messages (body) VALUES (?)", ((t,) for t in texts))
+        self.rows += len(texts)
+
+    def peek(self, limit: int) -> list[tuple[int, str]]:
+        """The oldest ``limit`` rows not acknowledged, ``(id, body)``."""
+        self.compact()
+        acked = self._acked
+        try:
+            rows = self.db.execute(
+                "SELECT id, body FROM messages ORDER BY id LIMIT ?", (limit + len(acked),)
+            ).fetchall()
+        except sqlite3.Error as exc:
+            self._error("spool %s unreadable: %s", self.path, exc)
+            return []
+        rows = [row for row in rows if row[0] not in acked][:limit]
+        if len(rows) < limit:
+            self.rows = len(rows)
+        return [(int(row[0]), str(row[1])) for row in rows]
+
+    def ack(self, ids: list[int]) -> None:
+        self._acked.update(ids)
+        self.rows = max(0, self.rows - len(ids))
+        self.compact()
+
+    def compact(self) -> None:
+        """Delete the rows acknowledged so far, unless the disk is too full to."""
+        if not self._acked:
+            return
+        ids = sorted(self._acked)
+        try:
+            with _transaction(self.db):
+                self.db.executemany("DELETE FROM messages WHERE id = ?", ((i,) for i in ids))
+        except sqlite3.Error as exc:
+            self._error("spool %s could not delete sent rows yet: %s", self.path, exc)
+            return
+        self._acked.difference_update(ids)
+
+    def count(self) -> int:
+        try:
+            count = int(self.db.execute("SELECT count(*) FROM messages").fetchone()[0])
+            self.rows = max(0, count - len(self._acked))
+        except sqlite3.Error:
+            pass
+        return self.rows
+
+    def close(self) -> bool:
+        """Close the file and remove it if empty; whether it was."""
         self.rows = 0
-        self._acked = set()
+        try:
+            self.compact()
+            left = self.db.execute("SELECT count(*) FROM messages").fetchone()[0]
+            empty = bool(left - len(self._acked) <= 0)
+            self.db.close()
+        except sqlite3.Error:
+            empty = False
+        if empty:
+            for suffix in ("", "-wal", "-shm"):
+                _remove(self.path + suffix)
+        return empty
 
 
 class _transaction:
@@ -350,7 +372,7 @@ def spooled_rows(directory: str, token: str, base_url: str) -> int:
     return total
 
 
-def _read_rows(path: str) -> list[tuple[str]]:
+def _read_rows(path: str) -> list[str]:
     """The rows of another process's file, oldest first; a file that is not a
     spool (another schema) raises :class:`sqlite3.DatabaseError`."""
     source = sqlite3.connect(path, timeout=_BUSY_TIMEOUT, isolation_level=None)
@@ -365,7 +387,7 @@ def _read_rows(path: str) -> list[tuple[str]]:
             raise sqlite3.DatabaseError(
                 f"not a mixpanel-otel spool (tables {[t[0] for t in tables]})"
             )
-        return [(str(row[0]),) for row in source.execute("SELECT body FROM messages ORDER BY id")]
+        return [str(row[0]) for row in source.execute("SELECT body FROM messages ORDER BY id")]
     finally:
         source.close()
 
