@@ -70,8 +70,39 @@ def _certificate(subject: str, key: Any, issuer: Any, issuer_key: Any, **kind: A
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
     )
+    # The extensions a strict verifier wants (Python 3.13's default VERIFY_X509_STRICT).
+    builder = builder.add_extension(
+        x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False
+    ).add_extension(
+        x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), False
+    )
+    usage = dict.fromkeys(
+        (
+            "digital_signature",
+            "content_commitment",
+            "key_encipherment",
+            "data_encipherment",
+            "key_agreement",
+            "key_cert_sign",
+            "crl_sign",
+            "encipher_only",
+            "decipher_only",
+        ),
+        False,
+    )
     if kind.get("ca"):
         builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=0), True)
+        usage.update(key_cert_sign=True, crl_sign=True)
+    else:
+        builder = builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+        usage.update(digital_signature=True, key_agreement=True)
+        purpose = (
+            x509.oid.ExtendedKeyUsageOID.SERVER_AUTH
+            if kind.get("server")
+            else x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH
+        )
+        builder = builder.add_extension(x509.ExtendedKeyUsage([purpose]), False)
+    builder = builder.add_extension(x509.KeyUsage(**usage), True)
     if kind.get("server"):
         builder = builder.add_extension(
             x509.SubjectAlternativeName(
