@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import os
+import signal
 from typing import Iterator, Optional
 
 import pytest
 from hypothesis import settings
 
 from mixpanel_otel.sink import Sink
+
+# A runner started as a background job of a non-interactive shell inherits SIGINT ignored,
+# and so would every child a test stops with SIGINT (servers, zero-code apps), which then
+# never stops: give the runner Python's own handler, which its children do not inherit.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Property tests: 300 examples in the everyday run; HYPOTHESIS_PROFILE=deep for a long hunt.
 settings.register_profile("default", max_examples=300)
