@@ -24,7 +24,7 @@ from ._exceptions import ConfigurationError, MissingToken, MixpanelException
 from ._records import Adapter, Walker
 from ._rules import Rules, RulesSource, load_all
 from ._translate import Translator
-from ._wire import ENDPOINTS, GroupUpdate, Truncations
+from ._wire import GroupUpdate, Truncations, endpoint_path
 
 if TYPE_CHECKING:
     from ._delivery import Consumer
@@ -98,10 +98,7 @@ class DisabledConsumer:
         api_secret: Optional[str] = None,
     ) -> None:
         """The official SDK's consumer protocol: count the message and send nothing."""
-        if endpoint not in ENDPOINTS:
-            raise MixpanelException(
-                f"No such endpoint {endpoint!r}. Valid endpoints are one of {list(ENDPOINTS)}"
-            )
+        endpoint_path(endpoint)  # an unknown endpoint raises, as on the real consumer
         with self._lock:
             self._discarded += 1
 

@@ -20,6 +20,7 @@ from ._exceptions import MixpanelException
 
 __all__ = [
     "ENDPOINTS",
+    "endpoint_path",
     "MAX_BATCH_BYTES",
     "MAX_BATCH_MESSAGES",
     "DEFAULT_BATCH_SIZE",
@@ -48,6 +49,16 @@ DATETIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
 
 #: SDK endpoint name -> URL path, as the official consumer protocol names them.
 ENDPOINTS = {"events": "/track", "people": "/engage", "groups": "/groups", "imports": "/import"}
+
+
+def endpoint_path(endpoint: str) -> str:
+    """The path of an SDK consumer endpoint; raises as the SDK's consumers do."""
+    path = ENDPOINTS.get(endpoint)
+    if path is None:
+        raise MixpanelException(
+            f"No such endpoint {endpoint!r}. Valid endpoints are one of {list(ENDPOINTS)}"
+        )
+    return path
 
 REGION_HOSTS = {"us": "api.mixpanel.com", "eu": "api-eu.mixpanel.com", "in": "api-in.mixpanel.com"}
 

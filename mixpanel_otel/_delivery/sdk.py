@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 from urllib.parse import quote_plus
 
 from .._exceptions import MixpanelException
-from .._wire import ENDPOINTS, GroupUpdate, Truncations, updates_from_message
+from .._wire import GroupUpdate, Truncations, endpoint_path, updates_from_message
 from .jobs import Lane
 
 __all__ = ["SdkRoutes"]
@@ -39,11 +39,7 @@ class SdkRoutes:
     ) -> Optional[tuple[tuple[Any, ...], Callable[[], Lane]]]:
         """The lane's key and maker for a message; None when it was enqueued as updates.
         Raises :class:`MixpanelException` as the SDK's consumers do."""
-        path = ENDPOINTS.get(endpoint)
-        if path is None:
-            raise MixpanelException(
-                f"No such endpoint {endpoint!r}. Valid endpoints are one of {list(ENDPOINTS)}"
-            )
+        path = endpoint_path(endpoint)
         if isinstance(api_key, tuple):
             api_key, api_secret = api_key
         if endpoint == "groups":
