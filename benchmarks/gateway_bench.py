@@ -264,9 +264,7 @@ def breakdown(batch: int = 1000, rounds: int = 20) -> None:
     from mixpanel_otel.gateway import _otlp
 
     body = request_body(batch, 0)
-    walker = FrontEnd(None, None, DisabledConsumer("benchmark"), [], {}).walker(
-        _otlp.LOGS.adapter
-    )
+    walker = FrontEnd(None, None, DisabledConsumer("benchmark"), [], {}).walker(_otlp.LOGS.adapter)
 
     def timed(function: Any) -> float:
         start = time.perf_counter()

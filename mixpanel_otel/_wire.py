@@ -60,6 +60,7 @@ def endpoint_path(endpoint: str) -> str:
         )
     return path
 
+
 REGION_HOSTS = {"us": "api.mixpanel.com", "eu": "api-eu.mixpanel.com", "in": "api-in.mixpanel.com"}
 
 

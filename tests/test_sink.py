@@ -567,6 +567,44 @@ def test_database_of_the_previous_version_opens_with_everything(tmp_path) -> Non
         assert len(again.updates("company", "acme")) == 3
 
 
+def test_database_with_histories_as_one_json_array_opens_and_trims(tmp_path) -> None:
+    """The layout before entry breaks: ``history`` was one compact JSON array."""
+    import sqlite3
+
+    path = tmp_path / "v1.sqlite3"
+    with Sink(db_path=path):
+        pass
+    db = sqlite3.connect(path)
+    history = [["$set", {"n": i, "s": "a,\nb]"}, 1000 + i, 1.0] for i in range(50)]
+    compact = json.dumps(history, separators=(",", ":"))
+    db.execute(
+        "INSERT INTO profiles VALUES ('company', 'acme', '{\"n\":49}', 1.0, 2.0, ?)", (compact,)
+    )
+    db.execute("INSERT INTO deleted_history VALUES ('company', 'gone', ?)", (compact,))
+    db.execute("PRAGMA user_version=0")
+    db.commit()
+    db.close()
+    with Sink(db_path=path) as sink:
+        assert [u["payload"]["n"] for u in sink.updates("company", "acme")] == list(range(50))
+        post(sink, [msg(payload={"n": 50 + i}) for i in range(5)])
+        post(sink, [msg("gone", payload={"n": 50})])
+        updates = sink.updates("company", "acme")
+        assert [u["payload"]["n"] for u in updates] == list(range(5, 55))
+        assert updates[0]["payload"]["s"] == "a,\nb]"
+        assert [u["payload"]["n"] for u in sink.updates("company", "gone")] == list(range(1, 51))
+        assert sink.profile("company", "acme") == {"n": 54}
+
+
+def test_updates_with_separators_inside_strings_keep_their_count(sink: Sink) -> None:
+    """Strings holding commas, newlines and brackets do not split an update in two."""
+    tricky = ["a,\nb", "],\n[", "\n", ",", '"', "\u2028"]
+    for round_no in range(3):
+        post(sink, [msg(payload={"s": s, "r": round_no}) for s in tricky] * 3)
+    updates = sink.updates("company", "acme")
+    assert len(updates) == 50
+    assert [u["payload"]["s"] for u in updates] == (tricky * 9)[-50:]
+
+
 def test_deleted_profile_keeps_its_updates_and_comes_back(sink: Sink) -> None:
     post(sink, [msg("g", payload={"a": 1}), msg("g", op="$delete", payload="")])
     assert sink.profile("company", "g") is None

@@ -114,6 +114,28 @@ def _compact_encoder() -> Callable[[Any], str]:
 _dumps = _compact_encoder()
 _loads = json.loads
 
+#: Between two entries of a ``history`` array. Compact JSON has no raw newline
+#: (strings escape it), so the entries can be counted, cut and appended as text:
+#: a profile touched again costs a split and a join, not a parse and a dump of
+#: its last 50 updates.
+_ENTRY_BREAK = ",\n"
+#: ``PRAGMA user_version`` of the current layout (2: histories use _ENTRY_BREAK).
+_LAYOUT_VERSION = 2
+
+
+def _history_entries(text: Optional[str]) -> list[str]:
+    """The JSON texts of a ``history`` array's entries, oldest first."""
+    if not text or text == "[]":
+        return []
+    return text[1:-1].split(_ENTRY_BREAK)
+
+
+def _history_text(entries: list[str]) -> str:
+    """A ``history`` array of the last UPDATES_PER_PROFILE entries (valid JSON)."""
+    if len(entries) > UPDATES_PER_PROFILE:
+        del entries[:-UPDATES_PER_PROFILE]
+    return "[" + _ENTRY_BREAK.join(entries) + "]"
+
 
 def _endpoint_name(endpoint: str) -> str:
     name = endpoint.strip("/")
@@ -291,22 +313,31 @@ def read_profiles(
 
 def _migrate(db: sqlite3.Connection) -> None:
     """Bring a database written by an earlier version to this layout, once."""
+    if db.execute("PRAGMA user_version").fetchone()[0] >= _LAYOUT_VERSION:
+        return
     columns = {row[1] for row in db.execute("PRAGMA table_info(profiles)")}
     tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    if "history" in columns and not tables.intersection(_LEGACY):
-        return
     db.execute("BEGIN IMMEDIATE")
     try:
         if "history" not in columns:
             db.execute("ALTER TABLE profiles ADD COLUMN history TEXT")
+        for table in ("profiles", "deleted_history"):  # one JSON array text, no entry breaks
+            rows = db.execute(
+                f"SELECT history, group_key, group_id FROM {table} WHERE history IS NOT NULL"
+            ).fetchall()
+            db.executemany(
+                f"UPDATE {table} SET history=? WHERE group_key=? AND group_id=?",
+                [(_history_text([_dumps(e) for e in _loads(h)]), k, i) for h, k, i in rows],
+            )
         if "updates" in tables:
-            histories: dict[tuple[str, str], list[Any]] = {}
+            histories: dict[tuple[str, str], list[str]] = {}
             for group_key, group_id, op, payload, t, r in db.execute(
                 "SELECT group_key, group_id, op, payload, time, received_at FROM updates"
                 " ORDER BY id"
             ):
-                histories.setdefault((group_key, group_id), []).append([op, _loads(payload), t, r])
-            rows = [(_dumps(h[-UPDATES_PER_PROFILE:]), *key) for key, h in histories.items()]
+                entry = _dumps([op, _loads(payload), t, r])
+                histories.setdefault((group_key, group_id), []).append(entry)
+            rows = [(_history_text(h), *key) for key, h in histories.items()]
             db.executemany("UPDATE profiles SET history=? WHERE group_key=? AND group_id=?", rows)
             existing = set(db.execute("SELECT group_key, group_id FROM profiles"))
             db.executemany(
@@ -326,6 +357,7 @@ def _migrate(db: sqlite3.Connection) -> None:
                     (endpoint, texts, count, last),
                 )
             db.execute("DROP TABLE received")
+        db.execute(f"PRAGMA user_version={_LAYOUT_VERSION}")
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")
@@ -430,7 +462,7 @@ class Store(Reader):
     def _load_profiles(
         self, db: sqlite3.Connection, keys: Iterable[tuple[str, str]]
     ) -> dict[tuple[str, str], list[Any]]:
-        """[properties, created_at, history entries] of the profiles named, in a few statements.
+        """[properties, created_at, history entry texts] of the profiles named, in a few statements.
 
         A profile that does not exist has properties None, and the history it
         had before it was deleted, if any.
@@ -459,7 +491,7 @@ class Store(Reader):
                     found[(group_key, group_id)] = [
                         None if props is None else _loads(props),
                         created,
-                        _loads(history) if history else [],
+                        _history_entries(history),
                     ]
         return found
 
@@ -489,15 +521,13 @@ class Store(Reader):
             when = message.get("$time")
             if when is not None and type(when) is not float:
                 when = float(when)
-            entry[2].append([op, payload, when, now])
+            entry[2].append(_dumps([op, payload, when, now]))
         written, deleted = [], []
         for key, (props, created, history) in state.items():
-            if len(history) > UPDATES_PER_PROFILE:
-                del history[:-UPDATES_PER_PROFILE]
             if props is None:
-                deleted.append((*key, _dumps(history)))
+                deleted.append((*key, _history_text(history)))
             else:
-                written.append((*key, _dumps(props), created, now, _dumps(history)))
+                written.append((*key, _dumps(props), created, now, _history_text(history)))
         if restored:  # deleted profiles touched again: their history moves back or is rewritten
             db.executemany("DELETE FROM deleted_history WHERE group_key=? AND group_id=?", restored)
         if deleted:
