@@ -1,4 +1,4 @@
-"""Sink CPU per message for 200-message ``$set`` batches over distinct groups.
+"""Sink CPU per message for 200-message ``$set`` batches, to new groups and to busy ones.
 
     python benchmarks/sink_bench.py              # 5 rounds of 250 requests x 200 messages
     python benchmarks/sink_bench.py --quick      # a smoke run
@@ -7,8 +7,10 @@ The sink runs in its own process (``mixpanel-otel serve``), so its CPU is
 read from ``/proc/<pid>/stat`` (Linux) and nothing of the client's is
 counted. Each request is what the official SDK sends:
 ``data=<JSON array>&verbose=1&ip=0``, form-encoded, over one keep-alive
-connection. Every message names a group never seen before, the sink's worst
-case (a new profile row per message).
+connection. Two shapes, one after the other: every message names a group
+never seen before (a new profile row per message), then every message names
+one of 500 busy groups whose profiles already hold their last 50 updates (the
+shape of ``gateway_bench.py``'s traffic: each message rewrites a profile).
 
 Beside it, the parse-only floor: this process's CPU to just parse the same
 bodies (``parse_qs`` then ``json.loads``), the least any Python sink pays.
@@ -31,6 +33,7 @@ from urllib.parse import parse_qs, urlencode
 
 TOKEN = "bench-token"
 BATCH = 200
+BUSY_GROUPS = 500
 
 
 def free_port() -> int:
@@ -47,8 +50,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def make_bodies(round_no: int, requests: int) -> list[bytes]:
-    """Form bodies as the official SDK sends them; every message a new group."""
+def make_bodies(round_no: int, requests: int, busy: bool = False) -> list[bytes]:
+    """Form bodies as the official SDK sends them; every message a new group, or
+    (``busy``) one of BUSY_GROUPS groups."""
     bodies = []
     now = time.time()
     for r in range(requests):
@@ -57,7 +61,9 @@ def make_bodies(round_no: int, requests: int) -> list[bytes]:
                 "$token": TOKEN,
                 "$time": now,
                 "$group_key": "company",
-                "$group_id": f"r{round_no}-{r}-{i}",
+                "$group_id": f"b{(r * BATCH + i) % BUSY_GROUPS}"
+                if busy
+                else f"r{round_no}-{r}-{i}",
                 "$set": {"plan": "pro", "seats": i, "region": "eu", "active": True},
             }
             for i in range(BATCH)
@@ -117,28 +123,35 @@ def main() -> None:
                     raise SystemExit("the sink did not start") from None
                 time.sleep(0.05)
         post_all(port, make_bodies(-1, 2))  # warm up: imports, schema, first pages
-
-        sink_us, floor_us = [], []
-        for round_no in range(args.rounds):
-            bodies = make_bodies(round_no, args.requests)
-            messages = len(bodies) * BATCH
-            before = cpu_seconds(sink.pid)
-            post_all(port, bodies)
-            sink_us.append((cpu_seconds(sink.pid) - before) / messages * 1e6)
-            floor_us.append(parse_floor(bodies) / messages * 1e6)
+        results = {}
+        for busy in (False, True):
+            if busy:  # every busy profile holds its last 50 updates before the clock starts
+                post_all(port, make_bodies(0, 50 * BUSY_GROUPS // BATCH + 1, busy=True))
+            sink_us, floor_us = [], []
+            for round_no in range(args.rounds):
+                bodies = make_bodies(round_no, args.requests, busy)
+                messages = len(bodies) * BATCH
+                before = cpu_seconds(sink.pid)
+                post_all(port, bodies)
+                sink_us.append((cpu_seconds(sink.pid) - before) / messages * 1e6)
+                floor_us.append(parse_floor(bodies) / messages * 1e6)
+            results[busy] = sink_us, floor_us
     finally:
         sink.terminate()
         sink.wait(10)
 
     total = args.rounds * args.requests * BATCH
     print(f"{args.rounds} rounds x {args.requests} requests x {BATCH} $set messages "
-          f"(distinct groups, {total} in all), sink in its own process")  # fmt: skip
+          f"({total} in all, each shape), sink in its own process")  # fmt: skip
     print("| measure | µs per message, median of rounds | rounds |")
     print("|---|---|---|")
-    print(
-        f"| sink CPU (HTTP, parse, validate, apply, store) | {statistics.median(sink_us):.1f} "
-        f"| {' '.join(f'{v:.1f}' for v in sink_us)} |"
-    )
+    for busy, (sink_us, _) in results.items():
+        shape = f"{BUSY_GROUPS} busy groups" if busy else "new groups"
+        print(
+            f"| sink CPU, {shape} (HTTP, parse, validate, apply, store) "
+            f"| {statistics.median(sink_us):.1f} | {' '.join(f'{v:.1f}' for v in sink_us)} |"
+        )
+    floor_us = results[False][1]
     print(
         f"| parse-only floor (parse_qs + json.loads) | {statistics.median(floor_us):.1f} "
         f"| {' '.join(f'{v:.1f}' for v in floor_us)} |"
