@@ -65,9 +65,10 @@ _GAUGES = ("pending", "pending_bytes", "in_flight", "spool_rows", "truncated", "
 class DisabledConsumer:
     """Stands in for the consumer of a disabled front end: accepts and discards.
 
-    ``stats()`` has the consumer's counters (:data:`~mixpanel_otel._delivery.stats.COUNTERS`)
-    and gauges, all 0, plus ``discarded`` (updates a :class:`GroupClient`
-    handed it) and ``disabled`` (1); ``reason`` says why.
+    ``stats()`` has the consumer's keys (:data:`~mixpanel_otel._delivery.stats.COUNTERS`,
+    its gauges and :data:`~mixpanel_otel._delivery.stats.TRAIT_COUNTERS`), all 0, plus
+    ``discarded`` (updates a :class:`GroupClient` handed it) and ``disabled`` (1);
+    ``reason`` says why.
     """
 
     base_url = "disabled://"
@@ -117,9 +118,9 @@ class DisabledConsumer:
     def stats(self) -> dict[str, int]:
         # Imported here: importing the package must not import the delivery package,
         # whose registry sets its exit and at-fork hooks when the first consumer is made.
-        from ._delivery.stats import COUNTERS
+        from ._delivery.stats import COUNTERS, TRAIT_COUNTERS
 
-        stats = dict.fromkeys((*COUNTERS, *_GAUGES), 0)
+        stats = dict.fromkeys((*COUNTERS, *_GAUGES, *TRAIT_COUNTERS), 0)
         stats["discarded"] = self._discarded
         stats["disabled"] = 1
         return stats

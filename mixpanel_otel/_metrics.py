@@ -125,6 +125,30 @@ METRICS: dict[str, tuple[str, str, bool, str]] = {
         True,
         "HTTP requests that failed (connection error, timeout, refusal).",
     ),
+    "traits_observed": (
+        "mixpanel_otel.consumer.trait.observed",
+        "{record}",
+        True,
+        "Records counted for a computed trait (a record matching three traits counts 3).",
+    ),
+    "traits_late": (
+        "mixpanel_otel.consumer.trait.late",
+        "{record}",
+        True,
+        "Records for a computed trait already older than its window: not counted.",
+    ),
+    "traits_evicted": (
+        "mixpanel_otel.consumer.trait.evicted",
+        "{group}",
+        True,
+        "Groups whose computed-trait state was dropped past trait_max_groups.",
+    ),
+    "traits_emitted": (
+        "mixpanel_otel.consumer.trait.emitted",
+        "{update}",
+        True,
+        "Computed-trait updates ($set, $unset) handed to the consumer.",
+    ),
     "pending": (
         "mixpanel_otel.consumer.queue.size",
         "{update}",

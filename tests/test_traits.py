@@ -131,6 +131,46 @@ def test_a_bad_value_is_reported_and_costs_the_record_nothing_else(sink, make_co
     assert consumer.stats()["invalid"] == 1
 
 
+def test_late_records_evictions_and_emissions_show_in_stats_and_metrics(
+    sink, make_consumer
+) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from mixpanel_otel._metrics import publish
+
+    consumer = make_consumer(sink, trait_interval=0.1, trait_max_groups=1)
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    publish(consumer, provider)
+    trait = {"property": "requests", "group_key": "company", "group_id": "tenant.id"}
+    rules = {"trait": [{**trait, "aggregate": "count", "window": "1h"}]}
+    handler = MixpanelGroupHandler(consumer=consumer, rules=rules)
+    for tenant, age in (("acme", 0), ("acme", 7200), ("globex", 0)):
+        record = logging.LogRecord("svc", logging.INFO, __file__, 1, "request", (), None)
+        record.__dict__["tenant.id"] = tenant
+        record.created -= age  # two hours old: outside the 1 h window
+        handler.handle(record)  # globex: past trait_max_groups=1, acme is evicted
+    deadline = time.monotonic() + 20
+    while sink.profile("company", "globex") != {"requests": 1}:
+        assert time.monotonic() < deadline, sink.profile("company", "globex")
+        time.sleep(0.05)
+    stats = consumer.stats()
+    assert (stats["traits_observed"], stats["traits_late"], stats["traits_evicted"]) == (2, 1, 1)
+    assert stats["traits_emitted"] >= 1  # globex's $set (acme's, if it went out before)
+    points = {
+        metric.name: metric.data.data_points[0].value
+        for resource in reader.get_metrics_data().resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name.startswith("mixpanel_otel.consumer.trait.")
+    }
+    assert points["mixpanel_otel.consumer.trait.late"] == 1
+    assert points["mixpanel_otel.consumer.trait.evicted"] == 1
+    assert points["mixpanel_otel.consumer.trait.emitted"] >= 1
+    provider.shutdown()
+
+
 @pytest.mark.slow
 def test_state_survives_a_restart_with_a_state_dir(sink, tmp_path) -> None:
     rules = tmp_path / "rules.toml"
@@ -256,6 +296,9 @@ def test_gateway_two_senders_one_group_exact_and_a_restart_keeps_state(sink, tmp
             sender.join()
         profile = _wait(sink, lambda p: p.get("requests") == 12)
         assert profile == {"requests": 12, "users": 4, "bytes": 57}
+        consumer = _health(gateway, "consumer")  # the traits' counters, in /health too
+        assert consumer["traits_observed"] == 36 and consumer["traits_emitted"] >= 1
+        assert consumer["traits_late"] == consumer["traits_evicted"] == 0
     finally:
         gateway.stop()
     gateway = _Gateway(sink, "--rules", str(rules), "--trait-state-dir", state)
@@ -290,9 +333,9 @@ def test_gateway_counts_a_retried_export_once(sink, tmp_path) -> None:
         gateway.stop()
 
 
-def _health(gateway: _Gateway) -> dict[str, Any]:
+def _health(gateway: _Gateway, part: str = "gateway") -> dict[str, Any]:
     with urllib.request.urlopen(gateway.http + "/health", timeout=5) as response:
-        return dict(json.loads(response.read())["gateway"])
+        return dict(json.loads(response.read())[part])
 
 
 @pytest.mark.slow

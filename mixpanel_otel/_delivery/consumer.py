@@ -15,7 +15,7 @@ import os
 import threading
 from collections.abc import Iterable, Sequence
 from time import monotonic
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .._config import resolve_options
 from .._transport import Post, Transport
@@ -24,8 +24,11 @@ from . import closing, signals
 from .parts import Parts
 from .receipts import Receipt
 from .sdk import SdkRoutes
-from .stats import Health
+from .stats import TRAIT_COUNTERS, Health
 from .worker import WORKER_THREADS
+
+if TYPE_CHECKING:
+    from .._traits import TraitEngine
 
 __all__ = ["Consumer"]
 
@@ -67,6 +70,9 @@ class Consumer:
         self.trait_interval: float = opts["trait_interval"]  # read by mixpanel_otel._traits
         self.trait_state_dir: Optional[str] = opts["trait_state_dir"]
         self.trait_max_groups: int = opts["trait_max_groups"]
+        #: The engine computing the traits of the front ends on this consumer, set by
+        #: :mod:`mixpanel_otel._traits`; :meth:`stats` reports its counters.
+        self.trait_engine: Optional[TraitEngine] = None
         self.on_error: Optional[Callable[..., Any]] = opts["on_error"]
         self.truncations = Truncations()
         self._sdk = SdkRoutes(token, self.options, self.truncations, self.enqueue)
@@ -196,6 +202,8 @@ class Consumer:
         stats = self.parts.reporter.stats.snapshot()
         stats.update(self.parts.ledger.snapshot())
         stats.update(truncated=self.truncations.count, failing=int(self.failing))
+        engine = self.trait_engine
+        stats.update(engine.snapshot() if engine is not None else dict.fromkeys(TRAIT_COUNTERS, 0))
         return stats
 
     def count_invalid(self, count: int = 1) -> None:

@@ -12,7 +12,7 @@ import threading
 from time import monotonic
 from typing import Any, Callable, Optional
 
-__all__ = ["COUNTERS", "Health", "Stats", "Throttle", "logger"]
+__all__ = ["COUNTERS", "TRAIT_COUNTERS", "Health", "Stats", "Throttle", "logger"]
 
 logger = logging.getLogger("mixpanel_otel")
 
@@ -32,6 +32,15 @@ COUNTERS = (
     "spooled",  # messages written to the spool
     "replayed",  # spooled messages read back to be sent
     "blocked",  # callers that waited for room (admission)
+)
+
+#: The computed traits' counters in ``stats()``, kept by the consumer's traits engine
+#: (:mod:`mixpanel_otel._traits`); 0 while no front end on the consumer computes traits.
+TRAIT_COUNTERS = (
+    "traits_observed",  # records counted for a trait (a record matching three traits: 3)
+    "traits_late",  # records for a trait already older than its window: not counted
+    "traits_evicted",  # groups whose trait state was dropped past trait_max_groups
+    "traits_emitted",  # trait updates ($set, $unset) handed to the consumer's queue
 )
 
 

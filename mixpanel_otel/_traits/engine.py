@@ -30,6 +30,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any, Callable, Optional
 
+from .._delivery.stats import TRAIT_COUNTERS
 from .._exceptions import MixpanelException
 from .._rules import Trait
 from .._wire import GroupUpdate, make_update
@@ -98,7 +99,8 @@ class TraitEngine:
         self.track_changes = False  # set by a store: it saves what changed
         self.changed: set[GroupKey] = set()  # groups changed since the state was last saved
         self.forgotten: set[GroupKey] = set()  # groups dropped since then
-        self.counts = dict.fromkeys(("observed", "late", "evicted", "emitted"), 0)
+        #: What became of records and groups; the consumer's ``stats()`` reports them.
+        self.counts = dict.fromkeys(TRAIT_COUNTERS, 0)
         self.add_traits(traits)
 
     # -- traits ----------------------------------------------------------------------
@@ -164,7 +166,7 @@ class TraitEngine:
                 else:
                     bucket = int(time // width)
                     if bucket <= int(now // width) - BUCKETS:
-                        self.counts["late"] += 1
+                        self.counts["traits_late"] += 1
                         continue
                 if last_key is None or group_id != last_key[1] or group_key != last_key[0]:
                     key = (group_key, group_id)
@@ -197,12 +199,12 @@ class TraitEngine:
                     _add_late(buckets, bucket, add, value, time, seq)
                 counted += 1
             self._seq = seq
-            self.counts["observed"] += counted
+            self.counts["traits_observed"] += counted
         return counted
 
     def _evict(self) -> None:
         key, _ = self._groups.popitem(last=False)
-        self.counts["evicted"] += 1
+        self.counts["traits_evicted"] += 1
         if self.track_changes:
             self.changed.discard(key)
             self.forgotten.add(key)
@@ -299,7 +301,7 @@ class TraitEngine:
                     group.due = None
                     self._settle(group, now, updates, final)
         with self._lock:
-            self.counts["emitted"] += len(updates)
+            self.counts["traits_emitted"] += len(updates)
         return updates
 
     def _settle(
@@ -338,6 +340,11 @@ class TraitEngine:
 
     def tracked(self) -> int:
         return len(self._groups)
+
+    def snapshot(self) -> dict[str, int]:
+        """The counters now (:data:`~mixpanel_otel._delivery.stats.TRAIT_COUNTERS`)."""
+        with self._lock:
+            return dict(self.counts)
 
     def export_groups(self, keys: Iterable[GroupKey]) -> list[tuple[GroupKey, dict[str, Any]]]:
         """The stored form of the given groups (those still tracked)."""
@@ -404,6 +411,7 @@ class TraitEngine:
         self._heap.clear()
         self.changed.clear()
         self.forgotten.clear()
+        self.counts = dict.fromkeys(TRAIT_COUNTERS, 0)  # from 0, like the consumer's
 
 
 def _same(a: Any, b: Any) -> bool:

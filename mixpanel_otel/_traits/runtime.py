@@ -49,6 +49,8 @@ class _Runtime:
         self.consumer = weakref.ref(consumer)
         max_groups = _option(consumer, "trait_max_groups")
         self.engine = TraitEngine(interval=interval, max_groups=max_groups)
+        if hasattr(consumer, "trait_engine"):
+            consumer.trait_engine = self.engine  # its stats() report the engine's counters
         self.store: Optional[TraitStore] = None
         self._directory = directory
         self._scope = f"{getattr(consumer, '_token', '')}\n{getattr(consumer, 'base_url', '')}"

@@ -9,10 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mixpanel_otel._delivery.consumer import Consumer
+from mixpanel_otel._delivery.stats import TRAIT_COUNTERS
 from mixpanel_otel._exceptions import MixpanelException
 from mixpanel_otel._rules import AGGREGATES, Trait, load_all
 from mixpanel_otel._traits.aggregates import distinct_key, nearest_rank
 from mixpanel_otel._traits.engine import BUCKETS, TraitEngine
+from mixpanel_otel._transport import Answer, Outcome
 
 GROUPS = ("acme", "globex", "initech")
 WINDOWS = {"10s": 10.0, "1m": 60.0, "lifetime": None}
@@ -175,7 +178,7 @@ def test_a_window_keeps_the_last_window_less_at_most_one_bucket() -> None:
     clock.now = 60.0  # the bucket [0, 1) has left
     assert engine.value(trait, "acme") == 0
     assert engine.observe(0, "acme", 0.5) is False  # older than the window: ignored
-    assert engine.counts["late"] == 1
+    assert engine.counts["traits_late"] == 1
     assert engine.observe(0, "acme", 1.0) is True  # late but inside: counted
     assert engine.value(trait, "acme") == 1
 
@@ -270,7 +273,7 @@ class TestEmission:
         for group in ("a", "b", "a", "c"):
             engine.observe(0, group, 1000.0)
         assert engine.tracked() == 2
-        assert engine.counts["evicted"] == 1
+        assert engine.counts["traits_evicted"] == 1
         trait = engine.traits[0]
         assert (engine.value(trait, "a"), engine.value(trait, "b"), engine.value(trait, "c")) == (
             2,
@@ -284,6 +287,47 @@ class TestEmission:
         engine.observe(0, "acme", 5000.0, "future")
         engine.observe(0, "acme", 999.0, "past")
         assert engine.value(engine.traits[0], "acme") == "future"
+
+
+class _Accepting:
+    """A transport that accepts every request (the test counts, it does not deliver)."""
+
+    def post(self, path: str, body: str, auth: Any = None, timeout: Any = None) -> Answer:
+        return Answer(Outcome.OK)
+
+
+class TestStats:
+    def test_late_records_evictions_and_emitted_updates_show_in_the_consumers_stats(
+        self,
+    ) -> None:
+        clock = Clock(1000.0)
+        consumer = Consumer(
+            "unit-token",
+            "memory://",
+            transport=_Accepting(),
+            clock=clock,
+            threads=False,
+            flush_on_sigterm=False,
+        )
+        zeros = dict.fromkeys(TRAIT_COUNTERS, 0)
+        assert {key: consumer.stats()[key] for key in TRAIT_COUNTERS} == zeros  # no traits
+        engine = TraitEngine([_one()], interval=1.0, clock=clock, max_groups=1)
+        consumer.trait_engine = engine  # what the traits runtime does for a front end's traits
+        engine.observe(0, "acme", 1000.0)
+        assert engine.observe(0, "acme", 900.0) is False  # older than its 60 s window: late
+        engine.observe(0, "globex", 999.0)  # past max_groups=1: acme is evicted
+        consumer.enqueue(engine.due())
+        assert consumer.flush(5.0)
+        stats = consumer.stats()
+        assert {key: stats[key] for key in TRAIT_COUNTERS} == {
+            "traits_observed": 2,
+            "traits_late": 1,
+            "traits_evicted": 1,
+            "traits_emitted": 1,  # globex's $set; acme's state left before it went out
+        }
+        assert stats["sent"] == 1
+        engine.clear()  # in a forked child: from 0, like the consumer's own counters
+        assert {key: consumer.stats()[key] for key in TRAIT_COUNTERS} == zeros
 
 
 class TestState:
