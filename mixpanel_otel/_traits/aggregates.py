@@ -61,6 +61,14 @@ def nearest_rank(ordered: Any, q: float) -> Any:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
+def _fill(sketch: Any, values: Iterable[Any]) -> Any:
+    """``sketch`` updated with every value: a sketch made from exact values (a bucket's
+    that outgrew ``exact_limit``, or a window's exact buckets merged with sketched ones)."""
+    for value in values:
+        sketch.update(value)
+    return sketch
+
+
 class Aggregator:
     """One aggregate: add a value to a bucket, merge buckets into a value, store a bucket."""
 
@@ -183,10 +191,7 @@ class CountDistinct(Aggregator):
             summary.add(key)
             if len(summary) <= self.exact_limit:
                 return summary
-            sketch = require_sketches().hll_sketch(HLL_LG_K)
-            for item in summary:
-                sketch.update(item)
-            return sketch
+            return _fill(require_sketches().hll_sketch(HLL_LG_K), summary)
         summary.update(key)
         return summary
 
@@ -205,10 +210,7 @@ class CountDistinct(Aggregator):
         for sketch in sketches:
             union.update(sketch)
         if exact:
-            extra = ds.hll_sketch(HLL_LG_K)
-            for item in exact:
-                extra.update(item)
-            union.update(extra)
+            union.update(_fill(ds.hll_sketch(HLL_LG_K), exact))
         return int(round(union.get_estimate()))
 
     def encode(self, summary: Any) -> Any:
@@ -237,10 +239,7 @@ class Percentile(Aggregator):
             summary.append(value)
             if len(summary) <= self.exact_limit:
                 return summary
-            sketch = require_sketches().kll_doubles_sketch(KLL_K)
-            for item in summary:
-                sketch.update(item)
-            return sketch
+            return _fill(require_sketches().kll_doubles_sketch(KLL_K), summary)
         summary.update(value)
         return summary
 
@@ -257,9 +256,7 @@ class Percentile(Aggregator):
         merged = require_sketches().kll_doubles_sketch(KLL_K)
         for sketch in sketches:
             merged.merge(sketch)
-        for item in exact:
-            merged.update(item)
-        return merged.get_quantile(self.q, True)
+        return _fill(merged, exact).get_quantile(self.q, True)
 
     def encode(self, summary: Any) -> Any:
         if type(summary) is array:
