@@ -502,3 +502,29 @@ class GatewayProcess:
         if self.proc.stdout:
             self.proc.stdout.close()
         return code
+
+
+def logs_request(*records: dict[str, Any]) -> bytes:
+    """A protobuf ExportLogsServiceRequest with one log record per attribute dict."""
+    from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
+
+    request = logs_service_pb2.ExportLogsServiceRequest()
+    scope = request.resource_logs.add().scope_logs.add()
+    for attributes in records:
+        record = scope.log_records.add(time_unix_nano=time.time_ns())
+        for key, value in attributes.items():
+            kv = record.attributes.add(key=key)
+            if isinstance(value, bool):
+                kv.value.bool_value = value
+            elif isinstance(value, int):
+                kv.value.int_value = value
+            else:
+                kv.value.string_value = str(value)
+    return bytes(request.SerializeToString())
+
+
+def flat(group_id: str, group_key: str = "company", **properties: Any) -> dict[str, Any]:
+    """A log record's attributes in the flat form: ``mixpanel.$set.<name>`` per property."""
+    attributes: dict[str, Any] = {"mixpanel.group_key": group_key, "mixpanel.group_id": group_id}
+    attributes.update({f"mixpanel.$set.{k}": v for k, v in properties.items()})
+    return attributes
