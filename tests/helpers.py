@@ -89,6 +89,13 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def _written(handle: IO[bytes]) -> str:
+    """What a child wrote to ``handle`` so far. ``pread``: the child shares the file
+    offset, and a seek here would move where it writes next."""
+    size = os.fstat(handle.fileno()).st_size
+    return os.pread(handle.fileno(), size, 0).decode(errors="replace")
+
+
 def wait_http(
     url: str, proc: Optional[subprocess.Popen[Any]] = None, timeout: float = 30.0
 ) -> bytes:
@@ -119,7 +126,7 @@ class AppProcess:
     ) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
-        self._output: IO[str] = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed by stop()
+        self._output = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop()
         self.proc = subprocess.Popen(
             command, env=env, cwd=cwd, stdout=self._output, stderr=subprocess.STDOUT, text=True
         )
@@ -142,11 +149,7 @@ class AppProcess:
 
     @property
     def output(self) -> str:
-        if self._text is not None:
-            return self._text
-        self._output.flush()
-        self._output.seek(0)
-        return self._output.read()
+        return self._text if self._text is not None else _written(self._output)
 
 
 def start_example(example: str, sink_url: str, **env: Any) -> AppProcess:
@@ -458,7 +461,7 @@ class GatewayProcess:
         command = [*CLI, "gateway"]
         for name, value in options.items():
             command += [name] if value == "" else [name, value]
-        self._stderr: IO[str] = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed by stop()
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop()
         self.proc = subprocess.Popen(
             command,
             env=sink_env(sink.url, PYTHONUNBUFFERED="1", **(env or {})),
@@ -496,8 +499,7 @@ class GatewayProcess:
         """SIGTERM (SIGKILL after 15 s); keeps what it logged in ``stderr_text``."""
         code = stop(self.proc, signal.SIGTERM, grace=15)
         if not self._stderr.closed:
-            self._stderr.seek(0)
-            self.stderr_text = self._stderr.read()  # what it logged, for the test
+            self.stderr_text = _written(self._stderr)  # what it logged, for the test
             self._stderr.close()
         if self.proc.stdout:
             self.proc.stdout.close()
