@@ -1,5 +1,6 @@
-"""Helpers the tests share: scripts in subprocesses, free ports, and (for the crash
-tests) child scripts, markers and what the sink got.
+"""Helpers the tests share: starting and stopping processes (scripts, example apps,
+the CLI's servers), free ports, and (for the crash tests) child scripts, markers
+and what the sink got.
 
 A child script starts with :data:`PRELUDE`: ``make(**options)`` builds a
 ``GroupClient`` on the shared consumer (fast backoff), ``emit(...)`` sends a
@@ -13,6 +14,13 @@ final value shows whether the process's updates arrived in order). A group
 updated by several processes therefore has a defined final value per
 process (each its own property) even though the design promises no order
 across processes.
+
+A process's *exit seconds* run from the moment its exit begins to the moment it
+has ended, both by the wall clock (``time.time()``, shared by parent and child):
+the exit begins when the script's last statement is done (``atexit`` flushes
+next; written by :data:`EXIT_BEGINS`) or when the parent sends the signal that
+ends it. Interpreter start-up and imports are not in it, so a loaded machine
+cannot make a bounded exit look unbounded.
 """
 
 from __future__ import annotations
@@ -24,30 +32,54 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+import urllib.request
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import IO, Any, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
 TOKEN = "test-token"
+#: The command line, run from this checkout by this interpreter.
+CLI = [sys.executable, "-m", "mixpanel_otel._cli"]
+
+# -- starting and stopping processes ----------------------------------------------------
 
 
-def run_script(source: str, sink: Any, timeout: float = 60, **env: str) -> tuple[Any, float]:
-    """Run ``source`` in a fresh interpreter against ``sink``; (result, seconds). It must exit 0."""
-    environment = dict(os.environ, MIXPANEL_TOKEN=TOKEN, MIXPANEL_API_HOST=sink.url, **env)
-    environment["PYTHONPATH"] = ROOT + os.pathsep + environment.get("PYTHONPATH", "")
-    started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(source)],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert result.returncode == 0, result.stderr
-    return result, time.monotonic() - started
+def process_env(base: Optional[Mapping[str, str]] = None, **extra: Any) -> dict[str, str]:
+    """The environment of a child process: ``base`` (``os.environ`` by default) with this
+    checkout first on ``PYTHONPATH``, this interpreter's ``bin`` first on ``PATH`` (its
+    console scripts: ``opentelemetry-instrument``, ``gunicorn``) and ``extra`` as strings."""
+    env = dict(os.environ if base is None else base)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env.update({name: str(value) for name, value in extra.items()})
+    return env
+
+
+def sink_env(
+    sink_url: str, base: Optional[Mapping[str, str]] = None, **extra: Any
+) -> dict[str, str]:
+    """:func:`process_env` for a process that delivers to the sink at ``sink_url``
+    (``extra`` may still change ``MIXPANEL_TOKEN``)."""
+    return process_env(base, **{"MIXPANEL_TOKEN": TOKEN, "MIXPANEL_API_HOST": sink_url, **extra})
+
+
+def stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, grace: float = 15) -> int:
+    """End ``proc`` (one a test started, by its pid): ``sig``, then SIGKILL when it has not
+    ended within ``grace`` seconds. Its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode
 
 
 def free_port() -> int:
@@ -55,6 +87,118 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def _written(handle: IO[bytes]) -> str:
+    """What a child wrote to ``handle`` so far. ``pread``: the child shares the file
+    offset, and a seek here would move where it writes next."""
+    size = os.fstat(handle.fileno()).st_size
+    return os.pread(handle.fileno(), size, 0).decode(errors="replace")
+
+
+def wait_http(
+    url: str, proc: Optional[subprocess.Popen[Any]] = None, timeout: float = 30.0
+) -> bytes:
+    """GET ``url`` until it answers 2xx (its server may still be starting); the body.
+    Fails at once when ``proc``, the server, has ended."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                return bytes(answer.read())
+        except OSError as error:  # refused, reset, timed out, or not 2xx yet
+            if proc is not None and proc.poll() is not None:
+                raise AssertionError(f"the server ended ({proc.returncode})") from error
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{url} did not answer within {timeout} s") from error
+            time.sleep(0.05)
+
+
+class AppProcess:
+    """A command serving HTTP on loopback ``port`` (an example app, gunicorn,
+    ``mixpanel-otel serve``); its stdout and stderr go to one file (no pipe can fill).
+
+    ``stop()`` ends it by pid (``sig``, then SIGKILL); ``output`` is what it wrote.
+    """
+
+    def __init__(
+        self, command: list[str], port: int, env: dict[str, str], cwd: Optional[str] = None
+    ) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self._output = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop()
+        self.proc = subprocess.Popen(
+            command, env=env, cwd=cwd, stdout=self._output, stderr=subprocess.STDOUT, text=True
+        )
+        self._text: Optional[str] = None
+
+    def wait_ready(self, path: str = "/health", timeout: float = 30.0) -> bytes:
+        """Poll ``path`` until it answers; the body (the app's output when it ended instead)."""
+        try:
+            return wait_http(self.url + path, self.proc, timeout)
+        except AssertionError as error:
+            raise AssertionError(f"{error}; output:\n{self.output}") from None
+
+    def stop(self, sig: int = signal.SIGINT, grace: float = 30) -> int:
+        """End it (``sig``, then SIGKILL after ``grace`` seconds); its exit status."""
+        code = stop(self.proc, sig, grace)
+        if self._text is None:
+            self._text = self.output
+            self._output.close()
+        return code
+
+    @property
+    def output(self) -> str:
+        return self._text if self._text is not None else _written(self._output)
+
+
+def start_example(example: str, sink_url: str, **env: Any) -> AppProcess:
+    """``examples/<example>/run.sh`` (a zero-code app) on a free port, delivering to the
+    sink at ``sink_url``; ``env`` adds variables (``MIXPANEL_OTEL_FLUSH_INTERVAL``...)."""
+    port = free_port()
+    return AppProcess(
+        ["bash", os.path.join(EXAMPLES, example, "run.sh")],
+        port,
+        sink_env(sink_url, PORT=port, **env),
+    )
+
+
+#: Appended to a script run by :func:`run_script` (or a :class:`Child` made with
+#: ``timed_exit=True``): the moment its exit begins, written to ``$EXIT_BEGINS``.
+EXIT_BEGINS = """
+import os as _os, time as _time
+with open(_os.environ["EXIT_BEGINS"], "w") as _exit_begins:
+    _exit_begins.write(repr(_time.time()))
+"""
+
+
+def _exit_seconds(began_path: str, ended: float) -> float:
+    """Seconds from the moment written at ``began_path`` to ``ended`` (wall clock)."""
+    try:
+        with open(began_path) as f:
+            return ended - float(f.read())
+    except (OSError, ValueError):
+        raise AssertionError("the script never reached its end (no exit moment)") from None
+
+
+def run_script(
+    source: str, sink: Any, timeout: float = 60, **env: str
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run ``source`` in a fresh interpreter against ``sink``; (result, exit seconds), the
+    time from the end of its last statement to the end of the process (start-up and the
+    script itself are not in it). It must exit 0."""
+    with tempfile.TemporaryDirectory() as scratch:
+        began = os.path.join(scratch, "exit-begins")
+        result = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(source) + EXIT_BEGINS],
+            env=sink_env(sink.url, EXIT_BEGINS=began, **env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        ended = time.time()
+        assert result.returncode == 0, result.stderr
+        return result, _exit_seconds(began, ended)
 
 
 PRELUDE = """
@@ -81,10 +225,9 @@ def mark(text):
 
 
 def child_env(sink_url: str, mark: str = "", **extra: Any) -> dict[str, str]:
-    env = dict(os.environ, MIXPANEL_TOKEN=TOKEN, MIXPANEL_API_HOST=sink_url, MARK=mark)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("MIXPANEL_OTEL_SPOOL_DIR", None)
-    env.update({name: str(value) for name, value in extra.items()})
+    env = sink_env(sink_url, MARK=mark, **extra)
+    if "MIXPANEL_OTEL_SPOOL_DIR" not in extra:
+        env.pop("MIXPANEL_OTEL_SPOOL_DIR", None)
     return env
 
 
@@ -93,23 +236,38 @@ def script(source: str) -> str:
 
 
 class Child:
-    """A running child script; stdout and stderr go to files (no pipe can fill)."""
+    """A running child script; stdout and stderr go to files (no pipe can fill).
+
+    With ``timed_exit=True`` the script writes when its exit begins
+    (:data:`EXIT_BEGINS`); :meth:`terminate` notes the moment it sends the signal
+    instead. :attr:`exit_seconds` is then known once :meth:`wait` saw the end.
+    """
 
     def __init__(
-        self, source: str, sink_url: str, workdir: str, name: str, *args: str, **env: Any
+        self,
+        source: str,
+        sink_url: str,
+        workdir: str,
+        name: str,
+        *args: str,
+        timed_exit: bool = False,
+        **env: Any,
     ) -> None:
         self.name = name
         self.mark = os.path.join(workdir, f"{name}.mark")
         self.out_path = os.path.join(workdir, f"{name}.out")
         self.err_path = os.path.join(workdir, f"{name}.err")
+        self._exit_began: Optional[float] = None
+        self._ended: Optional[float] = None
+        self._began_path = os.path.join(workdir, f"{name}.exit-begins")
         path = os.path.join(workdir, f"{name}.py")
         with open(path, "w") as f:
-            f.write(script(source))
+            f.write(script(source) + (EXIT_BEGINS if timed_exit else ""))
         self._out = open(self.out_path, "w")  # noqa: SIM115 - closed by close()
         self._err = open(self.err_path, "w")  # noqa: SIM115 - closed by close()
         self.proc = subprocess.Popen(
             [sys.executable, path, *args],
-            env=child_env(sink_url, self.mark, **env),
+            env=child_env(sink_url, self.mark, EXIT_BEGINS=self._began_path, **env),
             stdout=self._out,
             stderr=self._err,
             cwd=workdir,
@@ -118,12 +276,37 @@ class Child:
     def wait_mark(self, text: str, timeout: float = 20.0) -> bool:
         return wait_mark(self.mark, text, timeout, self.proc)
 
+    def marks(self) -> list[str]:
+        """The lines the script marked so far."""
+        try:
+            with open(self.mark) as f:
+                return f.read().splitlines()
+        except FileNotFoundError:
+            return []
+
     def wait(self, timeout: float = 30.0) -> int:
         try:
-            return self.proc.wait(timeout)
+            code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
             raise AssertionError(f"{self.name} hung; stderr:\n{self.stderr}") from None
+        if self._ended is None:
+            self._ended = time.time()
+        return code
+
+    def terminate(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Send ``sig`` (the exit begins now) and wait for the end; the exit status."""
+        self._exit_began = time.time()
+        self.proc.send_signal(sig)
+        return self.wait(timeout)
+
+    @property
+    def exit_seconds(self) -> float:
+        """From the moment the exit began (the signal, or the script's end) to the end."""
+        assert self._ended is not None, "wait() first"
+        if self._exit_began is not None:
+            return self._ended - self._exit_began
+        return _exit_seconds(self._began_path, self._ended)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc.poll() is None:
@@ -142,9 +325,7 @@ class Child:
             return f.read()
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        stop(self.proc, signal.SIGKILL, grace=10)
         self._out.close()
         self._err.close()
 
@@ -274,32 +455,26 @@ class GatewayProcess:
         env: Optional[dict[str, str]] = None,
         ca: Optional[str] = None,
     ) -> None:
-        environment = dict(
-            os.environ,
-            MIXPANEL_TOKEN=TOKEN,
-            MIXPANEL_API_HOST=sink.url,
-            PYTHONUNBUFFERED="1",
-            **(env or {}),
-        )
+        self.stderr_text = ""
         options = dict(GATEWAY_TEST_OPTIONS)
         options.update(dict(zip(args[::2], args[1::2])))
-        command = [sys.executable, "-m", "mixpanel_otel._cli", "gateway"]
+        command = [*CLI, "gateway"]
         for name, value in options.items():
             command += [name] if value == "" else [name, value]
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop()
         self.proc = subprocess.Popen(
             command,
-            env=environment,
+            env=sink_env(sink.url, PYTHONUNBUFFERED="1", **(env or {})),
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=self._stderr,
             text=True,
         )
         line = self.proc.stdout.readline() if self.proc.stdout else ""
         match = _GATEWAY_READY.search(line)
         if not match:
-            self.proc.kill()
-            raise AssertionError(f"gateway did not start: {line!r} {self.proc.stderr.read()!r}")
+            self.stop()
+            raise AssertionError(f"gateway did not start: {line!r} {self.stderr_text!r}")
         self.grpc, self.http = match.group(1), match.group(2)
-        self.stderr_text = ""
         self.ssl_context = None
         if ca is not None:
             import ssl
@@ -307,8 +482,6 @@ class GatewayProcess:
             self.ssl_context = ssl.create_default_context(cafile=ca)
 
     def health(self, timeout: float = 5) -> dict[str, Any]:
-        import urllib.request
-
         with urllib.request.urlopen(
             self.http + "/health", timeout=timeout, context=self.ssl_context
         ) as response:
@@ -323,16 +496,37 @@ class GatewayProcess:
         return 0.0
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self.proc.stderr and not self.proc.stderr.closed:
-            self.stderr_text = self.proc.stderr.read()  # what it logged, for the test
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream:
-                stream.close()
-        return self.proc.returncode
+        """SIGTERM (SIGKILL after 15 s); keeps what it logged in ``stderr_text``."""
+        code = stop(self.proc, signal.SIGTERM, grace=15)
+        if not self._stderr.closed:
+            self.stderr_text = _written(self._stderr)  # what it logged, for the test
+            self._stderr.close()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        return code
+
+
+def logs_request(*records: dict[str, Any]) -> bytes:
+    """A protobuf ExportLogsServiceRequest with one log record per attribute dict."""
+    from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
+
+    request = logs_service_pb2.ExportLogsServiceRequest()
+    scope = request.resource_logs.add().scope_logs.add()
+    for attributes in records:
+        record = scope.log_records.add(time_unix_nano=time.time_ns())
+        for key, value in attributes.items():
+            kv = record.attributes.add(key=key)
+            if isinstance(value, bool):
+                kv.value.bool_value = value
+            elif isinstance(value, int):
+                kv.value.int_value = value
+            else:
+                kv.value.string_value = str(value)
+    return bytes(request.SerializeToString())
+
+
+def flat(group_id: str, group_key: str = "company", **properties: Any) -> dict[str, Any]:
+    """A log record's attributes in the flat form: ``mixpanel.$set.<name>`` per property."""
+    attributes: dict[str, Any] = {"mixpanel.group_key": group_key, "mixpanel.group_id": group_id}
+    attributes.update({f"mixpanel.$set.{k}": v for k, v in properties.items()})
+    return attributes

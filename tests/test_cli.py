@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import mixpanel
@@ -18,30 +17,19 @@ from mixpanel_otel import GroupClient, MixpanelGroupHandler
 from mixpanel_otel.testing import capture_groups
 
 from .conftest import TOKEN
-
-CLI = [sys.executable, "-m", "mixpanel_otel._cli"]
-
-
-def _free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from .helpers import CLI, AppProcess, free_port, process_env
 
 
 @pytest.mark.slow
 def test_serve_then_official_sdk_then_profiles(tmp_path):
     db = str(tmp_path / "cli.db")
-    port = _free_port()
-    server = subprocess.Popen(
-        [*CLI, "serve", "--port", str(port), "--db", db],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    port = free_port()
+    server = AppProcess([*CLI, "serve", "--port", str(port), "--db", db], port, process_env())
     try:
-        banner = server.stdout.readline()
+        server.wait_ready("/")
+        banner, export = server.output.splitlines()[:2]
         assert f"http://127.0.0.1:{port}" in banner
-        assert "MIXPANEL_API_HOST" in server.stdout.readline()
+        assert "MIXPANEL_API_HOST" in export
         mp = mixpanel.Mixpanel(
             TOKEN, consumer=mixpanel.Consumer(groups_url=f"http://127.0.0.1:{port}/groups")
         )
@@ -51,8 +39,7 @@ def test_serve_then_official_sdk_then_profiles(tmp_path):
         page = requests.get(f"http://127.0.0.1:{port}/", timeout=5).text
         assert "acme" in page
     finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(10)
+        server.stop(signal.SIGINT, grace=10)
     table = subprocess.run([*CLI, "profiles", "--db", db], capture_output=True, text=True)
     assert table.returncode == 0, table.stderr
     assert "company" in table.stdout and 'plan: "pro"' in table.stdout and "eng" in table.stdout
@@ -154,7 +141,7 @@ def test_serve_on_a_busy_port_says_so(tmp_path):
 def test_a_file_that_is_not_sqlite_is_refused_in_one_line(tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("these are my notes, not a database\n" * 20)
-    for command in (["serve", "--port", str(_free_port())], ["profiles"]):
+    for command in (["serve", "--port", str(free_port())], ["profiles"]):
         result = subprocess.run(
             [*CLI, *command, "--db", str(notes)], capture_output=True, text=True, timeout=30
         )
@@ -172,7 +159,7 @@ def test_serve_host_not_loopback_warns_then_listens_or_says_why(tmp_path):
             "--host",
             "192.0.2.1",
             "--port",
-            str(_free_port()),
+            str(free_port()),
             "--db",
             str(tmp_path / "s.db"),
         ],
@@ -219,7 +206,7 @@ def test_profiles_over_http_from_a_running_sink(sink):
     assert json.dumps([f"t{n}" for n in range(60)], separators=(",", ":")) in joined, (
         "every tag is there: wrapped, never cut"
     )
-    closed = _free_port()
+    closed = free_port()
     unreachable = subprocess.run(
         [*CLI, "profiles", "--url", f"http://127.0.0.1:{closed}"],
         capture_output=True,
@@ -275,7 +262,7 @@ def test_check_passes_against_the_sink_and_changes_nothing(sink, tmp_path):
 
 @pytest.mark.slow
 def test_check_fails_with_the_reason(sink, tmp_path):
-    closed = _free_port()
+    closed = free_port()
     refused = _check("--api-host", f"http://127.0.0.1:{closed}", MIXPANEL_TOKEN=TOKEN)
     assert refused.returncode == 1 and "connection refused" in refused.stdout, refused.stdout
 

@@ -28,7 +28,7 @@ from mixpanel_otel import GroupClient
 from mixpanel_otel._delivery.spool import Spool, spooled_rows
 
 from .conftest import TOKEN
-from .helpers import Child, Plan, compare, free_port
+from .helpers import Child, Plan, compare, start_example
 
 BLOB = {f"p{k}": "x" * 240 for k in range(8)}  # about 2 KB a message
 
@@ -224,10 +224,8 @@ def test_sigterm_flush_and_exit_flush_share_one_shutdown_timeout(sink, tmp_path)
     child = Child(_HANDLED_FIRST, sink.url, str(tmp_path), "budget")
     try:
         assert child.wait_mark("ready"), child.stderr
-        started = time.monotonic()
-        child.proc.send_signal(signal.SIGTERM)
-        child.wait(30)
-        took = time.monotonic() - started
+        child.terminate()
+        took = child.exit_seconds
         err = child.stderr
     finally:
         child.close()
@@ -320,50 +318,21 @@ def test_spool_files_are_private_and_hold_no_token(sink, make_consumer, tmp_path
 
 # -- 1. SIGTERM flushes the host's OpenTelemetry pipeline first -----------------------------
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("example", ["flask_zero_code", "fastapi_zero_code"])
 def test_sigterm_soon_after_a_request_delivers_every_property(sink, example):
-    port = free_port()
-    bindir = os.path.dirname(sys.executable)
-    env = dict(
-        os.environ,
-        PATH=bindir + os.pathsep + os.environ.get("PATH", ""),
-        PORT=str(port),
-        MIXPANEL_TOKEN=TOKEN,
-        MIXPANEL_API_HOST=sink.url,
-    )
-    app = subprocess.Popen(
-        ["bash", os.path.join(EXAMPLES, example, "run.sh")],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    app = start_example(example, sink.url)
     try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                requests.get(base + "/health", timeout=1)
-                break
-            except requests.ConnectionError:
-                assert app.poll() is None, app.stdout.read() if app.stdout else ""
-                assert time.monotonic() < deadline, "the app did not start"
-                time.sleep(0.1)
+        app.wait_ready()
         answer = requests.post(
-            f"{base}/checkout?seats=3", headers={"X-Tenant-Id": "acme"}, timeout=5
+            f"{app.url}/checkout?seats=3", headers={"X-Tenant-Id": "acme"}, timeout=5
         )
         assert answer.json() == {"ok": True, "tenant": "acme"}
         time.sleep(0.3)  # the scenario itself: SIGTERM 0.3 s after the request
-        app.send_signal(signal.SIGTERM)
-        output, _ = app.communicate(timeout=30)
     finally:
-        if app.poll() is None:
-            app.kill()
-            app.communicate(timeout=10)
+        app.stop(signal.SIGTERM)
+    output = app.output
     acme = sink.profile("company", "acme")
     assert acme is not None, output
     assert set(acme) == {"seats", "first_seen", "last_route", "last_seen", "last_service"}, (

@@ -6,31 +6,19 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import requests
 
-from .conftest import TOKEN
-from .helpers import free_port as _free_port
+from .helpers import EXAMPLES, AppProcess, free_port, sink_env
 
 pytestmark = pytest.mark.slow  # real subprocesses
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES = os.path.join(ROOT, "examples")
-
-
-def _env(sink, **extra):
-    env = dict(os.environ, MIXPANEL_TOKEN=TOKEN, MIXPANEL_API_HOST=sink.url, **extra)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    return env
 
 
 def _run(name, sink):
     result = subprocess.run(
         [sys.executable, os.path.join(EXAMPLES, name)],
-        env=_env(sink),
+        env=sink_env(sink.url),
         capture_output=True,
         text=True,
         timeout=60,
@@ -72,8 +60,8 @@ def test_mixpanel_sdk_background(sink):
 
 
 def test_gunicorn_conf_with_post_fork(sink):
-    port = _free_port()
-    server = subprocess.Popen(
+    port = free_port()
+    server = AppProcess(
         [
             sys.executable,
             "-m",
@@ -86,27 +74,17 @@ def test_gunicorn_conf_with_post_fork(sink):
             f"127.0.0.1:{port}",
             "gunicorn_app:app",
         ],
-        env=_env(sink, MIXPANEL_OTEL_FLUSH_INTERVAL="0.2"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        port,
+        sink_env(sink.url, MIXPANEL_OTEL_FLUSH_INTERVAL="0.2"),
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                requests.get(f"http://127.0.0.1:{port}/", timeout=5)
-                break
-            except (requests.ConnectionError, requests.Timeout):  # not up yet, or a busy machine
-                assert server.poll() is None, server.stdout.read()
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+        server.wait_ready("/")
         for i in range(20):
             tenant = ["acme", "globex"][i % 2]
-            requests.get(f"http://127.0.0.1:{port}/", headers={"X-Tenant-Id": tenant}, timeout=30)
+            requests.get(f"{server.url}/", headers={"X-Tenant-Id": tenant}, timeout=30)
     finally:
-        server.send_signal(signal.SIGTERM)  # graceful: workers flush at exit
-        output, _ = server.communicate(timeout=30)
+        server.stop(signal.SIGTERM)  # graceful: workers flush at exit
+    output = server.output
     profiles = {p["group_id"]: p["properties"] for p in sink.profiles()}
     assert set(profiles) >= {"acme", "globex"}, output
     for tenant in ("acme", "globex"):

@@ -53,7 +53,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
 from opentelemetry.trace import Status, StatusCode  # noqa: E402
 
 from mixpanel_otel.sink import Sink  # noqa: E402
-from tests.helpers import GatewayProcess  # noqa: E402
+from tests.helpers import CLI, GatewayProcess, flat, logs_request  # noqa: E402
 
 _LOGS_EXPORT = "/opentelemetry.proto.collector.logs.v1.LogsService/Export"
 
@@ -95,29 +95,6 @@ def _post(
         return error.code, dict(error.headers), error.read()
 
 
-def _logs_request(*records: dict[str, Any]) -> bytes:
-    """A protobuf ExportLogsServiceRequest with one log record per attribute dict."""
-    request = logs_service_pb2.ExportLogsServiceRequest()
-    scope = request.resource_logs.add().scope_logs.add()
-    for attributes in records:
-        record = scope.log_records.add(time_unix_nano=time.time_ns())
-        for key, value in attributes.items():
-            kv = record.attributes.add(key=key)
-            if isinstance(value, bool):
-                kv.value.bool_value = value
-            elif isinstance(value, int):
-                kv.value.int_value = value
-            else:
-                kv.value.string_value = str(value)
-    return request.SerializeToString()
-
-
-def _flat(group_id: str, **properties: Any) -> dict[str, Any]:
-    attributes: dict[str, Any] = {"mixpanel.group_key": "company", "mixpanel.group_id": group_id}
-    attributes.update({f"mixpanel.$set.{k}": v for k, v in properties.items()})
-    return attributes
-
-
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_log_records_in_the_flat_form_arrive_coalesced(sink, start_gateway, protocol):
     gateway = start_gateway(sink)
@@ -127,7 +104,7 @@ def test_log_records_in_the_flat_form_arrive_coalesced(sink, start_gateway, prot
     )
     otel_logger = provider.get_logger("test")
     for n in range(50):
-        otel_logger.emit(body=f"visit {n}", attributes=_flat("acme", visits=n, plan="pro"))
+        otel_logger.emit(body=f"visit {n}", attributes=flat("acme", visits=n, plan="pro"))
     otel_logger.emit(
         body="tags",
         attributes={
@@ -178,7 +155,7 @@ def test_spans_with_rules_resource_attributes_and_group_events(
         "GET /home", attributes={"http.route": "/home", "tenant.id": "initech"}
     ):
         pass  # the rule's `when` does not match
-    with tracer.start_as_current_span("flat", attributes=_flat("umbrella", tier=3)):
+    with tracer.start_as_current_span("flat", attributes=flat("umbrella", tier=3)):
         pass
     assert sink.profile("company", "acme") == {
         "plan": "pro",
@@ -195,8 +172,8 @@ def test_spans_with_rules_resource_attributes_and_group_events(
 
 def test_invalid_records_come_back_as_partial_success(sink, start_gateway):
     gateway = start_gateway(sink)
-    body = _logs_request(
-        _flat("acme", plan="pro"),
+    body = logs_request(
+        flat("acme", plan="pro"),
         {"mixpanel.group_key": "company", "mixpanel.group_id": "bad", "mixpanel.$nope": 1},
         {"group_key": "company", "group_id": "bad2", "$set": "not a dict"},
     )
@@ -317,8 +294,8 @@ def test_bad_requests_get_clear_errors_and_cost_others_nothing(sink, start_gatew
             export(b"\0" * (limit + 1), timeout=10)
         assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         # The gateway still serves good requests on both protocols.
-        export(_logs_request(_flat("grpc-ok", ok=True)), timeout=10)
-    status, _, _ = _post(gateway, "/v1/logs", _logs_request(_flat("http-ok", ok=True)), protobuf)
+        export(logs_request(flat("grpc-ok", ok=True)), timeout=10)
+    status, _, _ = _post(gateway, "/v1/logs", logs_request(flat("http-ok", ok=True)), protobuf)
     assert status == 200
     assert sink.profile("company", "grpc-ok") == {"ok": True}
     assert sink.profile("company", "http-ok") == {"ok": True}
@@ -335,7 +312,7 @@ def test_sink_down_gives_retryable_failures_then_nothing_is_lost(sink, start_gat
     otel_logger = provider.get_logger("test")
     sink.down = True
     sender = threading.Thread(
-        target=lambda: otel_logger.emit(body="x", attributes=_flat("acme", plan="enterprise"))
+        target=lambda: otel_logger.emit(body="x", attributes=flat("acme", plan="enterprise"))
     )
     sender.start()  # the exporter blocks in its retries while the sink is down
     deadline = time.monotonic() + 15
@@ -358,7 +335,7 @@ def test_sink_down_gives_retryable_failures_then_nothing_is_lost(sink, start_gat
 def test_retryable_answers_carry_retry_info(sink, start_gateway):
     gateway = start_gateway(sink, "--ack-timeout", "0.3")
     sink.down = True
-    body = _logs_request(_flat("acme", plan="pro"))
+    body = logs_request(flat("acme", plan="pro"))
     status, headers, raw = _post(
         gateway, "/v1/logs", body, {"Content-Type": "application/x-protobuf"}
     )
@@ -391,7 +368,7 @@ def _acked_batches(
     for batch in range(batches):
         numbers = list(range(start + batch * size, start + (batch + 1) * size))
         for n in numbers:
-            otel_logger.emit(body="n", attributes=_flat(f"g{n}", n=n))
+            otel_logger.emit(body="n", attributes=flat(f"g{n}", n=n))
         records = memory.get_finished_logs()
         memory.clear()
         if exporter.export(records).name == "SUCCESS":
@@ -437,7 +414,7 @@ def test_sigterm_finishes_in_flight_exports_then_exits(sink, start_gateway):
             _post(
                 gateway,
                 "/v1/logs",
-                _logs_request(_flat("acme", plan="pro")),
+                logs_request(flat("acme", plan="pro")),
                 {"Content-Type": "application/x-protobuf"},
             )[0]
         )
@@ -466,7 +443,7 @@ def test_core_import_needs_no_grpc_and_the_command_is_described():
     )
     subprocess.run([sys.executable, "-c", code], check=True)
     result = subprocess.run(
-        [sys.executable, "-m", "mixpanel_otel._cli", "gateway", "--help"],
+        [*CLI, "gateway", "--help"],
         capture_output=True,
         text=True,
         check=True,
@@ -477,7 +454,7 @@ def test_core_import_needs_no_grpc_and_the_command_is_described():
 def test_missing_token_is_a_clear_error(sink):
     env = {k: v for k, v in os.environ.items() if k not in ("MIXPANEL_TOKEN",)}
     result = subprocess.run(
-        [sys.executable, "-m", "mixpanel_otel._cli", "gateway", "--grpc-port", "0"],
+        [*CLI, "gateway", "--grpc-port", "0"],
         capture_output=True,
         text=True,
         env=env,

@@ -14,7 +14,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -37,14 +36,20 @@ from opentelemetry.exporter.otlp.proto.grpc._log_exporter import (  # noqa: E402
 from opentelemetry.exporter.otlp.proto.http._log_exporter import (  # noqa: E402
     OTLPLogExporter as HttpLogExporter,
 )
-from opentelemetry.proto.collector.logs.v1 import logs_service_pb2  # noqa: E402
 from opentelemetry.sdk._logs import LoggerProvider  # noqa: E402
 from opentelemetry.sdk._logs.export import (  # noqa: E402
     InMemoryLogRecordExporter,
     SimpleLogRecordProcessor,
 )
 
-from tests.helpers import ROOT, GatewayProcess  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    CLI,
+    ROOT,
+    GatewayProcess,
+    flat,
+    logs_request,
+    process_env,
+)
 
 _LOGS_EXPORT = "/opentelemetry.proto.collector.logs.v1.LogsService/Export"
 _PROTOBUF = {"Content-Type": "application/x-protobuf"}
@@ -145,28 +150,6 @@ def pki(tmp_path_factory) -> dict[str, str]:
 # -- helpers ------------------------------------------------------------------------------
 
 
-def _logs_request(*records: dict[str, Any]) -> bytes:
-    request = logs_service_pb2.ExportLogsServiceRequest()
-    scope = request.resource_logs.add().scope_logs.add()
-    for attributes in records:
-        record = scope.log_records.add(time_unix_nano=time.time_ns())
-        for key, value in attributes.items():
-            kv = record.attributes.add(key=key)
-            if isinstance(value, bool):
-                kv.value.bool_value = value
-            elif isinstance(value, int):
-                kv.value.int_value = value
-            else:
-                kv.value.string_value = str(value)
-    return request.SerializeToString()
-
-
-def _flat(group_id: str, group_key: str = "company", **properties: Any) -> dict[str, Any]:
-    attributes: dict[str, Any] = {"mixpanel.group_key": group_key, "mixpanel.group_id": group_id}
-    attributes.update({f"mixpanel.$set.{k}": v for k, v in properties.items()})
-    return attributes
-
-
 def _post(
     gateway: GatewayProcess,
     body: bytes,
@@ -200,7 +183,7 @@ def _records(*attribute_sets: dict[str, Any]) -> list[Any]:
 def _export(exporter: Any, group_id: str, **properties: Any) -> str:
     """One Export call through a real OTLP exporter; its result's name (``SUCCESS``...)."""
     try:
-        return str(exporter.export(_records(_flat(group_id, **properties))).name)
+        return str(exporter.export(_records(flat(group_id, **properties))).name)
     finally:
         exporter.shutdown()
 
@@ -231,7 +214,7 @@ def test_tokens_refuse_missing_and_wrong_ones_on_both_protocols_and_reload_on_si
         str(token_file),
         env={"MIXPANEL_OTEL_GATEWAY_AUTH_TOKENS": "env-a, env-b"},
     )
-    body = _logs_request(_flat("acme", plan="pro"))
+    body = logs_request(flat("acme", plan="pro"))
 
     # HTTP: no token, a wrong one, another scheme: 401 before the body is read.
     for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic env-a"}):
@@ -321,23 +304,21 @@ def test_tls_with_a_token_and_mutual_tls_round_trip_with_the_real_exporters(
 
     # Without a client certificate: no handshake, no call.
     with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
-        _post(mutual, _logs_request(_flat("anonymous", ok=1)), _PROTOBUF)
+        _post(mutual, logs_request(flat("anonymous", ok=1)), _PROTOBUF)
     with grpc.secure_channel(mutual.grpc, _grpc_credentials(pki, client=False)) as channel:
         with pytest.raises(grpc.RpcError) as caught:
-            channel.unary_unary(_LOGS_EXPORT)(_logs_request(_flat("anonymous", ok=1)), timeout=5)
+            channel.unary_unary(_LOGS_EXPORT)(logs_request(flat("anonymous", ok=1)), timeout=5)
         assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
     assert sink.profile("company", "anonymous") is None
     assert gateway.health()["security"]["tls"] == "on"
 
 
 def _gateway_command(*args: str) -> subprocess.CompletedProcess[str]:
-    environment = dict(os.environ, MIXPANEL_TOKEN="t", MIXPANEL_API_HOST="http://127.0.0.1:9")
-    environment["PYTHONPATH"] = ROOT + os.pathsep + environment.get("PYTHONPATH", "")
     return subprocess.run(
-        [sys.executable, "-m", "mixpanel_otel._cli", "gateway", *args],
+        [*CLI, "gateway", *args],
         capture_output=True,
         text=True,
-        env=environment,
+        env=process_env(MIXPANEL_TOKEN="t", MIXPANEL_API_HOST="http://127.0.0.1:9"),
         timeout=60,
     )
 
@@ -383,11 +364,11 @@ def test_delete_is_refused_by_default_and_allowed_with_the_flag(sink, start_gate
     )
 
     gateway = start_gateway(sink, "--group-keys", "company")
-    status, _ = _post(gateway, _logs_request(_flat("acme", plan="pro")), _PROTOBUF)
+    status, _ = _post(gateway, logs_request(flat("acme", plan="pro")), _PROTOBUF)
     assert status == 200
     delete = {"mixpanel.group_key": "company", "mixpanel.group_id": "acme", "mixpanel.$delete": 1}
     status, raw = _post(
-        gateway, _logs_request(delete, _flat("t1", group_key="team", size=3)), _PROTOBUF
+        gateway, logs_request(delete, flat("t1", group_key="team", size=3)), _PROTOBUF
     )
     assert status == 200
     partial = ExportLogsServiceResponse.FromString(raw).partial_success
@@ -399,7 +380,7 @@ def test_delete_is_refused_by_default_and_allowed_with_the_flag(sink, start_gate
     assert gateway.health()["gateway"]["refused_by_policy"] == 2
 
     allowing = start_gateway(sink, "--allow-ops", "all")
-    status, raw = _post(allowing, _logs_request(delete), _PROTOBUF)
+    status, raw = _post(allowing, logs_request(delete), _PROTOBUF)
     assert (status, raw) == (200, b"")
     assert sink.profile("company", "acme") is None
 
@@ -635,7 +616,7 @@ def test_foreign_hosts_and_deeply_nested_json_are_refused_clearly(sink, start_ga
 
     gateway = start_gateway(sink)  # loopback, no authentication: loopback Host values only
     host, port = gateway.http.rsplit("/", 1)[1].rsplit(":", 1)
-    body = _logs_request(_flat("rebound", ok=1))
+    body = logs_request(flat("rebound", ok=1))
     for method, path, payload in (("POST", "/v1/logs", body), ("GET", "/health", None)):
         connection = http.client.HTTPConnection(host, int(port), timeout=10)
         connection.request(method, path, payload, {**_PROTOBUF, "Host": "attacker.example:4318"})

@@ -198,7 +198,7 @@ def test_eight_threads_of_records_arrive_exactly_once(memory, make_consumer):
 
 @pytest.mark.slow
 def test_root_handler_at_debug_with_urllib3_debug_neither_loops_nor_deadlocks(sink):
-    result, took = run_script(
+    result, _ = run_script(
         """
         import logging, http.client
         from mixpanel_otel import MixpanelGroupHandler, get_consumer
@@ -219,9 +219,8 @@ def test_root_handler_at_debug_with_urllib3_debug_neither_loops_nor_deadlocks(si
         assert stats["failed"] == 0 and stats["errors"] == 0, stats
         """,
         sink,
-        timeout=60,
+        timeout=60,  # a loop or a deadlock ends here
     )
-    assert took < 30
     assert "urllib3" in result.stderr, "urllib3 debug records went through the root logger"
     assert sorted(p["group_id"] for p in sink.profiles()) == ["c0", "c1", "c2"]
     assert sink.profile("company", "c2") == {"i": 299}

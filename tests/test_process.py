@@ -27,7 +27,7 @@ def test_exit_flush_delivers_everything_without_flush_or_close(sink):
 
 
 def test_exit_is_bounded_when_the_server_hangs(sink):
-    sink.script(Fault(delay=4), Fault(delay=4))
+    sink.script(Fault(delay=6), Fault(delay=6))
     result, took = run_script(
         """
         from mixpanel_otel import GroupClient, get_consumer
@@ -37,7 +37,8 @@ def test_exit_is_bounded_when_the_server_hangs(sink):
         MIXPANEL_OTEL_FLUSH_INTERVAL="60",
         MIXPANEL_OTEL_SHUTDOWN_TIMEOUT="1.5",
     )
-    assert took < 10, took
+    # The bound (1.5 s) and a margin for a loaded machine, less than one answer (6 s).
+    assert took < 4.5, took
     assert "not delivered within the 1.5 s shutdown timeout" in result.stderr
 
 

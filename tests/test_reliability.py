@@ -166,7 +166,7 @@ def test_exit_spools_what_it_cannot_deliver_and_the_next_process_replays_it(sink
         MIXPANEL_OTEL_SPOOL_DIR=str(tmp_path),
         MIXPANEL_OTEL_SHUTDOWN_TIMEOUT="1",
     )
-    assert took < 15
+    assert took < 4.0, took  # the bound (1 s) and a margin for a loaded machine
     assert sink.profiles() == []
     # 501 updates; g0's last one merges into its first unless a batch holding that
     # one was already in flight (a slow loop outlasts flush_interval): then it is a
@@ -223,7 +223,7 @@ def test_a_dead_worker_is_restarted_by_the_next_enqueue(sink, make_consumer):
 @pytest.mark.slow
 @pytest.mark.parametrize("spool", [False, True])
 def test_exit_is_bounded_when_the_server_answers_slowly(sink, tmp_path, spool):
-    sink.script(*[Fault(delay=3)] * 4)
+    sink.script(*[Fault(delay=6)] * 4)
     env = {"MIXPANEL_OTEL_SHUTDOWN_TIMEOUT": "1"}
     if spool:
         env["MIXPANEL_OTEL_SPOOL_DIR"] = str(tmp_path)
@@ -235,7 +235,8 @@ def test_exit_is_bounded_when_the_server_answers_slowly(sink, tmp_path, spool):
         sink,
         **env,
     )
-    assert took < 8, took
+    # The bound (1 s) and a margin for a loaded machine, less than one answer (6 s).
+    assert took < 4.0, took
     if spool:
         assert spooled_rows(str(tmp_path), TOKEN, sink.url) == 1
     else:

@@ -6,6 +6,7 @@ import base64
 import http.client
 import json
 import os
+import signal
 import threading
 import time
 import urllib.parse
@@ -16,6 +17,8 @@ import pytest
 import requests
 
 from mixpanel_otel.sink import Fault, Sink, format_profiles_table
+
+from .helpers import CLI, AppProcess, free_port, process_env
 
 TOKEN = "test-token"
 
@@ -409,22 +412,15 @@ def test_token_must_be_a_non_empty_string() -> None:
 
 
 def test_cli_serve_token(tmp_path) -> None:
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "mixpanel_otel._cli", "serve", "--port", str(port)]
-    server = subprocess.Popen(
-        [*command, "--db", str(tmp_path / "cli.db"), "--token", SECRET],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    port = free_port()
+    server = AppProcess(
+        [*CLI, "serve", "--port", str(port), "--db", str(tmp_path / "cli.db"), "--token", SECRET],
+        port,
+        process_env(),
     )
     try:
-        banner = server.stdout.readline()  # type: ignore[union-attr]
+        server.wait_ready("/")
+        banner = server.output.splitlines()[0]
         assert f"127.0.0.1:{port}" in banner and SECRET not in banner
         url = f"http://127.0.0.1:{port}/groups"
         bad = requests.post(url, data={"data": json.dumps([msg()]), "verbose": 1}, timeout=5)
@@ -433,8 +429,7 @@ def test_cli_serve_token(tmp_path) -> None:
         ok = requests.post(url, data={"data": json.dumps(good), "verbose": 1}, timeout=5)
         assert ok.json() == {"status": 1, "error": None}
     finally:
-        server.terminate()
-        server.wait(10)
+        server.stop(signal.SIGTERM, grace=10)
 
 
 # --------------------------------------------------------------------------- semantics

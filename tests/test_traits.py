@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -22,7 +17,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from mixpanel_otel import MixpanelGroupHandler, MixpanelSpanExporter
 
-from .helpers import TOKEN, run_script
+from .helpers import GatewayProcess, run_script
 
 WINDOW = "2s"
 
@@ -234,34 +229,11 @@ window = "lifetime"
 """
 
 
-class _Gateway:
-    """A ``mixpanel-otel gateway`` subprocess on free loopback ports."""
-
-    def __init__(self, sink: Any, *args: str) -> None:
-        env = dict(os.environ, MIXPANEL_TOKEN=TOKEN, MIXPANEL_API_HOST=sink.url)
-        command = [sys.executable, "-m", "mixpanel_otel._cli", "gateway", "--grpc-port", "0"]
-        command += ["--http-port", "0", "--flush-interval", "0.05", "--trait-interval", "0.1"]
-        self.proc = subprocess.Popen(
-            [*command, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-        )
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
-        match = re.search(r"OTLP/HTTP on (\S+) ", line)
-        assert match, f"gateway did not start: {line!r}"
-        self.http = match.group(1)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self.proc.stdout:
-            self.proc.stdout.close()
+#: The gateway computes traits every 0.1 s here (the test's window is short).
+FAST_TRAITS = ("--trait-interval", "0.1")
 
 
-def _send(gateway: _Gateway, sender: str, records: list[dict[str, Any]]) -> None:
+def _send(gateway: GatewayProcess, sender: str, records: list[dict[str, Any]]) -> None:
     """One sender (its own LoggerProvider and OTLP/HTTP exporter) emits ``records``."""
     from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
     from opentelemetry.sdk._logs import LoggerProvider
@@ -282,7 +254,7 @@ def test_gateway_two_senders_one_group_exact_and_a_restart_keeps_state(sink, tmp
     rules = tmp_path / "traits.toml"
     rules.write_text(GATEWAY_TRAITS)
     state = str(tmp_path / "state")
-    gateway = _Gateway(sink, "--rules", str(rules), "--trait-state-dir", state)
+    gateway = GatewayProcess(sink, *FAST_TRAITS, "--rules", str(rules), "--trait-state-dir", state)
     try:
         first = [{"tenant.id": "acme", "enduser.id": f"u{i % 3}", "bytes": 10} for i in range(5)]
         second = [{"tenant.id": "acme", "enduser.id": f"u{i % 4}", "bytes": 1} for i in range(7)]
@@ -296,12 +268,12 @@ def test_gateway_two_senders_one_group_exact_and_a_restart_keeps_state(sink, tmp
             sender.join()
         profile = _wait(sink, lambda p: p.get("requests") == 12)
         assert profile == {"requests": 12, "users": 4, "bytes": 57}
-        consumer = _health(gateway, "consumer")  # the traits' counters, in /health too
+        consumer = gateway.health()["consumer"]  # the traits' counters, in /health too
         assert consumer["traits_observed"] == 36 and consumer["traits_emitted"] >= 1
         assert consumer["traits_late"] == consumer["traits_evicted"] == 0
     finally:
         gateway.stop()
-    gateway = _Gateway(sink, "--rules", str(rules), "--trait-state-dir", state)
+    gateway = GatewayProcess(sink, *FAST_TRAITS, "--rules", str(rules), "--trait-state-dir", state)
     try:
         _send(gateway, "svc-a", [{"tenant.id": "acme", "enduser.id": "u9", "bytes": 3}])
         profile = _wait(sink, lambda p: p.get("requests") == 13)
@@ -314,7 +286,7 @@ def test_gateway_two_senders_one_group_exact_and_a_restart_keeps_state(sink, tmp
 def test_gateway_counts_a_retried_export_once(sink, tmp_path) -> None:
     rules = tmp_path / "traits.toml"
     rules.write_text(GATEWAY_TRAITS)
-    gateway = _Gateway(sink, "--rules", str(rules), "--ack-timeout", "0.3")
+    gateway = GatewayProcess(sink, *FAST_TRAITS, "--rules", str(rules), "--ack-timeout", "0.3")
     try:
         sink.down = True  # each attempt is answered "retry later" until the sink is back
         record = {"tenant.id": "acme", "mixpanel.group_key": "company"}
@@ -322,20 +294,15 @@ def test_gateway_counts_a_retried_export_once(sink, tmp_path) -> None:
         sender = threading.Thread(target=_send, args=(gateway, "svc", [record]))
         sender.start()
         deadline = time.monotonic() + 20
-        while _health(gateway)["unavailable"] < 2 and time.monotonic() < deadline:
+        while gateway.health()["gateway"]["unavailable"] < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert _health(gateway)["unavailable"] >= 2
+        assert gateway.health()["gateway"]["unavailable"] >= 2
         sink.down = False
         sender.join(30)
         profile = _wait(sink, lambda p: "requests" in p)
         assert profile == {"plan": "pro", "requests": 1, "users": 0, "bytes": 2}
     finally:
         gateway.stop()
-
-
-def _health(gateway: _Gateway, part: str = "gateway") -> dict[str, Any]:
-    with urllib.request.urlopen(gateway.http + "/health", timeout=5) as response:
-        return dict(json.loads(response.read())[part])
 
 
 @pytest.mark.slow

@@ -3,60 +3,31 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import requests
 
-from .conftest import TOKEN
-from .helpers import free_port as _free_port
+from .helpers import EXAMPLES, TOKEN, AppProcess, free_port, process_env, start_example
 
 pytestmark = pytest.mark.slow  # real subprocesses
 
-EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", "flask_zero_code")
+EXAMPLE = os.path.join(EXAMPLES, "flask_zero_code")
 
 
 def test_flask_app_under_opentelemetry_instrument(sink):
-    port = _free_port()
-    bindir = os.path.dirname(sys.executable)
-    env = dict(
-        os.environ,
-        PATH=bindir + os.pathsep + os.environ.get("PATH", ""),
-        PORT=str(port),
-        MIXPANEL_TOKEN=TOKEN,
-        MIXPANEL_API_HOST=sink.url,
-        MIXPANEL_OTEL_FLUSH_INTERVAL="0.2",
-    )
-    app = subprocess.Popen(
-        ["bash", os.path.join(EXAMPLE, "run.sh")],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    app = start_example("flask_zero_code", sink.url, MIXPANEL_OTEL_FLUSH_INTERVAL="0.2")
     try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                requests.get(base + "/health", timeout=1)
-                break
-            except requests.ConnectionError:
-                assert app.poll() is None, app.stdout.read()
-                assert time.monotonic() < deadline, "the app did not start"
-                time.sleep(0.1)
+        app.wait_ready()
         for tenant, seats in [("acme", 3), ("globex", 5), ("acme", 7), ("initech", 1)]:
             answer = requests.post(
-                f"{base}/checkout?seats={seats}", headers={"X-Tenant-Id": tenant}, timeout=5
+                f"{app.url}/checkout?seats={seats}", headers={"X-Tenant-Id": tenant}, timeout=5
             )
             assert answer.json() == {"ok": True, "tenant": tenant}
-        requests.post(base + "/checkout", timeout=5)  # no header: no rule matches
+        requests.post(app.url + "/checkout", timeout=5)  # no header: no rule matches
     finally:
-        app.send_signal(signal.SIGINT)
-        output, _ = app.communicate(timeout=30)
+        app.stop()
+    output = app.output
     profiles = {p["group_id"]: p["properties"] for p in sink.profiles("company")}
     assert set(profiles) == {"acme", "globex", "initech", "unknown"}, output
     acme = profiles["acme"]
@@ -69,46 +40,34 @@ def test_flask_app_under_opentelemetry_instrument(sink):
 def _run_instrumented(env_changes, tmp_path):
     """The example app under opentelemetry-instrument with mixpanel,console span
     exporters; returns (answers to two requests, the process's whole output)."""
-    port = _free_port()
-    bindir = os.path.dirname(sys.executable)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MIXPANEL_", "OTEL_"))}
-    env.update(
-        PATH=bindir + os.pathsep + os.environ.get("PATH", ""),
-        PORT=str(port),
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MIXPANEL_", "OTEL_"))}
+    env = process_env(
+        clean,
+        PORT=port,
         OTEL_SERVICE_NAME="shop",
         OTEL_TRACES_EXPORTER="mixpanel,console",
         OTEL_LOGS_EXPORTER="mixpanel",
         OTEL_METRICS_EXPORTER="none",
         OTEL_PYTHON_LOGGING_AUTO_INSTRUMENTATION_ENABLED="true",
-        MIXPANEL_OTEL_RULES=os.path.join(EXAMPLE, "rules.toml"),
     )
+    env["MIXPANEL_OTEL_RULES"] = os.path.join(EXAMPLE, "rules.toml")
     env.update(env_changes)
-    app = subprocess.Popen(
+    app = AppProcess(
         ["opentelemetry-instrument", sys.executable, os.path.join(EXAMPLE, "app.py")],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        port,
+        env,
         cwd=str(tmp_path),
     )
     answers = []
     try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                answers.append(requests.get(base + "/health", timeout=1).status_code)
-                break
-            except requests.ConnectionError:
-                assert app.poll() is None, app.stdout.read()
-                assert time.monotonic() < deadline, "the app did not start"
-                time.sleep(0.1)
-        answer = requests.post(f"{base}/checkout", headers={"X-Tenant-Id": "acme"}, timeout=5)
+        app.wait_ready()
+        answers.append(requests.get(app.url + "/health", timeout=5).status_code)
+        answer = requests.post(f"{app.url}/checkout", headers={"X-Tenant-Id": "acme"}, timeout=5)
         answers.append(answer.json())
     finally:
-        app.send_signal(signal.SIGINT)
-        output, _ = app.communicate(timeout=30)
-    return answers, output
+        app.stop()
+    return answers, app.output
 
 
 def _assert_other_telemetry_survived(answers, output):
