@@ -1,0 +1,87 @@
+"""A new user's third hour (issue 30, items 7, 8, 10, 11): the container's health check,
+a wrong token, ``check``'s report, and the command line's small things."""
+
+from __future__ import annotations
+
+import pytest
+
+from mixpanel_otel import GroupClient
+from mixpanel_otel.sink import Fault, Sink
+from mixpanel_otel.testing import reset_consumers
+
+from .conftest import TOKEN
+
+# -- item 8: a wrong token is refused once, not multiplied on the wire -------------------
+
+
+@pytest.fixture
+def token_checked_sink(tmp_path):
+    """A sink that refuses every message whose ``$token`` is not :data:`TOKEN`."""
+    server = Sink(db_path=tmp_path / "sink.sqlite3", token=TOKEN).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _spoil(message: dict) -> dict:
+    """Group ``bad``'s messages get a property name Mixpanel refuses (over 255 characters)."""
+    if message["$group_id"] == "bad":
+        message["$set"] = {"x" * 300: 1}
+    return message
+
+
+def _send_five(sink: Sink, token: str) -> tuple[GroupClient, list[str]]:
+    reasons: list[str] = []
+
+    def on_error(exc, messages):
+        reasons.extend(str(exc) for _ in messages)
+
+    client = GroupClient(
+        token, api_host=sink.url, flush_interval=30, on_error=on_error, before_send=_spoil
+    )
+    for n in range(5):
+        client.group_set("company", f"c{n}", {"seats": n})
+    return client, reasons
+
+
+def test_a_wrong_token_is_one_request_and_each_update_refused_once(token_checked_sink):
+    sink = token_checked_sink
+    try:
+        client, reasons = _send_five(sink, "not-the-project-token")
+        assert not client.flush(10)
+        counters = sink.counters
+        # The halving split made 9 requests and 17 refused rows of these 5 updates.
+        assert counters["requests"] == 1, counters
+        assert counters["rejected"] == 5, counters
+        stats = client.consumer.stats()
+        assert stats["failed"] == 5 and stats["sent"] == 0 and stats["requests"] == 1
+        assert len(reasons) == 5
+        assert all("invalid project token" in r and "not split" in r for r in reasons), reasons
+        assert "not-the-project-token" not in " ".join(reasons)
+    finally:
+        reset_consumers()
+
+
+def test_mixpanels_unnumbered_token_refusal_is_not_split_either(sink):
+    sink.script(Fault(status=200, body='{"status": 0, "error": "token, missing or empty"}'))
+    try:
+        client, reasons = _send_five(sink, TOKEN)
+        assert not client.flush(10)
+        assert sink.counters["requests"] == 1
+        assert len(reasons) == 5 and all("token, missing or empty" in r for r in reasons)
+    finally:
+        reset_consumers()
+
+
+def test_a_bad_message_is_still_split_out_with_the_right_token(token_checked_sink):
+    sink = token_checked_sink
+    try:
+        client, reasons = _send_five(sink, TOKEN)
+        client.group_set("company", "bad", {"fine": 1})
+        assert not client.flush(10)
+        assert len(sink.profiles("company")) == 5
+        assert len(reasons) == 1 and "longer than 255" in reasons[0]
+        assert sink.counters["requests"] > 1  # the split isolated it
+    finally:
+        reset_consumers()
