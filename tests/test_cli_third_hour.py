@@ -3,6 +3,9 @@ a wrong token, ``check``'s report, and the command line's small things."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import pytest
 
 from mixpanel_otel import GroupClient
@@ -10,6 +13,7 @@ from mixpanel_otel.sink import Fault, Sink
 from mixpanel_otel.testing import reset_consumers
 
 from .conftest import TOKEN
+from .helpers import CLI
 
 # -- item 8: a wrong token is refused once, not multiplied on the wire -------------------
 
@@ -85,3 +89,50 @@ def test_a_bad_message_is_still_split_out_with_the_right_token(token_checked_sin
         assert sink.counters["requests"] > 1  # the split isolated it
     finally:
         reset_consumers()
+
+
+# -- item 10: check names every failure, once, and shows a page as a short excerpt ------
+
+
+def _check(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MIXPANEL")}
+    return subprocess.run(
+        [*CLI, "check", *args], capture_output=True, text=True, timeout=60, env={**clean, **env}
+    )
+
+
+def test_check_names_every_failure_in_its_verdict(token_checked_sink, tmp_path):
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[rule]]\ngroup_key = "company"\n[[trait]]\nproperty = "calls"\n')
+    result = _check(
+        "--rules",
+        str(rules),
+        MIXPANEL_TOKEN="wrong-token",
+        MIXPANEL_API_HOST=token_checked_sink.url,
+    )
+    assert result.returncode == 1
+    out = result.stdout
+    assert "rules: rules:" not in out, out
+    verdict = out[out.index("FAILED") :].splitlines()
+    assert verdict[0] == "FAILED: 3 problems:", out
+    assert verdict[1].startswith("  - rules: rule 1, key 'group_id'"), out
+    assert verdict[2].startswith("  - rules: trait 1, key 'group_key'"), out
+    assert verdict[3].startswith("  - token: the server refused it"), out
+    assert "wrong-token" not in out
+
+
+def test_check_shows_a_page_that_is_not_mixpanels_as_a_short_clean_line(sink):
+    page = (
+        "<!DOCTYPE html>\n<html>\n  <head>\n    <title>502 Bad Gateway</title>\n"
+        "  </head>\n  <body>\n" + "<p>upstream trouble</p>\n" * 50 + "</body>\n</html>\n"
+    )
+    sink.script(Fault(status=502, body=page), Fault(status=200, body=page))
+    for status in (502, 200):
+        result = _check("--api-host", sink.url, MIXPANEL_TOKEN=TOKEN)
+        assert result.returncode == 1, result.stdout
+        verdict = result.stdout.strip().splitlines()[-1]
+        assert verdict == (
+            "FAILED: API: the host does not answer like Mixpanel's API "
+            f"(HTTP {status}: an HTML page titled '502 Bad Gateway')"
+        ), result.stdout
+        assert "\\n" not in result.stdout and "<" not in verdict

@@ -6,11 +6,11 @@ retryable with capped exponential backoff and jitter (honouring
 Retry-After), and when Mixpanel rejects a batch (``status: 0``, 413) it
 *splits* it in halves, message by message if need be, so only the bad
 messages fail; a refusal of the project token fails the batch whole, as
-splitting it would only send every message again. It knows nothing of threads, buffers or spools: the
-transport and the clock are injected and everything else goes through one
-:class:`Hooks` object, so it is tested against a fake transport in
-milliseconds, and ``GroupClient(sync=True)`` uses the same loop as the
-background workers.
+splitting it would only send every message again. It knows nothing of
+threads, buffers or spools: the transport and the clock are injected and
+everything else goes through one :class:`Hooks` object, so it is tested
+against a fake transport in milliseconds, and ``GroupClient(sync=True)``
+uses the same loop as the background workers.
 """
 
 from __future__ import annotations

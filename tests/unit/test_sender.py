@@ -117,8 +117,7 @@ def test_a_rejected_batch_is_split_so_only_bad_messages_are_lost_in_order():
 def test_a_refusal_of_the_token_fails_the_batch_whole_in_one_request():
     clock = Clock()
     sink_words = "; ".join(
-        f"message {n}: invalid project token: $token is not this project's token"
-        for n in range(4)
+        f"message {n}: invalid project token: $token is not this project's token" for n in range(4)
     )
     for reason in (sink_words, "token, missing or empty", "Invalid token"):
         transport = FakeTransport(Answer(Outcome.REJECTED, reason))
