@@ -17,11 +17,13 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import pytest
 
 from .conftest import TOKEN
-from .helpers import CLI, ROOT, free_port, process_env, sink_env
+from .helpers import CLI, ROOT, flat, free_port, logs_request, process_env, sink_env
 from .test_gateway_security import pki  # noqa: F401 - the certificates, as a fixture
 
 
@@ -220,3 +222,21 @@ def test_a_health_socket_left_by_a_gateway_that_is_gone_is_replaced(sink, start_
     assert "another gateway answers on the health socket" in second.stderr, second.stderr
     assert _health_check(env).returncode == 0, "the first gateway's socket is kept"
     first.stop()
+
+
+@pytest.mark.slow
+def test_the_health_command_says_why_delivery_is_failing(sink, start_gateway, tmp_path):
+    env = _image_env(tmp_path)
+    gateway = start_gateway(sink, env=env)
+    sink.down = True  # every POST to "Mixpanel" has its connection dropped
+    request = urllib.request.Request(
+        gateway.http + "/v1/logs",
+        data=logs_request(flat("acme", plan="pro")),
+        headers={"Content-Type": "application/x-protobuf"},
+    )
+    with pytest.raises(urllib.error.HTTPError):  # answered retryable once the ack times out
+        urllib.request.urlopen(request, timeout=30)
+    degraded = _health_check(env)
+    assert degraded.returncode == 0, "degraded still serves: Export calls are answered"
+    assert degraded.stdout.startswith("gateway degraded: delivery failing for "), degraded.stdout
+    assert "connection" in degraded.stdout
