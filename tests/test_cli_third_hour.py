@@ -4,7 +4,9 @@ a wrong token, ``check``'s report, and the command line's small things."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
 
 import pytest
 
@@ -13,7 +15,7 @@ from mixpanel_otel.sink import Fault, Sink
 from mixpanel_otel.testing import reset_consumers
 
 from .conftest import TOKEN
-from .helpers import CLI
+from .helpers import CLI, AppProcess, free_port, process_env
 
 # -- item 8: a wrong token is refused once, not multiplied on the wire -------------------
 
@@ -136,3 +138,44 @@ def test_check_shows_a_page_that_is_not_mixpanels_as_a_short_clean_line(sink):
             f"(HTTP {status}: an HTML page titled '502 Bad Gateway')"
         ), result.stdout
         assert "\\n" not in result.stdout and "<" not in verdict
+
+
+# -- item 11: the command line's small things ---------------------------------------------
+
+
+def _demo_folders(directory) -> list[str]:
+    return [name for name in os.listdir(directory) if name.startswith("mixpanel-otel-demo-")]
+
+
+@pytest.mark.slow
+def test_demo_leaves_no_folder_behind(tmp_path):
+    result = subprocess.run(
+        [*CLI, "demo"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=process_env(TMPDIR=tmp_path),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert str(tmp_path) in result.stdout, "the demo's database was in TMPDIR"
+    assert _demo_folders(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_demo_keep_leaves_no_folder_behind_after_ctrl_c(tmp_path):
+    port = free_port()
+    demo = AppProcess(
+        [*CLI, "demo", "--keep", "--port", str(port)],
+        port,
+        process_env(TMPDIR=tmp_path, PYTHONUNBUFFERED=1),
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while "Browse them at" not in demo.output:
+            assert demo.proc.poll() is None and time.monotonic() < deadline, demo.output
+            time.sleep(0.05)
+        assert len(_demo_folders(tmp_path)) == 1, "kept while serving"
+    finally:
+        code = demo.stop(signal.SIGINT)
+    assert code == 0 and "Traceback" not in demo.output, demo.output
+    assert _demo_folders(tmp_path) == []
