@@ -11,6 +11,7 @@ import argparse
 import ipaddress
 import json
 import os
+import socket
 import sqlite3
 import sys
 from collections.abc import Sequence
@@ -58,6 +59,7 @@ def _serve(args: argparse.Namespace) -> int:
             "machine can read and write the sink's profiles (no authentication)",
             file=sys.stderr,
         )
+    _claim_port(args.host, args.port)
     try:
         sink = Sink(
             db_path=args.db,
@@ -84,6 +86,19 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         sink.stop()
     return 0
+
+
+def _claim_port(host: str, port: int) -> None:
+    """Fail before the sink creates its database file when the port is taken."""
+    if not port:
+        return
+    host = "127.0.0.1" if host == "localhost" else host
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the sink's server
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise _Failure(_listen_problem(host, port, exc)) from None
 
 
 def _listen_problem(host: str, port: int, exc: OSError) -> str:

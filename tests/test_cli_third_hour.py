@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 
@@ -179,3 +180,20 @@ def test_demo_keep_leaves_no_folder_behind_after_ctrl_c(tmp_path):
         code = demo.stop(signal.SIGINT)
     assert code == 0 and "Traceback" not in demo.output, demo.output
     assert _demo_folders(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_serve_on_a_busy_port_creates_no_database(tmp_path):
+    database = tmp_path / "sink.db"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [*CLI, "serve", "--port", str(port), "--db", str(database)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert result.returncode == 1 and "port is in use" in result.stderr, result.stderr
+    assert os.listdir(tmp_path) == [], "no database, journal or folder left"
