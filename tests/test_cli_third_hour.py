@@ -197,3 +197,20 @@ def test_serve_on_a_busy_port_creates_no_database(tmp_path):
         )
     assert result.returncode == 1 and "port is in use" in result.stderr, result.stderr
     assert os.listdir(tmp_path) == [], "no database, journal or folder left"
+
+
+def test_one_long_group_id_does_not_widen_every_row():
+    from mixpanel_otel._table import MAX_ID_WIDTH, format_profiles
+
+    long_id = "tenant-" + "9" * 320
+    profiles = [
+        {"group_key": "company", "group_id": long_id, "properties": {"plan": "pro"}},
+        {"group_key": "company", "group_id": "acme", "properties": {"plan": "free"}},
+    ]
+    lines = format_profiles(profiles, width=100).splitlines()
+    assert max(map(len, lines)) <= 100, lines
+    (row,) = [line for line in lines if "tenant-" in line]
+    shown = row.split()[1]
+    assert len(shown) == MAX_ID_WIDTH and shown.endswith("\u2026"), row
+    (acme,) = [line for line in lines if " acme " in line]
+    assert acme.index('"free"') < 70, "a short id's row stays narrow"
