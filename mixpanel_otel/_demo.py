@@ -59,14 +59,14 @@ def run_demo(keep: bool = False, port: int = 0) -> int:
         with tempfile.TemporaryDirectory(prefix="mixpanel-otel-demo-") as workdir:
             sink = Sink(db_path=os.path.join(workdir, "sink.db"), port=port).start()
             try:
-                return _show(sink, workdir, keep, started)
+                return _demonstrate(sink, workdir, keep, started)
             finally:
                 sink.stop()
     except KeyboardInterrupt:
         return 130
 
 
-def _show(sink: Sink, workdir: str, keep: bool, started: float) -> int:
+def _demonstrate(sink: Sink, workdir: str, keep: bool, started: float) -> int:
     from . import get_consumer
     from ._table import format_profiles
 
@@ -124,18 +124,21 @@ def _explicit_api(consumer: Consumer) -> None:
 
 
 def _stdlib_logging(consumer: Consumer) -> logging.Handler:
-    """2. Stdlib logging: one handler on the root logger; untagged records are ignored."""
+    """2. Stdlib logging: one handler on the root logger, which lets INFO records
+    through; untagged records are ignored."""
     from . import MixpanelGroupHandler
 
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
     handler = MixpanelGroupHandler(consumer=consumer)
-    logging.getLogger().addHandler(handler)
+    root.addHandler(handler)
     log = logging.getLogger("demo.billing")
-    log.warning("plain record, not a group update")
-    log.warning(
+    log.info("plain record, not a group update")
+    log.info(
         "seats changed",
         extra={"group_key": "company", "group_id": "globex", "$set": {"seats": 42}},
     )
-    log.warning(
+    log.info(
         "trial started",
         extra={
             "group_key": "team",
