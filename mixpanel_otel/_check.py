@@ -190,6 +190,7 @@ _TAG = re.compile(r"<[^>]*>")
 def _excerpt(text: str, limit: int = 100) -> str:
     """A short, one-line view of an answer that is not Mixpanel's: a page's title, or
     its text without markup, clipped."""
+    text = text[:20_000]  # a title or a first sentence is near the start
     if _HTML.match(text):
         title = _TITLE.search(text)
         if title and title.group(1).strip():
