@@ -174,25 +174,42 @@ def _health_check(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("setup", ["tls", "mutual-tls", "port"])
-def test_the_health_check_follows_the_gateways_arguments(
+def test_the_health_check_follows_the_gateways_configuration(
     setup,
     sink,
     start_gateway,
     pki,  # noqa: F811 - the fixture imported above
     tmp_path,
 ):
-    """TLS, mutual TLS and ports given as arguments after the image name (the form
-    docs/gateway.md shows), none of them in the environment the health check sees."""
-    tls = ("--tls-cert", pki["server.pem"], "--tls-key", pki["server-key.pem"])
-    arguments = {
-        "tls": tls,
-        "mutual-tls": (*tls, "--tls-client-ca", pki["ca.pem"]),
-        "port": ("--http-port", str(free_port())),
-    }[setup]
+    """The three setups that made the container unhealthy: TLS given as arguments after
+    the image name (the form docs/gateway.md shows) on the port the environment names;
+    mutual TLS (the check has no client certificate: CERTIFICATE_REQUIRED, and a warning
+    at the gateway per check); a port given as an argument."""
+    port = str(free_port())
     env = _image_env(tmp_path)
+    if setup == "tls":
+        env["MIXPANEL_OTEL_GATEWAY_HTTP_PORT"] = port
+        arguments: tuple[str, ...] = (
+            "--http-port",
+            port,
+            "--tls-cert",
+            pki["server.pem"],
+            "--tls-key",
+            pki["server-key.pem"],
+        )
+    elif setup == "mutual-tls":
+        env.update(
+            MIXPANEL_OTEL_GATEWAY_HTTP_PORT=port,
+            MIXPANEL_OTEL_GATEWAY_TLS_CERT=pki["server.pem"],
+            MIXPANEL_OTEL_GATEWAY_TLS_KEY=pki["server-key.pem"],
+            MIXPANEL_OTEL_GATEWAY_TLS_CLIENT_CA=pki["ca.pem"],
+        )
+        arguments = ("--http-port", port)
+    else:
+        arguments = ("--http-port", port)  # the environment names none: 4318
     gateway = start_gateway(sink, *arguments, env=env)
-    if setup == "port":
-        assert gateway.http == f"http://127.0.0.1:{arguments[1]}"
+    assert gateway.http.endswith(f"127.0.0.1:{port}")
+    assert gateway.http.startswith("http://" if setup == "port" else "https://")
     checks = [_health_check(env) for _ in range(3)]
     assert [c.returncode for c in checks] == [0, 0, 0], checks[0].stdout + checks[0].stderr
     assert checks[0].stdout.strip() == "gateway ok"
