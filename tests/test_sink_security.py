@@ -18,7 +18,7 @@ def test_a_negative_or_malformed_chunk_size_is_400_not_read_to_the_end(sink: Sin
     for size in (b"-1", b"-2", b"0x10", b"zz"):
         with socket.create_connection((host, int(port)), timeout=10) as conn:
             conn.sendall(
-                b"POST /groups HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                b"POST /groups HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
                 b"Content-Type: application/x-www-form-urlencoded\r\n\r\n" + size + b"\r\n"
             )
             conn.sendall(b"\0" * 65536)  # more body that must not be read
