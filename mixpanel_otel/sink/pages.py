@@ -502,17 +502,20 @@ def _render_profile(store: Reader, group_key: str, group_id: str) -> tuple[bool,
     elif not props:
         parts.append('<p class="muted">This profile has no properties.</p>')
     else:
-        parts.append("<table><thead><tr><th>property</th><th>value</th></tr></thead><tbody>")
+        parts.append(
+            '<div class="scroll"><table><thead><tr><th>property</th><th>value</th></tr></thead>'
+            "<tbody>"
+        )
         for name in sorted(props):
             shown, whole = _property_text(props[name])
             title = f' title="{esc(whole)}"' if whole != shown else ""
             parts.append(f"<tr><td>{esc(name)}</td><td{title}><pre>{esc(shown)}</pre></td></tr>")
-        parts.append("</tbody></table>")
+        parts.append("</tbody></table></div>")
     parts.append(f"<h2>Last updates ({len(updates)}, newest first)</h2>")
     if updates:
         parts.append(
-            "<table><thead><tr><th>received</th><th>$time</th><th>operation</th>"
-            "<th>payload</th></tr></thead><tbody>"
+            '<div class="scroll"><table><thead><tr><th>received</th><th>$time</th>'
+            "<th>operation</th><th>payload</th></tr></thead><tbody>"
         )
         for update in reversed(updates):
             payload = _shown(update["payload"], 500)
@@ -523,7 +526,7 @@ def _render_profile(store: Reader, group_key: str, group_id: str) -> tuple[bool,
                 f"<td><code>{esc(update['op'])}</code></td>"
                 f"<td{title}><code>{esc(payload['t'])}</code></td></tr>"
             )
-        parts.append("</tbody></table>")
+        parts.append("</tbody></table></div>")
     else:
         parts.append('<p class="muted">No updates recorded.</p>')
     title = f"{group_key} / {group_id} - mixpanel-otel sink"
