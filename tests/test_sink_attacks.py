@@ -166,3 +166,49 @@ def test_default_deadlines_are_far_shorter_than_five_minutes() -> None:
     assert limits.head_timeout <= 10 and limits.body_timeout <= 30
     with pytest.raises(ValueError):
         ConnectionLimits(max_connections=0)
+
+
+def _hold(port: int, count: int, head: bytes, payload: bytes) -> list[socket.socket]:
+    """``count`` connections that each send ``head`` and ``payload``, then nothing."""
+    held = []
+    for _ in range(count):
+        conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+        try:
+            conn.sendall(head + payload)
+        except OSError:  # the sink closed it part way: what it should do
+            pass
+        held.append(conn)
+    return held
+
+
+def test_huge_heads_are_cut_at_64_kib(served) -> None:
+    """99 headers of 60 KiB each, then silence: the head used to be held for 300 s."""
+    pid = served.proc.pid
+    before = _status(pid, "VmHWM") / 1024
+    headers = b"".join(b"X-Pad-%d: %s\r\n" % (n, b"a" * 60_000) for n in range(99))
+    held = _hold(served.port, 40, _HEAD, headers)
+    try:
+        _legitimate_post(served.url, "during-the-attack")
+        grown = _status(pid, "VmHWM") / 1024 - before
+    finally:
+        for conn in held:
+            conn.close()
+    assert grown < 64, f"peak RSS grew {grown:.0f} MiB for 40 heads"  # 40 x 6 MB before
+
+
+def test_large_bodies_in_flight_have_a_budget(served) -> None:
+    """150 bodies of 1.9 MB sent but not finished (the deadline is 30 s from the first byte)."""
+    pid = served.proc.pid
+    before = _status(pid, "VmHWM") / 1024
+    head = (
+        _HEAD + b"Content-Type: application/x-www-form-urlencoded\r\n"
+        b"Content-Length: 2000000\r\n\r\n"
+    )
+    held = _hold(served.port, 150, head, b"a" * 1_900_000)
+    try:
+        _legitimate_post(served.url, "during-the-attack")
+        grown = _status(pid, "VmHWM") / 1024 - before
+    finally:
+        for conn in held:
+            conn.close()
+    assert grown < 128, f"peak RSS grew {grown:.0f} MiB for 150 bodies"  # 285 MB before

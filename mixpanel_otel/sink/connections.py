@@ -4,7 +4,9 @@ A thread serves each connection, so the cap on connections is the cap on
 threads. Past the cap the connection that has waited longest without a whole
 request (silent, or still trickling its head or body) is closed to make room;
 a connection whose request is being answered is never closed, and when every
-connection is being answered the newcomer is refused with a 503.
+connection is being answered the newcomer is refused with a 503. Memory has
+caps too: a request head of at most 64 KiB, and a budget of body bytes being
+received across all connections, reserved before a body is read.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from dataclasses import dataclass
 from time import monotonic
 from typing import Optional
 
-__all__ = ["ConnectionLimits", "ConnectionTable", "DeadlineReader"]
+__all__ = ["BodyBudget", "ConnectionLimits", "ConnectionTable", "DeadlineReader", "HeadTooLarge"]
+
+#: The most a request line and its headers may take (nginx allows 32 KiB by default).
+MAX_HEAD_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -28,16 +33,20 @@ class ConnectionLimits:
         idle_timeout: seconds a connection may wait for the first byte of its next request.
         head_timeout: seconds from a request's first byte to the end of its head.
         body_timeout: seconds from a request's first byte to the end of its body.
+        max_inflight_bytes: body bytes received at once across connections (a
+            chunked body reserves the whole body limit); past it a request is
+            answered 503 unread.
     """
 
     max_connections: int = 256
     idle_timeout: float = 60.0
     head_timeout: float = 10.0
     body_timeout: float = 30.0
+    max_inflight_bytes: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
-        if self.max_connections < 1:
-            raise ValueError("max_connections must be at least 1")
+        if self.max_connections < 1 or self.max_inflight_bytes < 1:
+            raise ValueError("max_connections and max_inflight_bytes must be at least 1")
         for name in ("idle_timeout", "head_timeout", "body_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be a positive number of seconds")
@@ -114,17 +123,44 @@ def _shut(conn: socket.socket) -> None:
         pass
 
 
+class BodyBudget:
+    """Body bytes being received across connections, reserved before they are read."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._held = 0
+
+    def reserve(self, size: int) -> bool:
+        with self._lock:
+            if self._held + size > self.limit:
+                return False
+            self._held += size
+            return True
+
+    def release(self, size: int) -> None:
+        with self._lock:
+            self._held -= size
+
+
+class HeadTooLarge(ConnectionAbortedError):
+    """The request head went past :data:`MAX_HEAD_BYTES`: the connection is closed."""
+
+
 class DeadlineReader(io.RawIOBase):
     """A socket's reading side whose every read waits at most until ``deadline``.
 
     A per-``recv`` timeout lets a client trickle one byte at a time for ever;
-    a deadline bounds the whole head or body however it is sent.
+    a deadline bounds the whole head or body however it is sent. While
+    ``head_left`` is set, reading more than that many bytes raises
+    :class:`HeadTooLarge`.
     """
 
     def __init__(self, conn: socket.socket) -> None:
         super().__init__()
         self._conn = conn
         self.deadline: Optional[float] = None
+        self.head_left: Optional[int] = None
 
     def readable(self) -> bool:
         return True
@@ -135,7 +171,12 @@ class DeadlineReader(io.RawIOBase):
             if remaining <= 0:
                 raise socket.timeout("deadline passed")
             self._conn.settimeout(remaining)
+        if self.head_left is not None and self.head_left <= 0:
+            raise HeadTooLarge(f"request head over {MAX_HEAD_BYTES} bytes")
         try:
-            return self._conn.recv_into(buffer)
+            received = self._conn.recv_into(buffer)
         except ConnectionResetError:
             return 0
+        if self.head_left is not None:
+            self.head_left -= received
+        return received

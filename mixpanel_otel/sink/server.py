@@ -25,7 +25,13 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from .._body import BodyTooLarge, read_chunked
 from .access import Access
-from .connections import ConnectionLimits, ConnectionTable, DeadlineReader
+from .connections import (
+    MAX_HEAD_BYTES,
+    BodyBudget,
+    ConnectionLimits,
+    ConnectionTable,
+    DeadlineReader,
+)
 from .faults import Fault
 from .protocol import MAX_BODY_BYTES, TOO_LARGE
 
@@ -54,6 +60,18 @@ _BUSY = (
 )
 
 
+#: Bodies this small are not reserved: the connection cap bounds them (256 x 64 KiB), and
+#: a small request (a typical batch) gets through while large ones wait their turn.
+_SMALL_BODY = 64 * 1024
+
+
+def _reservation(length: int) -> int:
+    """The budget a body of ``length`` bytes (-1: chunked, of unknown length) reserves."""
+    if length < 0:
+        return MAX_BODY_BYTES
+    return 0 if length <= _SMALL_BODY else length
+
+
 class SinkServer(ThreadingHTTPServer):
     """A threading HTTP server that knows its sink and binds without DNS look-ups."""
 
@@ -74,6 +92,7 @@ class SinkServer(ThreadingHTTPServer):
         self.limits = limits
         self.access = access
         self.connections = ConnectionTable(limits.max_connections)
+        self.bodies = BodyBudget(limits.max_inflight_bytes)
         super().__init__(address, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -142,10 +161,17 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._started = time.monotonic()
         self._reader.deadline = self._started + limits.head_timeout
+        # What the buffer read ahead counts too: allow one buffer more than the head.
+        self._reader.head_left = MAX_HEAD_BYTES + io.DEFAULT_BUFFER_SIZE
         try:
             super().handle_one_request()
         finally:
             self.server.connections.waiting(self.connection)
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        self._reader.head_left = None  # the head is read: the body has its own limits
+        return parsed
 
     def _body_deadline(self, slept: float = 0.0) -> None:
         """The body must arrive within the body time of the request's first byte."""
@@ -287,6 +313,20 @@ class _Handler(BaseHTTPRequestHandler):
         if length > MAX_BODY_BYTES:
             self._answer_oversized(fault, length)
             return
+        held = _reservation(length)
+        if not self.server.bodies.reserve(held):
+            sink._count(errors=1)
+            payload = b'{"error": "the sink is busy: too many bodies in flight", "status": 0}'
+            self._send(503, payload, headers=[("Retry-After", "1")], close=True)
+            self._discard(max(length, 0))
+            return
+        try:
+            self._read_and_answer(fault, length)
+        finally:
+            self.server.bodies.release(held)
+
+    def _read_and_answer(self, fault: Optional[Fault], length: int) -> None:
+        sink = self.server.sink
         try:
             body = self._read_chunked() if length == -1 else self.rfile.read(length)
         except ValueError:
