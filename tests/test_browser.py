@@ -417,7 +417,11 @@ def test_a_hostile_page_can_neither_post_to_nor_read_the_sink(sink, make_consume
     )
     try:
         chrome.page("Page.navigate", url=f"http://evil.test:{attack.port}/")
-        assert sink.wait_for(lambda: sink.rejected("groups"), timeout=30), "the form never posted"
+        posted = sink.wait_for(
+            lambda: sink.rejected("groups") or sink.profile("company", "acme") is None, timeout=30
+        )
+        assert posted, "the form never posted"
+        assert sink.profile("company", "acme") == {"plan": "enterprise"}, "the form deleted it"
         [refusal] = sink.rejected("groups")
         assert refusal["reason"].startswith("403 ") and "evil.test" in refusal["reason"]
         assert sink.profile("company", "acme") == {"plan": "enterprise"}
