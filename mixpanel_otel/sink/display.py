@@ -1,7 +1,7 @@
 """Values as the pages show them: JSON cut between tokens, floats rounded.
 
-A cell of limited width shows as many whole keys and values as fit and says
-how many more there are; a long string is shortened inside its quotes, and a
+A cell of limited width shows as many whole keys (sorted) and values as fit
+and says how many more there are; a long string is shortened inside its quotes, and a
 float keeps six significant digits. The whole value goes in the cell's
 ``title`` (see :mod:`.pages`).
 """
@@ -12,34 +12,48 @@ import json
 import math
 from typing import Any
 
-__all__ = ["preview", "short_float"]
+__all__ = ["preview", "rounded", "short_float"]
 
 _ELLIPSIS = "\u2026"
 _MIN_STRING = 12  # characters of a string kept however little room is left
 
 
 def short_float(value: float) -> str:
-    """``value`` with at most six significant digits (68.03059450035343 -> 68.0306)."""
+    """``value`` with six significant digits and a decimal point (68.03059450035343 -> 68.0306)."""
     text = json.dumps(value)
     if len(text) <= 8 or not math.isfinite(value):
         return text
     if 1e-4 <= abs(value) < 1e15:
         whole_digits = len(str(int(abs(value)))) if abs(value) >= 1 else 0
-        shown = f"{value:.{max(6 - whole_digits, 0)}f}"
-        if "." in shown:
-            shown = shown.rstrip("0").rstrip(".")
-        return shown
-    return f"{value:.6g}"
+        shown = f"{value:.{max(6 - whole_digits, 1)}f}".rstrip("0")
+        shown = shown + "0" if shown.endswith(".") else shown
+    else:
+        shown = f"{value:.6g}"
+    return text if float(shown) == value else shown
+
+
+def rounded(value: Any) -> Any:
+    """``value`` with every float rounded as :func:`short_float` shows it."""
+    if isinstance(value, float) and math.isfinite(value):
+        return float(short_float(value))
+    if isinstance(value, dict):
+        return {name: rounded(item) for name, item in value.items()}
+    if isinstance(value, list):
+        return [rounded(item) for item in value]
+    return value
 
 
 def preview(value: Any, width: int) -> str:
     """JSON-like text of ``value`` in about ``width`` characters, never cut inside a token."""
+    whole = json.dumps(rounded(value), ensure_ascii=False, sort_keys=True)
+    if len(whole) <= width:
+        return whole
     return _render(value, max(width, 2 * _MIN_STRING))
 
 
 def _render(value: Any, room: int) -> str:
     if isinstance(value, dict):
-        return _container(value.items(), room, "{", "}", keyed=True)
+        return _container(sorted(value.items()), room, "{", "}", keyed=True)
     if isinstance(value, (list, tuple)):
         return _container(enumerate(value), room, "[", "]", keyed=False)
     if isinstance(value, float):

@@ -23,13 +23,12 @@ import base64
 import hashlib
 import html
 import json
-import math
 import sqlite3
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional
 from urllib.parse import parse_qs, quote, urlencode
 
-from .display import preview, short_float
+from .display import preview, rounded, short_float
 from .protocol import ENDPOINTS
 from .redact import redact
 from .store import Reader
@@ -364,6 +363,13 @@ def _contains(needle: str) -> Callable[[str], bool]:
     return lambda text: folded in text.casefold()
 
 
+def _found(matches: Callable[[str], bool], message: Any) -> bool:
+    """Whether a search finds ``message`` as stored (compact JSON) or as shown (spaced)."""
+    if isinstance(message, str):
+        return matches(message)
+    return matches(_compact(message)) or matches(json.dumps(message, ensure_ascii=False))
+
+
 def _message_rows(
     store: Reader, query: dict[str, str], token: Optional[str]
 ) -> tuple[list[list[Cell]], str]:
@@ -374,7 +380,7 @@ def _message_rows(
     cells: list[list[Cell]] = []
     for item in store.recent_messages(endpoint, scan):
         message = redact(item["message"], token)
-        if wanted and not matches(_compact(message)):
+        if wanted and not _found(matches, message):
             continue
         cells.append(
             [{"t": _when(item["received_at"]), "c": "muted"}, _shown(message, 600, c="code")]
@@ -400,7 +406,7 @@ def _rejected_rows(
         message = redact(item["message"], token)
         reason = redact(item["reason"], token)
         text = message if isinstance(message, str) else _compact(message)
-        if wanted and not (matches(text) or matches(reason)):
+        if wanted and not (_found(matches, message) or matches(reason)):
             continue
         if isinstance(message, str):
             shown = _cut(text, 600, c="code")
@@ -545,17 +551,7 @@ def _property_text(value: Any) -> tuple[str, str]:
 
 def _rounded_json(value: Any) -> str:
     """``value`` as indented JSON with its floats rounded for display."""
-    return json.dumps(_rounded(value), ensure_ascii=False, indent=1)
-
-
-def _rounded(value: Any) -> Any:
-    if isinstance(value, float) and math.isfinite(value):
-        return float(short_float(value))
-    if isinstance(value, dict):
-        return {name: _rounded(item) for name, item in value.items()}
-    if isinstance(value, list):
-        return [_rounded(item) for item in value]
-    return value
+    return json.dumps(rounded(value), ensure_ascii=False, indent=1)
 
 
 def _title(text: str, width: int) -> str:
