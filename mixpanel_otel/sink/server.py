@@ -364,17 +364,18 @@ class _Handler(BaseHTTPRequestHandler):
         if fault is not None and fault.status is not None:
             self._send(*fault.response(), close=True)
         else:
-            self._send_json(413, {"error": TOO_LARGE, "status": 0}, close=True)
             sink._refused_unread(self.path, TOO_LARGE)
+            self._send_json(413, {"error": TOO_LARGE, "status": 0}, close=True)
         self._discard(length)
 
     def _refuse(self, reason: str) -> None:
         """Answer 403 with the reason, unread, and close; counted and kept among the refusals."""
         sink = self.server.sink
         sink._count(errors=1)
+        if self.command == "POST":  # kept before answering: the client may look at once
+            sink._refused_unread(self.path, f"403 {reason}")
         self._send_json(403, {"error": reason, "status": 0}, close=True)
         if self.command == "POST":
-            sink._refused_unread(self.path, f"403 {reason}")
             self._discard(min(self._safe_length(), MAX_BODY_BYTES))
 
     def do_GET(self) -> None:
