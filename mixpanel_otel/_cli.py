@@ -56,7 +56,8 @@ def _serve(args: argparse.Namespace) -> int:
             raise _Failure(f"--host {args.host!r} is not an IP address") from None
         print(
             f"warning: --host {args.host} is not loopback: anyone who can reach this "
-            "machine can read and write the sink's profiles (no authentication)",
+            "machine can read and write the sink's profiles (no authentication); "
+            "name the Host a neighbour uses with --allowed-hosts",
             file=sys.stderr,
         )
     _claim_port(args.host, args.port)
@@ -68,6 +69,7 @@ def _serve(args: argparse.Namespace) -> int:
             verbose=args.verbose,
             latency=args.latency,
             token=args.token,
+            allowed_hosts=args.allowed_hosts,
         )
     except OSError as exc:
         raise _Failure(_listen_problem(args.host, args.port, exc)) from None
@@ -99,6 +101,10 @@ def _claim_port(host: str, port: int) -> None:
             probe.bind((host, port))
         except OSError as exc:
             raise _Failure(_listen_problem(host, port, exc)) from None
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def _listen_problem(host: str, port: int, exc: OSError) -> str:
@@ -225,6 +231,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--token",
         help="the project token: messages with another are refused as Mixpanel refuses them",
+    )
+    serve.add_argument(
+        "--allowed-hosts",
+        type=_names,
+        default=[],
+        metavar="NAMES",
+        help="comma-separated Host names to answer besides loopback names and --host "
+        "(a docker-compose service name; * for any); others get 403",
     )
     serve.set_defaults(run=_serve)
 
