@@ -136,10 +136,7 @@ class GrpcServer:
         return server, port
 
     def _client_error(self, kind: str, message: str) -> None:
-        now, skipped = self.throttle.allow(kind)
-        if now:
-            more = f" ({skipped} more like it not logged)" if skipped else ""
-            logger.warning("mixpanel-otel gateway: %s%s", message, more)
+        self.throttle.warn(kind, message)
 
     def _handler(self, signal: Signal) -> Any:
         ingest = self.ingest

@@ -24,11 +24,11 @@ from socketserver import TCPServer
 from time import monotonic
 from typing import Any, Callable, Iterator, Optional
 
-from .._body import BodyError, BodyTimeout, BodyTooLarge, read_body
+from .._body import BodyError, BodyTimeout, BodyTooLarge, framing, read_body
 from ._ingest import Answer, Ingest, Outcome
 from ._limits import Budget
 from ._otlp import LOGS, TRACES, Signal, status_body
-from ._security import Throttle, Tokens, loopback_host
+from ._security import HostCheck, Throttle, Tokens
 
 __all__ = ["HttpServer"]
 
@@ -110,6 +110,7 @@ class _Handler(BaseHTTPRequestHandler):
     ) -> None:
         """An OTLP error: a ``google.rpc.Status`` body in the request's encoding."""
         headers = dict(headers or {})
+        message = self.server.ingest.scrub(message)
         if retry_after is not None:
             headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
         if json_encoding:
@@ -128,16 +129,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _refuse_caller(self, json_encoding: bool) -> bool:
         """Answer a caller that may not call (wrong ``Host``, missing or wrong token)."""
         server = self.server
-        if server.check_host and not loopback_host(self.headers.get("Host")):
-            server.ingest.count(unauthenticated=1)
-            server.client_error("host", f"refused Host {self.headers.get('Host', '')[:80]!r}")
-            self.close_connection = True
-            self._error(
-                403,
-                7,
-                "this gateway answers only to a loopback Host (no authentication)",
-                json_encoding,
-            )
+        if self._refuse_host(json_encoding):
             return True
         if not server.tokens.allows(self.headers.get("Authorization")):
             server.ingest.count(unauthenticated=1)
@@ -155,6 +147,22 @@ class _Handler(BaseHTTPRequestHandler):
             return True
         return False
 
+    def _refuse_host(self, json_encoding: bool = False) -> bool:
+        """403 for a ``Host`` a gateway without authentication does not answer."""
+        server = self.server
+        if server.host_check is None or server.host_check.allows(self.headers.get("Host")):
+            return False
+        server.ingest.count(unauthenticated=1)
+        server.client_error("host", f"refused Host {self.headers.get('Host', '')[:80]!r}")
+        self.close_connection = True
+        self._error(
+            403,
+            7,
+            "this gateway answers only to a loopback Host or --allowed-hosts (no authentication)",
+            json_encoding,
+        )
+        return True
+
     def _receive(self, held: list[int]) -> bytes:
         """The whole body, within its deadline, counted against the bytes of bodies held.
 
@@ -162,8 +170,8 @@ class _Handler(BaseHTTPRequestHandler):
         """
         server = self.server
         limit = server.max_request_bytes
-        declared = self.headers.get("Content-Length", "")
-        expected = int(declared) if declared.strip().isdigit() else limit
+        declared = framing(self.headers)  # BodyError (400) when ambiguous
+        expected = limit if declared is None else declared
         deadline = monotonic() + _BODY_GRACE + min(expected, limit) / _MIN_RATE
 
         def count(size: int) -> None:
@@ -263,14 +271,12 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         server = self.server
-        if server.check_host and not loopback_host(self.headers.get("Host")):
-            server.ingest.count(unauthenticated=1)
-            self.close_connection = True
-            self._error(403, 7, "this gateway answers only to a loopback Host (no authentication)")
+        if self._refuse_host():
             return
         if path in ("/health", "/healthz", "/"):
             healthy, document = self.server.health()
-            body = json.dumps(document, indent=1, sort_keys=True).encode()
+            text = json.dumps(document, indent=1, sort_keys=True)
+            body = server.ingest.scrub(text).encode()
             self._send(200 if healthy else 503, body, _JSON)
         elif path in _SIGNALS:
             self._error(405, 3, f"{path} takes POST")
@@ -290,8 +296,8 @@ class HttpServer(ThreadingHTTPServer):
         max_request_bytes: largest body, before and after decompression.
         tokens: the bearer tokens callers must present (none: no token needed).
         tls: the TLS context (mutual TLS when it requires client certificates).
-        check_host: accept only loopback ``Host`` values (a gateway on loopback
-            without authentication, against DNS rebinding).
+        host_check: the ``Host`` values answered (a gateway without authentication,
+            against DNS rebinding); None: any.
         receiving: the cap on bytes of bodies being received at once.
         throttle: limits the log lines about misbehaving clients.
     """
@@ -307,7 +313,7 @@ class HttpServer(ThreadingHTTPServer):
         max_request_bytes: int,
         tokens: Optional[Tokens] = None,
         tls: Optional[ssl.SSLContext] = None,
-        check_host: bool = False,
+        host_check: Optional[HostCheck] = None,
         receiving: Optional[Budget] = None,
         throttle: Optional[Throttle] = None,
     ) -> None:
@@ -316,7 +322,7 @@ class HttpServer(ThreadingHTTPServer):
         self.health = health
         self.max_request_bytes = max_request_bytes
         self.tokens = tokens or Tokens()
-        self.check_host = check_host
+        self.host_check = host_check
         self.receiving = receiving or Budget(16 * max_request_bytes)
         self.throttle = throttle or Throttle()
         self._connections = threading.BoundedSemaphore(_MAX_CONNECTIONS)
@@ -368,10 +374,7 @@ class HttpServer(ThreadingHTTPServer):
 
     def client_error(self, kind: str, message: str) -> None:
         """Log a client's mistake: one line, at most one per kind every few seconds."""
-        now, skipped = self.throttle.allow(kind)
-        if now:
-            more = f" ({skipped} more like it not logged)" if skipped else ""
-            logger.warning("mixpanel-otel gateway: %s%s", message, more)
+        self.throttle.warn(kind, message)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         exc = sys.exc_info()[1]

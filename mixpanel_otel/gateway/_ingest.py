@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from time import monotonic
 from typing import Optional
 
@@ -145,6 +145,23 @@ class Ingest:
         ``gzip``: the body is gzip-compressed. ``deadline`` is the caller's own
         (``monotonic()`` time), if it has one.
         """
+        answer = self._admitted(signal, body, json_encoding, deadline, gzip)
+        if answer.message:  # an upstream may echo the Mixpanel token in its error text
+            answer = replace(answer, message=self.scrub(answer.message))
+        return answer
+
+    def scrub(self, text: str) -> str:
+        """``text`` without the Mixpanel token: for every text that leaves the process."""
+        return self.consumer.parts.reporter.scrub(text)
+
+    def _admitted(
+        self,
+        signal: Signal,
+        body: bytes,
+        json_encoding: bool,
+        deadline: Optional[float],
+        gzip: bool,
+    ) -> Answer:
         if self.stopping:
             return Answer(Outcome.STOPPING, message="the gateway is shutting down")
         if not self._slots.acquire(blocking=False):
