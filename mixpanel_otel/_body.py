@@ -18,6 +18,9 @@ __all__ = ["BodyError", "BodyTimeout", "BodyTooLarge", "framing", "read_body", "
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
 _LENGTH = re.compile(r"[0-9]{1,18}")  # ASCII only: str.isdigit() also takes "¹²³"
 _MAX_EXCESS = 16 * 1024  # framing bytes beyond what the data pays for (as Go's net/http)
+#: Chunks in one body: each costs a Python loop turn, so two million 2-byte chunks would
+#: cost seconds of CPU (senders write chunks of kilobytes: 4 MiB in 1 KiB chunks fits).
+MAX_CHUNKS = 4096
 _READ = 1 << 16
 
 
@@ -99,8 +102,11 @@ def read_chunked(
     """
     reader = _Reader(rfile, sock, deadline, count)
     body = bytearray()  # one buffer: a list of tiny chunks would cost ~70 times their bytes
-    excess = 0
+    excess = chunks = 0
     while True:
+        chunks += 1
+        if chunks > MAX_CHUNKS:
+            raise BodyError(f"chunked body of more than {MAX_CHUNKS} chunks")
         line = reader.readline()
         if not line.endswith(b"\n"):
             raise BodyError("bad chunk-size line in chunked body")
