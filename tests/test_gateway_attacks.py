@@ -33,7 +33,7 @@ from opentelemetry.exporter.otlp.proto.http._log_exporter import (  # noqa: E402
 from opentelemetry.sdk._logs import LoggerProvider  # noqa: E402
 from opentelemetry.sdk._logs.export import SimpleLogRecordProcessor  # noqa: E402
 
-from tests.helpers import ROOT, TOKEN, GatewayProcess, flat, logs_request  # noqa: E402
+from tests.helpers import ROOT, TOKEN, GatewayProcess, _written, flat  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -453,7 +453,6 @@ def test_5_silent_streams_from_one_address_leave_calls_for_others(sink, start_ga
 
 
 def test_6_silent_grpc_connections_cannot_use_up_file_descriptors(sink, start_gateway):
-    import resource
     import select
 
     gateway = start_gateway(sink)
@@ -563,3 +562,163 @@ def test_8_tiny_chunks_cost_neither_an_object_each_nor_a_loop_turn_each(sink, st
     gateway.stop()
     assert "more than 4096 chunks" in gateway.stderr_text
     assert "Traceback" not in gateway.stderr_text
+
+
+# -- 9. leaks and crashes -----------------------------------------------------------------
+
+
+def _post_json(gateway: GatewayProcess, group: str) -> tuple[int, str]:
+    """One OTLP/JSON export of one record; ``(status, answer text)``."""
+    import json
+    import urllib.error
+
+    attributes = [
+        {"key": key, "value": {"stringValue": str(value)}}
+        for key, value in flat(group, plan="pro").items()
+    ]
+    document = {"resourceLogs": [{"scopeLogs": [{"logRecords": [{"attributes": attributes}]}]}]}
+    request = urllib.request.Request(
+        gateway.http + "/v1/logs",
+        json.dumps(document).encode(),
+        {"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_9_a_token_echoed_by_the_upstream_never_leaves_the_gateway(sink, start_gateway):
+    from mixpanel_otel.sink import Fault
+
+    gateway = start_gateway(sink, "--ack-timeout", "3")
+    echoes = (
+        Fault(status=400, body=f'{{"error": "bad token {TOKEN}", "status": 0}}'),
+        Fault(status=200, body=f'{{"error": "project {TOKEN} refused", "status": 0}}'),
+        Fault(status=401, body=f"no such project: {TOKEN}"),
+    )
+    answers = []
+    for n, fault in enumerate(echoes):
+        sink.script(fault)
+        answers.append(_post_json(gateway, f"echo-{n}"))
+    with urllib.request.urlopen(gateway.http + "/health", timeout=10) as response:
+        health = response.read().decode()
+    gateway.stop()
+    for status, text in answers:
+        assert TOKEN not in text, (status, text)
+    assert any("<token>" in text for _, text in answers), answers  # scrubbed, not lost
+    assert TOKEN not in health
+    assert TOKEN not in gateway.stderr_text
+
+
+def test_9_sighup_with_an_unreadable_token_file_keeps_the_tokens(sink, start_gateway, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("good-token\n  # an indented comment\n")
+    gateway = start_gateway(sink, "--auth-token-file", str(tokens))
+    assert _export_ok(gateway, "http", "before-hup", authorization="Bearer good-token") == (
+        "SUCCESS"
+    )
+    refused = _export_ok(gateway, "http", "comment", authorization="Bearer # an indented comment")
+    assert refused != "SUCCESS"  # a comment line is not a token
+    tokens.write_bytes(b"\xff\xfenot utf-8\n")
+    gateway.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30  # the main loop reloads within 0.2 s
+    while (
+        "SIGHUP" not in _written(gateway._stderr)
+        and gateway.proc.poll() is None
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.1)
+    _probe(gateway, "after-hup", authorization="Bearer good-token")
+    assert gateway.proc.poll() is None, "the gateway died on SIGHUP"
+    gateway.stop()
+    assert "not UTF-8" in gateway.stderr_text and "previous tokens stay" in gateway.stderr_text
+    assert "Traceback" not in gateway.stderr_text
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        _post_head("/v1/logs", Content_Length="\xb9\xb2\xb3"),
+        _post_head("/v1/logs", Content_Length="\x1c5"),
+        _post_head("/v1/logs", Transfer_Encoding="xchunked"),
+        _post_head("/v1/logs", Content_Length="5") + b"\r\nContent-Length: 60",
+        _post_head("/v1/logs", Content_Length="5", Transfer_Encoding="chunked"),
+    ],
+    ids=["superscript-length", "separator-length", "xchunked", "two-lengths", "cl-and-te"],
+)
+def test_9_ambiguous_http_framing_is_refused_with_400(sink, start_gateway, head):
+    gateway = start_gateway(sink)
+    status = _raw_post(gateway, head, b"\n\x00\x00\x00\x00" + b"0\r\n\r\n", source="127.0.0.1")
+    assert status == b"HTTP/1.1 400 Bad Request", status
+    _no_tracebacks(gateway)
+
+
+def test_9_refused_grpc_bombs_are_logged_throttled(sink, start_gateway):
+    gateway = start_gateway(sink, "--max-request-bytes", str(_MiB))
+    bomb = _empty_attributes(2 * _MiB)
+    codes = set()
+    with _channel(gateway.grpc) as channel:
+        export = channel.unary_unary(_LOGS_EXPORT)
+        for _ in range(20):
+            try:
+                export(bomb, timeout=10)
+            except grpc.RpcError as exc:
+                codes.add(exc.code())
+            try:
+                export(bomb, timeout=10, compression=grpc.Compression.Gzip)
+            except grpc.RpcError as exc:
+                codes.add(exc.code())
+    _probe(gateway, "bombs")
+    assert codes == {grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    gateway.stop()
+    assert "Traceback" not in gateway.stderr_text, gateway.stderr_text[-3000:]
+    assert len(gateway.stderr_text.splitlines()) < 10, gateway.stderr_text
+
+
+# -- 10. --allow-unauthenticated -----------------------------------------------------------
+
+
+def test_10_allow_unauthenticated_warns_once_and_keeps_a_host_check(caplog):
+    from mixpanel_otel.gateway._security import HostCheck, Tokens
+    from mixpanel_otel.gateway._server import _check_security
+
+    with caplog.at_level("WARNING", "mixpanel_otel.gateway"):
+        _check_security("0.0.0.0", None, None, None, Tokens(), allow_unauthenticated=True)
+    assert len(caplog.records) == 1 and "WITHOUT authentication" in caplog.text
+    check = HostCheck(["0.0.0.0"])
+    assert check.allows("127.0.0.1:4318") and check.allows("localhost")
+    assert not check.allows("attacker.example:4318") and not check.allows(None)
+    assert HostCheck(["0.0.0.0", "gateway.internal"]).allows("gateway.internal:4318")
+    assert HostCheck(["10.1.2.3"]).allows("10.1.2.3:4318")  # the address it listens on
+
+
+def test_10_allowed_hosts_widen_the_host_check(sink, start_gateway):
+    import http.client
+
+    gateway = start_gateway(sink, "--allowed-hosts", "gateway.internal")
+    host, port = gateway.http.rsplit("/", 1)[1].rsplit(":", 1)
+    seen = {}
+    for name in ("gateway.internal:4318", "attacker.example"):
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        connection.request("GET", "/health", headers={"Host": name})
+        seen[name] = connection.getresponse().status
+        connection.close()
+    assert seen == {"gateway.internal:4318": 200, "attacker.example": 403}
+    _no_tracebacks(gateway)
+
+
+# -- 12. dependency floors ------------------------------------------------------------------
+
+
+def test_12_dependencies_have_floors_at_their_security_fixes():
+    import re
+
+    with open(os.path.join(ROOT, "pyproject.toml")) as handle:
+        text = handle.read()
+    floors = dict(re.findall(r'"(protobuf|gunicorn|h11|cryptography)>=([0-9.]+)', text))
+    wanted = {"protobuf": "5.29.5", "gunicorn": "23.0.0", "h11": "0.16.0", "cryptography": "44.0.1"}
+    for name, version in wanted.items():
+        have = tuple(int(part) for part in floors.get(name, "0").split("."))
+        assert have >= tuple(int(part) for part in version.split(".")), (name, floors)
