@@ -643,14 +643,15 @@ def test_9_sighup_with_an_unreadable_token_file_keeps_the_tokens(sink, start_gat
         _post_head("/v1/logs", Content_Length="\xb9\xb2\xb3"),
         _post_head("/v1/logs", Content_Length="\x1c5"),
         _post_head("/v1/logs", Transfer_Encoding="xchunked"),
-        _post_head("/v1/logs", Content_Length="5") + b"\r\nContent-Length: 60",
+        _post_head("/v1/logs", Content_Length="0") + b"\r\nContent-Length: 5",
         _post_head("/v1/logs", Content_Length="5", Transfer_Encoding="chunked"),
     ],
     ids=["superscript-length", "separator-length", "xchunked", "two-lengths", "cl-and-te"],
 )
 def test_9_ambiguous_http_framing_is_refused_with_400(sink, start_gateway, head):
     gateway = start_gateway(sink)
-    status = _raw_post(gateway, head, b"\n\x00\x00\x00\x00" + b"0\r\n\r\n", source="127.0.0.1")
+    # A body every lenient reading accepts: an empty chunked body, or 5 bytes, or none.
+    status = _raw_post(gateway, head, b"0\r\n\r\n", source="127.0.0.1")
     assert status == b"HTTP/1.1 400 Bad Request", status
     _no_tracebacks(gateway)
 
