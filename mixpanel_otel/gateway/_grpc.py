@@ -17,6 +17,7 @@ import asyncio
 import functools
 import logging
 import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from time import monotonic
 from typing import Any, Optional
@@ -96,8 +97,8 @@ def peer_address(peer: str) -> str:
 class _Turns:
     """Counted turns, at most ``total`` at once and ``per_peer`` per address, in the loop.
 
-    A waiting caller is woken when a turn ends; one at its own cap waits for its
-    own, whatever the others do.
+    A returned turn goes to the first waiter whose address is under its cap; only
+    that waiter is woken (hundreds of silent calls waiting cost nothing per turn).
     """
 
     def __init__(self, total: int, per_peer: int) -> None:
@@ -105,7 +106,7 @@ class _Turns:
         self.per_peer = per_peer
         self._held: dict[str, int] = {}
         self._used = 0
-        self._changed = asyncio.Condition()
+        self._waiting: deque[tuple[str, asyncio.Future[None]]] = deque()
 
     def _free(self, peer: str) -> bool:
         return self._used < self.total and self._held.get(peer, 0) < self.per_peer
@@ -118,23 +119,32 @@ class _Turns:
         return True
 
     async def take(self, peer: str, timeout: float) -> bool:
-        async with self._changed:
-            try:
-                await asyncio.wait_for(self._changed.wait_for(lambda: self._free(peer)), timeout)
-            except asyncio.TimeoutError:
-                return False
-            return self.try_take(peer)
+        """A turn within ``timeout`` s, or False."""
+        if self.try_take(peer):
+            return True
+        entry = (peer, asyncio.get_running_loop().create_future())
+        self._waiting.append(entry)
+        try:
+            await asyncio.wait_for(asyncio.shield(entry[1]), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return entry[1].done()  # granted as the time ran out: it is held
+        finally:
+            if entry in self._waiting:
+                self._waiting.remove(entry)
 
     def give_back(self, peer: str) -> None:
         self._used -= 1
         left = self._held.pop(peer) - 1
         if left:
             self._held[peer] = left
-        asyncio.ensure_future(self._notify())
-
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
+        for entry in list(self._waiting):
+            if self._used >= self.total:
+                break
+            waiter, future = entry
+            if not future.done() and self.try_take(waiter):
+                self._waiting.remove(entry)
+                future.set_result(None)
 
 
 class GrpcServer:

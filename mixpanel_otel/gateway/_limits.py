@@ -72,7 +72,7 @@ class Budget:
     small one for longer than ``per_peer`` of them take.
     """
 
-    def __init__(self, capacity: int, per_peer: int = 2) -> None:
+    def __init__(self, capacity: int, per_peer: int = 1) -> None:
         self.capacity = capacity
         self.per_peer = per_peer
         self._used = 0
