@@ -134,6 +134,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="listen on a non-loopback address with neither client certificates nor tokens",
     )
     security.add_argument(
+        "--allowed-hosts",
+        default=_env("MIXPANEL_OTEL_GATEWAY_ALLOWED_HOSTS", None),
+        help="Host header values HTTP answers without authentication besides loopback "
+        "ones, comma-separated ('*': any) (env MIXPANEL_OTEL_GATEWAY_ALLOWED_HOSTS)",
+    )
+    security.add_argument(
         "--allow-ops",
         default=_env("MIXPANEL_OTEL_GATEWAY_ALLOW_OPS", None),
         help="operations forwarded, comma-separated (default: all but $delete; 'all' for "
@@ -234,6 +240,7 @@ def main(args: argparse.Namespace) -> int:
             allow_unauthenticated=args.allow_unauthenticated,
             allow_ops=_names(args.allow_ops),
             group_keys=_names(args.group_keys),
+            allowed_hosts=_names(args.allowed_hosts),
             flush_on_sigterm=False,  # the gateway stops itself on SIGTERM
             **options,
         )
