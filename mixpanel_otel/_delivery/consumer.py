@@ -13,6 +13,7 @@ exit steps (:mod:`.process`).
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -113,6 +114,8 @@ class Consumer:
         if not self._ledger.offer(updates, sum(update.size for update in updates)):
             parts = self._own_parts()
             parts.admit(updates, wait=True)
+        if parts.frozen:
+            _wait_for_the_end()
         if not parts.worker.started and not parts.lifecycle.stopped:
             self._own_parts().worker.ensure()
 
@@ -225,3 +228,9 @@ class Consumer:
 
 
 _DEFAULT_FLUSH_TIMEOUT = 30.0
+
+
+def _wait_for_the_end() -> None:
+    """A SIGTERM's exit took everything held and the process dies next: what a caller
+    adds now cannot be delivered, so the caller does not go on as if it had been."""
+    threading.Event().wait()

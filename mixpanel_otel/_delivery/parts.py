@@ -21,6 +21,7 @@ from .._config import Options
 from .._exceptions import MixpanelException
 from .._transport import Post
 from .._wire import GroupUpdate
+from . import process
 from .admission import Admission, decide
 from .deliverer import Deliverer
 from .encode import Encoder, Updates
@@ -88,6 +89,9 @@ class Parts:
         self.worker = Worker(self._loop, threads, "mixpanel-otel-worker")
         self._stats_debug = Throttle(_STATS_DEBUG_EVERY)
         self._finishing = threading.Lock()  # one shutdown at a time
+        #: Set when a SIGTERM's exit has taken everything held: the process dies next,
+        #: and a caller that adds more is stopped there (:meth:`.Consumer.enqueue`).
+        self.frozen = False
 
     def _loop(self) -> None:
         """One worker thread: take a job, run it, until stopped."""
@@ -271,6 +275,7 @@ class Parts:
         done = self._wait_empty(send_until, inline=inline or not self.worker.ensure())
         lifecycle.stop(left_behind=False)
         ledger.hurry()  # the workers end
+        self.frozen = process.dying()  # before the take: whoever adds after it sees it
         front, back, sdk_lost = ledger.take_all()
         left = front + back
         kept = bool(left) and self.spool is not None and self.deliverer.spill(front, back)

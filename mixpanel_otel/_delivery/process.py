@@ -30,7 +30,15 @@ from typing import Any, Callable, Optional
 
 from .stats import logger
 
-__all__ = ["STAGES", "add_exit_step", "exit_deadline", "run_exit_steps", "shutdown", "use"]
+__all__ = [
+    "STAGES",
+    "add_exit_step",
+    "dying",
+    "exit_deadline",
+    "run_exit_steps",
+    "shutdown",
+    "use",
+]
 
 #: The exit steps run stage by stage, in this order.
 STAGES = ("providers", "traits", "consumers")
@@ -196,6 +204,7 @@ class _Hooks:
     """What is installed in this process, and the consumers' budget."""
 
     def __init__(self) -> None:
+        self.dying = False  # a SIGTERM's exit: the process ends when the steps are done
         self.installed = False
         self.shutdown_timeout = 0.0  # the largest of the consumers'
         self.used_in = 0  # the pid where use() last ran
@@ -233,6 +242,11 @@ def use(shutdown_timeout: float, watch_sigterm: bool) -> None:
         _watch.arm()
 
 
+def dying() -> bool:
+    """Whether this exit ends in death by SIGTERM as soon as the exit steps are done."""
+    return _hooks.dying
+
+
 def exit_deadline() -> Optional[float]:
     """The exit budget's deadline once an exit has begun, else None."""
     return _budget.deadline
@@ -265,6 +279,7 @@ def _at_exit() -> None:
 
 def _exit_by_signal() -> None:
     """Run the exit steps (from a thread of ours), then die by SIGTERM's default action."""
+    _hooks.dying = True
     try:
         run_exit_steps()
     finally:
@@ -283,6 +298,7 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     The main thread may be stopped inside one of our locks: the steps run in
     a thread of their own, waited for within the budget.
     """
+    _hooks.dying = True
     flusher = threading.Thread(target=run_exit_steps, name="mixpanel-otel-sigterm", daemon=True)
     try:
         flusher.start()
@@ -338,6 +354,7 @@ def _after_fork_in_child() -> None:
     _steps.after_fork()
     _budget.deadline = None  # the child's exit is its own
     _hooks.finalizer = None
+    _hooks.dying = False
     for _, _, in_child in reversed(_fork_callbacks):
         in_child()
     _watch.after_fork_in_child()
