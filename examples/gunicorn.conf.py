@@ -9,6 +9,11 @@ worker has its own BatchSpanProcessor thread:
     gunicorn -c examples/gunicorn.conf.py app:app
 """
 
+import logging
+
+# The library's own warnings (delivery failing, what an exit left behind) beside gunicorn's.
+logging.getLogger("mixpanel_otel").addHandler(logging.StreamHandler())
+
 bind = "127.0.0.1:8000"
 workers = 2
 # Longer than MIXPANEL_OTEL_SHUTDOWN_TIMEOUT (5 s by default): a stopped worker
