@@ -43,6 +43,7 @@ __all__ = [
 #: The exit steps run stage by stage, in this order.
 STAGES = ("providers", "traits", "consumers")
 DEFAULT_SHUTDOWN_TIMEOUT = 5.0
+_GRACE = 1.0  # past the deadline, for an exit step that overruns
 
 ExitStep = Callable[[float], None]
 
@@ -256,7 +257,51 @@ def run_exit_steps(timeout: Optional[float] = None) -> None:
     """Start the exit budget (``timeout``, else the consumers' ``shutdown_timeout``)
     if not yet, and run the exit steps within it."""
     seconds = timeout if timeout is not None else _hooks.shutdown_timeout
-    _steps.run(_budget.start(seconds or DEFAULT_SHUTDOWN_TIMEOUT))
+    deadline = _budget.start(seconds or DEFAULT_SHUTDOWN_TIMEOUT)
+    _shielded(lambda: _steps.run(deadline), deadline)
+
+
+def _shielded(work: Callable[[], None], deadline: float) -> None:
+    """Run ``work`` in a thread of its own while the main thread waits for it.
+
+    An application's SIGTERM handler that raises (``sys.exit()``) raises in
+    the main thread: it would cut the exit steps short and lose what they
+    hold. The steps go on in their thread; the exception follows once they
+    are done (within the budget).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        work()
+        return
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            work()
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=run, name="mixpanel-otel-exit", daemon=True)
+    interrupted: Optional[BaseException] = None
+    try:
+        worker.start()
+    except RuntimeError:  # no new thread at interpreter shutdown (Python 3.12+)
+        work()
+        return
+    except BaseException as exc:  # start() waits for the thread: the handler may raise there
+        interrupted = exc
+        if worker.ident is None:  # not started after all
+            work()
+            done.set()
+    while not done.is_set():
+        left = deadline + _GRACE - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            done.wait(left)
+        except BaseException as exc:  # the application's handler: it ran, its exit waits
+            interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted
 
 
 def shutdown(timeout: Optional[float] = None) -> None:
@@ -289,26 +334,17 @@ def _exit_by_signal() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-_GRACE = 1.0  # past the deadline, for a step that overruns
-
-
 def _on_sigterm(signum: int, frame: Any) -> None:
-    """Our Python handler, which runs when someone restored it and raised SIGTERM.
-
-    The main thread may be stopped inside one of our locks: the steps run in
-    a thread of their own, waited for within the budget.
-    """
+    """Our Python handler, which runs when someone restored it and raised SIGTERM
+    (the main thread may be stopped inside one of our locks: the steps run in a
+    thread of their own, :func:`_shielded`)."""
     _hooks.dying = True
-    flusher = threading.Thread(target=run_exit_steps, name="mixpanel-otel-sigterm", daemon=True)
     try:
-        flusher.start()
-        deadline = _budget.start(_hooks.shutdown_timeout or DEFAULT_SHUTDOWN_TIMEOUT)
-        flusher.join(max(0.0, deadline - time.monotonic()) + _GRACE)
-    except RuntimeError:  # no new thread at interpreter shutdown
-        pass
-    faulthandler.unregister(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGTERM)
+        run_exit_steps()
+    finally:
+        faulthandler.unregister(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 # -- multiprocessing -------------------------------------------------------------------
