@@ -40,8 +40,8 @@ _HEALTH_WARN_TICKS = 5  # warn when failing for this many flush intervals (at mo
 _STATS_DEBUG_EVERY = 60.0
 _DEFAULT_FLUSH_TIMEOUT = 30.0
 # Of a shutdown's time, what is kept for writing the rest to the spool (at most _SPILL_MAX s).
-_SPILL_SHARE = 0.2
-_SPILL_MAX = 0.5
+_SPILL_SHARE = 0.25
+_SPILL_MAX = 1.0
 
 
 class Parts:

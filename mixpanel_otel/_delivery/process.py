@@ -43,7 +43,7 @@ __all__ = [
 #: The exit steps run stage by stage, in this order.
 STAGES = ("providers", "traits", "consumers")
 DEFAULT_SHUTDOWN_TIMEOUT = 5.0
-_GRACE = 1.0  # past the deadline, for an exit step that overruns
+_GRACE = 2.0  # past the deadline, for an exit step that overruns (a slow disk, a loaded machine)
 
 ExitStep = Callable[[float], None]
 
