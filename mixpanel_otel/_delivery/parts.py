@@ -274,7 +274,8 @@ class Parts:
         ledger.hurry()
         done = self._wait_empty(send_until, inline=inline or not self.worker.ensure())
         lifecycle.stop(left_behind=False)
-        ledger.hurry()  # the workers end
+        ledger.hurry()  # the workers end, once their job is done: a spill job being
+        self.worker.join(max(0.0, deadline - lifecycle.clock()) / 2)  # written is kept
         self.frozen = process.dying()  # before the take: whoever adds after it sees it
         front, back, sdk_lost = ledger.take_all()
         left = front + back
