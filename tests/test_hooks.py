@@ -85,6 +85,33 @@ def test_a_pool_childs_own_sigterm_handler_runs_once_and_its_exit_delivers(
     assert not outcome.lost and not outcome.stale, (outcome, err)
 
 
+EXECUTOR = """
+import concurrent.futures, multiprocessing
+
+def work(n):
+    client, _ = make(flush_interval=60)
+    emit(client, f"w{n}", [f"w{n}-{j}" for j in range(3)], 50)
+    return n
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context(sys.argv[1])
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx) as executor:
+        assert sorted(executor.map(work, range(4))) == [0, 1, 2, 3]
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_process_pool_executor_workers_deliver_at_their_exit(sink, tmp_path, method):
+    child = Child(EXECUTOR, sink.url, str(tmp_path), "executor", method)
+    code, out, err = _finish(child)
+    assert code == 0, err
+    plan = Plan()
+    for n in range(4):
+        plan.emit(f"w{n}", [f"w{n}-{j}" for j in range(3)], 50)
+    outcome = compare(sink, plan)
+    assert not outcome.lost and not outcome.stale, (outcome, err)
+
+
 # -- 7. a child that never uses the library ----------------------------------------------
 
 POOL_FOOTPRINT = """
