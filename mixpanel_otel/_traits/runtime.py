@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import os
@@ -22,6 +21,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Optional
 
 from .._config import resolve_options
+from .._delivery import process
 from .._exceptions import MixpanelException
 from .._rules import Trait
 from .._wire import group_id_key
@@ -99,7 +99,7 @@ def _option(consumer: Any, name: str) -> Any:
     """The consumer's trait option; for a consumer of another kind, the environment's."""
     if hasattr(consumer, name):
         return getattr(consumer, name)
-    return resolve_options({})[name]
+    return getattr(resolve_options({}), name)
 
 
 _RUNTIMES: dict[int, _Runtime] = {}  # id(consumer) -> its runtime
@@ -316,8 +316,8 @@ def finish(consumer: Any) -> None:
 
 
 def _emit_at_exit() -> None:
-    """Registered after the consumers' exit flush, so it runs before it (atexit is LIFO):
-    every changed trait goes out, however recently its group was sent."""
+    """The traits' exit step, before the consumers': every changed trait goes out,
+    however recently its group was sent."""
     with _LOCK:
         runtimes = list(_RUNTIMES.values())
     for runtime in runtimes:
@@ -352,6 +352,6 @@ def _warn_forked() -> None:
     )
 
 
-atexit.register(_emit_at_exit)
+process.add_exit_step("traits", lambda deadline: _emit_at_exit())
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
