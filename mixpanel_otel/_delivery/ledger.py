@@ -25,6 +25,7 @@ from .inbox import Inbox
 from .jobs import Job, Kind, Lane
 from .receipts import Fate
 from .sender import Result
+from .spool import Reading
 from .stats import Stats
 
 __all__ = ["Ledger", "Pace", "Tick"]
@@ -121,6 +122,7 @@ class Ledger:
         self._inbox = Inbox(batch_size, self._bounds, guard.wake_one)
         self.offer = self._inbox.offer
         self._tick = Tick(flush_interval, clock)
+        self._spool_read = 0  # order of the spool reading ``spool_rows`` comes from
 
     @property
     def held(self) -> int:
@@ -212,16 +214,17 @@ class Ledger:
                 self._work.wait(self._tick.wait(now, pause_end, dispatch.partial))
 
     def finish(
-        self, job: Job, result: Optional[Result], spool_rows: Optional[int] = None
+        self, job: Job, result: Optional[Result], spool: Optional[Reading] = None
     ) -> list[GroupUpdate]:
-        """A job is done: account for its result (a spill job: ``spool_rows`` None when
-        the spool kept nothing). Returns the updates neither spool nor memory keeps."""
+        """A job is done: account for its result and the spool reading taken after it
+        (a spill job: None when the spool kept nothing). Returns the updates neither
+        spool nor memory keeps."""
         lost: list[GroupUpdate] = []
         with self._lock:
-            if spool_rows is not None:
-                self._dispatch.spool_rows = spool_rows
+            if spool is not None:
+                self._note_spool(spool)
             if result is None:  # a spill job
-                kept = spool_rows is not None
+                kept = spool is not None
                 lost = self._dispatch.finish_spill(job, kept, self._bounds.max_pending)
             else:
                 self._dispatch.finish(job, result)
@@ -255,7 +258,15 @@ class Ledger:
         with self._lock:
             settle_receipts(updates, fate, reason)
 
+    def note_spool(self, reading: Reading) -> None:
+        """Take a spool reading (after an adoption) unless a later one is known."""
+        with self._lock:
+            self._note_spool(reading)
+            self._work.notify()
+            self._change.notify_all()
+
     def set_spool_rows(self, rows: int) -> None:
+        """The spool was closed: its rows are the next process's (``rows`` 0)."""
         with self._lock:
             self._dispatch.spool_rows = rows
             self._work.notify()
@@ -283,6 +294,13 @@ class Ledger:
             }
 
     # -- under the lock --------------------------------------------------------------
+
+    def _note_spool(self, reading: Reading) -> None:
+        """Keep the latest reading only: a job that read the spool before another
+        job changed it may finish after that one (a replay and a spill at once)."""
+        if reading.order > self._spool_read:
+            self._spool_read = reading.order
+            self._dispatch.spool_rows = reading.rows
 
     def _move_inbox(self) -> None:
         """Move the inbox into the buffer, in order (admitted by the callers' check)."""

@@ -34,7 +34,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 from .stats import Throttle, logger
 
@@ -43,7 +43,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: no adoption across processes
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["Spool", "SpoolFile", "spooled_rows"]
+__all__ = ["Reading", "Spool", "SpoolFile", "spooled_rows"]
 
 _BUSY_TIMEOUT = 5.0  # seconds SQLite waits for another connection's transaction
 _SCHEMA = """
@@ -61,6 +61,14 @@ _FULL = "full"  # in SQLite's "database or disk is full"
 _INHERITED: list[Any] = []
 
 
+class Reading(NamedTuple):
+    """Rows in this process's file, and the order of the reading: every change is made
+    under the spool's lock, so a later reading (higher ``order``) saw all an earlier one saw."""
+
+    order: int
+    rows: int
+
+
 class Spool:
     """This process's spool for one (token, API host) in ``directory``: its own file
     (created and locked on first use), adoption of gone processes' files; thread-safe."""
@@ -76,11 +84,19 @@ class Spool:
         self._token_field = '{"$token":' + json.dumps(token) + ","
         self._errors = Throttle(_ERRORS_EVERY)
         self._retry_open_at = 0.0
+        self._readings = 0
 
     @property
     def rows(self) -> int:
         """Rows in this process's file, as far as it knows."""
         return self._file.rows if self._file is not None else 0
+
+    def reading(self) -> Reading:
+        """The rows now, ordered against every other reading: a reader that keeps only
+        the latest never stores a count older than one it already has."""
+        with self._lock:
+            self._readings += 1
+            return Reading(self._readings, self.rows)
 
     def _error(self, text: str, *args: Any) -> None:
         """Log a spool error, at most once per ``_ERRORS_EVERY`` seconds."""
@@ -221,10 +237,6 @@ class Spool:
             if ids and self._file is not None:
                 self._file.ack(ids)
 
-    def count(self) -> int:
-        with self._lock:
-            return self._file.count() if self._file is not None else 0
-
     def close(self) -> None:
         """Close the file; an empty one is removed, a full one stays for the next process."""
         with self._lock:
@@ -313,14 +325,6 @@ class SpoolFile:
             self._error("spool %s could not delete sent rows yet: %s", self.path, exc)
             return
         self._acked.difference_update(ids)
-
-    def count(self) -> int:
-        try:
-            count = int(self.db.execute("SELECT count(*) FROM messages").fetchone()[0])
-            self.rows = max(0, count - len(self._acked))
-        except sqlite3.Error:
-            pass
-        return self.rows
 
     def close(self) -> bool:
         """Close the file and remove it if empty; whether it was."""
