@@ -92,19 +92,20 @@ def _shutdown(consumer: Consumer, deadline: float, timeout: Optional[float]) -> 
     ledger.hurry()  # the workers end
     front, back, sdk_lost = ledger.take_all()
     left = front + back
-    kept = False
+    unkept = left
     if left and parts.spool is not None:
-        kept = parts.deliverer.spill(front, back)
-    if left and kept:
-        ledger.settle(left, Fate.SPOOLED)
-    elif left:
+        unkept = parts.deliverer.spill(front, back)
+    lost = {id(update) for update in unkept}
+    kept = [update for update in left if id(update) not in lost]
+    ledger.settle(kept, Fate.SPOOLED)
+    if unkept:
         reason = "not delivered before exit"
         if parts.spool is not None:
             reason += "; the spool could not keep them"
-        ledger.settle(left, Fate.DROPPED, reason)
-        reporter.dropped(left, reason)
+        ledger.settle(unkept, Fate.DROPPED, reason)
+        reporter.dropped(unkept, reason)
     reporter.dropped_texts(sdk_lost, "not delivered before exit")
-    spooled = sum(update.stands_for for update in left) if kept else 0
+    spooled = sum(update.stands_for for update in kept)
     updates = sum(update.stands_for for update in left) + len(sdk_lost)
     if updates:
         why = reporter.health.reason if reporter.health.failing else "no answer in time"

@@ -124,30 +124,35 @@ class Deliverer:
 
     def _spill_job(self, job: Job) -> None:
         try:
-            kept = self.spill([], job.updates)
+            unkept = self.spill([], job.updates)
         except Exception as exc:  # a bug must not leave the job out forever
             self.reporter.stats.add("errors")
             logger.error("mixpanel-otel spill error: %s", self.reporter.scrub(repr(exc)))
-            kept = False
-        reading = self.spool.reading() if kept and self.spool else None
-        lost = self.ledger.finish(job, None, reading)
+            unkept = job.updates
+        reading = self.spool.reading() if self.spool is not None else None
+        lost = self.ledger.finish_spill(job, unkept, reading)
         self.reporter.dropped(lost, "the spool could not keep them and memory is full")
 
-    def spill(self, front: list[GroupUpdate], back: list[GroupUpdate]) -> bool:
-        """Write ``front`` before every spooled row and ``back`` after them; False
-        when the spool kept nothing (then nothing is counted as spooled)."""
+    def spill(self, front: list[GroupUpdate], back: list[GroupUpdate]) -> list[GroupUpdate]:
+        """Write ``front`` before every spooled row and ``back`` after them, as much as
+        fits; returns the updates the spool did not keep, in order (only what was
+        kept is counted as spooled)."""
         assert self.spool is not None
         result = Result()
         with self._spool_lock:
-            texts = [
-                [m.text for m in Updates(self.encoder, updates).messages(result)]
-                for updates in (front, back)
-            ]
-            kept = self.spool.append(texts[0], front=True) and self.spool.append(texts[1])
+            fronts = Updates(self.encoder, front).messages(result)
+            backs = Updates(self.encoder, back).messages(result)
+            kept = self.spool.append([m.text for m in fronts], front=True)
+            if kept < len(fronts):  # the rest goes after rows it must precede: not kept
+                unkept = fronts[kept:] + backs
+            else:
+                kept_back = self.spool.append([m.text for m in backs])
+                unkept = backs[kept_back:]
+                kept += kept_back
         if kept:
-            self.reporter.stats.add("spooled", len(texts[0]) + len(texts[1]))
+            self.reporter.stats.add("spooled", kept)
         self.reporter.failed(result.failed)
-        return kept
+        return [message.origin for message in unkept]
 
     def quiescent(self, timeout: float) -> bool:
         """Whether the spool writer's lock can be taken within ``timeout`` s."""

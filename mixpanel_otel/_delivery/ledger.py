@@ -213,24 +213,25 @@ class Ledger:
                 pause_end = pace.paused_until if paused else None
                 self._work.wait(self._tick.wait(now, pause_end, dispatch.partial))
 
-    def finish(
-        self, job: Job, result: Optional[Result], spool: Optional[Reading] = None
-    ) -> list[GroupUpdate]:
-        """A job is done: account for its result and the spool reading taken after it
-        (a spill job: None when the spool kept nothing). Returns the updates neither
-        spool nor memory keeps."""
-        lost: list[GroupUpdate] = []
+    def finish(self, job: Job, result: Result, spool: Optional[Reading] = None) -> None:
+        """A group, SDK or replay job is done: account for its result and (a replay)
+        the spool reading taken after it."""
         with self._lock:
             if spool is not None:
                 self._note_spool(spool)
-            if result is None:  # a spill job
-                kept = spool is not None
-                lost = self._dispatch.finish_spill(job, kept, self._bounds.max_pending)
-            else:
-                self._dispatch.finish(job, result)
-            self._count()
-            self._work.notify()  # a group or lane is free again
-            self._change.notify_all()
+            self._dispatch.finish(job, result)
+            self._finished()
+
+    def finish_spill(
+        self, job: Job, unkept: list[GroupUpdate], spool: Optional[Reading]
+    ) -> list[GroupUpdate]:
+        """A spill job is done; ``unkept``: its updates the spool did not keep. Returns
+        those memory cannot keep either."""
+        with self._lock:
+            if spool is not None:
+                self._note_spool(spool)
+            lost = self._dispatch.finish_spill(job, unkept, self._bounds.max_pending)
+            self._finished()
         return lost
 
     # -- flush and exit --------------------------------------------------------------
@@ -313,6 +314,11 @@ class Ledger:
         if coalesced:
             self._stats.add("coalesced", coalesced)
         self._count()
+
+    def _finished(self) -> None:
+        self._count()
+        self._work.notify()  # a group or lane is free again
+        self._change.notify_all()
 
     def _count(self) -> None:
         self._inbox.count(self._dispatch.held, self._dispatch.held_bytes)
