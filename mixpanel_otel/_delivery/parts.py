@@ -90,7 +90,7 @@ class Parts:
             if job is None:
                 return
             self.deliverer.run(job)
-            if logger.isEnabledFor(logging.DEBUG) and self._stats_debug.ready() is not None:
+            if logger.isEnabledFor(logging.DEBUG) and self._stats_debug.allow()[0]:
                 logger.debug("mixpanel-otel: stats %s", self.reporter.stats.snapshot())
 
     # -- callers ---------------------------------------------------------------------

@@ -101,8 +101,8 @@ class Spool:
 
     def _error(self, text: str, *args: Any) -> None:
         """Log a spool error, at most once per ``_ERRORS_EVERY`` seconds."""
-        suppressed = self._errors.ready()
-        if suppressed is not None:
+        allowed, suppressed = self._errors.allow()
+        if allowed:
             more = f" ({suppressed} more spool error(s) since the last)" if suppressed else ""
             logger.error("mixpanel-otel: " + text + more, *args)
 

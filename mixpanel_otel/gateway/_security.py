@@ -14,11 +14,10 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import ssl
-import threading
 from collections.abc import Iterable
-from time import monotonic
 from typing import Optional
 
+from .._delivery.stats import Throttle
 from .._exceptions import MixpanelException
 from .._wire import GroupUpdate
 
@@ -196,24 +195,3 @@ class Policy:
             if len(reasons) >= 3:
                 break
         return kept, len(updates) - len(kept), reasons
-
-
-class Throttle:
-    """At most one log line per kind every ``interval`` seconds; counts the rest."""
-
-    def __init__(self, interval: float = 10.0) -> None:
-        self.interval = interval
-        self._lock = threading.Lock()
-        self._last: dict[str, float] = {}
-        self._skipped: dict[str, int] = {}
-
-    def allow(self, kind: str) -> tuple[bool, int]:
-        """``(log now?, lines skipped since the last one)``."""
-        now = monotonic()
-        with self._lock:
-            last = self._last.get(kind)
-            if last is not None and now - last < self.interval:
-                self._skipped[kind] = self._skipped.get(kind, 0) + 1
-                return False, 0
-            self._last[kind] = now
-            return True, self._skipped.pop(kind, 0)
