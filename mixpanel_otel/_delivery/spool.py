@@ -160,8 +160,6 @@ class Spool:
         with self._lock:
             for path in self.orphans():
                 moved += self._adopt(path)
-            for lock_path in glob.glob(glob.escape(self.prefix) + "*.lock"):
-                self._sweep(lock_path)
         return moved
 
     def _adopt(self, path: str) -> int:
@@ -191,16 +189,6 @@ class Spool:
             logger.error("mixpanel-otel: could not adopt spool %s: %s", path, exc)
             return 0
         finally:
-            os.close(fd)
-
-    def _sweep(self, lock_path: str) -> None:
-        """Remove a lock file that no process holds and no spool file is beside."""
-        if lock_path == self.path[: -len(".sqlite3")] + ".lock":
-            return
-        fd = _lock_free(lock_path, create=False)
-        if fd is not None:
-            if not os.path.exists(lock_path[: -len(".lock")] + ".sqlite3"):
-                _remove(lock_path)
             os.close(fd)
 
     # -- rows ----------------------------------------------------------------------
@@ -446,11 +434,11 @@ def _read_rows(path: str) -> list[str]:
         source.close()
 
 
-def _lock_free(lock_path: str, create: bool = True) -> Optional[int]:
+def _lock_free(lock_path: str) -> Optional[int]:
     """An open descriptor holding ``lock_path``'s lock, or None when its process
     holds it (or it cannot be opened)."""
     try:
-        fd = os.open(lock_path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError:
         return None
     if fcntl is not None:
