@@ -197,7 +197,7 @@ def test_every_foreign_file_is_moved_aside_and_no_lock_is_left(sink, tmp_path, m
     consumer = make_consumer(sink, spool_dir=str(spool_dir))
     assert consumer.flush(WAIT)
     names = sorted(os.listdir(spool_dir))
-    aside = [name for name in names if ".corrupt-" in name]
+    aside = [name for name in names if ".corrupt-" in name or ".empty-" in name]
     assert len([n for n in aside if n.endswith(tuple("0123456789"))]) == 3, names
     assert not [
         n

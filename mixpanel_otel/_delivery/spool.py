@@ -423,7 +423,7 @@ def _read_rows(path: str) -> list[str]:
             "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
         ).fetchall()
         if not tables:  # its process died before writing the schema, or not ours
-            raise sqlite3.DatabaseError("an empty file, not a spool")
+            raise _Empty(path)
         columns = [row[1] for row in source.execute("PRAGMA table_info(messages)")]
         if tables != [("messages",)] or columns != ["id", "body"]:
             raise sqlite3.DatabaseError(
@@ -476,9 +476,19 @@ def _remove(path: str) -> None:
         pass
 
 
+class _Empty(sqlite3.DatabaseError):
+    """A file with no table: no rows, but never deleted (it may not be ours)."""
+
+
 def _move_aside(path: str, exc: BaseException) -> None:
-    aside = f"{path}.corrupt-{int(time.time())}"
-    logger.error("mixpanel-otel: spool %s is unreadable (%s); moved aside to %s", path, exc, aside)
+    if isinstance(exc, _Empty):  # most likely a process killed as it created its file
+        aside = f"{path}.empty-{int(time.time())}"
+        logger.warning("mixpanel-otel: spool %s holds no table; set aside as %s", path, aside)
+    else:
+        aside = f"{path}.corrupt-{int(time.time())}"
+        logger.error(
+            "mixpanel-otel: spool %s is unreadable (%s); moved aside to %s", path, exc, aside
+        )
     for suffix in ("", "-wal", "-shm"):  # its WAL may hold its newest pages: kept with it
         try:
             os.replace(path + suffix, aside + suffix)
