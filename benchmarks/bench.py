@@ -445,7 +445,7 @@ def main() -> None:
     parser.add_argument("--latency", type=float, help="run one half only (used by the whole run)")
     args = parser.parse_args()
     calls = 5_000 if args.quick else 50_000
-    counts = [2_000] if args.quick else [20_000, 100_000]
+    counts = [10_000] if args.quick else [20_000, 100_000]
     logging.getLogger("mixpanel_otel").setLevel(logging.ERROR)
     if args.latency is not None:
         sink = SinkProcess(latency=args.latency)

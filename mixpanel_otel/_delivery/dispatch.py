@@ -143,9 +143,10 @@ class Dispatch:
             ):
                 return self._start(Job(Kind.REPLAY))
         elif self.buffer.count >= self.batch_size or (self.partial and self.buffer.count):
-            updates = self.buffer.take(self.batch_size, self.busy)
+            groups: set[GroupKey] = set()
+            updates = self.buffer.take(self.batch_size, self.busy, groups)
             if updates:
-                job = self._start(Job(Kind.GROUPS, updates))
+                job = self._start(Job(Kind.GROUPS, updates, groups=groups))
                 self.busy |= job.groups
                 return job
         for lane in self.lanes.values():

@@ -305,7 +305,7 @@ class Ledger:
 
     def _move_inbox(self) -> None:
         """Move the inbox into the buffer, in order (admitted by the callers' check)."""
-        enqueued, coalesced = self._inbox.move(lambda update: self._dispatch.add(update, _always))
+        enqueued, coalesced = self._inbox.move(self._dispatch.buffer.add)
         if enqueued:
             self._counted(enqueued, coalesced)
 
