@@ -107,15 +107,21 @@ class Walker(Generic[R]):
         self._read: Callable[[R, Optional[Ingested]], list[GroupUpdate]] = (
             self._make_read_tags() if tags_only else self._read_all
         )
+        #: Translate, report and enqueue one record (a logging call). Never raises.
+        self.ingest_one: Callable[[R], None] = self._make_ingest_one()
 
-    def ingest_one(self, record: R) -> None:
-        """Translate, report and enqueue one record (a logging call). Never raises."""
-        try:
-            updates = self._read(record, None)
-            if updates:
-                self.front.consumer.enqueue(updates)
-        except Exception as exc:  # never raise into the application's logging call
-            self._failed(record, exc, None)
+    def _make_ingest_one(self) -> Callable[[R], None]:
+        read, enqueue, failed = self._read, self.front.consumer.enqueue, self._failed
+
+        def ingest_one(record: R) -> None:
+            try:
+                updates = read(record, None)
+                if updates:
+                    enqueue(updates)
+            except Exception as exc:  # never raise into the application's logging call
+                failed(record, exc, None)
+
+        return ingest_one
 
     def _make_read_tags(self) -> Callable[[R, Optional[Ingested]], list[GroupUpdate]]:
         """The reader for tags and the flat form only: the path of every logging call,
