@@ -28,7 +28,7 @@ from ._limits import (
     Budget,
     Limits,
 )
-from ._security import HostCheck, Policy, Throttle, Tokens, is_loopback, read_file, server_tls
+from ._security import ClientLog, HostCheck, Policy, Tokens, is_loopback, read_file, server_tls
 
 __all__ = ["Gateway", "ListenError"]
 
@@ -131,7 +131,7 @@ class Gateway:
             policy=policy,
         )
         self.tokens = tokens
-        throttle = Throttle(scrub=self.ingest.scrub)
+        throttle = ClientLog(scrub=self.ingest.scrub)
         try:
             self._grpc = GrpcServer(
                 host,
