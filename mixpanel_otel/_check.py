@@ -91,6 +91,12 @@ def run_check(
             for line in str(exc).splitlines():  # one line per bad table
                 check.fail("rules", line)
             return check
+        from ._traits.aggregates import SKETCHES_EXTRA, needs_sketches, sketches_missing
+
+        needing = [t for t in traits if needs_sketches(t.aggregate)]
+        if needing and sketches_missing():
+            names = ", ".join(f"trait {t.index} ({t.property})" for t in needing)
+            return check.fail("rules", f"{names}: {SKETCHES_EXTRA}")
         named = "--rules" if rules else RULES_ENV
         check.step(
             "rules",

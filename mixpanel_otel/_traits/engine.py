@@ -126,7 +126,7 @@ class TraitEngine:
                         require_sketches()
                     position = len(self.traits)
                     self.traits.append(trait)
-                    aggregator = make_aggregator(trait.aggregate, self.exact_limit)
+                    aggregator = make_aggregator(trait.aggregate, self.exact_limit, trait.limit)
                     width = None if trait.window is None else trait.window / BUCKETS
                     self._aggregators.append(aggregator)
                     self._widths.append(width)

@@ -23,8 +23,9 @@ from typing import Any, Callable, Optional
 
 from .._config import resolve_options
 from .._exceptions import MixpanelException
-from .._rules import Trait
+from .._rules import Condition, Trait
 from .._wire import group_id_key
+from .aggregates import SKETCHES_EXTRA, needs_sketches, sketches_missing
 from .engine import TraitEngine
 from .store import TraitStore
 
@@ -118,11 +119,29 @@ def _runtime(consumer: Any) -> _Runtime:
 
 
 def feed_for(consumer: Any, traits: list[Trait]) -> TraitFeed:
-    """The feed for a front end's traits, on the engine its consumer shares."""
+    """The feed for a front end's traits, on the engine its consumer shares.
+
+    Without the ``traits`` extra, the traits that need it are left out with one
+    error; the others, and the front end's rules, work as usual.
+    """
+    traits = usable_traits(traits)
     runtime = _runtime(consumer)
     feed = TraitFeed(traits, runtime.engine, runtime.add(traits))
     _timer.ensure()
     return feed
+
+
+def usable_traits(traits: list[Trait]) -> list[Trait]:
+    """``traits`` less those that need the missing ``traits`` extra (logged once, by name)."""
+    needing = [trait for trait in traits if needs_sketches(trait.aggregate)]
+    if not needing or not sketches_missing():
+        return traits
+    logger.error(
+        "mixpanel-otel: traits %s disabled: %s",
+        ", ".join(f"{trait.index} ({trait.property})" for trait in needing),
+        SKETCHES_EXTRA,
+    )
+    return [trait for trait in traits if not needs_sketches(trait.aggregate)]
 
 
 # -- records -> observations -----------------------------------------------------------
@@ -158,12 +177,12 @@ class TraitFeed:
         self.engine = engine
         names: list[str] = []
         for trait in traits:
-            for name in (trait.group_id, trait.of, *trait.when):
+            for name in (trait.group_id, trait.of, *(name for name, _ in trait.conditions)):
                 if name and name[0] != "@" and name not in names:
                     names.append(name)
         self._names = tuple(names)
         self._plan = [
-            (trait, position, trait.group_id, trait.of, tuple(trait.when.items()), trait.numeric)
+            (trait, position, trait.group_id, trait.of, trait.conditions, trait.numeric)
             for trait, position in zip(traits, positions)
         ]
 
@@ -238,12 +257,8 @@ class TraitFeed:
             engine.observe_many(time, items)
 
 
-def _matches(when: tuple[tuple[str, Any], ...], found: dict[str, Any], special: Special) -> bool:
-    for name, expected in when:
-        value = found[name] if name[0] != "@" else special(name)
-        if value != expected and not (type(expected) is list and value in expected):
-            return False
-    return True
+def _matches(conditions: tuple[Condition, ...], found: dict[str, Any], special: Special) -> bool:
+    return all(test(found[name] if name[0] != "@" else special(name)) for name, test in conditions)
 
 
 def _report(problem: str, errors: Optional[list[str]]) -> None:
