@@ -10,6 +10,7 @@ and updates Mixpanel refused for good: partial success, not retried.
 from __future__ import annotations
 
 import enum
+import hashlib
 import threading
 from dataclasses import dataclass
 from time import monotonic
@@ -29,6 +30,7 @@ __all__ = ["Answer", "Ingest", "Outcome"]
 #: Time kept back from a gRPC deadline to send the answer before it expires.
 _DEADLINE_MARGIN = 0.2
 _DEFAULT_RETRY_AFTER = 1.0
+DEFAULT_DEDUPE_WINDOW = 600.0
 
 
 class _NoRoom(Exception):
@@ -67,6 +69,8 @@ class Ingest:
         budget: decoded bytes being parsed and translated across calls
             (``--max-inflight-bytes``); a call waits for room up to ``ack_timeout``.
         policy: the operations and group keys forwarded; others are rejected records.
+        dedupe_window: seconds within which a call resent with the same content is
+            not counted again by the computed traits (``--dedupe-window``).
     """
 
     def __init__(
@@ -78,8 +82,10 @@ class Ingest:
         limits: Optional[Limits] = None,
         budget: Optional[Budget] = None,
         policy: Optional[Policy] = None,
+        dedupe_window: float = DEFAULT_DEDUPE_WINDOW,
     ) -> None:
         self.front = front
+        self.dedupe_window = dedupe_window
         self.consumer = consumer
         self.ack_timeout = ack_timeout
         self.limits = limits or Limits()
@@ -175,8 +181,9 @@ class Ingest:
 
     def _decoded(
         self, signal: Signal, body: bytes, json_encoding: bool, gzip: bool, deadline: float
-    ) -> tuple[Ingested, int, list[str]]:
-        """Decompress, parse, check and translate ``body`` within the memory budget."""
+    ) -> tuple[Ingested, int, list[str], str]:
+        """Decompress, parse, check and translate ``body`` within the memory budget;
+        also the digest of its content (a resent call has the same)."""
         limit = self.limits.max_request_bytes
         size = gzip_claim(body, limit) if gzip else len(body)
         if size > limit:
@@ -198,6 +205,7 @@ class Ingest:
                         raise _NoRoom from None
                     held = limit
                     body = gunzip(body, limit)
+            digest = hashlib.sha256(signal.name.encode() + b"\0" + body).hexdigest()
             if json_encoding:
                 request = decode(signal, body, True)
                 removed, reasons = check_request(signal, request, self.limits)
@@ -205,7 +213,7 @@ class Ingest:
                 request, removed, reasons = parse_request(signal, body, self.limits)
             del body
             result = self.front.walker(signal.adapter).read(signal.records(request))
-            return result, removed, reasons
+            return result, removed, reasons, digest
         finally:
             budget.release(held)
 
@@ -219,7 +227,7 @@ class Ingest:
     ) -> Answer:
         try:
             with held_observations() as traits:  # counted once the call is acknowledged
-                result, removed, over = self._decoded(
+                result, removed, over, digest = self._decoded(
                     signal, body, json_encoding, gzip, reserve_deadline(deadline, self.ack_timeout)
                 )
         except _NoRoom:
@@ -266,7 +274,10 @@ class Ingest:
                 reasons.append(
                     f"{receipt.failed} update(s) refused by Mixpanel: {'; '.join(receipt.errors)}"
                 )
-        TraitFeed.commit(traits)  # a retried call is not counted twice
+        try:  # durable before the answer; a call resent within the window counts once
+            TraitFeed.commit(traits, digest, self.dedupe_window)
+        except Exception as exc:
+            return self._retry(None, f"the call's trait observations were not saved: {exc!r}")
         self._count(accepted=1, rejected_records=rejected)
         return Answer(Outcome.OK, rejected=rejected, message="; ".join(reasons))
 

@@ -483,29 +483,44 @@ class TestTables:
 
 
 class TestStore:
-    def test_saved_groups_come_back_and_forgotten_ones_are_deleted(self, tmp_path) -> None:
+    def test_saved_groups_and_the_cursor_come_back_and_the_log_after_it(self, tmp_path) -> None:
         from mixpanel_otel._traits.store import TraitStore
 
         clock = Clock(1000.0)
         traits = _traits("1m")
-        engine = TraitEngine(traits, clock=clock, max_groups=2)
+        engine = TraitEngine(traits, clock=clock)
         store = TraitStore(str(tmp_path), "token\nhost")
-        store.load(engine)
-        for group in ("a", "b"):
-            for trait in traits:
-                value = "u1" if trait.of == "user" else 5
-                engine.observe(engine.position(trait), group, 999.0, value)
-        store.save(engine)
-        engine.observe(0, "c", 999.0, 1)  # evicts "a"
-        store.save(engine)
-        store.close()
-        again = TraitEngine(traits, clock=clock)
-        reopened = TraitStore(str(tmp_path), "token\nhost")
-        assert reopened.load(again) == 2
-        assert again.value(traits[0], "a") == 0  # evicted, deleted from the file
-        for trait in traits:
-            assert again.value(trait, "b") == engine.value(trait, "b"), trait
-        assert TraitStore(str(tmp_path), "other\nhost").load(TraitEngine(traits)) == 0
+        sig = traits[0].signature  # count
+        assert store.append([(999.0, [(sig, "a", None)]), (999.0, [(sig, "b", None)])])
+        assert store.append([(999.0, [(sig, "a", None)])])
+        ((first, batch), (second, _)) = store.read_after(0)
+        assert first < second and batch == [
+            [999.0, [[sig, "a", None]]],
+            [999.0, [[sig, "b", None]]],
+        ]
+        for _, observations in batch:
+            engine.observe_many(999.0, [(0, observations[0][1], None)])
+        store.save(first, engine.export_groups([("company", "a"), ("company", "b")]), [])
+        assert [number for number, _ in store.read_after(0)] == [second]  # included: deleted
+        cursor, groups = TraitStore(str(tmp_path), "token\nhost").load()
+        assert cursor == first and sorted(key for key, _ in groups) == [
+            ("company", "a"),
+            ("company", "b"),
+        ]
+        assert TraitStore(str(tmp_path), "other\nhost").load() == (0, [])
+
+    def test_one_aggregator_at_a_time_and_a_resent_digest_counts_once(self, tmp_path) -> None:
+        from mixpanel_otel._traits.store import TraitStore
+
+        one, two = TraitStore(str(tmp_path), "s"), TraitStore(str(tmp_path), "s")
+        assert one.try_lead() and not two.try_lead()
+        one.resign()
+        assert two.try_lead() and not one.try_lead()
+        batch = [(1.0, [("sig", "a", None)])]
+        assert one.append(batch, "digest", 600.0, now=1000.0)
+        assert not two.append(batch, "digest", 600.0, now=1599.0)  # within the window
+        assert two.append(batch, "digest", 600.0, now=1601.0)  # past it: a new call
+        assert len(one.read_after(0)) == 2
 
 
 def test_the_final_emission_sends_every_change_however_recent() -> None:
