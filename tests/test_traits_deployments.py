@@ -246,3 +246,163 @@ def test_gunicorn_workers_sharing_a_state_dir_give_exact_traits_across_a_restart
     assert "computes the same traits" not in output, output
     _serve_and_send(tmp_path, sink, second)  # a restart: lifetime counts go on
     _wait_profiles(sink, _truth(first + second))
+
+
+# -- 2, 3. the gateway: durable before it answers; a resent call counts once -----------
+
+LIFETIME_COUNT = """
+[[trait]]
+property = "requests"
+group_key = "company"
+group_id = "tenant.id"
+aggregate = "count"
+window = "lifetime"
+"""
+
+
+def _post(url: str, body: bytes) -> bool:
+    """One OTLP/HTTP Export; True when the gateway acknowledged it."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        url + "/v1/logs", data=body, headers={"Content-Type": "application/x-protobuf"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@pytest.mark.slow
+def test_gateway_killed_twice_mid_stream_loses_no_acknowledged_record(sink, tmp_path) -> None:
+    import threading
+
+    from .helpers import GatewayProcess, logs_request
+
+    rules = tmp_path / "traits.toml"
+    rules.write_text(LIFETIME_COUNT)
+    args = ("--rules", str(rules), "--trait-state-dir", str(tmp_path / "state"))
+    args += ("--trait-interval", "0.1")
+    gateway = [GatewayProcess(sink, *args)]
+    tenants = [f"t{i}" for i in range(5)]
+    calls = [
+        logs_request(*({"tenant.id": tenants[(n + i) % 5], "n": n} for i in range(1 + n % 7)))
+        for n in range(150)
+    ]
+    acknowledged = {tenant: 0 for tenant in tenants}
+    done_calls = [0]
+    finished = threading.Event()
+
+    def sender() -> None:
+        # Like a Collector: each call is sent again until it is acknowledged.
+        for n, body in enumerate(calls):
+            while not _post(gateway[0].http, body):
+                time.sleep(0.05)
+            for i in range(1 + n % 7):
+                acknowledged[tenants[(n + i) % 5]] += 1
+            done_calls[0] = n + 1
+        finished.set()
+
+    seen: dict[str, int] = {}
+
+    def never_down() -> None:
+        for tenant, profile in _profiles(sink).items():
+            assert profile["requests"] >= seen.get(tenant, 0), (tenant, profile, seen)
+            seen[tenant] = profile["requests"]
+
+    thread = threading.Thread(target=sender, daemon=True)
+    thread.start()
+    try:
+        for at in (40, 95):
+            deadline = time.monotonic() + 60
+            while done_calls[0] < at:
+                assert time.monotonic() < deadline and thread.is_alive()
+                never_down()
+                time.sleep(0.01)
+            gateway[0].proc.kill()  # SIGKILL, mid-stream: the sender is in its next call
+            gateway[0].stop()
+            gateway[0] = GatewayProcess(sink, *args)
+        assert finished.wait(120)
+        truth = dict(acknowledged)
+        deadline = time.monotonic() + 30
+        while {t: p.get("requests") for t, p in _profiles(sink).items()} != truth:
+            assert time.monotonic() < deadline, (_profiles(sink), truth)
+            never_down()
+            time.sleep(0.05)
+        never_down()
+    finally:
+        gateway[0].stop()
+    assert {t: p["requests"] for t, p in _profiles(sink).items()} == truth
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shared_state", [False, True])
+def test_an_export_resent_with_the_same_content_counts_once(sink, tmp_path, shared_state) -> None:
+    from .helpers import GatewayProcess, logs_request
+
+    rules = tmp_path / "traits.toml"
+    rules.write_text(LIFETIME_COUNT)
+    args = ("--rules", str(rules), "--trait-interval", "0.1")
+    if shared_state:
+        args += ("--trait-state-dir", str(tmp_path / "state"))
+    gateway = GatewayProcess(sink, *args)
+    try:
+        body = logs_request(*({"tenant.id": "acme", "i": i} for i in range(10)))
+        for _ in range(3):  # a sender that timed out and sent the same Export again
+            assert _post(gateway.http, body)
+        other = logs_request(*({"tenant.id": "acme", "i": i} for i in range(5)))
+        assert _post(gateway.http, other)  # new content: counted
+        _wait(sink, "acme", lambda p: p.get("requests") == 15)
+    finally:
+        gateway.stop()
+    assert sink.profile("company", "acme") == {"requests": 15}
+
+
+@pytest.mark.slow
+def test_the_dedupe_window_is_an_option(sink, tmp_path) -> None:
+    from .helpers import GatewayProcess, logs_request
+
+    rules = tmp_path / "traits.toml"
+    rules.write_text(LIFETIME_COUNT)
+    gateway = GatewayProcess(
+        sink, "--rules", str(rules), "--trait-interval", "0.1", "--dedupe-window", "0"
+    )
+    try:
+        body = logs_request({"tenant.id": "acme"})
+        for _ in range(3):
+            assert _post(gateway.http, body)
+        _wait(sink, "acme", lambda p: p.get("requests") == 3)  # off: every call counts
+    finally:
+        gateway.stop()
+
+
+# -- 4. a value counts as sent only once delivered or spooled --------------------------
+
+LOGGING_SCRIPT = """
+import logging, os
+from mixpanel_otel import MixpanelGroupHandler
+rules = {"trait": [{"property": "requests", "group_key": "company", "group_id": "tenant.id",
+                    "aggregate": "count", "window": "lifetime"}]}
+log = logging.getLogger("svc")
+log.addHandler(MixpanelGroupHandler(rules=rules))
+log.setLevel(logging.INFO)
+log.propagate = False
+for i in range(int(os.environ["RECORDS"])):
+    log.info("hit", extra={"tenant.id": f"t{i % 30}"})
+"""
+
+
+@pytest.mark.slow
+def test_a_value_undelivered_at_exit_is_sent_by_the_next_process(sink, tmp_path) -> None:
+    env = {
+        "MIXPANEL_OTEL_TRAIT_STATE_DIR": str(tmp_path / "state"),
+        "MIXPANEL_OTEL_SHUTDOWN_TIMEOUT": "1",
+    }
+    sink.down = True  # every delivery fails while the first process runs and exits
+    run_script(LOGGING_SCRIPT, sink, RECORDS="150", **env)
+    assert sink.profiles() == []
+    sink.down = False
+    run_script(LOGGING_SCRIPT, sink, RECORDS="0", **env)  # no records of its own
+    _wait_profiles(sink, {f"t{i}": {"requests": 5} for i in range(30)})
