@@ -646,3 +646,31 @@ def test_when_equality_is_type_strict_in_rules_and_traits() -> None:
             {"tenant": "acme", "http.status_code": status, "tier": tier}, {}, 999.0, dict().get, []
         )
     assert engine.value(trait, "acme") == 2
+
+
+def test_after_the_wall_clock_steps_back_an_hour_values_are_right_within_one_interval() -> None:
+    wall, mono = Clock(1_000_000.0), Clock(50.0)
+    trait = _one(window="10m")
+    engine = TraitEngine([trait], interval=10.0, clock=wall, monotonic=mono)
+
+    def tick(seconds: float) -> list[Any]:
+        wall.now += seconds
+        mono.now += seconds
+        return _sets(engine.due())
+
+    stamps = [wall.now - 5, wall.now - 3, wall.now - 1]
+    for stamp in stamps:
+        engine.observe(0, "acme", stamp)
+    assert tick(0) == [("acme", "$set", {"n": 3})]
+    wall.now -= 3600  # the wall clock steps back; the monotonic one does not
+    new_stamps = [wall.now + 1, wall.now + 2]
+    for stamp in new_stamps:
+        engine.observe(0, "acme", stamp)
+    # Within one trait_interval, the value counts the records the new clock stamped
+    # in its window (those stamped ahead of it wait until the clock reaches them).
+    sent = tick(2) + tick(8)
+    assert sent[-1] == ("acme", "$set", {"n": 2}), sent
+    # The window still slides: the new records leave it ten minutes later.
+    for _ in range(70):
+        sent += tick(10)
+    assert sent[-1] == ("acme", "$set", {"n": 0}), sent[-3:]
