@@ -82,6 +82,9 @@ class _Runtime:
         self._cursor = 0  # the last logged batch read into the engine
         self._unsettled: list[tuple[Any, list[GroupUpdate]]] = []  # (receipt, its updates)
         self._recent: OrderedDict[str, float] = OrderedDict()  # export digest -> when counted
+        #: ``record(time, items)``: one record's observations (see :meth:`_route`).
+        self.record: Callable[[float, list[tuple[int, str, Any]]], Any]
+        self._route()
 
     def add(self, traits: list[Trait]) -> list[int]:
         positions = self.engine.add_traits(traits)
@@ -102,15 +105,20 @@ class _Runtime:
                 self._directory,
                 exc,
             )
+        self._route()
 
     # -- records ---------------------------------------------------------------------
 
-    def record(self, time: float, items: list[tuple[int, str, Any]]) -> None:
-        """One record's observations, from the application's thread."""
+    def _route(self) -> None:
+        """Where :attr:`record` puts a record's observations, from the application's
+        thread: into the engine, or (shared state) on a queue the timer thread logs."""
         if self.store is None:
-            self.engine.observe_many(time, items)
+            self.record = self.engine.observe_many
         else:
-            self._pending.append((time, items))  # logged by the timer thread
+            self.record = self._log_later
+
+    def _log_later(self, time: float, items: list[tuple[int, str, Any]]) -> None:
+        self._pending.append((time, items))
 
     def commit(
         self, held: list[tuple[float, list[tuple[int, str, Any]]]], digest: str, window: float
@@ -290,6 +298,7 @@ class _Runtime:
         if self.store is not None:
             self.store.abandon()
             self._open_store()  # the shared state: this process logs to it too
+        self._route()
 
 
 def _option(consumer: Any, name: str) -> Any:
