@@ -216,7 +216,11 @@ class CountDistinct(Aggregator):
     def add(self, summary: Any, value: Any, time: float, seq: int) -> Any:
         key = distinct_key(value)
         if summary is None:
-            return {key}
+            return key  # one value: the key alone (a set costs 200 bytes more)
+        if type(summary) is str:
+            if key == summary:
+                return summary
+            summary = {summary}
         if type(summary) is set:
             summary.add(key)
             if len(summary) <= self.exact_limit:
@@ -229,7 +233,9 @@ class CountDistinct(Aggregator):
         exact: set[str] = set()
         sketches = []
         for summary in summaries:
-            if type(summary) is set:
+            if type(summary) is str:
+                exact.add(summary)
+            elif type(summary) is set:
                 exact |= summary
             else:
                 sketches.append(summary)
@@ -244,6 +250,8 @@ class CountDistinct(Aggregator):
         return int(round(union.get_estimate()))
 
     def encode(self, summary: Any) -> Any:
+        if type(summary) is str:
+            return [summary]
         if type(summary) is set:
             return sorted(summary)
         return {"hll": base64.b64encode(summary.serialize_compact()).decode("ascii")}
@@ -264,7 +272,9 @@ class Percentile(Aggregator):
 
     def add(self, summary: Any, value: Any, time: float, seq: int) -> Any:
         if summary is None:
-            return array("d", (value,))
+            return float(value)  # one value: the number alone (an array costs 48 bytes more)
+        if type(summary) is float:
+            summary = array("d", (summary,))
         if type(summary) is array:
             summary.append(value)
             if len(summary) <= self.exact_limit:
@@ -277,7 +287,9 @@ class Percentile(Aggregator):
         exact: list[float] = []
         sketches = []
         for summary in summaries:
-            if type(summary) is array:
+            if type(summary) is float:
+                exact.append(summary)
+            elif type(summary) is array:
                 exact.extend(summary)
             else:
                 sketches.append(summary)
@@ -289,6 +301,8 @@ class Percentile(Aggregator):
         return _fill(merged, exact).get_quantile(self.q, True)
 
     def encode(self, summary: Any) -> Any:
+        if type(summary) is float:
+            return [summary]
         if type(summary) is array:
             return summary.tolist()
         return {"kll": base64.b64encode(summary.serialize()).decode("ascii")}
