@@ -406,3 +406,86 @@ def test_a_value_undelivered_at_exit_is_sent_by_the_next_process(sink, tmp_path)
     sink.down = False
     run_script(LOGGING_SCRIPT, sink, RECORDS="0", **env)  # no records of its own
     _wait_profiles(sink, {f"t{i}": {"requests": 5} for i in range(30)})
+
+
+# -- 1. without a shared state directory: one warning, naming the fix ------------------
+
+HOLDER = (
+    LOGGING_SCRIPT
+    + """
+import pathlib, time
+pathlib.Path(os.environ["READY"]).touch()
+while not pathlib.Path(os.environ["DONE"]).exists():
+    time.sleep(0.02)
+"""
+)
+
+
+@pytest.mark.slow
+def test_a_second_process_computing_the_same_traits_warns_once(sink, tmp_path) -> None:
+    from .helpers import sink_env
+
+    ready, done = tmp_path / "ready", tmp_path / "done"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER],
+        env=sink_env(sink.url, RECORDS="3", READY=str(ready), DONE=str(done)),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert time.monotonic() < deadline and holder.poll() is None
+            time.sleep(0.02)
+        result, _ = run_script(LOGGING_SCRIPT, sink, RECORDS="3")
+    finally:
+        done.touch()
+        _, holder_err = holder.communicate(timeout=30)
+    warnings = [line for line in result.stderr.splitlines() if "same traits" in line]
+    assert len(warnings) == 1, result.stderr
+    assert "MIXPANEL_OTEL_TRAIT_STATE_DIR" in warnings[0] and "gateway" in warnings[0]
+    assert "same traits" not in holder_err  # the first one has nothing to tell
+    result, _ = run_script(LOGGING_SCRIPT, sink, RECORDS="3")  # alone again: no warning
+    assert "same traits" not in result.stderr
+
+
+MULTIPROCESSING_SCRIPT = """
+import logging, multiprocessing, os
+from mixpanel_otel import MixpanelGroupHandler
+rules = {"trait": [{"property": "requests", "group_key": "company", "group_id": "tenant.id",
+                    "aggregate": "count", "window": "lifetime"}]}
+log = logging.getLogger("svc")
+log.addHandler(MixpanelGroupHandler(rules=rules))
+log.setLevel(logging.INFO)
+log.propagate = False
+
+
+def work(n):
+    for i in range(n):
+        log.info("hit", extra={"tenant.id": f"t{(n + i) % 4}"})
+    return n
+
+
+if __name__ == "__main__":
+    log.info("hit", extra={"tenant.id": "t0"})  # the parent computes traits before forking
+    with multiprocessing.get_context("fork").Pool(3) as pool:
+        assert sum(pool.map(work, range(1, 41))) == 820
+"""
+
+
+@pytest.mark.slow
+def test_multiprocessing_children_sharing_a_state_dir_are_counted_exactly(sink, tmp_path) -> None:
+    truth = {f"t{i}": 0 for i in range(4)}
+    truth["t0"] += 1
+    for n in range(1, 41):
+        for i in range(n):
+            truth[f"t{(n + i) % 4}"] += 1
+    script = tmp_path / "pool.py"
+    script.write_text(MULTIPROCESSING_SCRIPT)
+    result, _ = run_script(
+        f"import runpy; runpy.run_path({str(script)!r}, run_name='__main__')",
+        sink,
+        MIXPANEL_OTEL_TRAIT_STATE_DIR=str(tmp_path / "state"),
+    )
+    assert "forked process" not in result.stderr  # shared state: nothing to warn about
+    _wait_profiles(sink, {tenant: {"requests": n} for tenant, n in truth.items()})

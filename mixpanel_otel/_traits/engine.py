@@ -166,7 +166,7 @@ class TraitEngine:
         One clock reading and one lock for the record; how many were in their window.
         """
         now = self.clock()
-        mono = self.monotonic()
+        mono = now - self._offset  # the monotonic clock, near enough to schedule by
         if time > now:
             time = now
         counted = 0

@@ -82,6 +82,7 @@ class _Runtime:
         self._cursor = 0  # the last logged batch read into the engine
         self._unsettled: list[tuple[Any, list[GroupUpdate]]] = []  # (receipt, its updates)
         self._recent: OrderedDict[str, float] = OrderedDict()  # export digest -> when counted
+        self._finished = False  # the final values went out (at exit)
         #: ``record(time, items)``: one record's observations (see :meth:`_route`).
         self.record: Callable[[float, list[tuple[int, str, Any]]], Any]
         self._route()
@@ -216,6 +217,8 @@ class _Runtime:
         if consumer is None:
             return False
         with self._lock:
+            if self._finished:
+                return True  # at exit, after the final values: nothing more from here
             store = self.store
             if store is not None:
                 self._log_pending()
@@ -273,24 +276,38 @@ class _Runtime:
 
     def finish(self, deadline: float) -> None:
         """At exit: log what is pending and, if this process aggregates (or the one that
-        did is ending too, or is gone), hand over every changed trait and save."""
+        did is ending too, or is gone), hand over every changed trait and save. Once:
+        the timer does nothing more for this runtime afterwards."""
         with self._lock:
-            store = self.store
-            if store is not None and not store.leading:
-                self._log_pending()
-                if not store.try_lead():
-                    if not store.leader_exiting():
-                        return  # the aggregator lives on and reads what we logged
-                    while not store.try_lead():
-                        if _time.monotonic() >= deadline or not store.leader_exiting():
-                            return  # it is logged: the (next) aggregator counts it
-                        _time.sleep(0.02)
-                self._take_over()
-            self.tick(final=True)
-            if store is not None:
-                store.resign()
+            if self._finished:
+                return
+            try:
+                if self._take_over_at_exit(deadline):
+                    self.tick(final=True)
+            finally:
+                self._finished = True
+                if self.store is not None:
+                    self.store.resign()
+
+    def _take_over_at_exit(self, deadline: float) -> bool:
+        """Whether this process sends the final values: it aggregates, or takes over
+        from an aggregator that ends too (False: the living aggregator will)."""
+        store = self.store
+        if store is None or store.leading:
+            return True
+        self._log_pending()
+        if not store.try_lead():
+            if not store.leader_exiting():
+                return False  # the aggregator lives on and reads what we logged
+            while not store.try_lead():
+                if _time.monotonic() >= deadline or not store.leader_exiting():
+                    return False  # it is logged: the (next) aggregator counts it
+                _time.sleep(0.02)
+        self._take_over()
+        return True
 
     def after_fork(self) -> None:
+        self._finished = False
         self.engine.clear()
         self._pending.clear()
         self._unsettled.clear()
