@@ -353,7 +353,7 @@ for i in range(300_000):
 after = rss()
 stats = consumer.stats()
 print(json.dumps({"before": before, "after": after, "pending": stats["pending"],
-                  "dropped": stats["dropped"], "max_pending": consumer.max_pending}))
+                  "dropped": stats["dropped"], "max_pending": consumer.options.max_pending}))
 consumer.shutdown(0.1)
 """
 

@@ -104,7 +104,7 @@ def run_check(
         )
     else:
         check.note("rules", f"none (set {RULES_ENV} or pass --rules to check a file)")
-    timeout = timeout or float(options["request_timeout"])
+    timeout = timeout or options.request_timeout
     return _probe(check, token, base_url, timeout)
 
 

@@ -156,13 +156,6 @@ class Deliverer:
         self.reporter.failed(result.failed)
         return kept
 
-    def quiescent(self, timeout: float) -> bool:
-        """Whether the spool writer's lock can be taken within ``timeout`` s."""
-        if not self._spool_lock.acquire(timeout=timeout):
-            return False
-        self._spool_lock.release()
-        return True
-
     def adopt(self) -> None:
         """Take over the spool files of processes that are gone."""
         if self.spool is not None:

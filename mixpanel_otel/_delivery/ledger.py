@@ -37,7 +37,7 @@ class Pace(Protocol):
     def stopped(self) -> bool: ...  # workers end
 
     @property
-    def urgent(self) -> bool: ...  # send partial batches now (flush, exit, after SIGTERM)
+    def urgent(self) -> bool: ...  # send partial batches now (flush, exit)
 
     @property
     def paused_until(self) -> float: ...  # a 429 pauses every request until then
@@ -81,13 +81,6 @@ class Guard:
         with self.lock:
             self.work.notify()
 
-    def quiescent(self, timeout: float) -> bool:
-        """Whether the lock can be taken within ``timeout`` s."""
-        if not self.lock.acquire(timeout=timeout):
-            return False
-        self.lock.release()
-        return True
-
     def hold(self) -> None:
         """Take the lock across a ``fork()`` (:meth:`let_go` after it, in the parent)."""
         self.lock.acquire()
@@ -115,7 +108,7 @@ class Ledger:
         self.max_in_flight = max_in_flight
         guard = Guard()
         self._lock, self._work, self._change = guard.lock, guard.work, guard.change
-        self.quiescent, self.hold, self.let_go = guard.quiescent, guard.hold, guard.let_go
+        self.hold, self.let_go = guard.hold, guard.let_go
         self._dispatch = Dispatch(batch_size)
         self._bounds = Bounds(self._dispatch, max_pending, max_pending_bytes)
         self._inbox = Inbox(batch_size, self._bounds, guard.wake_one)

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import fcntl
 import hashlib
@@ -27,6 +26,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Callable, Optional, Protocol
 
 from .._config import resolve_options
+from .._delivery import process
 from .._exceptions import MixpanelException
 from .._rules import Condition, Trait
 from .._wire import GroupUpdate, group_id_key
@@ -322,7 +322,7 @@ def _option(consumer: Any, name: str) -> Any:
     """The consumer's trait option; for a consumer of another kind, the environment's."""
     if hasattr(consumer, name):
         return getattr(consumer, name)
-    return resolve_options({})[name]
+    return getattr(resolve_options({}), name)
 
 
 _RUNTIMES: dict[int, _Runtime] = {}  # id(consumer) -> its runtime
@@ -421,6 +421,7 @@ class TraitFeed:
             _timer.ensure()  # after a fork, or after the timer found nothing to do
             if _forked[0] and not _warned[0]:
                 _warn_forked()
+            _use_process_hooks()  # a forked child's exit runs the traits' exit step
         found: dict[str, Any] = {}  # attribute -> value, read once per record
         get, fallback = attributes.get, resource.get if resource else None
         for name in self._names:
@@ -562,11 +563,15 @@ def finish(consumer: Any, timeout: float = _EXIT_WAIT) -> None:
 
 
 def _emit_at_exit(deadline: Optional[float] = None) -> None:
-    """At exit, before the consumers' exit flush: every changed trait goes out, however
-    recently its group was sent (by this process, or by the aggregator of the shared
-    state when it ends too, waiting for it until ``deadline``, a ``time.monotonic()``)."""
-    if deadline is None:
-        deadline = _time.monotonic() + _EXIT_WAIT
+    """The traits' exit step, before the consumers': every changed trait goes out,
+    however recently its group was sent (by this process, or by the aggregator of the
+    shared state when it ends too, waiting for it until ``deadline``, a
+    ``time.monotonic()``)."""
+    now = _time.monotonic()
+    # Waiting for an ending aggregator takes at most half of what is left of the
+    # exit budget: the consumers' flush, next, needs the rest.
+    deadline = now + _EXIT_WAIT if deadline is None else min(deadline, now + _EXIT_WAIT)
+    deadline = now + max(0.0, deadline - now) / 2
     with _LOCK:
         runtimes = list(_RUNTIMES.values())
     for runtime in runtimes:
@@ -577,6 +582,18 @@ def _emit_at_exit(deadline: Optional[float] = None) -> None:
         # Sketches still alive at interpreter teardown make their bindings print
         # "leaked instance" lines: the state is saved and sent, let it go now.
         runtime.engine.release()
+
+
+def _use_process_hooks() -> None:
+    """Install the process hooks (exit steps, SIGTERM, multiprocessing's exit) where
+    this process has not yet, as a consumer does when first used after a fork: a
+    child that only counts traits never uses its consumer before it ends."""
+    with _LOCK:
+        consumers = [runtime.consumer() for runtime in _RUNTIMES.values()]
+    for consumer in consumers:
+        use = getattr(consumer, "use_process", None)
+        if use is not None:
+            use(consumer)
 
 
 def _after_fork_in_child() -> None:
@@ -638,6 +655,6 @@ def _claim_solo(scope: str, traits: list[Trait]) -> None:
     _SOLO[name] = handle  # held while this process lives; the kernel releases it
 
 
-atexit.register(_emit_at_exit)
+process.add_exit_step("traits", _emit_at_exit)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
