@@ -100,15 +100,25 @@ def run_check(
             for line in str(exc).splitlines():  # one line per bad table
                 check.fail("rules", line)
         else:
-            named = "--rules" if rules else RULES_ENV
-            check.step(
-                "rules",
-                f"{len(found)} rule(s), {len(traits)} trait(s) in {rules_source} (from {named})",
-            )
+            _check_rules(check, found, traits, rules_source, "--rules" if rules else RULES_ENV)
     else:
         check.note("rules", f"none (set {RULES_ENV} or pass --rules to check a file)")
     timeout = timeout or options.request_timeout
     return _probe(check, token, base_url, timeout)
+
+
+def _check_rules(
+    check: Check, found: list[Any], traits: list[Any], source: str, named: str
+) -> None:
+    from ._traits.aggregates import SKETCHES_EXTRA, needs_sketches, sketches_missing
+
+    needing = [t for t in traits if needs_sketches(t.aggregate)]
+    if needing and sketches_missing():
+        names = ", ".join(f"trait {t.index} ({t.property})" for t in needing)
+        check.fail("rules", f"{names}: {SKETCHES_EXTRA}")
+    else:
+        summary = f"{len(found)} rule(s), {len(traits)} trait(s) in {source} (from {named})"
+        check.step("rules", summary)
 
 
 def _probe(check: Check, token: str, base_url: str, timeout: float) -> Check:

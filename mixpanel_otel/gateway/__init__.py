@@ -40,6 +40,23 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
+def _duration(text: str) -> float:
+    """Seconds from ``600`` or ``<n>s|m|h|d``."""
+    from .._rules import parse_window
+
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        seconds = parse_window(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds is None:
+        raise argparse.ArgumentTypeError("a duration, not lifetime")
+    return seconds
+
+
 def _env(name: str, default: Any) -> Any:
     return os.environ.get(name) or default
 
@@ -63,6 +80,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=int(_env("MIXPANEL_OTEL_GATEWAY_HTTP_PORT", 4318)),
         help="OTLP/HTTP port, also /health (env MIXPANEL_OTEL_GATEWAY_HTTP_PORT; default 4318)",
+    )
+    parser.add_argument(
+        "--dedupe-window",
+        type=_duration,
+        default=_duration(_env("MIXPANEL_OTEL_GATEWAY_DEDUPE_WINDOW", "10m")),
+        help="an Export call resent with the same content within this time (e.g. 600, "
+        "10m) counts once in computed traits; 0 turns it off "
+        "(env MIXPANEL_OTEL_GATEWAY_DEDUPE_WINDOW; default 10m)",
     )
     parser.add_argument(
         "--ack-timeout",
@@ -228,6 +253,7 @@ def main(args: argparse.Namespace) -> int:
             grpc_port=args.grpc_port,
             http_port=args.http_port,
             ack_timeout=args.ack_timeout,
+            dedupe_window=args.dedupe_window,
             max_concurrent=args.max_concurrent,
             max_request_bytes=args.max_request_bytes,
             max_inflight_bytes=args.max_inflight_bytes,
