@@ -77,4 +77,7 @@ def zero_code_defaults(environ: Mapping[str, str], argv: Sequence[str]) -> dict[
 
 
 if os.path.basename(sys.argv[0]) == "opentelemetry-instrument":
-    os.environ.update(zero_code_defaults(os.environ, sys.argv[1:]))
+    try:
+        os.environ.update(zero_code_defaults(os.environ, sys.argv[1:]))
+    except Exception:  # unreadable package metadata: never stop the command over a default
+        pass
