@@ -163,9 +163,10 @@ def _celery_worker(tmp_path, sink, *args: str) -> AppProcess:
     celery = pytest.importorskip("celery")
     transport = {
         "data_folder_in": str(tmp_path / "queue"),
+        "data_folder_out": str(tmp_path / "queue"),
         "processed_folder": str(tmp_path / "done"),
+        "control_folder": str(tmp_path / "control"),  # not the current directory
     }
-    transport["data_folder_out"] = transport["data_folder_in"]
     for folder in set(transport.values()):
         os.makedirs(folder, exist_ok=True)
     sender = celery.Celery("tasks", broker="filesystem://")
