@@ -140,6 +140,7 @@ from mixpanel_otel import MixpanelGroupHandler
 
 logging.getLogger().addHandler(MixpanelGroupHandler())  # the README's setup
 logging.getLogger().setLevel(logging.INFO)
+logging.getLogger(__name__).info("tasks loaded")  # the handler checks the level now: fine
 
 app = Celery("tasks", broker="filesystem://")
 app.conf.broker_transport_options = {transport!r}
