@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import weakref
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -28,7 +27,8 @@ if TYPE_CHECKING:
 __all__ = ["follow"]
 
 _CELERY_FIX = "start the Celery worker with --loglevel INFO (it sets the root logger's level)"
-_ON_ROOT: weakref.WeakSet[MixpanelGroupHandler] = weakref.WeakSet()
+#: Strong references: once the worker empties the root logger, nothing else may hold them.
+_ON_ROOT: list[MixpanelGroupHandler] = []
 _lock = threading.Lock()
 _followed = False
 
@@ -56,18 +56,18 @@ def _mixpanel_handlers(logger: logging.Logger) -> list[MixpanelGroupHandler]:
 
 
 def _note_root_handlers(**_: Any) -> None:
-    _ON_ROOT.update(_mixpanel_handlers(logging.root))
+    _ON_ROOT[:] = _mixpanel_handlers(logging.root)
 
 
 def _restore_root_handlers(logger: Any = None, **_: Any) -> None:
     root = logger if isinstance(logger, logging.Logger) else logging.root
-    for handler in list(_ON_ROOT):
+    for handler in _ON_ROOT:
         root.addHandler(handler)  # a no-op when the worker left it there
-        handler.check_level(_CELERY_FIX)
+        handler.check_level(_CELERY_FIX, again=True)  # the worker has just set the level
 
 
 def _add_to_task_logger(logger: Any = None, **_: Any) -> None:
     if not isinstance(logger, logging.Logger) or logger.propagate:
         return  # task records reach the root logger's handlers already
-    for handler in list(_ON_ROOT):
+    for handler in _ON_ROOT:
         logger.addHandler(handler)

@@ -85,17 +85,19 @@ class MixpanelGroupHandler(logging.Handler):
         self.check_level()
         self._deliver(record)
 
-    def check_level(self, fix: str = "") -> None:
+    def check_level(self, fix: str = "", *, again: bool = False) -> None:
         """Warn, once per handler, when the loggers it is attached to drop INFO records.
 
         Run at the first record the handler sees and at its first flush (at the
-        latest, ``logging.shutdown()`` at exit), when it is attached. A handler
-        given ``level`` above INFO asked for that and is left alone.
+        latest, ``logging.shutdown()`` at exit), when it is attached; ``again``
+        checks even when that was done (a framework changed the levels since). A
+        handler given ``level`` above INFO asked for that and is left alone.
         """
         if not self._front.enabled or self.level > logging.INFO:
             return
-        if not self._level_checked.acquire(blocking=False):
-            return  # checked already (the lock is never released)
+        first = self._level_checked.acquire(blocking=False)  # never released: "done"
+        if not (first or again):
+            return
         muted = [holder for holder in attached_loggers(self) if drops_info(holder)]
         if muted:
             warn_visibly(level_warning(muted[0], fix))

