@@ -34,6 +34,7 @@ __all__ = [
     "shutdown",
 ]
 
+
 def shutdown(timeout: Optional[float] = None) -> None:
     """Deliver what is held, then put back everything the library installed in the process.
 
