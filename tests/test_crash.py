@@ -436,6 +436,10 @@ client, consumer = make(flush_interval=60, shutdown_timeout=3)
 async def lifespan(app):
     yield
     emit(client, "z", ["shutdown0"], 1)  # logged while uvicorn shuts down gracefully
+    if os.environ.get("SHUTDOWN_IN_LIFESPAN"):  # uvicorn's SIGTERM handler came first:
+        import mixpanel_otel  # it is the application's, so deliver in its exit path
+
+        mixpanel_otel.shutdown()
 
 app = FastAPI(lifespan=lifespan)
 
@@ -467,6 +471,7 @@ def _uvicorn(sink, tmp_path, before):
             str(tmp_path),
             "uvmain",
             PORT=port,
+            SHUTDOWN_IN_LIFESPAN=1,
         )
         with open(tmp_path / "uvapp_module.py", "w") as f:
             f.write(script(source))

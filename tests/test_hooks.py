@@ -339,8 +339,9 @@ def test_exit_with_a_spool_and_a_silent_server_ends_within_the_bound(sink, tmp_p
         hole.close()
     assert "kept in the spool" in err and "lost" not in err, (took, err)
     assert spooled_rows(spool, TOKEN, hole.url) > 0
-    # shutdown_timeout + 0.5 s is the promise; 2.5 s more for a loaded machine.
-    assert took < 2 + 0.5 + 2.5, (took, err)
+    # shutdown_timeout + 0.5 s is the promise; 4.5 s more for a loaded machine (an
+    # unbounded exit waits for the 10 s request timeout, and more).
+    assert took < 2 + 0.5 + 4.5, (took, err)
 
 
 # -- 2. gunicorn with a Mixpanel that hangs at shutdown -------------------------------------
