@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Callable, Optional
 
@@ -10,6 +11,7 @@ from ._wire import DEFAULT_BATCH_SIZE, ENDPOINTS, MAX_BATCH_MESSAGES, REGION_HOS
 
 __all__ = [
     "CONSUMER_OPTIONS",
+    "Options",
     "base_url_of",
     "DISABLED_ENV",
     "check_arguments",
@@ -105,6 +107,30 @@ CONSUMER_OPTIONS: dict[str, tuple[Optional[str], Any, Callable[[Any], Any]]] = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Every consumer option, resolved (see :data:`CONSUMER_OPTIONS` and the README)."""
+
+    flush_interval: float
+    batch_size: int
+    max_pending: int
+    max_pending_bytes: int
+    request_timeout: float
+    shutdown_timeout: float
+    spool_dir: Optional[str]
+    max_block: float
+    max_in_flight: int
+    flush_on_sigterm: bool
+    trait_interval: float
+    trait_state_dir: Optional[str]
+    trait_max_groups: int
+    backoff_base: float
+    backoff_max: float
+    on_error: Optional[Callable[..., Any]]
+    before_send: Optional[Callable[..., Any]]
+    credentials: Any
+
+
 def check_arguments(options: dict[str, Any]) -> dict[str, Any]:
     """Parse the options given as arguments (None means "not given"); raise naming
     the first that is wrong or unknown. The environment is not read."""
@@ -121,7 +147,7 @@ def check_arguments(options: dict[str, Any]) -> dict[str, Any]:
     return parsed
 
 
-def resolve_options(options: dict[str, Any]) -> dict[str, Any]:
+def resolve_options(options: dict[str, Any]) -> Options:
     """Fill every consumer option: argument, then environment, then default.
 
     Arguments are checked first, so a wrong argument is reported as such
@@ -139,7 +165,7 @@ def resolve_options(options: dict[str, Any]) -> dict[str, Any]:
             resolved[name] = parse(value)
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(f"{env}={value!r}: {exc}", from_environment=True) from None
-    return resolved
+    return Options(**resolved)
 
 
 def disabled_by_environment() -> bool:

@@ -16,10 +16,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from time import monotonic
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Protocol, TypeVar, Union
 
 from ._config import check_arguments, disabled_by_environment, resolve_options, resolve_target
+from ._delivery.stats import Throttle
 from ._exceptions import ConfigurationError, MissingToken, MixpanelException
 from ._records import Adapter, Walker
 from ._rules import Rules, RulesSource, load_all
@@ -284,8 +284,7 @@ class FrontEnd:
             traits = feed_for(self.consumer, found.traits)
         self.translator = Translator(found.rules, self.consumer.truncations, traits)
         self._walkers: dict[Adapter[Any], Walker[Any]] = {}
-        self._last_warning = -_WARN_EVERY
-        self._unreported = 0
+        self._warnings = Throttle(_WARN_EVERY)
 
     def walker(self, adapter: Adapter[R]) -> Walker[R]:
         """The one path for this front end's records of ``adapter``'s kind (built once)."""
@@ -312,12 +311,11 @@ class FrontEnd:
         front end ignores, and never re-enters from inside a report.
         """
         self.consumer.count_invalid(len(reasons) or 1)
-        now = monotonic()
-        if now - self._last_warning < _WARN_EVERY or getattr(_reporting, "active", False):
-            self._unreported += 1
+        if getattr(_reporting, "active", False):
             return
-        self._last_warning = now
-        skipped, self._unreported = self._unreported, 0
+        allowed, skipped = self._warnings.allow()
+        if not allowed:
+            return
         _reporting.active = True
         try:
             logger.warning(

@@ -19,7 +19,7 @@ from .._traits import finish as finish_traits
 from . import DEFAULT_FLUSH_INTERVAL
 from ._grpc import GrpcServer
 from ._http import HttpServer
-from ._ingest import Ingest
+from ._ingest import DEFAULT_DEDUPE_WINDOW, Ingest
 from ._limits import (
     DEFAULT_MAX_ATTRIBUTES,
     DEFAULT_MAX_INFLIGHT_BYTES,
@@ -28,7 +28,7 @@ from ._limits import (
     Budget,
     Limits,
 )
-from ._security import Policy, Throttle, Tokens, is_loopback, read_file, server_tls
+from ._security import ClientLog, HostCheck, Policy, Tokens, is_loopback, read_file, server_tls
 
 __all__ = ["Gateway", "ListenError"]
 
@@ -44,6 +44,8 @@ class Gateway:
         grpc_port, http_port: 0 picks a free port (see ``grpc_address``/``http_url``).
         ack_timeout: longest an Export call waits for its updates to be delivered or
             spooled before it is answered with the retryable failure.
+        dedupe_window: seconds within which an Export call resent with the same content
+            counts once in computed traits (``--dedupe-window``, default 10 minutes).
         max_concurrent: Export calls handled at once per protocol; more are answered
             "overloaded" (HTTP 429, gRPC RESOURCE_EXHAUSTED).
         max_request_bytes: largest request body, before and after decompression.
@@ -59,6 +61,8 @@ class Gateway:
         allow_unauthenticated: listen on a non-loopback address with neither
             client certificates nor tokens (otherwise refused).
         allow_ops, group_keys: the operation policy (:class:`Policy`).
+        allowed_hosts: ``Host`` values answered besides loopback ones when callers
+            are not authenticated (``*``: any), against DNS rebinding.
         options: consumer options (``flush_interval``, ``spool_dir``, ...);
             ``flush_interval`` defaults to 0.2 s here, as it adds to every answer's latency.
     """
@@ -73,6 +77,7 @@ class Gateway:
         grpc_port: int = 4317,
         http_port: int = 4318,
         ack_timeout: float = 5.0,
+        dedupe_window: float = DEFAULT_DEDUPE_WINDOW,
         max_concurrent: int = 32,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
@@ -85,6 +90,7 @@ class Gateway:
         allow_unauthenticated: bool = False,
         allow_ops: Optional[Iterable[str]] = None,
         group_keys: Optional[Iterable[str]] = None,
+        allowed_hosts: Optional[Iterable[str]] = None,
         **options: Any,
     ) -> None:
         tokens = tokens or Tokens()
@@ -126,9 +132,10 @@ class Gateway:
             limits=limits,
             budget=Budget(max_inflight_bytes),
             policy=policy,
+            dedupe_window=dedupe_window,
         )
         self.tokens = tokens
-        throttle = Throttle()
+        throttle = ClientLog(scrub=self.ingest.scrub)
         try:
             self._grpc = GrpcServer(
                 host,
@@ -151,7 +158,11 @@ class Gateway:
                 max_request_bytes,
                 tokens=tokens,
                 tls=http_tls,
-                check_host=is_loopback(host) and not tokens.required and not tls_client_ca,
+                host_check=(
+                    None
+                    if tokens.required or tls_client_ca
+                    else HostCheck([host, *(allowed_hosts or ())])
+                ),
                 throttle=throttle,
             )
         except OSError as exc:
@@ -257,7 +268,15 @@ def _check_security(
         raise MixpanelException("--tls-client-ca needs --tls-cert and --tls-key")
     if is_loopback(host):
         return
-    if not (tls_client_ca or tokens.required or allow_unauthenticated):
+    if not (tls_client_ca or tokens.required):
+        if allow_unauthenticated:
+            logger.warning(
+                "mixpanel-otel gateway: listening on %s WITHOUT authentication "
+                "(--allow-unauthenticated): anyone who can reach it can write group profiles; "
+                "HTTP answers only loopback Host values and --allowed-hosts",
+                host,
+            )
+            return
         raise MixpanelException(
             f"refusing to listen on {host} without authentication: anyone who can reach it "
             "could write or delete group profiles. Give --tls-client-ca (mutual TLS) or "
