@@ -75,11 +75,19 @@ def run_check(
 ) -> Check:
     """Run every step; stop at a failure the next steps depend on (the token, the
     options, the host), not at bad rules. Never prints the token."""
-    from ._config import DISABLED_ENV, disabled_by_environment, resolve_options, resolve_target
+    from ._config import (
+        DISABLED_ENV,
+        disabled_by_environment,
+        resolve_options,
+        resolve_target,
+        unknown_environment,
+    )
     from ._exceptions import MixpanelException
     from ._rules import RULES_ENV, load_all
 
     check = Check()
+    for name in unknown_environment():
+        check.note("environment", f"{name} is not read: ignored")
     try:
         if disabled_by_environment():
             return check.fail("disabled", f"{DISABLED_ENV} is set: nothing is sent")

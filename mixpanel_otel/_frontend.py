@@ -18,7 +18,13 @@ import threading
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Protocol, TypeVar, Union
 
-from ._config import check_arguments, disabled_by_environment, resolve_options, resolve_target
+from ._config import (
+    check_arguments,
+    disabled_by_environment,
+    resolve_options,
+    resolve_target,
+    warn_unknown_environment,
+)
 from ._delivery.stats import Throttle
 from ._exceptions import ConfigurationError, MissingToken, MixpanelException
 from ._records import Adapter, Walker
@@ -126,6 +132,9 @@ class DisabledConsumer:
         return stats
 
 
+_NO_TOKEN = (
+    "no Mixpanel project token (pass token= or set MIXPANEL_TOKEN); group updates are discarded"
+)
 _disabled: Counter[str] = Counter()  # why -> front ends disabled for it, this process
 _said: set[str] = set()
 _said_lock = threading.Lock()
@@ -179,6 +188,7 @@ def open_consumer(
             raise MixpanelException("pass consumer options to get_consumer(), not with consumer=")
         return consumer
     check_arguments(options)
+    warn_unknown_environment()
     try:
         if disabled_by_environment() and not _capturing():
             return _disable("MIXPANEL_OTEL_DISABLED is set", 0)
@@ -190,11 +200,7 @@ def open_consumer(
         if not exc.from_environment or (need_token and isinstance(exc, MissingToken)):
             raise
         if isinstance(exc, MissingToken):
-            return _disable(
-                "no Mixpanel project token (pass token= or set MIXPANEL_TOKEN); "
-                "group updates are discarded",
-                missing_token_level,
-            )
+            return _disable(_NO_TOKEN, missing_token_level)
         return _disable(f"{exc}; group updates are discarded", logging.ERROR)
     except Exception as exc:
         if not fallback_on_error:
@@ -223,13 +229,19 @@ def get_consumer(
     consumer is created; a later call that gives another value gets the
     same consumer and one warning naming the option and the value kept.
     The consumer publishes its ``stats()`` as OpenTelemetry metrics. With
-    ``MIXPANEL_OTEL_DISABLED=true`` it is a :class:`DisabledConsumer`: it
-    takes what the official SDK ``send()`` s and sends nothing.
+    ``MIXPANEL_OTEL_DISABLED=true``, or without a token (one warning, as the
+    front ends), it is a :class:`DisabledConsumer`: it takes what the official
+    SDK ``send()`` s and sends nothing, and its ``flush()`` returns at once,
+    so a shutdown hook's ``get_consumer().flush(5)`` runs everywhere.
     """
     check_arguments(options)
+    warn_unknown_environment()
     if disabled_by_environment() and not _capturing():
         return _disable("MIXPANEL_OTEL_DISABLED is set", 0)
-    return _shared(token, api_host, dict(options))
+    try:
+        return _shared(token, api_host, dict(options))
+    except MissingToken:
+        return _disable(_NO_TOKEN, logging.WARNING)
 
 
 class FrontEnd:
