@@ -241,3 +241,20 @@ def test_no_page_shows_the_token_in_any_form(sink: Sink) -> None:
         assert SECRET[:12] not in html.unescape(text).replace("\\", ""), path
     shown = requests.get(sink.url + "/api/rejected", timeout=10).json()["rows"]
     assert sum("<token>" in row[3]["t"] for row in shown) == len(refused), shown
+
+
+def test_ambiguous_framing_is_400(sink: Sink) -> None:
+    """As the gateway: no request smuggling through the sink's parser either."""
+    for framing in (
+        b"Transfer-Encoding: xchunked\r\n",
+        b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+        b"Content-Length: 5\r\nContent-Length: 6\r\n",
+        "Content-Length: \u00b9\u00b2\r\n".encode(),
+    ):
+        with socket.create_connection(("127.0.0.1", sink.port), timeout=10) as conn:
+            conn.sendall(b"POST /groups HTTP/1.1\r\nHost: 127.0.0.1\r\n" + framing + b"\r\n")
+            answer = b""
+            while chunk := conn.recv(4096):  # the answer, up to the close
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400 ") and b"invalid framing" in answer, framing
+    assert requests.post(sink.url + "/groups", data={"data": "[]"}, timeout=10).status_code == 200

@@ -23,7 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from socketserver import TCPServer
 from typing import TYPE_CHECKING, Any, Optional
 
-from .._body import BodyTooLarge, read_chunked
+from .._body import BodyTooLarge, framing, read_chunked
 from .access import Access
 from .connections import (
     MAX_HEAD_BYTES,
@@ -242,16 +242,15 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
     def _content_length(self) -> int:
-        """The declared body length; -1 when chunked; raises ValueError if invalid."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            return -1
-        value = self.headers.get("Content-Length")
-        if value is None:
+        """The declared body length; -1 when chunked, 0 when none is declared.
+
+        Framing is strict (:func:`~mixpanel_otel._body.framing`): an ambiguous one
+        (``xchunked``, Content-Length with chunked, two lengths) raises ``ValueError``.
+        """
+        if "Transfer-Encoding" not in self.headers and "Content-Length" not in self.headers:
             return 0
-        length = int(value)
-        if length < 0:
-            raise ValueError("negative Content-Length")
-        return length
+        length = framing(self.headers)
+        return -1 if length is None else length
 
     def _safe_length(self) -> int:
         try:
@@ -307,8 +306,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._body_deadline(time.monotonic() - slept)
         try:
             length = self._content_length()
-        except ValueError:
-            self._send_json(400, {"error": "invalid Content-Length", "status": 0}, close=True)
+        except ValueError as exc:
+            self._send_json(400, {"error": f"invalid framing: {exc}", "status": 0}, close=True)
             return
         if length > MAX_BODY_BYTES:
             self._answer_oversized(fault, length)
