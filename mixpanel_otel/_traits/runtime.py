@@ -4,10 +4,13 @@
   records; front ends that share a consumer share its engine, so a trait
   both the logging handler and the span exporter feed counts both.
 - One daemon thread (pid-stamped: a forked child starts its own) hands due
-  updates to each consumer (``consumer.enqueue``) and saves state.
-- At exit, what is due goes to the consumer before its exit flush.
-- After a fork, the child forgets its parent's trait state, keeps no state
-  file, and warns once that each process only sees its share of the records.
+  updates to each consumer (``consumer.submit``: a value counts as sent once
+  its receipt says delivered or spooled) and saves state.
+- With a state directory shared by the processes of a host, each process logs
+  its records there and one of them, elected by a lock, aggregates and emits
+  (:mod:`.store`); without one, a second process computing the same traits,
+  or a forked child, warns once.
+- The traits' exit step (before the consumers') sends every changed value.
 """
 
 from __future__ import annotations
