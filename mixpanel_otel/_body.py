@@ -13,9 +13,14 @@ import socket
 from time import monotonic
 from typing import Any, Callable, Optional
 
-__all__ = ["BodyError", "BodyTimeout", "BodyTooLarge", "read_body", "read_chunked"]
+__all__ = ["BodyError", "BodyTimeout", "BodyTooLarge", "framing", "read_body", "read_chunked"]
 
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
+_LENGTH = re.compile(r"[0-9]{1,18}")  # ASCII only: str.isdigit() also takes "¹²³"
+_MAX_EXCESS = 16 * 1024  # framing bytes beyond what the data pays for (as Go's net/http)
+#: Chunks in one body: each costs a Python loop turn, so two million 2-byte chunks would
+#: cost seconds of CPU (senders write chunks of kilobytes: 4 MiB in 1 KiB chunks fits).
+MAX_CHUNKS = 4096
 _READ = 1 << 16
 
 
@@ -63,7 +68,12 @@ class _Reader:
         return line
 
     def read(self, size: int) -> bytes:
-        parts = []
+        out = bytearray()
+        self.read_into(out, size)
+        return bytes(out)
+
+    def read_into(self, out: bytearray, size: int) -> None:
+        """Append exactly ``size`` bytes to ``out``."""
         while size > 0:
             self._arm()
             try:
@@ -74,9 +84,8 @@ class _Reader:
                 raise BodyError("the body ended early (connection closed)")
             if self.count is not None:
                 self.count(len(data))
-            parts.append(data)
+            out += data
             size -= len(data)
-        return b"".join(parts)
 
 
 def read_chunked(
@@ -92,12 +101,17 @@ def read_chunked(
     ``count(n)`` is called with each piece read (it may raise to stop the read).
     """
     reader = _Reader(rfile, sock, deadline, count)
-    parts: list[bytes] = []
-    total = 0
+    body = bytearray()  # one buffer: a list of tiny chunks would cost ~70 times their bytes
+    excess = chunks = 0
     while True:
+        chunks += 1
+        if chunks > MAX_CHUNKS:
+            raise BodyError(f"chunked body of more than {MAX_CHUNKS} chunks")
         line = reader.readline()
         if not line.endswith(b"\n"):
             raise BodyError("bad chunk-size line in chunked body")
+        if reader.count is not None:
+            reader.count(len(line) + 2)  # framing is received (and held) too
         size_text = line.split(b";", 1)[0].strip()
         if not _CHUNK_SIZE.fullmatch(size_text):
             raise BodyError(f"bad chunk size {size_text[:20]!r} in chunked body")
@@ -105,13 +119,42 @@ def read_chunked(
         if size == 0:
             while reader.readline().strip():  # trailers, up to the empty line
                 pass
-            return b"".join(parts)
-        total += size
-        if total > limit:
+            return bytes(body)
+        if len(body) + size > limit:
             raise BodyTooLarge(f"chunked body over the limit of {limit} bytes")
-        parts.append(reader.read(size))
+        # Go's net/http rule: framing beyond 16 bytes plus the chunk's size again is excess.
+        excess = max(0, excess + len(line) + 2 - 16 - 2 * size)
+        if excess > _MAX_EXCESS:
+            raise BodyError("chunked body holds too much framing for its data")
+        reader.read_into(body, size)
         if reader.readline().strip():
             raise BodyError("chunk data longer than its declared size")
+
+
+def framing(headers: Any) -> Optional[int]:
+    """The body's declared length, or None for chunked; :class:`BodyError` if ambiguous.
+
+    Strict, as a hardened proxy is (request smuggling): ``Transfer-Encoding`` must be
+    exactly ``chunked`` and comes without ``Content-Length``; several different
+    ``Content-Length`` values, or one that is not plain ASCII digits, are refused.
+    """
+    encodings = headers.get_all("Transfer-Encoding") or []
+    lengths = headers.get_all("Content-Length") or []
+    if encodings:
+        if len(encodings) > 1 or encodings[0].strip(" \t").lower() != "chunked":
+            raise BodyError(f"unsupported Transfer-Encoding {', '.join(encodings)[:40]!r}")
+        if lengths:
+            raise BodyError("both Transfer-Encoding and Content-Length (refused: ambiguous)")
+        return None
+    if not lengths:
+        raise BodyError("Content-Length (or chunked encoding) is required")
+    values = {text.strip(" \t") for text in lengths}
+    if len(values) > 1:
+        raise BodyError("conflicting Content-Length headers")
+    text = values.pop()
+    if not _LENGTH.fullmatch(text):
+        raise BodyError(f"Content-Length {text[:20]!r} is not a non-negative number")
+    return int(text)
 
 
 def read_body(
@@ -123,15 +166,10 @@ def read_body(
     deadline: Optional[float] = None,
     count: Optional[Callable[[int], None]] = None,
 ) -> bytes:
-    """The request body framed by ``headers`` (``Content-Length`` or chunked)."""
-    if "chunked" in headers.get("Transfer-Encoding", "").lower():
+    """The request body framed by ``headers`` (see :func:`framing`)."""
+    length = framing(headers)
+    if length is None:
         return read_chunked(rfile, limit, sock=sock, deadline=deadline, count=count)
-    text = headers.get("Content-Length")
-    if text is None:
-        raise BodyError("Content-Length (or chunked encoding) is required")
-    if not text.strip().isdigit():
-        raise BodyError(f"Content-Length {text[:20]!r} is not a non-negative number")
-    length = int(text)
     if length > limit:
         raise BodyTooLarge(f"body of {length} bytes is over the limit of {limit} bytes")
     return _Reader(rfile, sock, deadline, count).read(length)

@@ -102,7 +102,7 @@ class Parts:
             if job is None:
                 return
             self.deliverer.run(job)
-            if logger.isEnabledFor(logging.DEBUG) and self._stats_debug.ready() is not None:
+            if logger.isEnabledFor(logging.DEBUG) and self._stats_debug.allow()[0]:
                 logger.debug("mixpanel-otel: stats %s", self.reporter.stats.snapshot())
 
     # -- callers ---------------------------------------------------------------------
@@ -279,19 +279,22 @@ class Parts:
         self.frozen = process.dying()  # before the take: whoever adds after it sees it
         front, back, sdk_lost = ledger.take_all()
         left = front + back
-        kept = bool(left) and self.spool is not None and self.deliverer.spill(front, back)
-        if kept:
-            ledger.settle(left, Fate.SPOOLED)
-        elif left:
+        unkept = left
+        if left and self.spool is not None:
+            unkept = self.deliverer.spill(front, back)
+        lost = {id(update) for update in unkept}
+        kept = [update for update in left if id(update) not in lost]
+        ledger.settle(kept, Fate.SPOOLED)
+        if unkept:
             reason = "not delivered before exit"
             if self.spool is not None:
                 reason += "; the spool could not keep them"
-            ledger.settle(left, Fate.DROPPED, reason)
-            reporter.dropped(left, reason)
+            ledger.settle(unkept, Fate.DROPPED, reason)
+            reporter.dropped(unkept, reason)
         reporter.dropped_texts(sdk_lost, "not delivered before exit")
         updates = sum(update.stands_for for update in left) + len(sdk_lost)
         if updates:
-            self._report_left(updates, sum(u.stands_for for u in left) if kept else 0)
+            self._report_left(updates, sum(update.stands_for for update in kept))
         lifecycle.stop(left_behind=bool(updates))
         if self.spool is not None:
             self.spool.close()

@@ -23,6 +23,7 @@ from .._config import CONSUMER_OPTIONS
 DEFAULT_FLUSH_INTERVAL = 0.2
 
 if TYPE_CHECKING:
+    from ._health import HealthSocket
     from ._server import Gateway
 
 __all__ = ["Gateway", "add_arguments", "main"]
@@ -158,6 +159,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="listen on a non-loopback address with neither client certificates nor tokens",
     )
     security.add_argument(
+        "--allowed-hosts",
+        default=_env("MIXPANEL_OTEL_GATEWAY_ALLOWED_HOSTS", None),
+        help="Host header values HTTP answers without authentication besides loopback "
+        "ones, comma-separated ('*': any) (env MIXPANEL_OTEL_GATEWAY_ALLOWED_HOSTS)",
+    )
+    security.add_argument(
         "--allow-ops",
         default=_env("MIXPANEL_OTEL_GATEWAY_ALLOW_OPS", None),
         help="operations forwarded, comma-separated (default: all but $delete; 'all' for "
@@ -190,6 +197,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             metavar=name.upper(),
             help=f"consumer option {name} ({where}default {default})",
         )
+
+
+def _open_health_socket(gateway: Gateway) -> Optional[HealthSocket]:
+    """The health socket the container's health check asks, when the environment names one."""
+    from ._health import HEALTH_SOCKET_ENV, HealthSocket
+
+    path = os.environ.get(HEALTH_SOCKET_ENV)
+    if not path:
+        return None
+    health = HealthSocket(path, gateway.health).start()
+    logging.getLogger("mixpanel_otel.gateway").info(
+        "mixpanel-otel gateway: health on the Unix socket %s (mixpanel-otel health)", path
+    )
+    return health
 
 
 def main(args: argparse.Namespace) -> int:
@@ -245,6 +266,7 @@ def main(args: argparse.Namespace) -> int:
             allow_unauthenticated=args.allow_unauthenticated,
             allow_ops=_names(args.allow_ops),
             group_keys=_names(args.group_keys),
+            allowed_hosts=_names(args.allowed_hosts),
             flush_on_sigterm=False,  # the gateway stops itself on SIGTERM
             **options,
         )
@@ -265,6 +287,12 @@ def main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_hangup)
     gateway.start()
+    try:
+        health = _open_health_socket(gateway)
+    except MixpanelException as exc:
+        gateway.stop()
+        print(f"mixpanel-otel gateway: {exc}", file=sys.stderr)
+        return 2
     print(
         f"mixpanel-otel gateway: OTLP/gRPC on {gateway.grpc_address}, "
         f"OTLP/HTTP on {gateway.http_url} (health {gateway.http_url}/health), "
@@ -288,6 +316,8 @@ def main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     print("mixpanel-otel gateway: stopping", flush=True)
     delivered = gateway.stop()
+    if health is not None:
+        health.close()
     outcome = "everything delivered or spooled" if delivered else "some updates left"
     print(f"mixpanel-otel gateway: stopped ({outcome})", flush=True)
     return 0

@@ -1,7 +1,9 @@
 """OTLP/HTTP: ``POST /v1/logs`` and ``/v1/traces`` (protobuf or JSON, gzip), ``GET /health``.
 
 Stdlib ``http.server``, one thread per connection (at most
-``_MAX_CONNECTIONS``). Callers are checked first (bearer token, ``Host``
+``_MAX_CONNECTIONS``, ``_CONNECTIONS_PER_PEER`` from one address). The TLS
+handshake and the request head must arrive whole within ``_HEAD_TIMEOUT``,
+a body within its own deadline. Callers are checked first (bearer token, ``Host``
 on an unauthenticated loopback gateway), then the body is read whole, within
 a deadline that grows with its size, *before* its Export call takes a slot:
 a slow sender holds a thread, never a slot. Bodies being received share a
@@ -11,9 +13,11 @@ byte cap; decoding shares the ingest's memory budget.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
+import select
 import socket
 import ssl
 import sys
@@ -24,11 +28,11 @@ from socketserver import TCPServer
 from time import monotonic
 from typing import Any, Callable, Iterator, Optional
 
-from .._body import BodyError, BodyTimeout, BodyTooLarge, read_body
-from ._ingest import Answer, Ingest, Outcome
+from .._body import BodyError, BodyTimeout, BodyTooLarge, framing, read_body
+from ._ingest import Answer, Call, Ingest, Outcome
 from ._limits import Budget
 from ._otlp import LOGS, TRACES, Signal, status_body
-from ._security import Throttle, Tokens, loopback_host
+from ._security import ClientLog, HostCheck, Tokens
 
 __all__ = ["HttpServer"]
 
@@ -51,11 +55,62 @@ _HTTP_STATUS = {
     Outcome.UNAVAILABLE: HTTPStatus.SERVICE_UNAVAILABLE,
     Outcome.STOPPING: HTTPStatus.SERVICE_UNAVAILABLE,
 }
-_SOCKET_TIMEOUT = 30.0  # an idle keep-alive connection, or a stalled header, ends after this
+_SOCKET_TIMEOUT = 30.0  # a write to a caller that reads nothing ends after this
+_IDLE_TIMEOUT = 30.0  # a keep-alive connection waits this long for its next request
+_HEAD_TIMEOUT = 10.0  # TLS handshake and request head, whole, from accept or the first byte
 _BODY_GRACE = 10.0  # every body gets this long, plus its size at _MIN_RATE
 _MIN_RATE = 64 * 1024  # bytes/s a sender must keep up, on average, for a whole body
-_HANDSHAKE_TIMEOUT = 10.0
 _MAX_CONNECTIONS = 512
+#: Connections from one address: one caller cannot take every thread (nginx's limit_conn).
+_CONNECTIONS_PER_PEER = 64
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A socket's raw reader whose reads all end by ``deadline``: a bound on the whole
+    head or body, where a socket timeout bounds each read (a byte now and then passes)."""
+
+    def __init__(self, raw: Any, sock: socket.socket, deadline: Optional[float]) -> None:
+        super().__init__()
+        self.raw = raw
+        self.sock = sock
+        self.deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.deadline is not None:
+            remaining = self.deadline - monotonic()
+            if remaining <= 0:
+                raise socket.timeout("the request did not arrive in time")
+            self.sock.settimeout(remaining)
+        count: int = self.raw.readinto(buffer)
+        return count
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+def _handshake(sock: ssl.SSLSocket, deadline: float) -> None:
+    """The TLS handshake, whole, by ``deadline`` (a blocking one bounds each read only)."""
+    sock.setblocking(False)
+    poller = select.poll()
+    try:
+        while True:
+            try:
+                sock.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                poller.register(sock, select.POLLIN)
+            except ssl.SSLWantWriteError:
+                poller.register(sock, select.POLLOUT)
+            remaining = deadline - monotonic()
+            if remaining <= 0 or not poller.poll(remaining * 1000):
+                raise socket.timeout("the TLS handshake did not finish in time")
+            poller.unregister(sock)
+    finally:
+        sock.setblocking(True)
 
 
 class _ReceiveFull(Exception):
@@ -66,13 +121,32 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "mixpanel-otel-gateway"
     timeout = _SOCKET_TIMEOUT
+    rbufsize = 0  # the raw reader, wrapped in setup()
     server: HttpServer
 
     def setup(self) -> None:
+        deadline = monotonic() + _HEAD_TIMEOUT  # handshake and first head, from accept
         if isinstance(self.request, ssl.SSLSocket):
-            self.request.settimeout(_HANDSHAKE_TIMEOUT)
-            self.request.do_handshake()  # here, in this connection's thread, not in accept()
+            _handshake(self.request, deadline)  # here, in this connection's thread
         super().setup()
+        self._reader = _DeadlineReader(self.rfile, self.connection, deadline)
+        self._buffered = io.BufferedReader(self._reader)
+        self.rfile = self._buffered
+        self._served = False
+
+    def handle_one_request(self) -> None:
+        if self._served:  # keep-alive: the next head is timed from its first byte
+            self._reader.deadline = monotonic() + _IDLE_TIMEOUT
+            try:
+                if not self._buffered.peek(1):
+                    self.close_connection = True
+                    return
+            except OSError:  # timeouts included
+                self.close_connection = True
+                return
+            self._reader.deadline = monotonic() + _HEAD_TIMEOUT
+        self._served = True
+        super().handle_one_request()
 
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("http %s - %s", self.address_string(), format % args)
@@ -110,6 +184,7 @@ class _Handler(BaseHTTPRequestHandler):
     ) -> None:
         """An OTLP error: a ``google.rpc.Status`` body in the request's encoding."""
         headers = dict(headers or {})
+        message = self.server.ingest.scrub(message)
         if retry_after is not None:
             headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
         if json_encoding:
@@ -128,16 +203,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _refuse_caller(self, json_encoding: bool) -> bool:
         """Answer a caller that may not call (wrong ``Host``, missing or wrong token)."""
         server = self.server
-        if server.check_host and not loopback_host(self.headers.get("Host")):
-            server.ingest.count(unauthenticated=1)
-            server.client_error("host", f"refused Host {self.headers.get('Host', '')[:80]!r}")
-            self.close_connection = True
-            self._error(
-                403,
-                7,
-                "this gateway answers only to a loopback Host (no authentication)",
-                json_encoding,
-            )
+        if self._refuse_host(json_encoding):
             return True
         if not server.tokens.allows(self.headers.get("Authorization")):
             server.ingest.count(unauthenticated=1)
@@ -155,6 +221,22 @@ class _Handler(BaseHTTPRequestHandler):
             return True
         return False
 
+    def _refuse_host(self, json_encoding: bool = False) -> bool:
+        """403 for a ``Host`` a gateway without authentication does not answer."""
+        server = self.server
+        if server.host_check is None or server.host_check.allows(self.headers.get("Host")):
+            return False
+        server.ingest.count(unauthenticated=1)
+        server.client_error("host", f"refused Host {self.headers.get('Host', '')[:80]!r}")
+        self.close_connection = True
+        self._error(
+            403,
+            7,
+            "this gateway answers only to a loopback Host or --allowed-hosts (no authentication)",
+            json_encoding,
+        )
+        return True
+
     def _receive(self, held: list[int]) -> bytes:
         """The whole body, within its deadline, counted against the bytes of bodies held.
 
@@ -162,8 +244,8 @@ class _Handler(BaseHTTPRequestHandler):
         """
         server = self.server
         limit = server.max_request_bytes
-        declared = self.headers.get("Content-Length", "")
-        expected = int(declared) if declared.strip().isdigit() else limit
+        declared = framing(self.headers)  # BodyError (400) when ambiguous
+        expected = limit if declared is None else declared
         deadline = monotonic() + _BODY_GRACE + min(expected, limit) / _MIN_RATE
 
         def count(size: int) -> None:
@@ -171,6 +253,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _ReceiveFull
             held[0] += size
 
+        self._reader.deadline = deadline
         try:
             return read_body(
                 self.rfile,
@@ -181,7 +264,8 @@ class _Handler(BaseHTTPRequestHandler):
                 count=count,
             )
         finally:
-            self.connection.settimeout(self.timeout)  # the keep-alive wait for the next request
+            self._reader.deadline = None
+            self.connection.settimeout(self.timeout)  # for writing the answer
 
     # -- methods ----------------------------------------------------------------------
 
@@ -240,12 +324,17 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._error(400, 3, str(exc), json_encoding)
             return
+        receiving = self.server.receiving
+
+        def received() -> None:  # the body is parsed: no longer held
+            receiving.release(held[0])
+            held[0] = 0
+
+        call = Call("http", self.client_address[0], received)
         answer: Answer = self.server.ingest.export(
-            signal, body, json_encoding, gzip=encoding == "gzip"
+            signal, body, json_encoding, gzip=encoding == "gzip", call=call
         )
         del body
-        self.server.receiving.release(held[0])
-        held[0] = 0
         if answer.outcome is Outcome.OK:
             body = signal.response_bytes(answer.rejected, answer.message, json_encoding)
             self._send(200, body, _JSON if json_encoding else _PROTOBUF)
@@ -263,14 +352,12 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         server = self.server
-        if server.check_host and not loopback_host(self.headers.get("Host")):
-            server.ingest.count(unauthenticated=1)
-            self.close_connection = True
-            self._error(403, 7, "this gateway answers only to a loopback Host (no authentication)")
+        if self._refuse_host():
             return
         if path in ("/health", "/healthz", "/"):
             healthy, document = self.server.health()
-            body = json.dumps(document, indent=1, sort_keys=True).encode()
+            text = json.dumps(document, indent=1, sort_keys=True)
+            body = server.ingest.scrub(text).encode()
             self._send(200 if healthy else 503, body, _JSON)
         elif path in _SIGNALS:
             self._error(405, 3, f"{path} takes POST")
@@ -290,8 +377,8 @@ class HttpServer(ThreadingHTTPServer):
         max_request_bytes: largest body, before and after decompression.
         tokens: the bearer tokens callers must present (none: no token needed).
         tls: the TLS context (mutual TLS when it requires client certificates).
-        check_host: accept only loopback ``Host`` values (a gateway on loopback
-            without authentication, against DNS rebinding).
+        host_check: the ``Host`` values answered (a gateway without authentication,
+            against DNS rebinding); None: any.
         receiving: the cap on bytes of bodies being received at once.
         throttle: limits the log lines about misbehaving clients.
     """
@@ -307,19 +394,21 @@ class HttpServer(ThreadingHTTPServer):
         max_request_bytes: int,
         tokens: Optional[Tokens] = None,
         tls: Optional[ssl.SSLContext] = None,
-        check_host: bool = False,
+        host_check: Optional[HostCheck] = None,
         receiving: Optional[Budget] = None,
-        throttle: Optional[Throttle] = None,
+        throttle: Optional[ClientLog] = None,
     ) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.ingest = ingest
         self.health = health
         self.max_request_bytes = max_request_bytes
         self.tokens = tokens or Tokens()
-        self.check_host = check_host
+        self.host_check = host_check
         self.receiving = receiving or Budget(16 * max_request_bytes)
-        self.throttle = throttle or Throttle()
+        self.throttle = throttle or ClientLog()
         self._connections = threading.BoundedSemaphore(_MAX_CONNECTIONS)
+        self._peer_lock = threading.Lock()
+        self._per_peer: dict[str, int] = {}
         self._answering = 0  # Export requests between their first byte and their answer
         self._answered = threading.Condition()
         super().__init__(address, _Handler)
@@ -354,8 +443,19 @@ class HttpServer(ThreadingHTTPServer):
             return self._answered.wait_for(lambda: not self._answering, timeout)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._connections.acquire(blocking=False):
-            self.client_error("connections", f"over {_MAX_CONNECTIONS} connections: closing one")
+        peer = client_address[0]
+        with self._peer_lock:
+            held = self._per_peer.get(peer, 0)
+            admitted = held < _CONNECTIONS_PER_PEER and self._connections.acquire(blocking=False)
+            if admitted:
+                self._per_peer[peer] = held + 1
+        if not admitted:
+            what = (
+                f"{peer} has {_CONNECTIONS_PER_PEER} connections open"
+                if held >= _CONNECTIONS_PER_PEER
+                else f"over {_MAX_CONNECTIONS} connections"
+            )
+            self.client_error("connections", f"{what}: closing a new one")
             self.shutdown_request(request)
             return
         super().process_request(request, client_address)
@@ -364,14 +464,16 @@ class HttpServer(ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._connections.release()
+            peer = client_address[0]
+            with self._peer_lock:
+                left = self._per_peer.pop(peer) - 1
+                if left:
+                    self._per_peer[peer] = left
+                self._connections.release()
 
     def client_error(self, kind: str, message: str) -> None:
         """Log a client's mistake: one line, at most one per kind every few seconds."""
-        now, skipped = self.throttle.allow(kind)
-        if now:
-            more = f" ({skipped} more like it not logged)" if skipped else ""
-            logger.warning("mixpanel-otel gateway: %s%s", message, more)
+        self.throttle.warn(kind, message)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         exc = sys.exc_info()[1]

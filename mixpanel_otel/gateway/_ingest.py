@@ -12,20 +12,20 @@ from __future__ import annotations
 import enum
 import hashlib
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from time import monotonic
-from typing import Optional
+from typing import Callable, Optional
 
 from .._delivery import Consumer
 from .._frontend import FrontEnd
 from .._records import Ingested
 from .._traits import TraitFeed, held_observations
 from ._limits import Budget, Limits, check_request, gunzip, gzip_claim, reserve_deadline
-from ._otlp import BadRequest, Signal, TooLarge, decode
+from ._otlp import BadRequest, Signal, TooLarge, decode, json_values
 from ._protobuf import parse_request
 from ._security import Policy
 
-__all__ = ["Answer", "Ingest", "Outcome"]
+__all__ = ["PROTOCOLS", "Answer", "Call", "Ingest", "Outcome", "json_cost"]
 
 #: Time kept back from a gRPC deadline to send the answer before it expires.
 _DEADLINE_MARGIN = 0.2
@@ -48,6 +48,42 @@ class Outcome(enum.Enum):
     STOPPING = "stopping"  # shutting down: HTTP 503, gRPC UNAVAILABLE
 
 
+PROTOCOLS = ("http", "grpc")
+#: What one JSON value costs parsed (a dict or list, then its protobuf message), in
+#: budget bytes: the budget counts protobuf bytes, which parse to up to ~30 times their size.
+_JSON_VALUE_COST = 4
+
+
+def json_cost(body: bytes) -> int:
+    """The budget an OTLP/JSON body takes: its size, or what its values cost if more."""
+    return max(len(body), json_values(body) * _JSON_VALUE_COST)
+
+
+class Call:
+    """One Export call as the listener sees it: protocol, caller, and its received bytes.
+
+    ``on_release`` runs once (from whichever thread), when the body is parsed or the
+    call ends: the listener stops counting the body's bytes as held.
+    """
+
+    def __init__(
+        self,
+        protocol: str = "http",
+        peer: str = "",
+        on_release: Optional[Callable[[], None]] = None,
+    ) -> None:
+        self.protocol = protocol
+        self.peer = peer
+        self._on_release = on_release
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            on_release, self._on_release = self._on_release, None
+        if on_release is not None:
+            on_release()
+
+
 @dataclass(frozen=True)
 class Answer:
     outcome: Outcome
@@ -63,8 +99,8 @@ class Ingest:
         front: the translator and bad-record reporting.
         consumer: the front end's consumer (a real one: it hands out receipts).
         ack_timeout: longest wait for a submission to settle before answering retryable.
-        max_concurrent: Export calls handled at once; more are answered "overloaded"
-            at once, before their body is decoded.
+        max_concurrent: Export calls handled at once per protocol; more are answered
+            "overloaded" at once, before their body is decoded.
         limits: the per-request caps.
         budget: decoded bytes being parsed and translated across calls
             (``--max-inflight-bytes``); a call waits for room up to ``ack_timeout``.
@@ -91,7 +127,8 @@ class Ingest:
         self.limits = limits or Limits()
         self.budget = budget or Budget(2 * self.limits.max_request_bytes)
         self.policy = policy or Policy()
-        self._slots = threading.BoundedSemaphore(max_concurrent)
+        # Per protocol, as --max-concurrent says: a flood on one port leaves the other's.
+        self._slots = {name: threading.BoundedSemaphore(max_concurrent) for name in PROTOCOLS}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._active = 0
@@ -145,15 +182,41 @@ class Ingest:
         json_encoding: bool = False,
         deadline: Optional[float] = None,
         gzip: bool = False,
+        *,
+        call: Optional[Call] = None,
     ) -> Answer:
         """Handle one Export call whose (already received) body is ``body``.
 
         ``gzip``: the body is gzip-compressed. ``deadline`` is the caller's own
-        (``monotonic()`` time), if it has one.
+        (``monotonic()`` time), if it has one. ``call``: its protocol and caller,
+        and what to do once its body is no longer held.
         """
+        call = call or Call()
+        try:
+            answer = self._admitted(signal, body, json_encoding, deadline, gzip, call)
+        finally:
+            call.release()
+        if answer.message:  # an upstream may echo the Mixpanel token in its error text
+            answer = replace(answer, message=self.scrub(answer.message))
+        return answer
+
+    def scrub(self, text: str) -> str:
+        """``text`` without the Mixpanel token: for every text that leaves the process."""
+        return self.consumer.parts.reporter.scrub(text)
+
+    def _admitted(
+        self,
+        signal: Signal,
+        body: bytes,
+        json_encoding: bool,
+        deadline: Optional[float],
+        gzip: bool,
+        call: Call,
+    ) -> Answer:
         if self.stopping:
             return Answer(Outcome.STOPPING, message="the gateway is shutting down")
-        if not self._slots.acquire(blocking=False):
+        slots = self._slots[call.protocol]
+        if not slots.acquire(blocking=False):
             self._count(requests=1, overloaded=1)
             return Answer(
                 Outcome.OVERLOADED,
@@ -164,7 +227,7 @@ class Ingest:
             self._active += 1
             self._counts["requests"] += 1
         try:
-            return self._export(signal, body, json_encoding, deadline, gzip)
+            return self._export(signal, body, json_encoding, deadline, gzip, call)
         except BadRequest as exc:
             self._count(invalid_requests=1)
             outcome = Outcome.TOO_LARGE if isinstance(exc, TooLarge) else Outcome.INVALID
@@ -173,23 +236,41 @@ class Ingest:
             self._count(invalid_requests=1)
             return Answer(Outcome.INVALID, message="the request is nested too deeply")
         finally:
-            self._slots.release()
+            slots.release()
             with self._lock:
                 self._active -= 1
                 if not self._active:
                     self._idle.notify_all()
 
     def _decoded(
-        self, signal: Signal, body: bytes, json_encoding: bool, gzip: bool, deadline: float
+        self,
+        signal: Signal,
+        body: bytes,
+        json_encoding: bool,
+        gzip: bool,
+        deadline: float,
+        call: Call,
     ) -> tuple[Ingested, int, list[str], str]:
-        """Decompress, parse, check and translate ``body`` within the memory budget;
-        also the digest of its content (a resent call has the same)."""
+        """Decompress, parse, check and translate ``body`` within the memory budget.
+
+        What is reserved is what the work will cost, before it starts: the
+        decoded size (a gzip body's claim, grown while inflating if there is
+        room), and for OTLP/JSON what its values will cost once parsed. Also the
+        digest of its content (a resent call has the same).
+        """
         limit = self.limits.max_request_bytes
-        size = gzip_claim(body, limit) if gzip else len(body)
+        size = max(gzip_claim(body, limit), len(body)) if gzip else len(body)
         if size > limit:
             raise TooLarge(f"body decompresses to more than {limit} bytes")
+        if json_encoding and not gzip:
+            size = max(size, json_cost(body))
         budget = self.budget
-        if not budget.acquire(size, deadline):
+        if size > budget.capacity:
+            raise TooLarge(
+                f"the request would take more than --max-inflight-bytes to parse "
+                f"(send smaller batches{'' if not json_encoding else ', or protobuf'})"
+            )
+        if not budget.acquire(size, deadline, call.peer):
             raise _NoRoom
         held = size
         try:
@@ -199,23 +280,28 @@ class Ingest:
                 except TooLarge:
                     if size >= limit:
                         raise
-                    # The size trailer understated it (or several gzip members): reserve
-                    # the rest of the limit and inflate again.
-                    if not budget.acquire(limit - size, deadline):
+                    # The size trailer understated it: grow to the limit if there is room.
+                    if not budget.grow(limit - size):
                         raise _NoRoom from None
                     held = limit
                     body = gunzip(body, limit)
+                if json_encoding:
+                    cost = json_cost(body)
+                    if cost > held and not (cost <= budget.capacity and budget.grow(cost - held)):
+                        raise _NoRoom
+                    held = max(held, cost)
             digest = hashlib.sha256(signal.name.encode() + b"\0" + body).hexdigest()
             if json_encoding:
-                request = decode(signal, body, True)
+                request = decode(signal, body, True, self.limits.max_records)
                 removed, reasons = check_request(signal, request, self.limits)
             else:
                 request, removed, reasons = parse_request(signal, body, self.limits)
             del body
+            call.release()  # the body is parsed: its bytes are no longer held
             result = self.front.walker(signal.adapter).read(signal.records(request))
             return result, removed, reasons, digest
         finally:
-            budget.release(held)
+            budget.release(held, call.peer)
 
     def _export(
         self,
@@ -224,11 +310,17 @@ class Ingest:
         json_encoding: bool,
         deadline: Optional[float],
         gzip: bool,
+        call: Call,
     ) -> Answer:
         try:
             with held_observations() as traits:  # counted once the call is acknowledged
                 result, removed, over, digest = self._decoded(
-                    signal, body, json_encoding, gzip, reserve_deadline(deadline, self.ack_timeout)
+                    signal,
+                    body,
+                    json_encoding,
+                    gzip,
+                    reserve_deadline(deadline, self.ack_timeout),
+                    call,
                 )
         except _NoRoom:
             self._count(overloaded=1)

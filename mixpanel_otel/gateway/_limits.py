@@ -45,6 +45,8 @@ DEFAULT_MAX_ATTRIBUTES = 128
 #: as a multiple of the attribute limit.
 _VALUES_PER_ATTRIBUTE = 8
 _INFLATE_STEP = 1 << 16
+#: gzip members in one body (a sender writes one; thousands are an attack on time).
+MAX_GZIP_MEMBERS = 64
 
 
 @dataclass(frozen=True)
@@ -64,50 +66,77 @@ class Budget:
     """Bytes reserved by the calls in flight, never more than ``capacity`` at once.
 
     A call reserves what it will decode in one piece (so two calls never hold
-    half each and wait for each other), first come first served (so a small
-    call is not passed over forever by large ones), waiting until its deadline.
+    half each and wait for each other). Waiting calls are served in order, except
+    that a caller (``peer``) already holding ``per_peer`` reservations waits for
+    one of its own to end: one caller's many large calls cannot hold up another's
+    small one for longer than ``per_peer`` of them take.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, per_peer: int = 1) -> None:
         self.capacity = capacity
+        self.per_peer = per_peer
         self._used = 0
         self._room = threading.Condition()
-        self._queue: deque[object] = deque()
+        self._queue: deque[tuple[object, str]] = deque()
+        self._held: dict[str, int] = {}  # reservations per peer
 
     @property
     def used(self) -> int:
         return self._used
 
-    def acquire(self, size: int, deadline: float) -> bool:
+    def _next(self) -> Optional[object]:
+        """The first waiting ticket whose peer may take another reservation."""
+        for ticket, peer in self._queue:
+            if self._held.get(peer, 0) < self.per_peer:
+                return ticket
+        return None
+
+    def acquire(self, size: int, deadline: float, peer: str = "") -> bool:
         """Reserve ``size`` bytes, waiting until ``deadline`` (``monotonic()``) for room."""
         if size > self.capacity:
             return False
-        ticket = object()
+        entry = (object(), peer)
         with self._room:
-            self._queue.append(ticket)
+            self._queue.append(entry)
             try:
-                while self._queue[0] is not ticket or self._used + size > self.capacity:
+                while self._next() is not entry[0] or self._used + size > self.capacity:
                     remaining = deadline - monotonic()
                     if remaining <= 0:
                         return False
                     self._room.wait(remaining)
                 self._used += size
+                self._held[peer] = self._held.get(peer, 0) + 1
                 return True
             finally:
-                self._queue.remove(ticket)
+                self._queue.remove(entry)
                 self._room.notify_all()
 
+    def grow(self, size: int) -> bool:
+        """Add ``size`` bytes to a reservation already held, if there is room now."""
+        with self._room:
+            if self._used + size > self.capacity:
+                return False
+            self._used += size
+            return True
+
     def try_acquire(self, size: int) -> bool:
-        """Reserve ``size`` bytes if there is room now (and nobody is waiting)."""
+        """Reserve ``size`` bytes if there is room now (and nobody is waiting); no peer."""
         with self._room:
             if self._queue or self._used + size > self.capacity:
                 return False
             self._used += size
             return True
 
-    def release(self, size: int) -> None:
+    def release(self, size: int, peer: Optional[str] = None) -> None:
+        """Give back ``size`` bytes; ``peer``: also end one reservation of that caller."""
         with self._room:
             self._used -= size
+            if peer is not None:
+                left = self._held.get(peer, 0) - 1
+                if left > 0:
+                    self._held[peer] = left
+                else:
+                    self._held.pop(peer, None)
             self._room.notify_all()
 
 
@@ -123,28 +152,38 @@ def gzip_claim(data: bytes, limit: int) -> int:
     return min(int(size), limit + 1)
 
 
-def gunzip(data: bytes, limit: int) -> bytes:
+def gunzip(data: bytes, limit: int, max_members: int = MAX_GZIP_MEMBERS) -> bytes:
     """Inflate gzip (one or more members), stopping as soon as the output passes ``limit``.
 
-    Memory stays at ``limit`` plus one step however far the input would inflate.
+    Memory stays at ``limit`` plus one step however far the input would inflate;
+    time stays linear in the input (it is fed in steps, never copied whole per
+    member), and more than ``max_members`` members is refused.
     """
     out = bytearray()
-    while data:
+    view = memoryview(data)
+    at, members = 0, 0
+    while at < len(view):
+        members += 1
+        if members > max_members:
+            raise BadRequest(f"body has more than {max_members} gzip members")
         inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        pending: Any = data
         try:
-            while True:
-                out += inflater.decompress(pending, _INFLATE_STEP)
-                if len(out) > limit:
-                    raise TooLarge(f"body decompresses to more than {limit} bytes")
-                pending = inflater.unconsumed_tail
-                if not pending:
-                    break
+            while not inflater.eof:
+                if at >= len(view):
+                    raise BadRequest("body is truncated gzip")
+                step = view[at : at + _INFLATE_STEP]
+                at += len(step)
+                pending: Any = step
+                while pending:
+                    out += inflater.decompress(pending, _INFLATE_STEP)
+                    if len(out) > limit:
+                        raise TooLarge(f"body decompresses to more than {limit} bytes")
+                    pending = inflater.unconsumed_tail
+                    if inflater.eof:
+                        break
+            at -= len(inflater.unused_data)  # the next member starts in this step
         except zlib.error as exc:
             raise BadRequest(f"body is not valid gzip: {exc}") from None
-        if not inflater.eof:
-            raise BadRequest("body is truncated gzip")
-        data = inflater.unused_data
     return bytes(out)
 
 

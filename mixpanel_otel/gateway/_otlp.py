@@ -39,6 +39,7 @@ __all__ = [
     "Signal",
     "TooLarge",
     "decode",
+    "json_values",
     "retry_info",
     "status_body",
 ]
@@ -243,7 +244,16 @@ def _fix_ids(item: dict[str, Any]) -> None:
                 raise BadRequest(f"{name} {value[:40]!r} is not hex") from None
 
 
-def _json_request(signal: Signal, body: bytes) -> Any:
+def json_values(body: bytes) -> int:
+    """An upper bound on the JSON values in ``body``, counted at C speed before parsing.
+
+    Parsing costs per value (a dict, a list, a string), not per byte: ``[{},{},...]``
+    costs about 70 times its size.
+    """
+    return body.count(b"{") + body.count(b"[") + body.count(b",") + 1
+
+
+def _json_request(signal: Signal, body: bytes, max_records: Optional[int] = None) -> Any:
     try:
         document = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -256,9 +266,17 @@ def _json_request(signal: Signal, body: bytes) -> Any:
         else ("resourceSpans", "scopeSpans", "spans")
     )
     try:
+        total = 0
         for resource in document.get(outer) or ():
             for scope in resource.get(inner) or ():
-                for item in scope.get(items) or ():
+                records = scope.get(items) or ()
+                total += len(records)
+                if max_records is not None and total > max_records:
+                    raise BadRequest(
+                        f"more than {max_records} {signal.name} records in one request "
+                        "(send smaller batches)"
+                    )
+                for item in records:
                     _fix_ids(item)
                     for link in item.get("links") or ():
                         _fix_ids(link)
@@ -267,10 +285,15 @@ def _json_request(signal: Signal, body: bytes) -> Any:
         raise BadRequest(f"not an OTLP/JSON {signal.name} request: {exc}") from None
 
 
-def decode(signal: Signal, body: bytes, json_encoding: bool = False) -> Any:
-    """The request message from its protobuf (or OTLP/JSON) body; :class:`BadRequest` if not."""
+def decode(
+    signal: Signal, body: bytes, json_encoding: bool = False, max_records: Optional[int] = None
+) -> Any:
+    """The request message from its protobuf (or OTLP/JSON) body; :class:`BadRequest` if not.
+
+    ``max_records``: an OTLP/JSON request with more is refused before it is converted.
+    """
     if json_encoding:
-        return _json_request(signal, body)
+        return _json_request(signal, body, max_records)
     try:
         return signal.request.FromString(body)
     except (DecodeError, RuntimeError, ValueError) as exc:

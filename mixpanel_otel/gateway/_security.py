@@ -6,26 +6,27 @@
 - :class:`Policy`: which operations and group keys the gateway forwards.
 - :func:`loopback_host`: the ``Host`` check that stops DNS rebinding against
   a gateway on loopback without authentication.
-- :class:`Throttle`: at most one log line per kind per interval.
+- :class:`ClientLog`: log lines about misbehaving clients, scrubbed and throttled.
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import logging
 import ssl
-import threading
 from collections.abc import Iterable
-from time import monotonic
-from typing import Optional
+from typing import Callable, Optional
 
+from .._delivery.stats import Throttle
 from .._exceptions import MixpanelException
 from .._wire import GroupUpdate
 
 __all__ = [
     "OPERATIONS",
+    "HostCheck",
     "Policy",
-    "Throttle",
+    "ClientLog",
     "Tokens",
     "is_loopback",
     "loopback_host",
@@ -33,6 +34,8 @@ __all__ = [
 ]
 
 OPERATIONS = ("$set", "$set_once", "$union", "$remove", "$unset", "$delete")
+logger = logging.getLogger("mixpanel_otel.gateway")
+
 DEFAULT_OPERATIONS = tuple(op for op in OPERATIONS if op != "$delete")
 
 
@@ -66,7 +69,13 @@ class Tokens:
                 raise MixpanelException(
                     f"cannot read --auth-token-file {self.path!r}: {exc.strerror or exc}"
                 ) from None
-            tokens += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+            except UnicodeDecodeError as exc:
+                raise MixpanelException(
+                    f"cannot read --auth-token-file {self.path!r}: not UTF-8 text "
+                    f"(byte {exc.start})"
+                ) from None
+            stripped = (line.strip() for line in lines)
+            tokens += [line for line in stripped if line and not line.startswith("#")]
             if not tokens:
                 raise MixpanelException(f"--auth-token-file {self.path!r} holds no token")
         self._tokens = tuple(t.encode("utf-8") for t in tokens)
@@ -126,16 +135,36 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def loopback_host(value: Optional[str]) -> bool:
-    """Whether a ``Host`` header names this machine by a loopback name or address."""
-    if not value:
-        return False
+def _host_name(value: str) -> str:
+    """The name in a ``Host`` header value, without its port or brackets."""
     value = value.strip()
     if value.startswith("["):
-        host = value[1 : value.find("]")] if "]" in value else ""
-    else:
-        host = value.rsplit(":", 1)[0] if value.count(":") == 1 else value
-    return is_loopback(host)
+        return value[1 : value.find("]")] if "]" in value else ""
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def loopback_host(value: Optional[str]) -> bool:
+    """Whether a ``Host`` header names this machine by a loopback name or address."""
+    return bool(value) and is_loopback(_host_name(value or ""))
+
+
+class HostCheck:
+    """The ``Host`` values a gateway without authentication answers (against DNS rebinding).
+
+    Loopback names and addresses, and ``names`` (``--allowed-hosts``, the listening
+    address; ``*``: any). An IP literal is no rebinding risk: a page cannot name it.
+    """
+
+    _ANY_ADDRESS = frozenset(("0.0.0.0", "::", "[::]"))
+
+    def __init__(self, names: Iterable[str] = ()) -> None:
+        names = (n.strip().strip("[]").lower() for n in names)
+        self.names = frozenset(n for n in names if n and n not in self._ANY_ADDRESS)
+
+    def allows(self, value: Optional[str]) -> bool:
+        if "*" in self.names or loopback_host(value):
+            return True
+        return bool(value) and _host_name(value or "").lower() in self.names
 
 
 class Policy:
@@ -198,22 +227,21 @@ class Policy:
         return kept, len(updates) - len(kept), reasons
 
 
-class Throttle:
-    """At most one log line per kind every ``interval`` seconds; counts the rest."""
+class ClientLog:
+    """Log lines about misbehaving clients: at most one per kind every ``every``
+    seconds (the rest counted), each with the Mixpanel token scrubbed."""
 
-    def __init__(self, interval: float = 10.0) -> None:
-        self.interval = interval
-        self._lock = threading.Lock()
-        self._last: dict[str, float] = {}
-        self._skipped: dict[str, int] = {}
+    def __init__(self, every: float = 10.0, scrub: Callable[[str], str] = str) -> None:
+        self.scrub = scrub
+        self._throttle = Throttle(every)
 
     def allow(self, kind: str) -> tuple[bool, int]:
-        """``(log now?, lines skipped since the last one)``."""
-        now = monotonic()
-        with self._lock:
-            last = self._last.get(kind)
-            if last is not None and now - last < self.interval:
-                self._skipped[kind] = self._skipped.get(kind, 0) + 1
-                return False, 0
-            self._last[kind] = now
-            return True, self._skipped.pop(kind, 0)
+        """``(log now?, lines held back since the last one)``."""
+        return self._throttle.allow(kind)
+
+    def warn(self, kind: str, message: str) -> None:
+        """Log a client's mistake: one line, at most one per kind every ``every`` s."""
+        now, skipped = self._throttle.allow(kind)
+        if now:
+            more = f" ({skipped} more like it not logged)" if skipped else ""
+            logger.warning("mixpanel-otel gateway: %s%s", self.scrub(message), more)

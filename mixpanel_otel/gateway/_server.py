@@ -28,7 +28,7 @@ from ._limits import (
     Budget,
     Limits,
 )
-from ._security import Policy, Throttle, Tokens, is_loopback, read_file, server_tls
+from ._security import ClientLog, HostCheck, Policy, Tokens, is_loopback, read_file, server_tls
 
 __all__ = ["Gateway", "ListenError"]
 
@@ -61,6 +61,8 @@ class Gateway:
         allow_unauthenticated: listen on a non-loopback address with neither
             client certificates nor tokens (otherwise refused).
         allow_ops, group_keys: the operation policy (:class:`Policy`).
+        allowed_hosts: ``Host`` values answered besides loopback ones when callers
+            are not authenticated (``*``: any), against DNS rebinding.
         options: consumer options (``flush_interval``, ``spool_dir``, ...);
             ``flush_interval`` defaults to 0.2 s here, as it adds to every answer's latency.
     """
@@ -88,6 +90,7 @@ class Gateway:
         allow_unauthenticated: bool = False,
         allow_ops: Optional[Iterable[str]] = None,
         group_keys: Optional[Iterable[str]] = None,
+        allowed_hosts: Optional[Iterable[str]] = None,
         **options: Any,
     ) -> None:
         tokens = tokens or Tokens()
@@ -132,7 +135,7 @@ class Gateway:
             dedupe_window=dedupe_window,
         )
         self.tokens = tokens
-        throttle = Throttle()
+        throttle = ClientLog(scrub=self.ingest.scrub)
         try:
             self._grpc = GrpcServer(
                 host,
@@ -155,7 +158,11 @@ class Gateway:
                 max_request_bytes,
                 tokens=tokens,
                 tls=http_tls,
-                check_host=is_loopback(host) and not tokens.required and not tls_client_ca,
+                host_check=(
+                    None
+                    if tokens.required or tls_client_ca
+                    else HostCheck([host, *(allowed_hosts or ())])
+                ),
                 throttle=throttle,
             )
         except OSError as exc:
@@ -261,7 +268,15 @@ def _check_security(
         raise MixpanelException("--tls-client-ca needs --tls-cert and --tls-key")
     if is_loopback(host):
         return
-    if not (tls_client_ca or tokens.required or allow_unauthenticated):
+    if not (tls_client_ca or tokens.required):
+        if allow_unauthenticated:
+            logger.warning(
+                "mixpanel-otel gateway: listening on %s WITHOUT authentication "
+                "(--allow-unauthenticated): anyone who can reach it can write group profiles; "
+                "HTTP answers only loopback Host values and --allowed-hosts",
+                host,
+            )
+            return
         raise MixpanelException(
             f"refusing to listen on {host} without authentication: anyone who can reach it "
             "could write or delete group profiles. Give --tls-client-ca (mutual TLS) or "

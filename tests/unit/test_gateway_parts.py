@@ -40,6 +40,48 @@ def _headers(**fields: str) -> Message:
 
 
 class TestReadBody:
+    def test_chunked_framing_is_counted_as_received_and_tiny_chunks_are_capped(self):
+        chunks = b"2\r\nab\r\n" * 1000 + b"0\r\n\r\n"
+        seen: list[int] = []
+        raw = io.BufferedReader(io.BytesIO(chunks))
+        body = read_body(raw, _headers(Transfer_Encoding="chunked"), 1 << 20, count=seen.append)
+        assert body == b"ab" * 1000
+        assert sum(seen) >= len(chunks) - 2  # framing too, not only the 2000 payload bytes
+        too_many = b"1\r\na\r\n" * 5000 + b"0\r\n\r\n"
+        with pytest.raises(BodyError, match="chunks"):
+            read_body(
+                io.BufferedReader(io.BytesIO(too_many)),
+                _headers(Transfer_Encoding="chunked"),
+                1 << 20,
+            )
+
+    @pytest.mark.parametrize(
+        "fields",
+        [
+            [("Transfer-Encoding", "xchunked")],
+            [("Transfer-Encoding", "chunked, gzip")],
+            [("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "chunked")],
+            [("Transfer-Encoding", "chunked"), ("Content-Length", "5")],
+            [("Content-Length", "5"), ("Content-Length", "6")],
+            [("Content-Length", "\u00b9\u00b2\u00b3")],
+            [("Content-Length", "\x1c5")],
+            [("Content-Length", "+5")],
+            [("Content-Length", "5 5")],
+        ],
+    )
+    def test_ambiguous_framing_is_refused(self, fields):
+        headers = Message()
+        for name, value in fields:
+            headers[name] = value
+        with pytest.raises(BodyError):
+            read_body(io.BufferedReader(io.BytesIO(b"hello" * 4)), headers, 100)
+
+    def test_the_same_content_length_twice_is_one(self):
+        headers = Message()
+        headers["Content-Length"] = "5"
+        headers["Content-Length"] = "5"
+        assert read_body(io.BufferedReader(io.BytesIO(b"hello")), headers, 100) == b"hello"
+
     def test_chunked(self):
         raw = io.BufferedReader(io.BytesIO(b"3\r\nabc\r\n2;ext=1\r\nde\r\n0\r\nX-T: 1\r\n\r\n"))
         assert read_body(raw, _headers(Transfer_Encoding="chunked"), 100) == b"abcde"

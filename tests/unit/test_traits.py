@@ -439,7 +439,7 @@ class TestTables:
         path = tmp_path / "rules.toml"
         path.write_text(BAD_TABLES)
         check = run_check("token", "http://127.0.0.1:9", rules=str(path))
-        failures = [line for line in check.lines if line.lstrip().startswith("FAIL")]
+        failures = [line for line in check.lines if line.lstrip().startswith("FAIL  rules")]
         assert len(failures) == 3 and not check.ok
         assert "trait 3, key 'of'" in failures[1]
 
