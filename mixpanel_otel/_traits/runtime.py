@@ -88,16 +88,21 @@ class _Runtime:
         self._finished = False  # the final values went out (at exit)
         #: ``record(time, items)``: one record's observations, from the application's
         #: thread: into the engine, or (shared state) queued for the timer to log.
-        self.record: Callable[[float, list[tuple[int, str, Any]]], Any] = self.engine.observe_many
+        self.record: Callable[[float, list[tuple[int, str, Any]]], Any] = self._first_record
 
     def add(self, traits: list[Trait]) -> list[int]:
         positions = self.engine.add_traits(traits)
         if self._directory and not self._opened:
             self._opened = True
             self._share()
-        if self.shared is None:
-            _claim_solo(self._scope, traits)
         return positions
+
+    def _first_record(self, time: float, items: list[tuple[int, str, Any]]) -> None:
+        """Without shared state: the first record tells whether another process counts
+        the same traits (the gateway, which routes records by group, never comes here)."""
+        self.record = self.engine.observe_many
+        _claim_solo(self._scope, self.engine.traits)
+        self.engine.observe_many(time, items)
 
     def _share(self) -> None:
         try:
@@ -105,7 +110,7 @@ class _Runtime:
             self.record = self.shared.log_later
         except Exception as exc:  # traits still work, in memory
             self.shared = None
-            self.record = self.engine.observe_many
+            self.record = self._first_record
             logger.error(
                 "mixpanel-otel: trait state in %r unavailable (%r); kept in memory only",
                 self._directory,
@@ -503,8 +508,9 @@ def _use_process_hooks() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _LOCK
+    global _LOCK, _SOLO_LOCK
     _LOCK = threading.Lock()
+    _SOLO_LOCK = threading.Lock()
     for runtime in _RUNTIMES.values():
         runtime.after_fork()
         if runtime.shared is None:
@@ -533,9 +539,17 @@ def _warn_forked() -> None:
 _SOLO: dict[str, int] = {}
 
 
+_SOLO_LOCK = threading.Lock()
+
+
 def _claim_solo(scope: str, traits: list[Trait]) -> None:
     """Without a state directory, hold a lock naming these traits of this project; when
     another live process holds it, it computes the same traits: warn once."""
+    with _SOLO_LOCK:
+        _claim(scope, traits)
+
+
+def _claim(scope: str, traits: list[Trait]) -> None:
     if not traits or _warned[0]:
         return
     signatures = "\n".join(sorted(trait.signature for trait in traits))
