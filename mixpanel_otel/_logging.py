@@ -189,7 +189,7 @@ def level_warning(holder: logging.Logger, fix: str = "") -> str:
     getter = "logging.getLogger()" if holder is logging.root else f"logging.getLogger({name!r})"
     level = logging.getLevelName(holder.getEffectiveLevel())
     fix = fix or (
-        f"set the level ({getter}.setLevel(logging.INFO), or \"level\": \"INFO\" in dictConfig)"
+        f'set the level ({getter}.setLevel(logging.INFO), or "level": "INFO" in dictConfig)'
     )
     return (
         f"mixpanel-otel: MixpanelGroupHandler is on the {name!r} logger, whose level is "

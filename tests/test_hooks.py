@@ -64,13 +64,16 @@ if __name__ == "__main__":
 
 
 @pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
-def test_a_pool_childs_own_sigterm_handler_runs_once_and_its_exit_delivers(
-    sink, tmp_path, method
-):
+def test_a_pool_childs_own_sigterm_handler_runs_once_and_its_exit_delivers(sink, tmp_path, method):
     calls = tmp_path / "calls"
     calls.mkdir()
     child = Child(
-        POOL_WITH_HANDLER, sink.url, str(tmp_path), "pool", method, CALLS=str(calls),
+        POOL_WITH_HANDLER,
+        sink.url,
+        str(tmp_path),
+        "pool",
+        method,
+        CALLS=str(calls),
         MIXPANEL_OTEL_SHUTDOWN_TIMEOUT=3,
     )
     code, out, err = _finish(child)
@@ -353,8 +356,18 @@ def test_gunicorn_workers_exit_in_time_when_mixpanel_hangs(sink, tmp_path, spool
     port = free_port()
     env = {"MIXPANEL_OTEL_SPOOL_DIR": str(tmp_path / "spool")} if spool else {}
     server = AppProcess(
-        [sys.executable, "-m", "gunicorn", "-c", os.path.join(EXAMPLES, "gunicorn.conf.py"),
-         "--chdir", EXAMPLES, "-b", f"127.0.0.1:{port}", "gunicorn_app:app"],
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            os.path.join(EXAMPLES, "gunicorn.conf.py"),
+            "--chdir",
+            EXAMPLES,
+            "-b",
+            f"127.0.0.1:{port}",
+            "gunicorn_app:app",
+        ],
         port,
         sink_env(hole.url, MIXPANEL_OTEL_FLUSH_INTERVAL="0.2", **env),
     )

@@ -369,13 +369,20 @@ def test_the_dedupe_window_is_an_option(sink, tmp_path) -> None:
     gateway = GatewayProcess(
         sink, "--rules", str(rules), "--trait-interval", "0.1", "--dedupe-window", "0"
     )
+    # A second gateway on the host, as behind a load balancer routed by group: gateways
+    # do not warn about each other (each group lives on one).
+    other = GatewayProcess(sink, "--rules", str(rules), "--trait-interval", "0.1")
     try:
         body = logs_request({"tenant.id": "acme"})
         for _ in range(3):
             assert _post(gateway.http, body)
         _wait(sink, "acme", lambda p: p.get("requests") == 3)  # off: every call counts
+        assert _post(other.http, logs_request({"tenant.id": "globex"}))
+        _wait(sink, "globex", lambda p: p.get("requests") == 1)
     finally:
         gateway.stop()
+        other.stop()
+    assert "same traits" not in gateway.stderr_text + other.stderr_text
 
 
 # -- 4. a value counts as sent only once delivered or spooled --------------------------

@@ -28,9 +28,7 @@ _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
 _MAX_QUOTED = MAX_BATCH_BYTES - len(BODY_OPEN) - len(BODY_CLOSE) - 64
 _BODY_FIELDS = BODY_CLOSE[len("%5D") :]  # "&verbose=1&ip=0", after the quoted array
 #: Printable ASCII that form quoting changes, ``%`` first (``quote_plus``'s safe set).
-_SPECIALS = ("%",) + tuple(
-    c for c in map(chr, range(33, 127)) if not (c.isalnum() or c in "_.-~%")
-)
+_SPECIALS = ("%",) + tuple(c for c in map(chr, range(33, 127)) if not (c.isalnum() or c in "_.-~%"))
 _ESCAPES = tuple((c, f"%{ord(c):02X}") for c in _SPECIALS)
 
 

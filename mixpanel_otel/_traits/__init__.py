@@ -1,9 +1,11 @@
-"""Computed group traits: counts, sums, distinct counts, first/last values and
-percentiles over rolling windows, kept current on group profiles as ``$set``.
+"""Computed group traits: counts, sums, distinct counts and values, first/last and
+most frequent values, percentiles over rolling windows, kept current on group
+profiles as ``$set``.
 
 :mod:`.aggregates` (what a bucket keeps), :mod:`.engine` (windows and when to
-emit; no threads, no I/O), :mod:`.store` (SQLite state), :mod:`.runtime`
-(engines per consumer, the timer thread, fork and exit).
+emit; no threads, no I/O), :mod:`.store` (the SQLite state file and its lock),
+:mod:`.shared` (logging to and aggregating the state shared by a host's
+processes), :mod:`.runtime` (engines per consumer, the timer thread, fork and exit).
 """
 
 from .engine import TraitEngine

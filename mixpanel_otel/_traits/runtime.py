@@ -4,10 +4,13 @@
   records; front ends that share a consumer share its engine, so a trait
   both the logging handler and the span exporter feed counts both.
 - One daemon thread (pid-stamped: a forked child starts its own) hands due
-  updates to each consumer (``consumer.enqueue``) and saves state.
-- At exit, what is due goes to the consumer before its exit flush.
-- After a fork, the child forgets its parent's trait state, keeps no state
-  file, and warns once that each process only sees its share of the records.
+  updates to each consumer (``consumer.submit``: a value counts as sent once
+  its receipt says delivered or spooled) and saves state.
+- With a state directory shared by the processes of a host, each process logs
+  its records there and one of them, elected by a lock, aggregates and emits
+  (:mod:`.shared`, :mod:`.store`); without one, a second process computing the same traits,
+  or a forked child, warns once.
+- The traits' exit step (before the consumers') sends every changed value.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ import tempfile
 import threading
 import time as _time
 import weakref
-from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Optional, Protocol
 
 from .._config import resolve_options
@@ -32,7 +35,8 @@ from .._rules import Condition, Trait
 from .._wire import GroupUpdate, group_id_key
 from .aggregates import SKETCHES_EXTRA, needs_sketches, sketches_missing
 from .engine import TraitEngine
-from .store import Batch, TraitStore
+from .shared import Observations, SharedState
+from .store import TraitStore
 
 __all__ = ["TraitFeed", "feed_for", "finish", "held_observations"]
 
@@ -59,77 +63,67 @@ class _Runtime:
     """A consumer's engine, its shared state (if any) and where its due updates go.
 
     Without a state directory, records go straight into the engine. With one,
-    they go to the shared log (:class:`TraitStore`), from the timer thread
-    (the gateway: before it answers), and only the process holding the
-    aggregator's lock reads the log into its engine and emits.
+    they go to the shared log (:class:`SharedState`), and only the process
+    holding the aggregator's lock reads the log into its engine and emits.
     """
 
     def __init__(self, consumer: Any) -> None:
-        interval = _option(consumer, "trait_interval")
-        directory = _option(consumer, "trait_state_dir") or getattr(consumer, "spool_dir", None)
         self.consumer = weakref.ref(consumer)
-        max_groups = _option(consumer, "trait_max_groups")
-        self.engine = TraitEngine(interval=interval, max_groups=max_groups)
+        self.engine = TraitEngine(
+            interval=_option(consumer, "trait_interval"),
+            max_groups=_option(consumer, "trait_max_groups"),
+        )
         if hasattr(consumer, "trait_engine"):
             consumer.trait_engine = self.engine  # its stats() report the engine's counters
-        self.store: Optional[TraitStore] = None
-        self._directory = directory
+        self.shared: Optional[SharedState] = None
+        self._directory = _option(consumer, "trait_state_dir") or getattr(
+            consumer, "spool_dir", None
+        )
         self._scope = f"{getattr(consumer, '_token', '')}\n{getattr(consumer, 'base_url', '')}"
         self._saved_at = 0.0
-        self._loaded = False
+        self._opened = False
         self._lock = threading.RLock()  # one tick at a time (the timer's, or the exit's)
-        self._pending: deque[tuple[float, list[tuple[int, str, Any]]]] = deque()
-        self._cursor = 0  # the last logged batch read into the engine
         self._unsettled: list[tuple[Any, list[GroupUpdate]]] = []  # (receipt, its updates)
         self._recent: OrderedDict[str, float] = OrderedDict()  # export digest -> when counted
         self._finished = False  # the final values went out (at exit)
-        #: ``record(time, items)``: one record's observations (see :meth:`_route`).
-        self.record: Callable[[float, list[tuple[int, str, Any]]], Any]
-        self._route()
+        #: ``record(time, items)``: one record's observations, from the application's
+        #: thread: into the engine, or (shared state) queued for the timer to log.
+        self.record: Callable[[float, list[tuple[int, str, Any]]], Any] = self._first_record
 
     def add(self, traits: list[Trait]) -> list[int]:
         positions = self.engine.add_traits(traits)
-        if self._directory and not self._loaded:
-            self._loaded = True
-            self._open_store()
-        if self.store is None:
-            _claim_solo(self._scope, traits)
+        if self._directory and not self._opened:
+            self._opened = True
+            self._share()
         return positions
 
-    def _open_store(self) -> None:
+    def _first_record(self, time: float, items: list[tuple[int, str, Any]]) -> None:
+        """Without shared state: the first record tells whether another process counts
+        the same traits (the gateway, which routes records by group, never comes here)."""
+        self.record = self.engine.observe_many
+        _claim_solo(self._scope, self.engine.traits)
+        self.engine.observe_many(time, items)
+
+    def _share(self) -> None:
         try:
-            self.store = TraitStore(str(self._directory), self._scope)
+            self.shared = SharedState(TraitStore(str(self._directory), self._scope), self.engine)
+            self.record = self.shared.log_later
         except Exception as exc:  # traits still work, in memory
-            self.store = None
+            self.shared = None
+            self.record = self._first_record
             logger.error(
                 "mixpanel-otel: trait state in %r unavailable (%r); kept in memory only",
                 self._directory,
                 exc,
             )
-        self._route()
 
-    # -- records ---------------------------------------------------------------------
-
-    def _route(self) -> None:
-        """Where :attr:`record` puts a record's observations, from the application's
-        thread: into the engine, or (shared state) on a queue the timer thread logs."""
-        if self.store is None:
-            self.record = self.engine.observe_many
-        else:
-            self.record = self._log_later
-
-    def _log_later(self, time: float, items: list[tuple[int, str, Any]]) -> None:
-        self._pending.append((time, items))
-
-    def commit(
-        self, held: list[tuple[float, list[tuple[int, str, Any]]]], digest: str, window: float
-    ) -> None:
+    def commit(self, held: list[Observations], digest: str, window: float) -> None:
         """A gateway call's observations, durable when this returns (with a state
         directory); not counted again when a call with the same ``digest`` was within
         ``window`` seconds. Raises when they cannot be made durable."""
         now = self.engine.clock()
-        if self.store is not None:
-            if self.store.append(self._batch(held), digest, window, now):
+        if self.shared is not None:
+            if self.shared.commit(held, digest, window, now):
                 _wake.set()
             return
         with self._lock:
@@ -140,73 +134,6 @@ class _Runtime:
             self._recent[digest] = now
         for time, items in held:
             self.engine.observe_many(time, items)
-
-    def _batch(self, held: Iterable[tuple[float, list[tuple[int, str, Any]]]]) -> Batch:
-        """Observations in the log's form: trait signatures, not this engine's positions."""
-        traits = self.engine.traits
-        return [
-            (
-                time,
-                [
-                    (traits[position].signature, group_id, value)
-                    for position, group_id, value in items
-                ],
-            )
-            for time, items in held
-        ]
-
-    def _log_pending(self) -> None:
-        held = []
-        while self._pending:
-            held.append(self._pending.popleft())
-        if held and self.store is not None:
-            try:
-                self.store.append(self._batch(held))
-            except Exception:
-                self._pending.extendleft(reversed(held))  # tried again next tick
-                raise
-
-    # -- the aggregator ----------------------------------------------------------------
-
-    def _take_over(self) -> None:
-        """This process now aggregates: start from the saved state, then read the log."""
-        assert self.store is not None
-        self.engine.release()
-        self.engine.track_changes = True
-        cursor, groups = self.store.load()
-        for key, data in groups:
-            self.engine.import_group(key, data)
-        self.engine.changed.clear()
-        self.engine.forgotten.clear()
-        self._cursor = cursor
-        self._unsettled.clear()
-        self.store.set_leader_exiting(False)
-
-    def _read_log(self) -> None:
-        assert self.store is not None
-        positions = self.engine.signature_positions()
-        while True:
-            batches = self.store.read_after(self._cursor)
-            if not batches:
-                return
-            for number, batch in batches:
-                for time, observations in batch:
-                    items = [
-                        (positions[signature], group_id, value)
-                        for signature, group_id, value in observations
-                        if signature in positions
-                    ]
-                    if items:
-                        self.engine.observe_many(time, items)
-                self._cursor = number
-
-    def _save(self) -> None:
-        assert self.store is not None
-        engine = self.engine
-        changed, engine.changed = engine.changed, set()
-        forgotten, engine.forgotten = engine.forgotten, set()
-        rows = engine.export_groups(changed, self._unconfirmed())
-        self.store.save(self._cursor, rows, forgotten)
 
     # -- emission ----------------------------------------------------------------------
 
@@ -219,25 +146,26 @@ class _Runtime:
         with self._lock:
             if self._finished:
                 return True  # at exit, after the final values: nothing more from here
-            store = self.store
-            if store is not None:
-                self._log_pending()
-                if not store.leading:
-                    if not store.try_lead():
-                        return True  # another process aggregates
-                    self._take_over()
+            shared = self.shared
+            if shared is not None:
+                shared.log_pending()
+                was_leading = shared.leading
+                if not shared.lead():
+                    return True  # another process aggregates
+                if not was_leading:
+                    self._unsettled.clear()  # the saved state says what was sent
                 if final:
-                    store.set_leader_exiting(True)  # who ends after us takes over
-                self._read_log()
+                    shared.ending()
+                shared.read_log()
             self._check_receipts()
             updates = self.engine.due(final=final)
             if updates:
                 self._hand_over(consumer, updates)
             now = self.engine.monotonic()
-            if store is not None and (final or now - self._saved_at >= _SAVE_EVERY):
+            if shared is not None and (final or now - self._saved_at >= _SAVE_EVERY):
                 self._saved_at = now
                 try:
-                    self._save()
+                    shared.save(self._unconfirmed())
                 except Exception as exc:
                     logger.error("mixpanel-otel: could not save trait state: %r", exc)
             return True
@@ -255,7 +183,7 @@ class _Runtime:
         for receipt, updates in self._unsettled:
             if not receipt.settled:
                 still.append((receipt, updates))
-            elif receipt.refused or receipt.delivered + receipt.spooled < receipt.total:
+            elif not _confirmed(receipt):
                 self.engine.unsend(updates)
         self._unsettled = still
 
@@ -263,11 +191,7 @@ class _Runtime:
         """Properties handed over whose delivery is not known yet: saved as unsent."""
         pending: dict[tuple[str, str], set[str]] = {}
         for receipt, updates in self._unsettled:
-            if (
-                receipt.settled
-                and not receipt.refused
-                and (receipt.delivered + receipt.spooled == receipt.total)
-            ):
+            if receipt.settled and _confirmed(receipt):
                 continue
             for update in updates:
                 names = update.payload if update.op == "$unset" else list(update.payload)
@@ -281,41 +205,28 @@ class _Runtime:
         with self._lock:
             if self._finished:
                 return
+            shared = self.shared
             try:
-                if self._take_over_at_exit(deadline):
+                if shared is None or shared.lead_at_exit(deadline):
                     self.tick(final=True)
             finally:
                 self._finished = True
-                if self.store is not None:
-                    self.store.resign()
-
-    def _take_over_at_exit(self, deadline: float) -> bool:
-        """Whether this process sends the final values: it aggregates, or takes over
-        from an aggregator that ends too (False: the living aggregator will)."""
-        store = self.store
-        if store is None or store.leading:
-            return True
-        self._log_pending()
-        if not store.try_lead():
-            if not store.leader_exiting():
-                return False  # the aggregator lives on and reads what we logged
-            while not store.try_lead():
-                if _time.monotonic() >= deadline or not store.leader_exiting():
-                    return False  # it is logged: the (next) aggregator counts it
-                _time.sleep(0.02)
-        self._take_over()
-        return True
+                if shared is not None:
+                    shared.resign()
 
     def after_fork(self) -> None:
         self._finished = False
         self.engine.clear()
-        self._pending.clear()
         self._unsettled.clear()
         self._lock = threading.RLock()
-        if self.store is not None:
-            self.store.abandon()
-            self._open_store()  # the shared state: this process logs to it too
-        self._route()
+        if self.shared is not None:
+            self.shared.abandon()
+            self._share()  # the shared state: this process logs to it too
+
+
+def _confirmed(receipt: Any) -> bool:
+    """Every update of a settled receipt delivered or spooled."""
+    return not receipt.refused and receipt.delivered + receipt.spooled == receipt.total
 
 
 def _option(consumer: Any, name: str) -> Any:
@@ -478,7 +389,7 @@ class TraitFeed:
         """Count observations collected by :func:`held_observations`: durably, when
         returning, with a state directory; not again for the same ``digest`` (a resent
         call) within ``window`` seconds. Raises when they cannot be made durable."""
-        by_counter: dict[int, tuple[Counter, list[tuple[float, list[Any]]]]] = {}
+        by_counter: dict[int, tuple[Counter, list[Observations]]] = {}
         for counter, time, items in held:
             by_counter.setdefault(id(counter), (counter, []))[1].append((time, items))
         for counter, entries in by_counter.values():
@@ -597,11 +508,12 @@ def _use_process_hooks() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _LOCK
+    global _LOCK, _SOLO_LOCK
     _LOCK = threading.Lock()
+    _SOLO_LOCK = threading.Lock()
     for runtime in _RUNTIMES.values():
         runtime.after_fork()
-        if runtime.store is None:
+        if runtime.shared is None:
             _forked[0] = True  # this child sees only its share of the records
     _warned[0] = False
     _SOLO.clear()
@@ -627,9 +539,17 @@ def _warn_forked() -> None:
 _SOLO: dict[str, int] = {}
 
 
+_SOLO_LOCK = threading.Lock()
+
+
 def _claim_solo(scope: str, traits: list[Trait]) -> None:
     """Without a state directory, hold a lock naming these traits of this project; when
     another live process holds it, it computes the same traits: warn once."""
+    with _SOLO_LOCK:
+        _claim(scope, traits)
+
+
+def _claim(scope: str, traits: list[Trait]) -> None:
     if not traits or _warned[0]:
         return
     signatures = "\n".join(sorted(trait.signature for trait in traits))

@@ -674,3 +674,34 @@ def test_after_the_wall_clock_steps_back_an_hour_values_are_right_within_one_int
     for _ in range(70):
         sent += tick(10)
     assert sent[-1] == ("acme", "$set", {"n": 0}), sent[-3:]
+
+
+def test_a_value_not_delivered_goes_out_again_at_the_next_tick() -> None:
+    from mixpanel_otel._delivery.receipts import Fate, Receipt
+    from mixpanel_otel._traits.runtime import _Runtime
+
+    class Consumer:
+        """Refuses the first submission (delivery failing, no spool), then delivers."""
+
+        trait_interval, trait_state_dir, trait_max_groups, spool_dir = 0.0, None, 10, None
+        _token, base_url = "unit", "memory://test_a_value_not_delivered"
+
+        def __init__(self) -> None:
+            self.submitted: list[list[Any]] = []
+
+        def submit(self, updates: list[Any]) -> Receipt:
+            self.submitted.append(_sets(updates))
+            receipt = Receipt(len(updates), refused=len(self.submitted) == 1)
+            if not receipt.refused:
+                for _ in updates:
+                    receipt.settle(Fate.DELIVERED)
+            return receipt
+
+    consumer = Consumer()
+    runtime = _Runtime(consumer)
+    runtime.add([_one(window="lifetime")])
+    runtime.record(runtime.engine.clock(), [(0, "acme", None)])
+    runtime.tick()
+    runtime.tick()  # the refused value counts as unsent: it goes out again
+    runtime.tick()  # delivered: not again
+    assert consumer.submitted == [[("acme", "$set", {"n": 1})]] * 2
