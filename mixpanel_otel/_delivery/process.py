@@ -137,10 +137,12 @@ class _SigtermWatch:
         self._fds, self.pid, self._stopping = (read, write), os.getpid(), False
         # faulthandler remembers the action it replaces and puts it back on unregister:
         # make that the default action, with our Python handler on top of it.
-        faulthandler.register(signal.SIGTERM, write, all_threads=True, chain=False)
+        # all_threads=False: it dumps only the interrupted thread's own frames; reading
+        # other threads' frames from a signal handler while they run can crash.
+        faulthandler.register(signal.SIGTERM, write, all_threads=False, chain=False)
         signal.signal(signal.SIGTERM, _on_sigterm)
         faulthandler.unregister(signal.SIGTERM)
-        faulthandler.register(signal.SIGTERM, write, all_threads=True, chain=False)
+        faulthandler.register(signal.SIGTERM, write, all_threads=False, chain=False)
         return True
 
     def disarm(self) -> None:
