@@ -10,12 +10,13 @@ FROM python:3.12-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY mixpanel_otel ./mixpanel_otel
-# The package and its gateway dependencies as wheels: the final image needs no compiler.
-RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[gateway]'
+# The package with its gateway and traits dependencies as wheels (a trait file with
+# count_distinct or a percentile needs the traits extra): the final image needs no compiler.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[gateway,traits]'
 
 FROM python:3.12-slim
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links /wheels 'mixpanel-otel[gateway]' \
+RUN pip install --no-cache-dir --no-index --find-links /wheels 'mixpanel-otel[gateway,traits]' \
     && rm -rf /wheels \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin gateway \
     && mkdir /spool && chown gateway /spool
@@ -24,14 +25,17 @@ RUN pip install --no-cache-dir --no-index --find-links /wheels 'mixpanel-otel[ga
 # "Securing the gateway"), or with --allow-unauthenticated on a network you trust.
 ENV MIXPANEL_OTEL_SPOOL_DIR=/spool \
     MIXPANEL_OTEL_GATEWAY_HOST=0.0.0.0 \
+    MIXPANEL_OTEL_GATEWAY_HEALTH_SOCKET=/tmp/mixpanel-otel-gateway.sock \
     PYTHONUNBUFFERED=1
 USER gateway
 VOLUME ["/spool"]
 EXPOSE 4317 4318
-# 200 from /health while the gateway can deliver; 503 (unhealthy) while stopping.
-# /health needs no token; with --tls-cert it is served over TLS (the check trusts any
-# certificate: it only asks the gateway on this host whether it is up).
+# Healthy while the gateway serves; unhealthy while it stops or when nothing answers.
+# The gateway answers /health on the Unix socket MIXPANEL_OTEL_GATEWAY_HEALTH_SOCKET names,
+# in plain HTTP whatever its ports and TLS (arguments after the image name included), and
+# `mixpanel-otel health` reads the same variable: no port, scheme or client certificate
+# to repeat here.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import os, ssl, urllib.request as u; tls = bool(os.environ.get('MIXPANEL_OTEL_GATEWAY_TLS_CERT')); u.urlopen(('https' if tls else 'http') + '://127.0.0.1:' + os.environ.get('MIXPANEL_OTEL_GATEWAY_HTTP_PORT', '4318') + '/health', timeout=4, context=ssl._create_unverified_context() if tls else None)"]
+    CMD ["mixpanel-otel", "health"]
 # exec form: the gateway is PID 1, so the runtime's SIGTERM reaches it (a clean stop).
 ENTRYPOINT ["mixpanel-otel", "gateway"]

@@ -10,6 +10,9 @@
    rounds, and the whole process's CPU (the timer thread's emissions included).
 2. Memory of the engine alone for 100,000 groups x 5 traits (3 records a
    group, in different buckets): RSS growth and Python heap (``tracemalloc``).
+3. Memory per group as a function of the buckets in use: each windowed trait
+   of each group holds 1, 3, 10, 30 or 60 buckets (one record each, distinct
+   values), the lifetime trait one; Python heap (``tracemalloc``) per group.
 """
 
 from __future__ import annotations
@@ -147,6 +150,36 @@ def memory(groups: int) -> None:
     )
 
 
+def memory_by_buckets(groups: int) -> None:
+    traits = load_all({"trait": TRAITS}).traits
+    now = 1_700_000_000.0
+    print(f"\n#### Memory per group by buckets in use ({groups} groups x {len(TRAITS)} traits)\n")
+    print("| buckets in use (each windowed trait) | heap bytes per group | KB per group |")
+    print("|---|---|---|")
+    for buckets in (1, 3, 10, 30, 60):
+        engine = TraitEngine(traits, clock=lambda: now, max_groups=groups)
+        gc.collect()
+        tracemalloc.start()
+        for g in range(groups):
+            group = f"tenant-{g}"
+            for trait in traits:
+                position = engine.position(trait)
+                width = (trait.window or 0.0) / 60
+                for i in range(buckets if trait.window else 1):
+                    value = {
+                        "count": None,
+                        "count_distinct": f"u{i}",
+                        "last": f"/r{i}",
+                        "p95": float(i),
+                        "sum": i,
+                    }[trait.aggregate]
+                    engine.observe(position, group, now - i * width, value)
+        heap, _ = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        print(f"| {buckets} | {heap / groups:.0f} | {heap / groups / 1024:.1f} |")
+        del engine
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -154,6 +187,7 @@ def main() -> None:
     print(f"Python {sys.version.split()[0]}, {time.strftime('%Y-%m-%d')}")
     cpu_per_record(5_000 if args.quick else 50_000, 5 if args.quick else 10)
     memory(10_000 if args.quick else 100_000)
+    memory_by_buckets(1_000 if args.quick else 10_000)
 
 
 if __name__ == "__main__":

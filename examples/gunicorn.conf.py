@@ -9,9 +9,15 @@ worker has its own BatchSpanProcessor thread:
     gunicorn -c examples/gunicorn.conf.py app:app
 """
 
+import logging
+
+# The library's own warnings (delivery failing, what an exit left behind) beside gunicorn's.
+logging.getLogger("mixpanel_otel").addHandler(logging.StreamHandler())
+
 bind = "127.0.0.1:8000"
 workers = 2
-# Give the exit flush time to finish when a worker is stopped (SIGTERM).
+# Longer than MIXPANEL_OTEL_SHUTDOWN_TIMEOUT (5 s by default): a stopped worker
+# delivers (or spools) what it holds within that, and is never killed mid-way.
 graceful_timeout = 10
 
 
@@ -30,7 +36,9 @@ def post_fork(server, worker):
 
 
 def worker_exit(server, worker):
-    # Deliver what this worker still holds before it goes (bounded by shutdown_timeout).
-    from mixpanel_otel import get_consumer
+    # Deliver what this worker still holds before it goes: the OpenTelemetry provider,
+    # then every consumer, within one shutdown_timeout (spooled or reported lost after
+    # it); the exit that follows only gets what is left of that budget.
+    import mixpanel_otel
 
-    get_consumer().flush(5)
+    mixpanel_otel.shutdown()

@@ -7,7 +7,7 @@ one shared, background consumer per (token, API host).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from ._client import GroupClient
 from ._exceptions import MixpanelException
@@ -29,8 +29,35 @@ __all__ = [
     "MixpanelLogExporter",
     "MixpanelSpanExporter",
     "SDKSerializer",
+    "flush_at_exit",
     "get_consumer",
+    "shutdown",
 ]
+
+
+def shutdown(timeout: Optional[float] = None) -> None:
+    """Deliver what is held, then put back everything the library installed in the process.
+
+    Runs the exit steps now (the host's OpenTelemetry providers, the traits'
+    final values, every shared consumer) within ``timeout`` seconds (default:
+    ``shutdown_timeout``), starting the process's one exit budget: a later
+    ``atexit``, SIGTERM or ``flush()`` only gets what is left of it. Then
+    removes the SIGTERM watch, the ``atexit`` hook and the multiprocessing
+    finalizer. Call it from a framework's shutdown hook (gunicorn's
+    ``worker_exit``, an ASGI lifespan). Updates added later wait for a ``flush()``.
+    """
+    from ._delivery import process
+
+    process.shutdown(timeout)
+
+
+def flush_at_exit(provider: Any) -> None:
+    """Flush an OpenTelemetry ``TracerProvider`` or ``LoggerProvider`` that is not the
+    global one before the consumers, at exit, SIGTERM and :func:`shutdown`."""
+    from ._otel import flush_at_exit as hand_over
+
+    hand_over(provider)
+
 
 # Front ends import their frameworks only when first used.
 _LAZY = {

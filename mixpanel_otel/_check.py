@@ -17,8 +17,10 @@ would show less: it is refused for that before its token is looked at.
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -32,11 +34,14 @@ PROBE_GROUP = ("mixpanel-otel-check", "probe")
 
 @dataclass
 class Check:
-    """What ``check`` found: one line a step, and the verdict."""
+    """What ``check`` found: one line a step, and the verdict naming every failure."""
 
     lines: list[str] = field(default_factory=list)
-    ok: bool = True
-    reason: str = ""
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
 
     def step(self, name: str, detail: str) -> None:
         self.lines.append(f"  ok    {name}: {detail}")
@@ -45,18 +50,21 @@ class Check:
         self.lines.append(f"  note  {name}: {detail}")
 
     def fail(self, name: str, detail: str) -> Check:
+        if detail.startswith(f"{name}: "):  # the exception already names the step
+            detail = detail[len(name) + 2 :]
         self.lines.append(f"  FAIL  {name}: {detail}")
-        self.ok = False
-        self.reason = f"{name}: {detail}"
+        self.failures.append(f"{name}: {detail}")
         return self
 
     def render(self) -> str:
-        verdict = (
-            "OK: this configuration can deliver group updates"
-            if self.ok
-            else (f"FAILED: {self.reason}")
-        )
-        return "\n".join(["mixpanel-otel check", *self.lines, verdict])
+        if self.ok:
+            verdict = ["OK: this configuration can deliver group updates"]
+        elif len(self.failures) == 1:
+            verdict = [f"FAILED: {self.failures[0]}"]
+        else:
+            count = len(self.failures)
+            verdict = [f"FAILED: {count} problems:", *(f"  - {f}" for f in self.failures)]
+        return "\n".join(["mixpanel-otel check", *self.lines, *verdict])
 
 
 def run_check(
@@ -65,12 +73,21 @@ def run_check(
     rules: Optional[str] = None,
     timeout: Optional[float] = None,
 ) -> Check:
-    """Run every step; stop at the first that fails. Never prints the token."""
-    from ._config import DISABLED_ENV, disabled_by_environment, resolve_options, resolve_target
+    """Run every step; stop at a failure the next steps depend on (the token, the
+    options, the host), not at bad rules. Never prints the token."""
+    from ._config import (
+        DISABLED_ENV,
+        disabled_by_environment,
+        resolve_options,
+        resolve_target,
+        unknown_environment,
+    )
     from ._exceptions import MixpanelException
     from ._rules import RULES_ENV, load_all
 
     check = Check()
+    for name in unknown_environment():
+        check.note("environment", f"{name} is not read: ignored")
     try:
         if disabled_by_environment():
             return check.fail("disabled", f"{DISABLED_ENV} is set: nothing is sent")
@@ -90,16 +107,26 @@ def run_check(
         except MixpanelException as exc:
             for line in str(exc).splitlines():  # one line per bad table
                 check.fail("rules", line)
-            return check
-        named = "--rules" if rules else RULES_ENV
-        check.step(
-            "rules",
-            f"{len(found)} rule(s), {len(traits)} trait(s) in {rules_source} (from {named})",
-        )
+        else:
+            _check_rules(check, found, traits, rules_source, "--rules" if rules else RULES_ENV)
     else:
         check.note("rules", f"none (set {RULES_ENV} or pass --rules to check a file)")
-    timeout = timeout or float(options["request_timeout"])
+    timeout = timeout or options.request_timeout
     return _probe(check, token, base_url, timeout)
+
+
+def _check_rules(
+    check: Check, found: list[Any], traits: list[Any], source: str, named: str
+) -> None:
+    from ._traits.aggregates import SKETCHES_EXTRA, needs_sketches, sketches_missing
+
+    needing = [t for t in traits if needs_sketches(t.aggregate)]
+    if needing and sketches_missing():
+        names = ", ".join(f"trait {t.index} ({t.property})" for t in needing)
+        check.fail("rules", f"{names}: {SKETCHES_EXTRA}")
+    else:
+        summary = f"{len(found)} rule(s), {len(traits)} trait(s) in {source} (from {named})"
+        check.step("rules", summary)
 
 
 def _probe(check: Check, token: str, base_url: str, timeout: float) -> Check:
@@ -142,7 +169,8 @@ def _probe(check: Check, token: str, base_url: str, timeout: float) -> Check:
     except requests.exceptions.RequestException as exc:
         return check.fail("connection", f"{url}: {_cause(exc)}")
     check.step("connection", f"POST {url} answered {answer.status_code}")
-    text = answer.text.replace(token, "<token>")  # never show the token, even echoed
+    # Never show the token, even echoed (as a whole word: a short test token is a letter).
+    text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(token)}(?![A-Za-z0-9])", "<token>", answer.text)
     return _verdict(check, answer.status_code, text)
 
 
@@ -154,11 +182,13 @@ def _verdict(check: Check, status: int, text: str) -> Check:
         body = None
     error = str(body.get("error") or "") if isinstance(body, dict) else ""
     if status in (401, 403):
-        return check.fail("token", f"the server refused it (HTTP {status}: {error or text[:80]})")
+        return check.fail(
+            "token", f"the server refused it (HTTP {status}: {error or _excerpt(text)})"
+        )
     if status != 200 or not isinstance(body, dict) or "status" not in body:
         return check.fail(
             "API",
-            f"the host does not answer like Mixpanel's API (HTTP {status}: {text[:80]!r})",
+            f"the host does not answer like Mixpanel's API (HTTP {status}: {_excerpt(text)})",
         )
     if body["status"] in (1, "1"):
         check.step("token", "accepted (the probe deleted a group that does not exist)")
@@ -168,6 +198,28 @@ def _verdict(check: Check, status: int, text: str) -> Check:
     # Validated and refused for something else: the host checks messages as Mixpanel does.
     check.note("token", f"not refused; the probe was refused for another reason: {error[:200]}")
     return check
+
+
+_HTML = re.compile(r"\s*<(!doctype|html|head|body)\b", re.IGNORECASE)
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+_TAG = re.compile(r"<[^>]*>")
+
+
+def _excerpt(text: str, limit: int = 100) -> str:
+    """A short, one-line view of an answer that is not Mixpanel's: a page's title, or
+    its text without markup, clipped."""
+    text = text[:20_000]  # a title or a first sentence is near the start
+    if _HTML.match(text):
+        title = _TITLE.search(text)
+        if title and title.group(1).strip():
+            return f"an HTML page titled {_clip(html.unescape(title.group(1)), limit)!r}"
+        return f"an HTML page: {_clip(html.unescape(_TAG.sub(' ', text)), limit)!r}"
+    return repr(_clip(text, limit)) if text.strip() else "an empty body"
+
+
+def _clip(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
 
 def _cause(exc: BaseException) -> str:

@@ -1,5 +1,5 @@
 """The ``mixpanel-otel`` command: serve the local sink, show profiles, check a
-configuration, run the demo.
+configuration, run the demo, run the gateway and ask for its health.
 
 Expected failures (a busy port, a file that is not a sink database, an
 unreachable sink) print one line to stderr and exit 1; never a traceback.
@@ -11,6 +11,7 @@ import argparse
 import ipaddress
 import json
 import os
+import socket
 import sqlite3
 import sys
 from collections.abc import Sequence
@@ -55,9 +56,11 @@ def _serve(args: argparse.Namespace) -> int:
             raise _Failure(f"--host {args.host!r} is not an IP address") from None
         print(
             f"warning: --host {args.host} is not loopback: anyone who can reach this "
-            "machine can read and write the sink's profiles (no authentication)",
+            "machine can read and write the sink's profiles (no authentication); "
+            "name the Host a neighbour uses with --allowed-hosts",
             file=sys.stderr,
         )
+    _claim_port(args.host, args.port)
     try:
         sink = Sink(
             db_path=args.db,
@@ -66,6 +69,7 @@ def _serve(args: argparse.Namespace) -> int:
             verbose=args.verbose,
             latency=args.latency,
             token=args.token,
+            allowed_hosts=args.allowed_hosts,
         )
     except OSError as exc:
         raise _Failure(_listen_problem(args.host, args.port, exc)) from None
@@ -84,6 +88,23 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         sink.stop()
     return 0
+
+
+def _claim_port(host: str, port: int) -> None:
+    """Fail before the sink creates its database file when the port is taken."""
+    if not port:
+        return
+    host = "127.0.0.1" if host == "localhost" else host
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the sink's server
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise _Failure(_listen_problem(host, port, exc)) from None
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def _listen_problem(host: str, port: int, exc: OSError) -> str:
@@ -155,6 +176,25 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if check.ok else 1
 
 
+def _health(args: argparse.Namespace) -> int:
+    from .gateway._health import HEALTH_SOCKET_ENV, ask_health
+
+    path = args.socket or os.environ.get(HEALTH_SOCKET_ENV)
+    if not path:
+        raise _Failure(f"no health socket: set {HEALTH_SOCKET_ENV} (as the gateway's) or --socket")
+    try:
+        status, document = ask_health(path, args.timeout)
+    except OSError as exc:
+        raise _Failure(f"no gateway answers on {path}: {exc.strerror or exc}") from None
+    state = document.get("status", f"HTTP {status}")
+    delivery = document.get("delivery") or {}
+    if state == "degraded" and isinstance(delivery, dict):
+        state += f": delivery failing for {delivery.get('failing_for', 0):.0f} s"
+        state += f" ({delivery.get('reason')})" if delivery.get("reason") else ""
+    print(f"gateway {state}")
+    return 0 if status == 200 else 1
+
+
 def _demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
@@ -192,6 +232,14 @@ def _parser() -> argparse.ArgumentParser:
         "--token",
         help="the project token: messages with another are refused as Mixpanel refuses them",
     )
+    serve.add_argument(
+        "--allowed-hosts",
+        type=_names,
+        default=[],
+        metavar="NAMES",
+        help="comma-separated Host names to answer besides loopback names and --host "
+        "(a docker-compose service name; * for any); others get 403",
+    )
     serve.set_defaults(run=_serve)
 
     profiles = commands.add_parser("profiles", help="print the group profiles a sink holds")
@@ -222,9 +270,28 @@ def _parser() -> argparse.ArgumentParser:
 
     from . import gateway as _gateway  # imports neither grpc nor protobuf
 
-    gateway = commands.add_parser("gateway", help="receive OTLP logs and traces from a fleet")
+    gateway = commands.add_parser(
+        "gateway",
+        help="receive OTLP logs and traces from a fleet",
+        epilog="With MIXPANEL_OTEL_GATEWAY_HEALTH_SOCKET=<path> the gateway also answers "
+        "GET /health on that Unix socket, whatever its ports and TLS: `mixpanel-otel health` "
+        "asks it (the container's health check).",
+    )
     _gateway.add_arguments(gateway)
     gateway.set_defaults(run=_gateway.main)
+
+    health = commands.add_parser(
+        "health",
+        help="ask a running gateway whether it is healthy (a container's health check)",
+        description="GET /health on the gateway's Unix socket "
+        "(MIXPANEL_OTEL_GATEWAY_HEALTH_SOCKET, the variable the gateway reads): exit 0 "
+        "while it serves, 1 while it stops or when nothing answers.",
+    )
+    health.add_argument(
+        "--socket", help="the socket (default: MIXPANEL_OTEL_GATEWAY_HEALTH_SOCKET)"
+    )
+    health.add_argument("--timeout", type=float, default=4.0, help="seconds (default 4)")
+    health.set_defaults(run=_health)
     return parser
 
 

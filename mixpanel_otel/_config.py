@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import logging
 import os
+import threading
 from typing import Any, Callable, Optional
 
 from ._exceptions import ConfigurationError, MissingToken
@@ -10,12 +14,15 @@ from ._wire import DEFAULT_BATCH_SIZE, ENDPOINTS, MAX_BATCH_MESSAGES, REGION_HOS
 
 __all__ = [
     "CONSUMER_OPTIONS",
+    "Options",
     "base_url_of",
     "DISABLED_ENV",
     "check_arguments",
     "disabled_by_environment",
     "resolve_options",
     "resolve_target",
+    "unknown_environment",
+    "warn_unknown_environment",
 ]
 
 #: ``true`` makes every front end a no-op (dev, CI); see :func:`disabled_by_environment`.
@@ -105,12 +112,37 @@ CONSUMER_OPTIONS: dict[str, tuple[Optional[str], Any, Callable[[Any], Any]]] = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Every consumer option, resolved (see :data:`CONSUMER_OPTIONS` and the README)."""
+
+    flush_interval: float
+    batch_size: int
+    max_pending: int
+    max_pending_bytes: int
+    request_timeout: float
+    shutdown_timeout: float
+    spool_dir: Optional[str]
+    max_block: float
+    max_in_flight: int
+    flush_on_sigterm: bool
+    trait_interval: float
+    trait_state_dir: Optional[str]
+    trait_max_groups: int
+    backoff_base: float
+    backoff_max: float
+    on_error: Optional[Callable[..., Any]]
+    before_send: Optional[Callable[..., Any]]
+    credentials: Any
+
+
 def check_arguments(options: dict[str, Any]) -> dict[str, Any]:
     """Parse the options given as arguments (None means "not given"); raise naming
     the first that is wrong or unknown. The environment is not read."""
     unknown = set(options) - set(CONSUMER_OPTIONS) - {"region"}
     if unknown:
-        raise ConfigurationError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        named = [_with_suggestion(name, [*CONSUMER_OPTIONS, "region"]) for name in sorted(unknown)]
+        raise ConfigurationError(f"unknown option(s): {', '.join(named)}")
     parsed: dict[str, Any] = {}
     for name, value in options.items():
         if value is not None and name in CONSUMER_OPTIONS:
@@ -121,7 +153,7 @@ def check_arguments(options: dict[str, Any]) -> dict[str, Any]:
     return parsed
 
 
-def resolve_options(options: dict[str, Any]) -> dict[str, Any]:
+def resolve_options(options: dict[str, Any]) -> Options:
     """Fill every consumer option: argument, then environment, then default.
 
     Arguments are checked first, so a wrong argument is reported as such
@@ -139,7 +171,7 @@ def resolve_options(options: dict[str, Any]) -> dict[str, Any]:
             resolved[name] = parse(value)
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(f"{env}={value!r}: {exc}", from_environment=True) from None
-    return resolved
+    return Options(**resolved)
 
 
 def disabled_by_environment() -> bool:
@@ -247,3 +279,66 @@ def base_url_of(api_host: str) -> str:
             path = path[: -len(endpoint)]
             break
     return f"{parts.scheme}://{parts.netloc}{path.rstrip('/')}"
+
+
+def _with_suggestion(name: str, known: list[str]) -> str:
+    """``name``, and the closest known name when one is close: ``batchsize (did you mean
+    batch_size?)``."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f"{name} (did you mean {close[0]}?)" if close else name
+
+
+_ENV_PREFIX = "MIXPANEL_OTEL_"
+
+#: Every ``MIXPANEL_OTEL_*`` variable the package reads: the consumer options' and these.
+OTHER_ENV = (
+    DISABLED_ENV,
+    "MIXPANEL_OTEL_RULES",
+    "MIXPANEL_OTEL_GATEWAY_HOST",
+    "MIXPANEL_OTEL_GATEWAY_GRPC_PORT",
+    "MIXPANEL_OTEL_GATEWAY_HTTP_PORT",
+    "MIXPANEL_OTEL_GATEWAY_ACK_TIMEOUT",
+    "MIXPANEL_OTEL_GATEWAY_TLS_CERT",
+    "MIXPANEL_OTEL_GATEWAY_TLS_KEY",
+    "MIXPANEL_OTEL_GATEWAY_TLS_CLIENT_CA",
+    "MIXPANEL_OTEL_GATEWAY_AUTH_TOKENS",
+    "MIXPANEL_OTEL_GATEWAY_AUTH_TOKEN_FILE",
+    "MIXPANEL_OTEL_GATEWAY_ALLOW_OPS",
+    "MIXPANEL_OTEL_GATEWAY_GROUP_KEYS",
+    "MIXPANEL_OTEL_GATEWAY_ALLOWED_HOSTS",
+    "MIXPANEL_OTEL_GATEWAY_DEDUPE_WINDOW",
+    "MIXPANEL_OTEL_GATEWAY_HEALTH_SOCKET",
+)
+
+
+def known_environment() -> list[str]:
+    """The ``MIXPANEL_OTEL_*`` variables the package reads."""
+    return [*(env for env, _, _ in CONSUMER_OPTIONS.values() if env), *OTHER_ENV]
+
+
+def unknown_environment(environ: Optional[dict[str, str]] = None) -> list[str]:
+    """Each ``MIXPANEL_OTEL_*`` variable set that the package does not read (a typo is
+    ignored), with the closest known name: ``MIXPANEL_OTEL_BATCHSIZE (did you mean
+    MIXPANEL_OTEL_BATCH_SIZE?)``."""
+    names = os.environ if environ is None else environ
+    known = known_environment()
+    return [
+        _with_suggestion(name, known)
+        for name in sorted(names)
+        if name.startswith(_ENV_PREFIX) and name not in known
+    ]
+
+
+_warned_environment = threading.Event()
+
+
+def warn_unknown_environment() -> None:
+    """Warn once per process about the ``MIXPANEL_OTEL_*`` variables nothing reads."""
+    if _warned_environment.is_set():
+        return
+    _warned_environment.set()
+    unknown = unknown_environment()
+    if unknown:
+        logging.getLogger("mixpanel_otel").warning(
+            "mixpanel-otel: ignored unknown environment variable(s): %s", "; ".join(unknown)
+        )

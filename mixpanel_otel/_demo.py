@@ -13,6 +13,17 @@ import random
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING, Union
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk._logs import LoggerProvider
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from ._delivery import Consumer as Delivering
+    from ._frontend import DisabledConsumer
+    from .sink import Sink
+
+    Consumer = Union[Delivering, DisabledConsumer]  # MIXPANEL_OTEL_DISABLED: a no-op
 
 DEMO_TOKEN = "demo-token"
 
@@ -36,52 +47,98 @@ TENANTS = {"acme": "enterprise", "globex": "pro", "initech": "free"}
 
 
 def run_demo(keep: bool = False, port: int = 0) -> int:
-    """Run the workload, print the profiles; with ``keep``, serve them until Ctrl-C."""
-    import structlog
-    from opentelemetry.sdk._logs import LoggerProvider
-    from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    """Run the workload, print the profiles; with ``keep``, serve them until Ctrl-C.
 
-    from . import (
-        GroupClient,
-        MixpanelGroupHandler,
-        MixpanelGroupProcessor,
-        MixpanelLogExporter,
-        MixpanelSpanExporter,
-        get_consumer,
-    )
-    from ._table import format_profiles
+    The sink's database lives in a temporary folder removed at the end, on
+    Ctrl-C too.
+    """
     from .sink import Sink
 
     started = time.monotonic()
-    workdir = tempfile.mkdtemp(prefix="mixpanel-otel-demo-")
-    sink = Sink(db_path=os.path.join(workdir, "sink.db"), port=port).start()
+    try:
+        with tempfile.TemporaryDirectory(prefix="mixpanel-otel-demo-") as workdir:
+            sink = Sink(db_path=os.path.join(workdir, "sink.db"), port=port).start()
+            try:
+                return _demonstrate(sink, workdir, keep, started)
+            finally:
+                sink.stop()
+    except KeyboardInterrupt:
+        return 130
+
+
+def _demonstrate(sink: Sink, workdir: str, keep: bool, started: float) -> int:
+    from . import get_consumer
+    from ._table import format_profiles
+
     print(f"Embedded Mixpanel-compatible sink: {sink.url}  (database {sink.db_path})\n")
     rules_path = os.path.join(workdir, "rules.toml")
     with open(rules_path, "w") as handle:
         handle.write(RULES)
-
     consumer = get_consumer(DEMO_TOKEN, sink.url, flush_interval=0.2)
+    delivered = _workload(consumer, rules_path)
+    stats = consumer.stats()
+    print(format_profiles(sink.profiles()))
+    print(
+        f"\n{stats['enqueued']} updates from 5 front ends, {stats['coalesced']} coalesced, "
+        f"{stats['sent']} messages in {stats['requests']} request(s); "
+        f"{'all delivered' if delivered else 'NOT all delivered'} "
+        f"in {(time.monotonic() - started) * 1000:.0f} ms."
+    )
+    if keep:
+        print(f"Browse them at {sink.url}/  (serving until Ctrl-C)")
+        sys.stdout.flush()
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    else:
+        print("The embedded sink stops now; `mixpanel-otel demo --keep` keeps it to browse.")
+    return 0 if delivered else 1
 
-    # 1. The explicit API, as the official SDK's group_* methods.
+
+def _workload(consumer: Consumer, rules_path: str) -> bool:
+    """Every front end, then a flush; True when everything was delivered."""
+    _explicit_api(consumer)
+    handler = _stdlib_logging(consumer)
+    _structlog(consumer)
+    provider = _spans(consumer, rules_path)
+    log_provider = _otel_logs(consumer)
+    provider.force_flush()
+    log_provider.force_flush()
+    delivered = consumer.flush(10)
+    logging.getLogger().removeHandler(handler)
+    provider.shutdown()
+    log_provider.shutdown()
+    return delivered
+
+
+def _explicit_api(consumer: Consumer) -> None:
+    """1. The explicit API, as the official SDK's group_* methods."""
+    from . import GroupClient
+
     client = GroupClient(consumer=consumer)
     for tenant, plan in TENANTS.items():
         client.group_set("company", tenant, {"name": tenant.title(), "billing_plan": plan})
     client.group_union("company", "acme", {"features": ["sso", "audit-log"]})
 
-    # 2. Stdlib logging: one handler on the root logger; untagged records are ignored.
-    handler = MixpanelGroupHandler(consumer=consumer)
+
+def _stdlib_logging(consumer: Consumer) -> logging.Handler:
+    """2. Stdlib logging: one handler on the root logger, which lets INFO records
+    through; untagged records are ignored."""
+    from . import MixpanelGroupHandler
+
     root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    handler = MixpanelGroupHandler(consumer=consumer)
     root.addHandler(handler)
     log = logging.getLogger("demo.billing")
-    log.warning("plain record, not a group update")
-    log.warning(
+    log.info("plain record, not a group update")
+    log.info(
         "seats changed",
         extra={"group_key": "company", "group_id": "globex", "$set": {"seats": 42}},
     )
-    log.warning(
+    log.info(
         "trial started",
         extra={
             "group_key": "team",
@@ -90,8 +147,15 @@ def run_demo(keep: bool = False, port: int = 0) -> int:
             "$set": {"company": "globex"},
         },
     )
+    return handler
 
-    # 3. structlog: the processor reads the same keys and leaves rendering alone.
+
+def _structlog(consumer: Consumer) -> None:
+    """3. structlog: the processor reads the same keys and leaves rendering alone."""
+    import structlog
+
+    from . import MixpanelGroupProcessor
+
     processor = MixpanelGroupProcessor(consumer=consumer, strip=True)
     structlog.configure(
         processors=[processor, structlog.processors.KeyValueRenderer()],
@@ -100,7 +164,15 @@ def run_demo(keep: bool = False, port: int = 0) -> int:
     slog = structlog.get_logger()
     slog.info("renewal", group_key="company", group_id="initech", **{"$set": {"renewal": "2025"}})
 
-    # 4. Spans: auto-enrichment from attributes the service already sets, by rules.
+
+def _spans(consumer: Consumer, rules_path: str) -> TracerProvider:
+    """4. Spans: auto-enrichment from attributes the service already sets, by rules."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    from . import MixpanelSpanExporter
+
     exporter = MixpanelSpanExporter(consumer=consumer, rules=rules_path)
     provider = TracerProvider(resource=Resource.create({"service.name": "checkout"}))
     provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=100))
@@ -117,8 +189,17 @@ def run_demo(keep: bool = False, port: int = 0) -> int:
         span.set_attribute("mixpanel.group_key", "company")
         span.set_attribute("mixpanel.group_id", "acme")
         span.set_attribute("mixpanel.$set.admin_console", True)
+    return provider
 
-    # 5. OpenTelemetry logs.
+
+def _otel_logs(consumer: Consumer) -> LoggerProvider:
+    """5. OpenTelemetry logs."""
+    from opentelemetry.sdk._logs import LoggerProvider
+    from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
+    from opentelemetry.sdk.resources import Resource
+
+    from . import MixpanelLogExporter
+
     log_provider = LoggerProvider(resource=Resource.create({"service.name": "checkout"}))
     log_provider.add_log_record_processor(
         BatchLogRecordProcessor(MixpanelLogExporter(consumer=consumer))
@@ -131,31 +212,4 @@ def run_demo(keep: bool = False, port: int = 0) -> int:
             "$union": {"open_tickets": ["T-1001"]},
         },
     )
-
-    provider.force_flush()
-    log_provider.force_flush()
-    delivered = consumer.flush(10)
-    root.removeHandler(handler)
-    stats = consumer.stats()
-
-    print(format_profiles(sink.profiles()))
-    print(
-        f"\n{stats['enqueued']} updates from 5 front ends, {stats['coalesced']} coalesced, "
-        f"{stats['sent']} messages in {stats['requests']} request(s); "
-        f"{'all delivered' if delivered else 'NOT all delivered'} "
-        f"in {(time.monotonic() - started) * 1000:.0f} ms."
-    )
-    provider.shutdown()
-    log_provider.shutdown()
-    if keep:
-        print(f"Browse them at {sink.url}/  (serving until Ctrl-C)")
-        sys.stdout.flush()
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
-    else:
-        print("The embedded sink stops now; `mixpanel-otel demo --keep` keeps it to browse.")
-    sink.stop()
-    return 0 if delivered else 1
+    return log_provider

@@ -16,10 +16,16 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from time import monotonic
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Protocol, TypeVar, Union
 
-from ._config import check_arguments, disabled_by_environment, resolve_options, resolve_target
+from ._config import (
+    check_arguments,
+    disabled_by_environment,
+    resolve_options,
+    resolve_target,
+    warn_unknown_environment,
+)
+from ._delivery.stats import Throttle
 from ._exceptions import ConfigurationError, MissingToken, MixpanelException
 from ._records import Adapter, Walker
 from ._rules import Rules, RulesSource, load_all
@@ -126,6 +132,9 @@ class DisabledConsumer:
         return stats
 
 
+_NO_TOKEN = (
+    "no Mixpanel project token (pass token= or set MIXPANEL_TOKEN); group updates are discarded"
+)
 _disabled: Counter[str] = Counter()  # why -> front ends disabled for it, this process
 _said: set[str] = set()
 _said_lock = threading.Lock()
@@ -179,6 +188,7 @@ def open_consumer(
             raise MixpanelException("pass consumer options to get_consumer(), not with consumer=")
         return consumer
     check_arguments(options)
+    warn_unknown_environment()
     try:
         if disabled_by_environment() and not _capturing():
             return _disable("MIXPANEL_OTEL_DISABLED is set", 0)
@@ -190,11 +200,7 @@ def open_consumer(
         if not exc.from_environment or (need_token and isinstance(exc, MissingToken)):
             raise
         if isinstance(exc, MissingToken):
-            return _disable(
-                "no Mixpanel project token (pass token= or set MIXPANEL_TOKEN); "
-                "group updates are discarded",
-                missing_token_level,
-            )
+            return _disable(_NO_TOKEN, missing_token_level)
         return _disable(f"{exc}; group updates are discarded", logging.ERROR)
     except Exception as exc:
         if not fallback_on_error:
@@ -223,13 +229,19 @@ def get_consumer(
     consumer is created; a later call that gives another value gets the
     same consumer and one warning naming the option and the value kept.
     The consumer publishes its ``stats()`` as OpenTelemetry metrics. With
-    ``MIXPANEL_OTEL_DISABLED=true`` it is a :class:`DisabledConsumer`: it
-    takes what the official SDK ``send()`` s and sends nothing.
+    ``MIXPANEL_OTEL_DISABLED=true``, or without a token (one warning, as the
+    front ends), it is a :class:`DisabledConsumer`: it takes what the official
+    SDK ``send()`` s and sends nothing, and its ``flush()`` returns at once,
+    so a shutdown hook's ``get_consumer().flush(5)`` runs everywhere.
     """
     check_arguments(options)
+    warn_unknown_environment()
     if disabled_by_environment() and not _capturing():
         return _disable("MIXPANEL_OTEL_DISABLED is set", 0)
-    return _shared(token, api_host, dict(options))
+    try:
+        return _shared(token, api_host, dict(options))
+    except MissingToken:
+        return _disable(_NO_TOKEN, logging.WARNING)
 
 
 class FrontEnd:
@@ -284,8 +296,7 @@ class FrontEnd:
             traits = feed_for(self.consumer, found.traits)
         self.translator = Translator(found.rules, self.consumer.truncations, traits)
         self._walkers: dict[Adapter[Any], Walker[Any]] = {}
-        self._last_warning = -_WARN_EVERY
-        self._unreported = 0
+        self._warnings = Throttle(_WARN_EVERY)
 
     def walker(self, adapter: Adapter[R]) -> Walker[R]:
         """The one path for this front end's records of ``adapter``'s kind (built once)."""
@@ -312,12 +323,11 @@ class FrontEnd:
         front end ignores, and never re-enters from inside a report.
         """
         self.consumer.count_invalid(len(reasons) or 1)
-        now = monotonic()
-        if now - self._last_warning < _WARN_EVERY or getattr(_reporting, "active", False):
-            self._unreported += 1
+        if getattr(_reporting, "active", False):
             return
-        self._last_warning = now
-        skipped, self._unreported = self._unreported, 0
+        allowed, skipped = self._warnings.allow()
+        if not allowed:
+            return
         _reporting.active = True
         try:
             logger.warning(

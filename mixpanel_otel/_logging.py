@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
+from . import _celery
 from ._delivery.worker import WORKER_THREADS
 from ._frontend import ConsumerLike, FrontEnd
 from ._records import Adapter
@@ -43,12 +45,20 @@ class MixpanelGroupHandler(logging.Handler):
         level: int = logging.NOTSET,
         **options: Any,
     ) -> None:
-        super().__init__(level)
+        # The front end first: a constructor that raises never reaches Handler.__init__,
+        # so logging.shutdown() at exit never meets a handler half built.
         self._front = FrontEnd(token, api_host, consumer, rules, options)
+        super().__init__(level)
         self.consumer = self._front.consumer
-        self._ingest: Callable[[logging.LogRecord], None] = (
+        self._deliver: Callable[[logging.LogRecord], None] = (
             self._front.walker(LOG_RECORDS).ingest_one if self._front.enabled else _off
         )
+        self._ingest: Callable[[logging.LogRecord], None] = (
+            self._first_record if self._front.enabled else _off
+        )
+        self._level_checked = threading.Lock()
+        if self._front.enabled and "celery" in sys.modules:
+            _celery.follow()
 
     @property
     def disabled(self) -> Optional[str]:
@@ -69,8 +79,30 @@ class MixpanelGroupHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self._ingest(record)
 
+    def _first_record(self, record: logging.LogRecord) -> None:
+        """Check the loggers' levels once, then hand every record straight on."""
+        self._ingest = self._deliver
+        self.check_level()
+        self._deliver(record)
+
+    def check_level(self, fix: str = "") -> None:
+        """Warn, once per handler, when the loggers it is attached to drop INFO records.
+
+        Run at the first record the handler sees and at its first flush (at the
+        latest, ``logging.shutdown()`` at exit), when it is attached. A handler
+        given ``level`` above INFO asked for that and is left alone.
+        """
+        if not self._front.enabled or self.level > logging.INFO:
+            return
+        if not self._level_checked.acquire(blocking=False):
+            return  # checked already (the lock is never released)
+        muted = [holder for holder in attached_loggers(self) if drops_info(holder)]
+        if muted:
+            warn_visibly(level_warning(muted[0], fix))
+
     def flush(self) -> None:
         """Deliver what is pending, waiting at most the consumer's shutdown timeout."""
+        self.check_level()
         self.consumer.flush(self.consumer.shutdown_timeout)
 
     def close(self) -> None:
@@ -116,3 +148,74 @@ LOG_RECORDS = LogRecords()
 
 def _off(record: logging.LogRecord) -> None:
     """What a disabled handler does with a record: nothing."""
+
+
+def _all_loggers() -> list[logging.Logger]:
+    known = list(logging.Logger.manager.loggerDict.values())
+    return [logging.root, *(x for x in known if isinstance(x, logging.Logger))]
+
+
+def attached_loggers(handler: logging.Handler) -> list[logging.Logger]:
+    """The loggers ``handler`` is attached to (a handler does not know them itself)."""
+    return [x for x in _all_loggers() if handler in x.handlers]
+
+
+def _reaches(source: logging.Logger, holder: logging.Logger) -> bool:
+    """Whether records of ``source`` propagate up to ``holder``'s handlers."""
+    current: Optional[logging.Logger] = source
+    while current is not None and current is not holder:
+        if not current.propagate:
+            return False
+        current = current.parent
+    return current is holder
+
+
+def drops_info(holder: logging.Logger) -> bool:
+    """Whether no INFO record reaches ``holder``'s handlers: its level and that of every
+    logger below it that propagates to it are above INFO (or ``logging.disable`` drops them)."""
+    if logging.root.manager.disable >= logging.INFO:
+        return True
+    return not any(
+        source.getEffectiveLevel() <= logging.INFO and _reaches(source, holder)
+        for source in _all_loggers()
+        if not source.name.startswith("mixpanel_otel")
+    )
+
+
+def level_warning(holder: logging.Logger, fix: str = "") -> str:
+    name = "root" if holder is logging.root else holder.name
+    getter = "logging.getLogger()" if holder is logging.root else f"logging.getLogger({name!r})"
+    level = logging.getLevelName(holder.getEffectiveLevel())
+    fix = fix or (
+        f"set the level ({getter}.setLevel(logging.INFO), or \"level\": \"INFO\" in dictConfig)"
+    )
+    return (
+        f"mixpanel-otel: MixpanelGroupHandler is on the {name!r} logger, whose level is "
+        f"{level}: logger.info(..., extra={{'group_key': ...}}) records never reach it. To "
+        f"send them, {fix}; to send only warnings and above, build the handler with "
+        "level=logging.WARNING"
+    )
+
+
+def warn_visibly(message: str) -> None:
+    """Log ``message`` as a warning of the ``mixpanel_otel`` logger, or write it to stderr
+    (``logging.lastResort``) when only Mixpanel handlers would get it: they ignore it."""
+    log = logging.getLogger("mixpanel_otel")
+    if not log.isEnabledFor(logging.WARNING):
+        return
+    record = log.makeRecord(log.name, logging.WARNING, __file__, 0, message, (), None)
+    if _shown(log) or logging.lastResort is None:
+        log.handle(record)
+    else:
+        logging.lastResort.handle(record)
+
+
+def _shown(log: logging.Logger) -> bool:
+    """Whether a handler that is not a Mixpanel one would show a warning of ``log``."""
+    current: Optional[logging.Logger] = log
+    while current is not None:
+        for handler in current.handlers:
+            if not isinstance(handler, MixpanelGroupHandler) and handler.level <= logging.WARNING:
+                return True
+        current = current.parent if current.propagate else None
+    return False

@@ -10,7 +10,9 @@ They load with no arguments, from the environment, as the entry points
 from __future__ import annotations
 
 import logging
+import sys
 import time
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Optional
 
@@ -26,7 +28,8 @@ except ImportError:  # pragma: no cover - SDK releases before the rename
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from . import _upstream
+from ._delivery import process
+from ._delivery.stats import logger
 from ._frontend import ConsumerLike, FrontEnd
 from ._records import EMPTY, Adapter, Event
 from ._rules import RulesSource
@@ -34,6 +37,7 @@ from ._translate import EVENT_NAME
 from ._wire import iso_utc
 
 __all__ = [
+    "flush_at_exit",
     "SDK_LOG_RECORDS",
     "SDK_SPANS",
     "MixpanelLogExporter",
@@ -86,8 +90,8 @@ class _Exporter:
         self.consumer = self._front.consumer
         self._off = not self._front.enabled
         self._stopped = False
-        if not self._off:  # its processor is flushed before our consumer at SIGTERM and exit
-            _upstream.attach(self)
+        if not self._off:  # its provider is flushed before our consumer at SIGTERM and exit
+            process.add_exit_step("providers", flush_providers)
 
     @property
     def disabled(self) -> Optional[str]:
@@ -104,6 +108,53 @@ class _Exporter:
             return
         self._stopped = True
         self.consumer.flush(self.consumer.shutdown_timeout)
+
+
+# -- the host's providers, flushed before the consumers at exit ---------------------
+
+_HANDED_OVER: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def flush_at_exit(provider: Any) -> None:
+    """Flush ``provider`` (a ``TracerProvider`` or ``LoggerProvider`` that is not the
+    global one) at exit and SIGTERM, before the consumers, within the exit budget.
+    The global providers are flushed without this call."""
+    _HANDED_OVER.add(provider)
+    process.add_exit_step("providers", flush_providers)
+
+
+def flush_providers(deadline: float) -> None:
+    """The providers' exit step: ``force_flush`` on the global tracer and logger
+    providers and those handed over, each with what is left of the budget.
+
+    Their batch processors hold spans and log records for seconds before our
+    exporters see them; their ``export`` only queues into our consumer.
+    """
+    for provider in _providers():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        try:
+            provider.force_flush(max(1, int(left * 1000)))
+        except Exception as exc:  # a host provider's bug must not cost our flush
+            logger.error("mixpanel-otel: flushing %r failed: %r", provider, exc)
+
+
+def _providers() -> list[Any]:
+    found: list[Any] = []
+    trace_api = sys.modules.get("opentelemetry.trace")
+    logs_api = sys.modules.get("opentelemetry._logs")
+    candidates = [
+        trace_api.get_tracer_provider() if trace_api is not None else None,
+        logs_api.get_logger_provider() if logs_api is not None else None,
+        *list(_HANDED_OVER),
+    ]
+    for provider in candidates:  # the API's no-op and proxy providers cannot flush
+        if callable(getattr(provider, "force_flush", None)) and all(
+            provider is not seen for seen in found
+        ):
+            found.append(provider)
+    return found
 
 
 class MixpanelSpanExporter(_Exporter, SpanExporter):

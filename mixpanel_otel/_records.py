@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Generic, Optional, TypeVar
 
-from ._translate import FLAT_GROUP_ID, FLAT_GROUP_KEY
 from ._wire import GroupUpdate, iso_utc
 
 if TYPE_CHECKING:
@@ -106,51 +105,48 @@ class Walker(Generic[R]):
         self._tags = front.translator.tags
         tags_only = not front.translator.reads_records and not adapter.has_events
         self._read: Callable[[R, Optional[Ingested]], list[GroupUpdate]] = (
-            self._read_tags if tags_only else self._read_all
+            self._make_read_tags() if tags_only else self._read_all
         )
         #: Translate, report and enqueue one record (a logging call). Never raises.
-        self.ingest_one: Callable[[R], None] = (
-            self._make_ingest_tags() if tags_only else self._ingest_one
-        )
+        self.ingest_one: Callable[[R], None] = self._make_ingest_one()
 
-    def _ingest_one(self, record: R) -> None:
-        try:
-            updates = self._read(record, None)
-            if updates:
-                self.front.consumer.enqueue(updates)
-        except Exception as exc:  # never raise into the application's logging call
-            self._failed(record, exc, None)
-
-    def _make_ingest_tags(self) -> Callable[[R], None]:
-        """``ingest_one`` for tags and the flat form only: the path of every logging
-        call, so a record without a group tag costs four dict lookups. It is
-        :meth:`_read_tags` and :meth:`_ingest_one` inlined."""
-        adapter = self.adapter
-        attributes_of, skip, time_of = adapter.attributes, adapter.skip, adapter.time
-        tags, report, failed = self._tags, self._report, self._failed
-        enqueue = self.front.consumer.enqueue
+    def _make_ingest_one(self) -> Callable[[R], None]:
+        read, enqueue, failed = self._read, self.front.consumer.enqueue, self._failed
 
         def ingest_one(record: R) -> None:
             try:
-                attributes = attributes_of(record)
-                if not (  # literal names (FLAT_GROUP_ID...): this runs on every logging call
-                    "group_id" in attributes
-                    or "group_key" in attributes
-                    or "mixpanel.group_id" in attributes
-                    or "mixpanel.group_key" in attributes
-                ) or skip(record):
-                    return
-                errors: list[str] = []
-                ignored: list[str] = []
-                updates = tags(attributes, time_of(record), errors, ignored)
-                if errors or ignored:
-                    report(record, errors, ignored, None)
+                updates = read(record, None)
                 if updates:
                     enqueue(updates)
             except Exception as exc:  # never raise into the application's logging call
                 failed(record, exc, None)
 
         return ingest_one
+
+    def _make_read_tags(self) -> Callable[[R, Optional[Ingested]], list[GroupUpdate]]:
+        """The reader for tags and the flat form only: the path of every logging call,
+        so a record without a group tag costs four dict lookups (names bound here)."""
+        adapter = self.adapter
+        attributes_of, skip, time_of = adapter.attributes, adapter.skip, adapter.time
+        tags, report = self._tags, self._report
+
+        def read_tags(record: R, result: Optional[Ingested]) -> list[GroupUpdate]:
+            attributes = attributes_of(record)
+            if not (  # literal names (FLAT_GROUP_ID...): this runs on every logging call
+                "group_id" in attributes
+                or "group_key" in attributes
+                or "mixpanel.group_id" in attributes
+                or "mixpanel.group_key" in attributes
+            ) or skip(record):
+                return []
+            errors: list[str] = []
+            ignored: list[str] = []
+            updates = tags(attributes, time_of(record), errors, ignored)
+            if errors or ignored:
+                report(record, errors, ignored, result)
+            return updates
+
+        return read_tags
 
     def ingest(self, records: Iterable[R]) -> Ingested:
         """Translate, report and enqueue a batch (an export); what it produced."""
@@ -172,23 +168,6 @@ class Walker(Generic[R]):
             except Exception as exc:  # one broken record never costs the others
                 self._failed(record, exc, result)
         return result
-
-    def _read_tags(self, record: R, result: Optional[Ingested]) -> list[GroupUpdate]:
-        adapter = self.adapter
-        attributes = adapter.attributes(record)
-        if not (
-            "group_id" in attributes
-            or "group_key" in attributes
-            or FLAT_GROUP_ID in attributes
-            or FLAT_GROUP_KEY in attributes
-        ) or adapter.skip(record):
-            return []
-        errors: list[str] = []
-        ignored: list[str] = []
-        updates = self._tags(attributes, adapter.time(record), errors, ignored)
-        if errors or ignored:
-            self._report(record, errors, ignored, result)
-        return updates
 
     def _read_all(self, record: R, result: Optional[Ingested]) -> list[GroupUpdate]:
         adapter = self.adapter

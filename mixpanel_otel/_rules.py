@@ -9,11 +9,12 @@ naming the table (counted from 1, as a person reads the file) and the key.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 from ._exceptions import ConfigurationError, MixpanelException
 
@@ -30,6 +31,7 @@ __all__ = [
     "RulesSource",
     "SPECIALS",
     "Trait",
+    "conditions_match",
     "load_all",
     "load_rules",
 ]
@@ -56,9 +58,16 @@ AGGREGATES = (
     "p90",
     "p95",
     "p99",
+    "most_frequent",
+    "distinct_values",
 )
+#: ``distinct_values`` keeps at most this many values (``limit``), most recent first.
+DEFAULT_DISTINCT_LIMIT = 20
+MAX_DISTINCT_LIMIT = 255
 _NUMERIC = frozenset(("sum", "min", "max", "avg", "p50", "p90", "p95", "p99"))
-_TRAIT_KEYS = frozenset(("property", "group_key", "group_id", "aggregate", "of", "window", "when"))
+_TRAIT_KEYS = frozenset(
+    ("property", "group_key", "group_id", "aggregate", "of", "window", "when", "limit")
+)
 _WINDOW = re.compile(r"^([1-9][0-9]{0,8})([smhd])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -74,7 +83,7 @@ _KEYS = frozenset(("group_key", "group_id", "when", "unset", *_OPERATIONS))
 class Rule:
     """One checked rule: which group, when, and which properties from which attributes."""
 
-    __slots__ = ("group_key", "group_id", "when", "operations", "unset", "index")
+    __slots__ = ("group_key", "group_id", "when", "conditions", "operations", "unset", "index")
 
     def __init__(
         self,
@@ -84,10 +93,12 @@ class Rule:
         operations: list[tuple[str, list[tuple[str, str]]]],
         unset: list[str],
         index: int,
+        conditions: tuple[Condition, ...] = (),
     ) -> None:
         self.group_key = group_key
         self.group_id = group_id  # attribute naming the group
-        self.when = when  # attribute -> required value (a list: any of)
+        self.when = when  # as written: attribute -> value, list of values or operators
+        self.conditions = conditions  # the checked form of ``when``
         self.operations = operations  # [(op, [(property, source)])] in wire order
         self.unset = unset
         self.index = index  # 1 for the first rule
@@ -112,6 +123,8 @@ class Trait:
         "of",
         "window",
         "when",
+        "conditions",
+        "limit",
         "index",
         "signature",
         "numeric",
@@ -127,6 +140,8 @@ class Trait:
         window: Optional[float],
         when: dict[str, Any],
         index: int,
+        conditions: tuple[Condition, ...] = (),
+        limit: Optional[int] = None,
     ) -> None:
         self.property = property
         self.group_key = group_key
@@ -135,10 +150,13 @@ class Trait:
         self.of = of  # attribute or @special aggregated; None for count
         self.window = window
         self.when = when
+        self.conditions = conditions
+        self.limit = limit  # distinct_values: how many values it keeps
         self.index = index  # 1 for the first trait
         self.numeric = aggregate in _NUMERIC
         self.signature = json.dumps(
-            [property, group_key, group_id, aggregate, of, window, when],
+            [property, group_key, group_id, aggregate, of, window, when]
+            + ([limit] if limit is not None else []),
             sort_keys=True,
             default=str,
         )
@@ -158,13 +176,91 @@ def _fail(index: int, key: str, problem: str, kind: str = "rule") -> MixpanelExc
     return MixpanelException(f"rules: {kind} {index}, key {key!r}: {problem}")
 
 
-def _check_when(index: int, raw: Mapping[str, Any], kind: str) -> dict[str, Any]:
+#: A checked ``when`` entry: the attribute (or ``@special``) read, and the test of its value.
+Condition = tuple[str, Callable[[Any], bool]]
+
+_OPERATORS = ("eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in", "exists", "contains")
+_SCALARS = (str, int, float, bool)
+_ORDER = {"gt": operator.gt, "gte": operator.ge, "lt": operator.lt, "lte": operator.le}
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Type-strict equality: ``true`` is not ``1``, ``"1"`` is not ``1``, ``1`` is ``1.0``."""
+    kind_a, kind_b = type(a), type(b)
+    if kind_a is bool or kind_b is bool:
+        return kind_a is kind_b and a == b
+    if kind_a in (int, float) and kind_b in (int, float):
+        return bool(a == b)
+    if kind_a in (list, tuple) and kind_b in (list, tuple):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+    return kind_a is kind_b and bool(a == b)
+
+
+def _orderable(value: Any, bound: Any) -> bool:
+    """Numbers compare with numbers, strings with strings; nothing else is ordered."""
+    if type(bound) is str:
+        return type(value) is str
+    return type(value) in (int, float)
+
+
+def _contains(value: Any, part: Any) -> bool:
+    if type(value) is str:
+        return type(part) is str and part in value
+    if type(value) in (list, tuple):
+        return any(same_value(item, part) for item in value)
+    return False
+
+
+def _test(op: str, operand: Any) -> Callable[[Any], bool]:
+    """The test ``op`` makes of a value read from a record (None: the record has none)."""
+    if op == "eq":
+        return lambda value: same_value(value, operand)
+    if op == "ne":
+        return lambda value: not same_value(value, operand)
+    if op == "in":
+        return lambda value: any(same_value(value, item) for item in operand)
+    if op == "not_in":
+        return lambda value: not any(same_value(value, item) for item in operand)
+    if op == "exists":
+        return lambda value: (value is not None) is operand
+    if op == "contains":
+        return lambda value: _contains(value, operand)
+    compare: Callable[[Any, Any], Any] = _ORDER[op]
+    return lambda value: _orderable(value, operand) and bool(compare(value, operand))
+
+
+def _operand_problem(op: str, operand: Any) -> Optional[str]:
+    """Why ``operand`` does not suit ``op`` (None: it does)."""
+    if op in ("in", "not_in"):
+        if not isinstance(operand, list) or not all(type(x) in _SCALARS for x in operand):
+            return f"{op} takes a list of strings, numbers or booleans"
+    elif op == "exists":
+        if type(operand) is not bool:
+            return "exists takes true or false"
+    elif op in ("gt", "gte", "lt", "lte"):
+        if type(operand) not in (int, float, str):
+            return f"{op} takes a number or a string"
+    elif type(operand) not in _SCALARS:
+        return f"{op} takes a string, number or boolean"
+    return None
+
+
+def _all_of(tests: list[Callable[[Any], bool]]) -> Callable[[Any], bool]:
+    if len(tests) == 1:
+        return tests[0]
+    return lambda value: all(test(value) for test in tests)
+
+
+def _check_when(
+    index: int, raw: Mapping[str, Any], kind: str
+) -> tuple[dict[str, Any], tuple[Condition, ...]]:
+    """The ``when`` table as written, and its conditions: a plain value means ``eq``,
+    a list ``in``, a table of operators all of them."""
     when = raw.get("when", {})
     if not isinstance(when, Mapping) or not all(isinstance(k, str) for k in when):
         raise _fail(index, "when", "must be a table of attribute = value", kind)
+    conditions: list[Condition] = []
     for name, value in when.items():
-        if isinstance(value, Mapping):
-            raise _fail(index, f"when.{name}", "must be a value or a list of values", kind)
         if name.startswith("@") and name not in SPECIALS:
             raise _fail(
                 index,
@@ -172,7 +268,35 @@ def _check_when(index: int, raw: Mapping[str, Any], kind: str) -> dict[str, Any]
                 f"unknown {name!r} (known: {', '.join(sorted(SPECIALS))})",
                 kind,
             )
-    return dict(when)
+        if isinstance(value, Mapping):
+            operators = dict(value)
+        elif isinstance(value, list):
+            operators = {"in": value}
+        else:
+            operators = {"eq": value}
+        if not operators:
+            raise _fail(index, f"when.{name}", "an empty table of operators", kind)
+        tests = []
+        for op, operand in operators.items():
+            if op not in _OPERATORS:
+                raise _fail(
+                    index,
+                    f"when.{name}",
+                    "must be a value or a list of values, or a table of operators "
+                    f"({', '.join(_OPERATORS)}): unknown operator {op!r}",
+                    kind,
+                )
+            problem = _operand_problem(op, operand)
+            if problem:
+                raise _fail(index, f"when.{name}.{op}", problem, kind)
+            tests.append(_test(op, list(operand) if isinstance(operand, list) else operand))
+        conditions.append((name, _all_of(tests)))
+    return dict(when), tuple(conditions)
+
+
+def conditions_match(conditions: tuple[Condition, ...], read: Callable[[str], Any]) -> bool:
+    """Whether every condition holds for the values ``read`` gives."""
+    return all(test(read(name)) for name, test in conditions)
 
 
 def parse_window(text: Any) -> Optional[float]:
@@ -227,10 +351,34 @@ def _check_trait(index: int, raw: Any) -> Trait:
         window = parse_window(raw["window"])
     except ValueError as exc:
         raise _fail(index, "window", str(exc), kind) from None
-    when = _check_when(index, raw, kind)
+    when, conditions = _check_when(index, raw, kind)
+    limit = _check_limit(index, raw, aggregate)
     return Trait(
-        raw["property"], raw["group_key"], raw["group_id"], aggregate, of, window, when, index
+        raw["property"],
+        raw["group_key"],
+        raw["group_id"],
+        aggregate,
+        of,
+        window,
+        when,
+        index,
+        conditions,
+        limit,
     )
+
+
+def _check_limit(index: int, raw: Mapping[str, Any], aggregate: str) -> Optional[int]:
+    """``distinct_values``' ``limit`` (default 20, at most 255); no other aggregate takes one."""
+    if aggregate != "distinct_values":
+        if "limit" in raw:
+            raise _fail(index, "limit", "only distinct_values takes a limit", "trait")
+        return None
+    limit = raw.get("limit", DEFAULT_DISTINCT_LIMIT)
+    if type(limit) is not int or not 1 <= limit <= MAX_DISTINCT_LIMIT:
+        raise _fail(
+            index, "limit", f"must be a whole number from 1 to {MAX_DISTINCT_LIMIT}", "trait"
+        )
+    return limit
 
 
 def _check_rule(index: int, raw: Any) -> Rule:
@@ -243,7 +391,7 @@ def _check_rule(index: int, raw: Any) -> Rule:
         value = raw.get(key)
         if not isinstance(value, str) or not value:
             raise _fail(index, key, "must be a non-empty string")
-    when = _check_when(index, raw, "rule")
+    when, conditions = _check_when(index, raw, "rule")
     operations = []
     for key, op in _OPERATIONS.items():
         mapping = raw.get(key)
@@ -272,7 +420,7 @@ def _check_rule(index: int, raw: Any) -> Rule:
         raise _fail(index, "unset", "must be a list of non-empty property names")
     if not operations and not unset:
         raise _fail(index, "set", "the rule updates nothing (no set/set_once/union/remove/unset)")
-    return Rule(raw["group_key"], raw["group_id"], when, operations, list(unset), index)
+    return Rule(raw["group_key"], raw["group_id"], when, operations, list(unset), index, conditions)
 
 
 def load_rules(rules: RulesSource) -> list[Rule]:

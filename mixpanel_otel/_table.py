@@ -1,7 +1,9 @@
 """The profiles table ``mixpanel-otel profiles`` and ``demo`` print.
 
 One property a line, values as JSON; a line too long for the width wraps
-onto indented continuation lines. Nothing is ever cut.
+onto indented continuation lines, so a value is never cut. A group key or id
+wider than its column ends in an ellipsis: one long id must not widen every
+row (``--json`` has them whole).
 """
 
 from __future__ import annotations
@@ -14,9 +16,18 @@ from typing import Any, Optional
 
 __all__ = ["format_profiles"]
 
+#: The widest group key and group id columns.
+MAX_KEY_WIDTH = 24
+MAX_ID_WIDTH = 40
+ELLIPSIS = "\u2026"
+
 
 def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+def _fit(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + ELLIPSIS
 
 
 def format_profiles(profiles: Sequence[Mapping[str, Any]], width: Optional[int] = None) -> str:
@@ -26,7 +37,11 @@ def format_profiles(profiles: Sequence[Mapping[str, Any]], width: Optional[int] 
     if width is None:
         width = shutil.get_terminal_size((120, 24)).columns
     rows = [
-        (str(p.get("group_key", "")), str(p.get("group_id", "")), p.get("properties") or {})
+        (
+            _fit(str(p.get("group_key", "")), MAX_KEY_WIDTH),
+            _fit(str(p.get("group_id", "")), MAX_ID_WIDTH),
+            p.get("properties") or {},
+        )
         for p in profiles
     ]
     key_w = max(len("GROUP_KEY"), *(len(r[0]) for r in rows))

@@ -272,9 +272,8 @@ def from_rule(
     group_id = lookup(rule.group_id)
     if group_id is None:
         return []
-    for name, expected in rule.when.items():
-        value = special(name) if name[0] == "@" else lookup(name)
-        if value != expected and not (type(expected) is list and value in expected):
+    for name, test in rule.conditions:
+        if not test(special(name) if name[0] == "@" else lookup(name)):
             return []
     operations: dict[str, Any] = {}
     for op, pairs in rule.operations:

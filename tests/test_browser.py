@@ -81,7 +81,7 @@ class _DevTools:
     on fd 3 and writes answers and events the same way on fd 4.
     """
 
-    def __init__(self, profile_dir) -> None:
+    def __init__(self, profile_dir, *extra_args: str) -> None:
         import fcntl
 
         to_chrome_r, self._to_chrome = os.pipe()
@@ -106,6 +106,7 @@ class _DevTools:
                 "--remote-debugging-pipe",
                 "--window-size=1200,700",
                 f"--user-data-dir={profile_dir}",
+                *extra_args,
                 "about:blank",
             ],
             stdout=subprocess.DEVNULL,
@@ -305,8 +306,10 @@ def test_long_values_wrap_and_the_profile_list_pages(sink, make_consumer, browse
             "[...document.querySelectorAll('tbody td[title]')].map(td => td.title.length)"
         )
         assert 10_000 in titles, "the whole id shows on hover"
-        pager = browser.evaluate("document.getElementById('pager').textContent")
-        assert "next (2 of 2)" in pager
+        for pager in ("pager-top", "pager"):  # above the table and below it
+            assert "next (2 of 2)" in browser.evaluate(
+                f"document.getElementById('{pager}').textContent"
+            )
         assert "31 profiles, 1-20 shown" in browser.evaluate(
             "document.getElementById('summary').textContent"
         )
@@ -314,3 +317,120 @@ def test_long_values_wrap_and_the_profile_list_pages(sink, make_consumer, browse
 
     browser.open(sink.url + "/profile?" + urlencode({"group_key": "company", "group_id": long_id}))
     assert browser.evaluate(fits), "a long id and payload wrap on the profile page"
+
+
+# Every word of every table cell whose text is laid out on more than one line.
+_BROKEN_WORDS = """
+(() => {
+  const broken = [];
+  for (const td of document.querySelectorAll("td")) {
+    const walker = document.createTreeWalker(td, NodeFilter.SHOW_TEXT);
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+      for (const match of node.data.matchAll(/[^\\s-]+/g)) {  // a break after "-" is fine
+        const range = document.createRange();
+        range.setStart(node, match.index);
+        range.setEnd(node, match.index + match[0].length);
+        const tops = new Set([...range.getClientRects()].map(r => Math.round(r.top)));
+        if (tops.size > 1) broken.push(match[0]);
+      }
+    }
+  }
+  return broken;
+})()
+"""
+
+
+def test_words_are_not_broken_mid_way_in_a_narrow_window(sink, make_consumer, browser):
+    """Issue 30, item 11: "compan/y" and "$se/t" in narrow columns."""
+    import json
+
+    import requests
+
+    client = GroupClient(consumer=make_consumer(sink))
+    for n in range(5):
+        properties = {"plan": "enterprise", "region": "europe-west", "score": 68.03059450035343}
+        client.group_set("company", f"customer-{n}", properties)
+    client.group_union("company", "customer-0", {"features": ["single-sign-on", "audit-log"]})
+    assert client.flush(10)
+    event = {"event": "subscription_renewed", "properties": {"distinct_id": "u1", "seats": 4}}
+    requests.post(sink.url + "/track", data={"data": json.dumps([event])}, timeout=5)
+    browser.page(
+        "Emulation.setDeviceMetricsOverride",
+        width=420,
+        height=700,
+        deviceScaleFactor=1,
+        mobile=False,
+    )
+    for path in ("/", "/profile?group_key=company&group_id=customer-0", "/messages?endpoint=track"):
+        browser.open(sink.url + path)
+        assert browser.evaluate(_BROKEN_WORDS) == [], (path, browser.evaluate(_BROKEN_WORDS))
+        assert browser.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), path
+
+
+class _AttackPage:
+    """A hostile web site: one page that posts a form to the sink as soon as it loads."""
+
+    def __init__(self, action: str, data: str) -> None:
+        import html
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        page = (
+            f'<form method="post" action="{html.escape(action)}">'
+            f'<input name="data" value="{html.escape(data)}"></form>'
+            "<script>document.forms[0].submit()</script>"
+        ).encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_hostile_page_can_neither_post_to_nor_read_the_sink(sink, make_consumer, tmp_path):
+    """Issue 31, item 11: a cross-origin form posting $delete, and DNS rebinding."""
+    import json
+
+    client = GroupClient(consumer=make_consumer(sink))
+    client.group_set("company", "acme", {"plan": "enterprise"})
+    assert client.flush(10)
+    delete = [{"$token": "t", "$group_key": "company", "$group_id": "acme", "$delete": ""}]
+    attack = _AttackPage(sink.url + "/groups", json.dumps(delete))
+    # evil.test resolves to this machine, as an attacker's name rebound to 127.0.0.1 does.
+    chrome = _DevTools(
+        tmp_path / "chromium-attack", "--host-resolver-rules=MAP evil.test 127.0.0.1"
+    )
+    try:
+        chrome.page("Page.navigate", url=f"http://evil.test:{attack.port}/")
+        posted = sink.wait_for(
+            lambda: sink.rejected("groups") or sink.profile("company", "acme") is None, timeout=30
+        )
+        assert posted, "the form never posted"
+        assert sink.profile("company", "acme") == {"plan": "enterprise"}, "the form deleted it"
+        [refusal] = sink.rejected("groups")
+        assert refusal["reason"].startswith("403 ") and "evil.test" in refusal["reason"]
+        assert sink.profile("company", "acme") == {"plan": "enterprise"}
+
+        chrome.page("Page.navigate", url=f"http://evil.test:{sink.port}/api/profiles")
+        text = chrome.wait_until(
+            "document.readyState === 'complete' && document.body && document.body.innerText"
+        )
+        assert "enterprise" not in text and "not this sink's" in text
+    finally:
+        chrome.close()
+        attack.close()

@@ -419,7 +419,7 @@ def test_options_from_environment(sink, monkeypatch):
     from mixpanel_otel._delivery import Consumer
 
     consumer = Consumer(TOKEN, sink.url, flush_interval=2)
-    assert consumer.batch_size == 33 and consumer.flush_interval == 2
+    assert consumer.options.batch_size == 33 and consumer.options.flush_interval == 2
     monkeypatch.setenv("MIXPANEL_OTEL_BATCH_SIZE", "5000")
     with pytest.raises(MixpanelException, match="MIXPANEL_OTEL_BATCH_SIZE"):
         Consumer(TOKEN, sink.url)

@@ -14,13 +14,17 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import pytest
 
 from .conftest import TOKEN
-from .helpers import ROOT, free_port
+from .helpers import CLI, ROOT, flat, free_port, logs_request, process_env, sink_env
+from .test_gateway_security import pki  # noqa: F401 - the certificates, as a fixture
 
 
 def instructions(path: str = os.path.join(ROOT, "Dockerfile")) -> list[tuple[str, str]]:
@@ -76,7 +80,8 @@ class TestStatically:
             kept = {line[1:].rstrip("/") for line in handle.read().split() if line[0] == "!"}
         assert set(sources) <= kept, "the context keeps what COPY needs"
         runs = " ".join(arguments for command, arguments in steps if command == "RUN")
-        assert "'.[gateway]'" in runs and "mixpanel-otel[gateway]" in runs
+        # traits: a trait file with count_distinct or a percentile needs datasketches.
+        assert "'.[gateway,traits]'" in runs and "mixpanel-otel[gateway,traits]" in runs
 
     def test_runs_as_a_user_that_is_not_root(self):
         users = [arguments for command, arguments in final_stage() if command == "USER"]
@@ -92,11 +97,13 @@ class TestStatically:
         assert _env(stage)["MIXPANEL_OTEL_SPOOL_DIR"] in _exec_form(volume)
         assert {"4317", "4318"} <= {p for c, a in stage if c == "EXPOSE" for p in a.split()}
 
-    def test_health_check_is_exec_form(self):
-        (check,) = [a for c, a in final_stage() if c == "HEALTHCHECK"]
+    def test_health_check_is_exec_form_and_reads_the_gateways_socket(self):
+        stage = final_stage()
+        (check,) = [a for c, a in stage if c == "HEALTHCHECK"]
         options, _, command = check.partition("CMD ")
         assert "--interval=" in options and "--timeout=" in options
-        assert "/health" in " ".join(_exec_form(command))
+        assert _exec_form(command) == ["mixpanel-otel", "health"]
+        assert _env(stage)["MIXPANEL_OTEL_GATEWAY_HEALTH_SOCKET"].startswith("/tmp/")
 
 
 @pytest.mark.slow
@@ -118,8 +125,8 @@ def test_the_image_contract_runs_as_a_container_would(sink, tmp_path):
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     command = _exec_form(entry)
     assert shutil.which(command[0], path=env["PATH"]), "the console script is installed"
+    env["MIXPANEL_OTEL_GATEWAY_HEALTH_SOCKET"] = str(tmp_path / "health.sock")
     health = _exec_form(check.partition("CMD ")[2])
-    health[0] = sys.executable  # the image's `python`
     gateway = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -139,3 +146,114 @@ def test_the_image_contract_runs_as_a_container_would(sink, tmp_path):
         for stream in (gateway.stdout, gateway.stderr):
             if stream:
                 stream.close()
+
+
+def _image_env(tmp_path) -> dict[str, str]:
+    """The image's environment, moved to loopback and to this test's directory."""
+    env = _env(final_stage())
+    env.pop("PYTHONUNBUFFERED")  # the gateway launcher sets it too
+    env.update(
+        MIXPANEL_OTEL_SPOOL_DIR=str(tmp_path),
+        MIXPANEL_OTEL_GATEWAY_HOST="127.0.0.1",
+        MIXPANEL_OTEL_GATEWAY_HEALTH_SOCKET=str(tmp_path / "health.sock"),
+    )
+    return env
+
+
+def _health_check(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The HEALTHCHECK command, exactly as the image has it, with the container's env."""
+    (check,) = [a for c, a in final_stage() if c == "HEALTHCHECK"]
+    return subprocess.run(
+        _exec_form(check.partition("CMD ")[2]),
+        env=process_env(env),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setup", ["tls", "mutual-tls", "port"])
+def test_the_health_check_follows_the_gateways_configuration(
+    setup,
+    sink,
+    start_gateway,
+    pki,  # noqa: F811 - the fixture imported above
+    tmp_path,
+):
+    """The three setups that made the container unhealthy: TLS given as arguments after
+    the image name (the form docs/gateway.md shows) on the port the environment names;
+    mutual TLS (the check has no client certificate: CERTIFICATE_REQUIRED, and a warning
+    at the gateway per check); a port given as an argument."""
+    port = str(free_port())
+    env = _image_env(tmp_path)
+    if setup == "tls":
+        env["MIXPANEL_OTEL_GATEWAY_HTTP_PORT"] = port
+        arguments: tuple[str, ...] = (
+            "--http-port",
+            port,
+            "--tls-cert",
+            pki["server.pem"],
+            "--tls-key",
+            pki["server-key.pem"],
+        )
+    elif setup == "mutual-tls":
+        env.update(
+            MIXPANEL_OTEL_GATEWAY_HTTP_PORT=port,
+            MIXPANEL_OTEL_GATEWAY_TLS_CERT=pki["server.pem"],
+            MIXPANEL_OTEL_GATEWAY_TLS_KEY=pki["server-key.pem"],
+            MIXPANEL_OTEL_GATEWAY_TLS_CLIENT_CA=pki["ca.pem"],
+        )
+        arguments = ("--http-port", port)
+    else:
+        arguments = ("--http-port", port)  # the environment names none: 4318
+    gateway = start_gateway(sink, *arguments, env=env)
+    assert gateway.http.endswith(f"127.0.0.1:{port}")
+    assert gateway.http.startswith("http://" if setup == "port" else "https://")
+    checks = [_health_check(env) for _ in range(3)]
+    assert [c.returncode for c in checks] == [0, 0, 0], checks[0].stdout + checks[0].stderr
+    assert checks[0].stdout.strip() == "gateway ok"
+    assert gateway.stop() == 0
+    assert "WARNING" not in gateway.stderr_text, "a health check logs nothing at the gateway"
+    gone = _health_check(env)
+    assert gone.returncode == 1 and "no gateway answers" in gone.stderr, gone.stderr
+    assert not os.path.exists(env["MIXPANEL_OTEL_GATEWAY_HEALTH_SOCKET"]), "removed at stop"
+
+
+@pytest.mark.slow
+def test_a_health_socket_left_by_a_gateway_that_is_gone_is_replaced(sink, start_gateway, tmp_path):
+    env = _image_env(tmp_path)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(env["MIXPANEL_OTEL_GATEWAY_HEALTH_SOCKET"])  # bound, never listening
+    stale.close()
+    first = start_gateway(sink, env=env)
+    assert _health_check(env).returncode == 0
+    second = subprocess.run(
+        [*CLI, "gateway", "--grpc-port", "0", "--http-port", "0"],
+        env=sink_env(sink.url, **env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode == 2
+    assert "another gateway answers on the health socket" in second.stderr, second.stderr
+    assert _health_check(env).returncode == 0, "the first gateway's socket is kept"
+    first.stop()
+
+
+@pytest.mark.slow
+def test_the_health_command_says_why_delivery_is_failing(sink, start_gateway, tmp_path):
+    env = _image_env(tmp_path)
+    gateway = start_gateway(sink, env=env)
+    sink.down = True  # every POST to "Mixpanel" has its connection dropped
+    request = urllib.request.Request(
+        gateway.http + "/v1/logs",
+        data=logs_request(flat("acme", plan="pro")),
+        headers={"Content-Type": "application/x-protobuf"},
+    )
+    with pytest.raises(urllib.error.HTTPError):  # answered retryable once the ack times out
+        urllib.request.urlopen(request, timeout=30)
+    degraded = _health_check(env)
+    assert degraded.returncode == 0, "degraded still serves: Export calls are answered"
+    assert degraded.stdout.startswith("gateway degraded: delivery failing for "), degraded.stdout
+    assert "connection" in degraded.stdout

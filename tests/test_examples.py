@@ -53,6 +53,8 @@ def test_mixpanel_sdk_background(sink):
     assert sink.profile("company", "initech") == {
         "plan": "free",
         "seats": 12,
+        "mrr": 99.5,  # SDKSerializer: the SDK's own encoder refuses a Decimal
+        "renewed": "2025-03-01T08:30:00",  # in UTC, as Mixpanel stores datetimes
         "integrations": ["slack"],
     }
     (event,) = sink.received("track")

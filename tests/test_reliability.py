@@ -276,7 +276,7 @@ def test_a_busy_spool_waits_instead_of_dropping(tmp_path, caplog):
     releaser = threading.Timer(0.5, lambda: (other.execute("ROLLBACK"), other.close()))
     releaser.start()
     try:
-        assert spool.append(["three"]) is True
+        assert spool.append(["three"]) == 1
     finally:
         releaser.join()
     assert not glob.glob(spool.path + ".corrupt-*")

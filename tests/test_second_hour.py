@@ -37,7 +37,7 @@ def test_options_a_shared_consumer_ignores_are_named_once(caplog):
             MixpanelGroupHandler(TOKEN, api_host="127.0.0.1:9", batch_size=500)  # said once
             same = get_consumer(TOKEN, "http://127.0.0.1:9", batch_size=10, flush_interval=1.0)
         assert handler.consumer is client.consumer is same
-        assert same.batch_size == 10
+        assert same.options.batch_size == 10
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warnings) == 1, warnings
         assert "keeps batch_size=10; batch_size=500 is ignored" in warnings[0]

@@ -840,7 +840,7 @@ def test_profile_list_api_follows_the_search(sink: Sink) -> None:
     ).json()
     assert found["summary"].startswith("1 profile,")
     [row] = found["rows"]
-    assert [c["t"] for c in row[:3]] == ["company", "globex", '{"n":"<b>"}']
+    assert [c["t"] for c in row[:3]] == ["company", "globex", '{"n": "<b>"}']
     assert row[1]["href"] == "/profile?group_key=company&group_id=globex"
     everything = requests.get(sink.url + "/api/profile-list", timeout=5).json()
     assert everything["summary"].startswith("3 profiles,")
@@ -857,7 +857,9 @@ def test_messages_and_rejected_pages(sink: Sink) -> None:
     assert "signup" in track.text and "&lt;pro&gt;" in track.text and "<pro>" not in track.text
     assert 'data-api="/api/messages"' in track.text
     api = requests.get(sink.url + "/api/messages", params={"endpoint": "engage"}, timeout=5)
-    assert [row[1]["t"] for row in api.json()["rows"]] == ['{"$distinct_id":"u1","$set":{"a":1}}']
+    assert [row[1]["t"] for row in api.json()["rows"]] == [
+        '{"$distinct_id": "u1", "$set": {"a": 1}}'
+    ]
     none = requests.get(
         sink.url + "/api/messages", params={"endpoint": "track", "q": "nothing-like-it"}, timeout=5
     )

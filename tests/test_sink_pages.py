@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 import time
 
 import requests
@@ -101,3 +102,71 @@ def test_a_long_group_id_is_cut_in_the_heading_and_whole_below(sink: Sink) -> No
     assert len(heading) < 2 * 10_000 and f'title="{long_id}"' in heading
     assert f">{long_id}<" not in heading
     assert "the whole group id (10000 characters)" in page and f"<pre>{long_id}</pre>" in page
+
+
+# -- issue 30, item 11: what a reader of the pages notices
+
+
+_MORE = re.compile(r"(, )?\u2026 \d+ more(?=[}\]])")
+
+
+def _whole_tokens(text: str) -> object:
+    """``text`` read as JSON once the "… N more" notes are taken out: it fails when a
+    key, a number or a string was cut in the middle (a shortened string keeps its quotes)."""
+    return json.loads(_MORE.sub("", text))
+
+
+def test_json_is_cut_between_tokens_and_whole_on_hover(sink: Sink) -> None:
+    properties = {f"p{n:02}": f"value {n} " + "y" * (40 + n) for n in range(30)}
+    properties["count"] = 123456789
+    _post(sink, [_set("acme", **properties)])
+    _post(sink, [_set("acme", **{"note": "z" * 250})])
+    [row] = requests.get(sink.url + "/api/profile-list", timeout=5).json()["rows"]
+    cell = row[2]
+    assert len(cell["t"]) <= 300 and "more}" in cell["t"]
+    shown = _whole_tokens(cell["t"])
+    assert isinstance(shown, dict) and shown.get("count", 123456789) == 123456789
+    assert json.loads(cell["f"])["note"] == "z" * 250
+
+    long_event = {"event": "signup", "properties": {f"k{n}": "v" * 30 for n in range(60)}}
+    requests.post(sink.url + "/track", data={"data": json.dumps([long_event])}, timeout=5)
+    [message] = requests.get(
+        sink.url + "/api/messages", params={"endpoint": "track"}, timeout=5
+    ).json()["rows"]
+    assert len(message[1]["t"]) <= 600 and json.loads(message[1]["f"]) == long_event
+    assert _whole_tokens(message[1]["t"])["event"] == "signup"
+
+    page = requests.get(
+        sink.url + "/profile", params={"group_key": "company", "group_id": "acme"}, timeout=5
+    ).text
+    payloads = re.findall(r"<code>(\{.*?)</code>", page)
+    assert payloads and all(_whole_tokens(html.unescape(text)) for text in payloads)
+
+
+def test_floats_are_rounded_for_display_and_whole_on_hover(sink: Sink) -> None:
+    _post(sink, [_set("acme", score=68.03059450035343, nested={"ratio": 0.123456789012})])
+    [row] = requests.get(sink.url + "/api/profile-list", timeout=5).json()["rows"]
+    assert "68.0306" in row[2]["t"] and "68.03059450035343" not in row[2]["t"]
+    assert "0.123457" in row[2]["t"]
+    assert json.loads(row[2]["f"])["score"] == 68.03059450035343
+
+    page = requests.get(
+        sink.url + "/profile", params={"group_key": "company", "group_id": "acme"}, timeout=5
+    ).text
+    assert '<td title="68.03059450035343"><pre>68.0306</pre></td>' in page
+    assert "0.123457" in page and '"ratio": 0.123456789012' in html.unescape(page)  # in a title
+    updates = page[page.index("Last updates") :]
+    assert "68.03059450035343" not in re.sub(r'title="[^"]*"', "", updates)
+
+
+def test_the_pager_is_above_the_table_as_well_as_below(sink: Sink) -> None:
+    _post(sink, [_set(f"c{n:03}") for n in range(30)])
+    page = requests.get(sink.url + "/", params={"per_page": "10", "page": "2"}, timeout=5).text
+    top, table, bottom = (
+        page.index('id="pager-top"'),
+        page.index("<table"),
+        page.index('id="pager"'),
+    )
+    assert top < table < bottom
+    links = re.findall(r'<p class="pager" id="pager(?:-top)?">(.*?)</p>', page)
+    assert len(links) == 2 and links[0] == links[1] and "next (3 of 3)" in links[0]

@@ -8,10 +8,11 @@ per group) and ``dispatch`` (which job goes next); ``deliverer`` (runs one
 job) with ``encode`` (wire text, once), ``sender`` (retry, backoff, split)
 and ``spool`` (durable overflow).
 Around them: ``lifecycle`` (the phase state machine, deadline, pause),
-``closing`` (flush and exit), ``report`` and ``stats`` (counters, health,
-``on_error``), ``worker`` (threads), ``receipts``, ``parts`` (built
-together), the ``consumer`` facade and the ``registry`` of shared
-consumers. docs/delivery.md has the glossary.
+``report`` and ``stats`` (counters, health, ``on_error``), ``worker``
+(threads), ``receipts``, ``parts`` (built together; flush and exit), the
+``consumer`` facade, the ``registry`` of shared consumers and ``process``
+(the one owner of the process hooks: exit steps, budget, SIGTERM, fork).
+docs/delivery.md has the glossary.
 """
 
 from .consumer import Consumer

@@ -15,6 +15,7 @@ No threads, no I/O, no lock: the consumer owns one and holds its lock.
 from __future__ import annotations
 
 from collections.abc import Container, Iterator
+from operator import attrgetter
 from typing import Any, Optional
 
 from .._semantics import merge_payload, touches
@@ -34,6 +35,9 @@ def group_of(update: GroupUpdate) -> GroupKey:
     """The profile an update is for; 42, 42.0 and "42" name the same group."""
     gid = update.group_id
     return (update.group_key, gid if type(gid) is str else group_id_key(gid))
+
+
+_size = attrgetter("size")
 
 
 def _value_size(value: Any) -> int:
@@ -66,8 +70,25 @@ class Buffer:
         (it then takes their place).
         """
         pending = self._groups.get(group_of(update))
-        if not pending:
-            return 0
+        return self._fold(pending, update) if pending else 0
+
+    def add(self, update: GroupUpdate) -> int:
+        """:meth:`coalesce`, else :meth:`append`, with no bound (the inbox's path);
+        what :meth:`coalesce` returns."""
+        key = group_of(update)
+        pending = self._groups.get(key)
+        if pending:
+            merged = self._fold(pending, update)
+            if merged:
+                return merged
+            pending.append(update)
+        else:
+            self._groups[key] = [update]
+        self.count += 1
+        self.bytes += update.size
+        return 0
+
+    def _fold(self, pending: list[GroupUpdate], update: GroupUpdate) -> int:
         op = update.op
         if op == "$delete":
             superseded = len(pending)
@@ -108,30 +129,44 @@ class Buffer:
         self.count += 1
         self.bytes += update.size
 
-    def take(self, limit: int, busy: Container[GroupKey] = ()) -> list[GroupUpdate]:
-        """Up to ``limit`` updates for sending, oldest groups first, each group's in order.
+    def take(
+        self,
+        limit: int,
+        busy: Container[GroupKey] = (),
+        groups: Optional[set[GroupKey]] = None,
+    ) -> list[GroupUpdate]:
+        """Up to ``limit`` updates for sending, oldest groups first, each group's in order
+        (``groups``, if given, gets the groups they are for).
 
         Groups in ``busy`` (an earlier message of theirs is still in flight)
         are left for later, so a group's messages are never sent out of order.
         """
         batch: list[GroupUpdate] = []
+        extend = batch.extend
         emptied: list[GroupKey] = []
+        room = limit
         for key, pending in self._groups.items():
             if key in busy:
                 continue
-            room = limit - len(batch)
-            if len(pending) <= room:
-                batch.extend(pending)
+            count = len(pending)
+            if count <= room:
+                extend(pending)
                 emptied.append(key)
+                room -= count
+                if not room:
+                    break
             else:
-                batch.extend(pending[:room])
+                extend(pending[:room])
                 del pending[:room]
-            if len(batch) >= limit:
+                if groups is not None:
+                    groups.add(key)
                 break
         for key in emptied:
             del self._groups[key]
+        if groups is not None:
+            groups.update(emptied)
         self.count -= len(batch)
-        self.bytes -= sum(update.size for update in batch)
+        self.bytes -= sum(map(_size, batch))
         return batch
 
     def take_all(self) -> list[GroupUpdate]:

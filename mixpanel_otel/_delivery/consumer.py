@@ -1,12 +1,13 @@
 """The consumer: the one object every front end hands its updates to.
 
-A facade over parts that own their state: the :class:`~.ledger.Ledger`
-(what is held, under the one lock), the :class:`~.deliverer.Deliverer`
-(runs a job through encoder, sender and spool), the
-:class:`~.lifecycle.Lifecycle` (phase, deadline, pause), the
+A facade over parts that own their state (:class:`~.parts.Parts`): the
+:class:`~.ledger.Ledger` (what is held, under the one lock), the
+:class:`~.deliverer.Deliverer` (runs a job through encoder, sender and
+spool), the :class:`~.lifecycle.Lifecycle` (phase, deadline, pause), the
 :class:`~.report.Reporter` (counts, health, ``on_error``) and the
-:class:`~.worker.Worker` threads. Flush and exit are in :mod:`.closing`.
-One consumer exists per (token, API host) per process (:mod:`.registry`).
+:class:`~.worker.Worker` threads. One consumer exists per (token, API
+host) per process (:mod:`.registry`); its exit is one of the process's
+exit steps (:mod:`.process`).
 """
 
 from __future__ import annotations
@@ -20,12 +21,11 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from .._config import resolve_options
 from .._transport import Post, Transport
 from .._wire import GroupUpdate, Truncations
-from . import closing, signals
+from . import process
 from .parts import Parts
 from .receipts import Receipt
 from .sdk import SdkRoutes
 from .stats import TRAIT_COUNTERS, Health
-from .worker import WORKER_THREADS
 
 if TYPE_CHECKING:
     from .._traits import TraitEngine
@@ -57,27 +57,20 @@ class Consumer:
         self._token = token
         self.base_url = base_url
         opts = self.options
-        self.flush_interval: float = opts["flush_interval"]
-        self.batch_size: int = opts["batch_size"]
-        self.max_pending: int = opts["max_pending"]
-        self.max_pending_bytes: int = opts["max_pending_bytes"]
-        self.max_block: float = opts["max_block"]
-        self.max_in_flight: int = opts["max_in_flight"]
-        self.request_timeout: float = opts["request_timeout"]
-        self.shutdown_timeout: float = opts["shutdown_timeout"]
-        self.spool_dir: Optional[str] = opts["spool_dir"]
-        self.flush_on_sigterm: bool = opts["flush_on_sigterm"]
-        self.trait_interval: float = opts["trait_interval"]  # read by mixpanel_otel._traits
-        self.trait_state_dir: Optional[str] = opts["trait_state_dir"]
-        self.trait_max_groups: int = opts["trait_max_groups"]
+        self.shutdown_timeout = opts.shutdown_timeout  # read by front ends and the gateway
+        self.spool_dir = opts.spool_dir  # read by mixpanel_otel._traits, as are these:
+        self.trait_interval = opts.trait_interval
+        self.trait_state_dir = opts.trait_state_dir
+        self.trait_max_groups = opts.trait_max_groups
         #: The engine computing the traits of the front ends on this consumer, set by
         #: :mod:`mixpanel_otel._traits`; :meth:`stats` reports its counters.
         self.trait_engine: Optional[TraitEngine] = None
-        self.on_error: Optional[Callable[..., Any]] = opts["on_error"]
+        #: Installs the process hooks in a forked child that uses this consumer (the
+        #: registry sets it on shared consumers).
+        self.use_process: Callable[[Consumer], None] = lambda consumer: None
         self.truncations = Truncations()
         self._sdk = SdkRoutes(token, self.options, self.truncations, self.enqueue)
         self._seams = (transport, clock, wait, threads)
-        self._finishing = threading.Lock()  # one shutdown at a time
         self._fresh()
         if self.parts.spool is not None and self.parts.spool.orphans():
             self.parts.worker.ensure()  # replay what processes that are gone left behind
@@ -88,9 +81,9 @@ class Consumer:
         if transport is None:
             opts = self.options
             transport = Transport(
-                self.base_url, opts["request_timeout"], connections=opts["max_in_flight"] + 1
+                self.base_url, opts.request_timeout, connections=opts.max_in_flight + 1
             )
-        self._pid = os.getpid()
+        self._fresh_in = self._pid = os.getpid()
         self.transport = transport
         self.parts = Parts(self._token, self.base_url, self.options, transport, clock, wait)
         self._ledger = self.parts.ledger  # the hot path's one hop
@@ -119,31 +112,21 @@ class Consumer:
             updates = list(updates)
         parts = self.parts
         if not self._ledger.offer(updates, sum(update.size for update in updates)):
-            if self._pid != os.getpid():  # a fork the registry did not see
-                self.after_fork()
-                parts = self.parts
+            parts = self._own_parts()
             parts.admit(updates, wait=True)
-        lifecycle = parts.lifecycle
-        if not parts.worker.started and not lifecycle.stopped:
-            parts.worker.ensure()
-        if lifecycle.deadline is not None and lifecycle.eager:
-            # After a SIGTERM the application handles, the process may die by the
-            # signal once its handler is done: deliver before returning.
-            left = lifecycle.eager_left()
-            if left > 0 and threading.get_ident() not in WORKER_THREADS:
-                self.flush(left)
-        if signals.pending:
-            signals.check()
+        if parts.frozen:
+            _wait_for_the_end()
+        if not parts.worker.started and not parts.lifecycle.stopped:
+            self._own_parts().worker.ensure()
 
     def submit(self, updates: Sequence[GroupUpdate]) -> Receipt:
         """Queue updates, sent at once, never waiting; the :class:`Receipt` settles when
         each has. No room or delivery failing: the spool takes them (settled as
         spooled) or, without one, the receipt comes back ``refused``, nothing queued."""
-        if self._pid != os.getpid():
-            self.after_fork()
-        receipt = self.parts.submit(updates)
-        if not self.parts.worker.started:
-            self.parts.worker.ensure()
+        parts = self._own_parts()
+        receipt = parts.submit(updates)
+        if not parts.worker.started:
+            parts.worker.ensure()
         return receipt
 
     def send(
@@ -157,13 +140,12 @@ class Consumer:
         routed = self._sdk.route(endpoint, json_message, api_key, api_secret)
         if routed is None:  # a groups message, enqueued as updates
             return
-        if self._pid != os.getpid():
-            self.after_fork()
+        parts = self._own_parts()
         key, lane = routed
-        if not self.parts.ledger.add_sdk(key, lane, json_message):
-            self.parts.reporter.dropped_texts([json_message], "the consumer is full")
-        elif not self.parts.worker.started:
-            self.parts.worker.ensure()
+        if not parts.ledger.add_sdk(key, lane, json_message):
+            parts.reporter.dropped_texts([json_message], "the consumer is full")
+        elif not parts.worker.started:
+            parts.worker.ensure()
 
     def deliver_now(self, updates: list[GroupUpdate]) -> None:
         """Send ``updates`` from this thread at once; raise unless Mixpanel accepted them
@@ -173,27 +155,29 @@ class Consumer:
     # -- flush and exit --------------------------------------------------------------
 
     def flush(self, timeout: Optional[float] = None) -> bool:
-        """Send everything held, waiting up to ``timeout`` s (default 30); cuts a retry
-        wait short. True when nothing is left and nothing since the call began was
-        refused, dropped or left behind."""
-        if self._pid != os.getpid():
-            self.after_fork()
-        return closing.flush(self, timeout)
+        """Send everything held, waiting up to ``timeout`` s (default 30; once the process
+        exits, at most what is left of its exit budget); cuts a retry wait short. True
+        when nothing is left and nothing since the call began was refused, dropped or
+        left behind."""
+        return self._own_parts().flush(self._deadline(timeout, _DEFAULT_FLUSH_TIMEOUT))
 
     def shutdown(self, timeout: Optional[float] = None) -> bool:
-        """Deliver what is held within ``timeout`` (default ``shutdown_timeout``), then
-        stop; idempotent. What is not acknowledged by then, in flight too, goes to the
-        spool if there is one. Updates added later go with the next :meth:`flush`."""
-        if self._pid != os.getpid():
-            self.after_fork()
-        timeout = self.shutdown_timeout if timeout is None else timeout
-        return closing.shutdown(self, self.parts.lifecycle.clock() + timeout, timeout)
+        """Deliver what is held within ``timeout`` (default ``shutdown_timeout``; once the
+        process exits, at most what is left of its exit budget), then stop; idempotent.
+        What is not acknowledged by then, in flight too, goes to the spool if there is
+        one. Updates added later go with the next :meth:`flush`."""
+        return self._own_parts().shutdown(self._deadline(timeout, self.shutdown_timeout))
 
-    def send_eagerly(self) -> None:
-        """From now on send every update at once, and make callers wait for it
-        within ``shutdown_timeout`` (the process is about to stop)."""
-        self.parts.lifecycle.go_eager(self.shutdown_timeout)
-        self.parts.ledger.hurry()
+    def close_by(self, deadline: float) -> bool:
+        """:meth:`shutdown` by ``deadline``, a ``time.monotonic()`` time (an exit step)."""
+        return self._own_parts().shutdown(self.parts.lifecycle.clock() + deadline - monotonic())
+
+    def _deadline(self, timeout: Optional[float], default: float) -> float:
+        """``timeout`` from now on the consumer's clock, within the exit budget once it runs."""
+        now = self.parts.lifecycle.clock()
+        deadline = now + (default if timeout is None else timeout)
+        exiting = process.exit_deadline()
+        return deadline if exiting is None else min(deadline, now + exiting - monotonic())
 
     # -- reporting -------------------------------------------------------------------
 
@@ -216,13 +200,16 @@ class Consumer:
 
     # -- processes -------------------------------------------------------------------
 
-    def quiescent(self, timeout: float = 0.05) -> bool:
-        """Whether this consumer's locks can be taken within ``timeout`` s each now
-        (a SIGTERM handler asks before flushing; see :mod:`.signals`)."""
-        if not self._finishing.acquire(timeout=timeout):
-            return False
-        self._finishing.release()
-        return self.parts.quiescent(timeout)
+    def _own_parts(self) -> Parts:
+        """This process's parts, and its hooks: the first call after a fork installs
+        them (and makes new parts, if the registry did not see the fork)."""
+        pid = os.getpid()
+        if self._pid != pid:
+            if self._fresh_in != pid:
+                self.after_fork()
+            self._pid = pid
+            self.use_process(self)
+        return self.parts
 
     def before_fork(self) -> None:
         """Hold the lock across ``fork()``, so the child's copy is not taken mid-change."""
@@ -236,5 +223,14 @@ class Consumer:
         """In a forked child: start empty; the parent keeps (and delivers) its updates."""
         if self.parts.spool is not None:
             self.parts.spool.forget_after_fork()
-        self._finishing = threading.Lock()
         self._fresh()
+        self._pid = 0  # not used here yet: the first use installs the process hooks
+
+
+_DEFAULT_FLUSH_TIMEOUT = 30.0
+
+
+def _wait_for_the_end() -> None:
+    """A SIGTERM's exit took everything held and the process dies next: what a caller
+    adds now cannot be delivered, so the caller does not go on as if it had been."""
+    threading.Event().wait()

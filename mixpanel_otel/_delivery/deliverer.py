@@ -9,7 +9,6 @@ Each result goes back to the :class:`~.ledger.Ledger`; counts, health and
 
 from __future__ import annotations
 
-import json
 import threading
 from typing import Optional
 
@@ -21,7 +20,7 @@ from .ledger import Ledger
 from .lifecycle import Lifecycle
 from .report import Reporter
 from .sender import Backoff, Result, Sender
-from .spool import Spool
+from .spool import Reading, Spool
 from .stats import logger
 
 __all__ = ["Deliverer"]
@@ -58,7 +57,6 @@ class Deliverer:
             clock=lifecycle.clock,
         )
         self._spool_lock = threading.Lock()  # one writer at a time keeps the spool in order
-        self._token_field = '{"$token":' + json.dumps(encoder.token) + ","
 
     # -- Hooks -----------------------------------------------------------------------
 
@@ -87,7 +85,7 @@ class Deliverer:
         if job.kind is Kind.SPILL:
             self._spill_job(job)
             return
-        rows: Optional[int] = None
+        reading: Optional[Reading] = None
         try:
             if job.kind is Kind.GROUPS:
                 result = self.sender.deliver(GROUPS_PATH, Updates(self.encoder, job.updates))
@@ -98,73 +96,66 @@ class Deliverer:
                     lane.path, Texts(self.encoder, job.texts), lane.auth, lane.extra
                 )
             else:
-                result, rows = self._replay()
+                result, reading = self._replay()
         except Exception as exc:  # a bug must not lose the batch or kill the thread
             self.reporter.stats.add("errors")
             logger.error("mixpanel-otel worker error: %s", self.reporter.scrub(repr(exc)))
             result = Result(unsent=list(job.updates or job.texts))
             self.lifecycle.wait(1.0)  # and must not spin
-        self.ledger.finish(job, result, rows)
+        self.ledger.finish(job, result, reading)
         stats = self.reporter.stats
         stats.add("sent", len(result.delivered))
         if result.filtered:
             stats.add("filtered", len(result.filtered))
         self.reporter.failed(result.failed)
 
-    def _replay(self) -> tuple[Result, int]:
+    def _replay(self) -> tuple[Result, Reading]:
         assert self.spool is not None
         rows = self.spool.peek(self.ledger.batch_size)
         self.reporter.stats.add("replayed", len(rows))
         ids = [row_id for row_id, _ in rows]
-        texts = [self._with_token(text) for _, text in rows]
+        texts = [text for _, text in rows]
         batch = Texts(self.encoder, texts, origins=ids, before_send=False)
         result = self.sender.deliver(GROUPS_PATH, batch)
         self.spool.ack(result.delivered + [failure.origin for failure in result.failed])
         by_id = dict(rows)
         result.failed = [Failure(f.origin, by_id[f.origin], f.reason) for f in result.failed]
-        return result, self.spool.rows
-
-    def _with_token(self, text: str) -> str:
-        """A spooled row as sent: rows may be kept without ``$token``; it is added here."""
-        if text.startswith("{") and '"$token"' not in text:
-            return self._token_field + text[1:]
-        return text
+        return result, self.spool.reading()
 
     def _spill_job(self, job: Job) -> None:
         try:
-            kept = self.spill([], job.updates)
+            unkept = self.spill([], job.updates)
         except Exception as exc:  # a bug must not leave the job out forever
             self.reporter.stats.add("errors")
             logger.error("mixpanel-otel spill error: %s", self.reporter.scrub(repr(exc)))
-            kept = False
-        lost = self.ledger.finish(job, None, self.spool.rows if kept and self.spool else None)
+            unkept = job.updates
+        reading = self.spool.reading() if self.spool is not None else None
+        lost = self.ledger.finish_spill(job, unkept, reading)
         self.reporter.dropped(lost, "the spool could not keep them and memory is full")
 
-    def spill(self, front: list[GroupUpdate], back: list[GroupUpdate]) -> bool:
-        """Write ``front`` before every spooled row and ``back`` after them; False
-        when the spool kept nothing (then nothing is counted as spooled)."""
+    def spill(self, front: list[GroupUpdate], back: list[GroupUpdate]) -> list[GroupUpdate]:
+        """Write ``front`` before every spooled row and ``back`` after them, as much as
+        fits; returns the updates the spool did not keep, in order (only what was
+        kept is counted as spooled)."""
         assert self.spool is not None
         result = Result()
         with self._spool_lock:
-            texts = [
-                [m.text for m in Updates(self.encoder, updates).messages(result)]
-                for updates in (front, back)
-            ]
-            kept = self.spool.append(texts[0], front=True) and self.spool.append(texts[1])
+            fronts = Updates(self.encoder, front).messages(result)
+            backs = Updates(self.encoder, back).messages(result)
+            kept = self.spool.append([m.text for m in fronts], front=True)
+            if kept < len(fronts):  # the rest goes after rows it must precede: not kept
+                unkept = fronts[kept:] + backs
+            else:
+                kept_back = self.spool.append([m.text for m in backs])
+                unkept = backs[kept_back:]
+                kept += kept_back
         if kept:
-            self.reporter.stats.add("spooled", len(texts[0]) + len(texts[1]))
+            self.reporter.stats.add("spooled", kept)
         self.reporter.failed(result.failed)
-        return kept
-
-    def quiescent(self, timeout: float) -> bool:
-        """Whether the spool writer's lock can be taken within ``timeout`` s."""
-        if not self._spool_lock.acquire(timeout=timeout):
-            return False
-        self._spool_lock.release()
-        return True
+        return [message.origin for message in unkept]
 
     def adopt(self) -> None:
         """Take over the spool files of processes that are gone."""
         if self.spool is not None:
             self.spool.adopt()
-            self.ledger.set_spool_rows(self.spool.rows)
+            self.ledger.note_spool(self.spool.reading())

@@ -143,9 +143,10 @@ class Dispatch:
             ):
                 return self._start(Job(Kind.REPLAY))
         elif self.buffer.count >= self.batch_size or (self.partial and self.buffer.count):
-            updates = self.buffer.take(self.batch_size, self.busy)
+            groups: set[GroupKey] = set()
+            updates = self.buffer.take(self.batch_size, self.busy, groups)
             if updates:
-                job = self._start(Job(Kind.GROUPS, updates))
+                job = self._start(Job(Kind.GROUPS, updates, groups=groups))
                 self.busy |= job.groups
                 return job
         for lane in self.lanes.values():
@@ -192,17 +193,16 @@ class Dispatch:
             self.sdk += len(texts)
             self.sdk_bytes += sum(map(len, texts))
 
-    def finish_spill(self, job: Job, kept: bool, max_held: int) -> list[GroupUpdate]:
-        """Account for a spill job. When the spool could not keep its updates they
-        go back to memory, up to ``max_held`` held in all; returns the rest."""
+    def finish_spill(self, job: Job, unkept: list[GroupUpdate], max_held: int) -> list[GroupUpdate]:
+        """Account for a spill job. Updates the spool did not keep (``unkept``, the
+        newest) go back to memory, up to ``max_held`` held in all; returns the rest."""
         if not self._close(job):
             return []
-        if kept:
-            settle_receipts(job.updates, Fate.SPOOLED)
-            return []
+        left = {id(update) for update in unkept}
+        settle_receipts([u for u in job.updates if id(u) not in left], Fate.SPOOLED)
         free = max(0, max_held - self.held)
-        self.buffer.restore(job.updates[:free])
-        return job.updates[free:]
+        self.buffer.restore(unkept[:free])
+        return unkept[free:]
 
     def _close(self, job: Job) -> bool:
         self.jobs.remove(job)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
-from .._transport import _FORM_TABLE, BODY_CLOSE, BODY_OPEN, form_quote
+from .._transport import BODY_CLOSE, BODY_OPEN, form_quote
 from .._wire import MAX_BATCH_BYTES, MAX_MESSAGE_BYTES, GroupUpdate, wire_message
 
 if TYPE_CHECKING:
@@ -27,6 +27,23 @@ BeforeSend = Callable[[dict[str, Any]], Optional[dict[str, Any]]]
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
 _MAX_QUOTED = MAX_BATCH_BYTES - len(BODY_OPEN) - len(BODY_CLOSE) - 64
 _BODY_FIELDS = BODY_CLOSE[len("%5D") :]  # "&verbose=1&ip=0", after the quoted array
+#: Printable ASCII that form quoting changes, ``%`` first (``quote_plus``'s safe set).
+_SPECIALS = ("%",) + tuple(
+    c for c in map(chr, range(33, 127)) if not (c.isalnum() or c in "_.-~%")
+)
+_ESCAPES = tuple((c, f"%{ord(c):02X}") for c in _SPECIALS)
+
+
+def quote_form(text: str) -> str:
+    """``quote_plus(text)``. For printable ASCII (what ``json.dumps`` writes) one
+    C-speed ``replace`` per special character present: JSON has few kinds of them,
+    and this is 3-4× faster than ``str.translate`` with a table over every character."""
+    if not (text.isascii() and text.isprintable()):
+        return form_quote(text)
+    for char, escape in _ESCAPES:
+        if char in text:
+            text = text.replace(char, escape)
+    return text.replace(" ", "+") if " " in text else text
 
 
 class Message:
@@ -111,7 +128,7 @@ class Encoder:
                 else:
                     messages.append(message)
             return messages, unsendable, filtered
-        token, dumps, append, table = self.token, _dumps, messages.append, _FORM_TABLE
+        token, dumps, append, quote = self.token, _dumps, messages.append, quote_form
         for update in updates:
             wire = wire_message(token, update)
             try:
@@ -120,7 +137,7 @@ class Encoder:
                 reason = f"message cannot be encoded as JSON: {exc}"
                 unsendable.append((update, Unsendable(reason, wire)))
                 continue
-            quoted = text.translate(table) if text.isascii() else form_quote(text)
+            quoted = quote(text)
             if len(text) > MAX_MESSAGE_BYTES or len(quoted) > _MAX_QUOTED:
                 try:
                     self._check(text, quoted, update, wire)
@@ -156,7 +173,7 @@ class Encoder:
             return None
         if len(text) > MAX_MESSAGE_BYTES:  # then no message in it is over the limit
             return None
-        body = "data=" + form_quote(text) + _BODY_FIELDS
+        body = "data=" + quote_form(text) + _BODY_FIELDS
         return body if len(body) <= MAX_BATCH_BYTES else None
 
     def text(
@@ -172,7 +189,7 @@ class Encoder:
             if changed is None:
                 return None
             return self._finish(changed, origin)
-        return self._check(text, form_quote(text), origin, text)
+        return self._check(text, quote_form(text), origin, text)
 
     def _before_send(self, message: Any) -> Optional[dict[str, Any]]:
         try:
@@ -186,7 +203,7 @@ class Encoder:
             text = _dumps(message)
         except (TypeError, ValueError) as exc:
             raise Unsendable(f"message cannot be encoded as JSON: {exc}", message) from None
-        return self._check(text, form_quote(text), origin, message)
+        return self._check(text, quote_form(text), origin, message)
 
     def _check(self, text: str, quoted: str, origin: Any, message: Any) -> Message:
         if len(text) > MAX_MESSAGE_BYTES or len(quoted) > _MAX_QUOTED:

@@ -53,10 +53,12 @@ class Job:
         updates: Optional[list[GroupUpdate]] = None,
         lane: Optional[Lane] = None,
         texts: Optional[list[str]] = None,
+        groups: Optional[set[GroupKey]] = None,
     ) -> None:
         self.kind = kind
         self.updates = updates or []
-        self.groups: set[GroupKey] = {group_of(update) for update in self.updates}
+        #: The groups of ``updates`` (given when the caller has them already).
+        self.groups = {group_of(u) for u in self.updates} if groups is None else groups
         self.lane = lane
         self.texts = texts or []
         self.count = len(self.updates) + len(self.texts)

@@ -25,6 +25,7 @@ from .inbox import Inbox
 from .jobs import Job, Kind, Lane
 from .receipts import Fate
 from .sender import Result
+from .spool import Reading
 from .stats import Stats
 
 __all__ = ["Ledger", "Pace", "Tick"]
@@ -37,7 +38,7 @@ class Pace(Protocol):
     def stopped(self) -> bool: ...  # workers end
 
     @property
-    def urgent(self) -> bool: ...  # send partial batches now (flush, exit, after SIGTERM)
+    def urgent(self) -> bool: ...  # send partial batches now (flush, exit)
 
     @property
     def paused_until(self) -> float: ...  # a 429 pauses every request until then
@@ -81,13 +82,6 @@ class Guard:
         with self.lock:
             self.work.notify()
 
-    def quiescent(self, timeout: float) -> bool:
-        """Whether the lock can be taken within ``timeout`` s."""
-        if not self.lock.acquire(timeout=timeout):
-            return False
-        self.lock.release()
-        return True
-
     def hold(self) -> None:
         """Take the lock across a ``fork()`` (:meth:`let_go` after it, in the parent)."""
         self.lock.acquire()
@@ -115,12 +109,13 @@ class Ledger:
         self.max_in_flight = max_in_flight
         guard = Guard()
         self._lock, self._work, self._change = guard.lock, guard.work, guard.change
-        self.quiescent, self.hold, self.let_go = guard.quiescent, guard.hold, guard.let_go
+        self.hold, self.let_go = guard.hold, guard.let_go
         self._dispatch = Dispatch(batch_size)
         self._bounds = Bounds(self._dispatch, max_pending, max_pending_bytes)
         self._inbox = Inbox(batch_size, self._bounds, guard.wake_one)
         self.offer = self._inbox.offer
         self._tick = Tick(flush_interval, clock)
+        self._spool_read = 0  # order of the spool reading ``spool_rows`` comes from
 
     @property
     def held(self) -> int:
@@ -211,23 +206,25 @@ class Ledger:
                 pause_end = pace.paused_until if paused else None
                 self._work.wait(self._tick.wait(now, pause_end, dispatch.partial))
 
-    def finish(
-        self, job: Job, result: Optional[Result], spool_rows: Optional[int] = None
-    ) -> list[GroupUpdate]:
-        """A job is done: account for its result (a spill job: ``spool_rows`` None when
-        the spool kept nothing). Returns the updates neither spool nor memory keeps."""
-        lost: list[GroupUpdate] = []
+    def finish(self, job: Job, result: Result, spool: Optional[Reading] = None) -> None:
+        """A group, SDK or replay job is done: account for its result and (a replay)
+        the spool reading taken after it."""
         with self._lock:
-            if spool_rows is not None:
-                self._dispatch.spool_rows = spool_rows
-            if result is None:  # a spill job
-                kept = spool_rows is not None
-                lost = self._dispatch.finish_spill(job, kept, self._bounds.max_pending)
-            else:
-                self._dispatch.finish(job, result)
-            self._count()
-            self._work.notify()  # a group or lane is free again
-            self._change.notify_all()
+            if spool is not None:
+                self._note_spool(spool)
+            self._dispatch.finish(job, result)
+            self._finished()
+
+    def finish_spill(
+        self, job: Job, unkept: list[GroupUpdate], spool: Optional[Reading]
+    ) -> list[GroupUpdate]:
+        """A spill job is done; ``unkept``: its updates the spool did not keep. Returns
+        those memory cannot keep either."""
+        with self._lock:
+            if spool is not None:
+                self._note_spool(spool)
+            lost = self._dispatch.finish_spill(job, unkept, self._bounds.max_pending)
+            self._finished()
         return lost
 
     # -- flush and exit --------------------------------------------------------------
@@ -255,7 +252,15 @@ class Ledger:
         with self._lock:
             settle_receipts(updates, fate, reason)
 
+    def note_spool(self, reading: Reading) -> None:
+        """Take a spool reading (after an adoption) unless a later one is known."""
+        with self._lock:
+            self._note_spool(reading)
+            self._work.notify()
+            self._change.notify_all()
+
     def set_spool_rows(self, rows: int) -> None:
+        """The spool was closed: its rows are the next process's (``rows`` 0)."""
         with self._lock:
             self._dispatch.spool_rows = rows
             self._work.notify()
@@ -284,9 +289,16 @@ class Ledger:
 
     # -- under the lock --------------------------------------------------------------
 
+    def _note_spool(self, reading: Reading) -> None:
+        """Keep the latest reading only: a job that read the spool before another
+        job changed it may finish after that one (a replay and a spill at once)."""
+        if reading.order > self._spool_read:
+            self._spool_read = reading.order
+            self._dispatch.spool_rows = reading.rows
+
     def _move_inbox(self) -> None:
         """Move the inbox into the buffer, in order (admitted by the callers' check)."""
-        enqueued, coalesced = self._inbox.move(lambda update: self._dispatch.add(update, _always))
+        enqueued, coalesced = self._inbox.move(self._dispatch.buffer.add)
         if enqueued:
             self._counted(enqueued, coalesced)
 
@@ -295,6 +307,11 @@ class Ledger:
         if coalesced:
             self._stats.add("coalesced", coalesced)
         self._count()
+
+    def _finished(self) -> None:
+        self._count()
+        self._work.notify()  # a group or lane is free again
+        self._change.notify_all()
 
     def _count(self) -> None:
         self._inbox.count(self._dispatch.held, self._dispatch.held_bytes)

@@ -2,17 +2,13 @@
 
 One state machine instead of flags::
 
-    RUNNING ──send_eagerly()──► EAGER
-       │                          │
-       └────────shutdown()────────┴──► CLOSING ──► STOPPED
-                                          ▲            │
-                                          └──flush()───┘   (sends from the caller's thread)
+    RUNNING ──shutdown()──► CLOSING ──► STOPPED
+                               ▲            │
+                               └──flush()───┘   (sends from the caller's thread)
 
-``FLUSHING`` is RUNNING while a :meth:`Consumer.flush` waits. EAGER follows
-a SIGTERM the application handles itself: every update is sent at once and
-callers wait for it until the *deadline* (the process may die by the signal
-any moment). CLOSING has the exit deadline: retries stop there and whatever
-is left goes to the spool. STOPPED notes whether the last shutdown *left*
+``FLUSHING`` is RUNNING while a :meth:`Consumer.flush` waits. CLOSING has
+the *deadline* for sending: retries stop there and whatever is left goes to
+the spool. STOPPED notes whether the last shutdown *left*
 updates behind, so the next one does not wait for the same outage again.
 A 429 (or Retry-After) *pauses* every request until a time the lifecycle
 keeps.
@@ -30,7 +26,6 @@ __all__ = ["Lifecycle", "Phase"]
 class Phase(enum.Enum):
     RUNNING = "running"
     FLUSHING = "flushing"  # RUNNING with a flush() waiting
-    EAGER = "eager"  # after a SIGTERM the application handles: send at once
     CLOSING = "closing"  # shutdown(): until the exit deadline
     STOPPED = "stopped"
 
@@ -52,7 +47,7 @@ class Lifecycle:
         self._phase = Phase.RUNNING
         self._flushes = 0  # flush() calls waiting
         self._inline_until: Optional[float] = None  # a flush sending from its own thread
-        self.deadline: Optional[float] = None  # EAGER: callers wait until; CLOSING: exit
+        self.deadline: Optional[float] = None  # CLOSING: when sending stops
         self.left_behind = False  # STOPPED with updates not delivered
         self._paused_until = 0.0
         self._hurry = threading.Event()
@@ -79,22 +74,12 @@ class Lifecycle:
 
     @property
     def urgent(self) -> bool:
-        """Partial batches go now, not on the next interval."""
+        """Partial batches go now, not on the next interval (a flush, an exit)."""
         return self.phase is not Phase.RUNNING
 
     @property
     def paused_until(self) -> float:
         return self._paused_until
-
-    @property
-    def eager(self) -> bool:
-        return self._phase is Phase.EAGER
-
-    def eager_left(self) -> float:
-        """Seconds a caller still waits for its updates after a handled SIGTERM."""
-        if self._phase is not Phase.EAGER or self.deadline is None:
-            return 0.0
-        return self.deadline - self.clock()
 
     # -- transitions ------------------------------------------------------------------
 
@@ -108,11 +93,6 @@ class Lifecycle:
     def end_flush(self) -> None:
         self._flushes -= 1
         self._inline_until = None
-
-    def go_eager(self, timeout: float) -> None:
-        if self._phase in (Phase.RUNNING, Phase.EAGER):
-            self._phase = Phase.EAGER
-            self.deadline = self.clock() + timeout
 
     def close(self, deadline: float) -> None:
         """Begin a shutdown (or, once stopped, a flush from the caller's thread)."""

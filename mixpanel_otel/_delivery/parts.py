@@ -1,8 +1,13 @@
 """The parts of one consumer, built together (a forked child builds new ones).
 
-Also the callers' side that needs more than one part: admission and its
-overflow, :meth:`Parts.submit` for receipts, the synchronous path, and the
-worker threads' loop.
+Also what needs more than one part: admission and its overflow,
+:meth:`Parts.submit` for receipts, the synchronous path, the worker
+threads' loop, and how the consumer empties itself: :meth:`Parts.flush`
+waits for the workers to finish everything held (or runs the jobs from its
+own thread when no worker can run); :meth:`Parts.shutdown` does the same
+until shortly before its deadline, stops the workers, and writes what is
+left, the jobs in flight included, to the spool before the deadline (or
+reports it lost).
 """
 
 from __future__ import annotations
@@ -10,11 +15,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
+from .._config import Options
 from .._exceptions import MixpanelException
 from .._transport import Post
 from .._wire import GroupUpdate
+from . import process
 from .admission import Admission, decide
 from .deliverer import Deliverer
 from .encode import Encoder, Updates
@@ -31,6 +38,10 @@ __all__ = ["Parts"]
 
 _HEALTH_WARN_TICKS = 5  # warn when failing for this many flush intervals (at most 30 s)
 _STATS_DEBUG_EVERY = 60.0
+_DEFAULT_FLUSH_TIMEOUT = 30.0
+# Of a shutdown's time, what is kept for writing the rest to the spool (at most _SPILL_MAX s).
+_SPILL_SHARE = 0.25
+_SPILL_MAX = 1.0
 
 
 class Parts:
@@ -40,32 +51,29 @@ class Parts:
         self,
         token: str,
         base_url: str,
-        options: dict[str, Any],
+        options: Options,
         transport: Post,
         clock: Callable[[], float],
         wait: Optional[Callable[[float], bool]],
     ) -> None:
         self.options = options
-        self.max_block: float = options["max_block"]
-        self.max_pending: int = options["max_pending"]
-        warn_after = min(30.0, options["flush_interval"] * _HEALTH_WARN_TICKS)
-        secret = getattr(options["credentials"], "secret", None)
+        warn_after = min(30.0, options.flush_interval * _HEALTH_WARN_TICKS)
+        secret = getattr(options.credentials, "secret", None)
         self.reporter = Reporter(
-            token, options["on_error"], warn_after, clock, str(secret) if secret else None
+            token, options.on_error, warn_after, clock, str(secret) if secret else None
         )
         self.lifecycle = Lifecycle(clock, wait)
         self.ledger = Ledger(
             self.reporter.stats,
-            batch_size=options["batch_size"],
-            max_pending=options["max_pending"],
-            max_pending_bytes=options["max_pending_bytes"],
-            max_in_flight=options["max_in_flight"],
-            flush_interval=options["flush_interval"],
+            batch_size=options.batch_size,
+            max_pending=options.max_pending,
+            max_pending_bytes=options.max_pending_bytes,
+            max_in_flight=options.max_in_flight,
+            flush_interval=options.flush_interval,
             clock=clock,
         )
-        spool_dir = options["spool_dir"]
-        self.spool = Spool(spool_dir, token, base_url) if spool_dir else None
-        self.encoder = Encoder(token, options["before_send"])
+        self.spool = Spool(options.spool_dir, token, base_url) if options.spool_dir else None
+        self.encoder = Encoder(token, options.before_send)
         self.deliverer = Deliverer(
             self.ledger,
             self.lifecycle,
@@ -73,13 +81,17 @@ class Parts:
             self.encoder,
             transport,
             self.spool,
-            request_timeout=options["request_timeout"],
-            backoff=Backoff(options["backoff_base"], options["backoff_max"]),
+            request_timeout=options.request_timeout,
+            backoff=Backoff(options.backoff_base, options.backoff_max),
         )
         # One thread more than requests in flight with a spool: a spill never waits.
-        threads = options["max_in_flight"] + (1 if self.spool is not None else 0)
+        threads = options.max_in_flight + (1 if self.spool is not None else 0)
         self.worker = Worker(self._loop, threads, "mixpanel-otel-worker")
         self._stats_debug = Throttle(_STATS_DEBUG_EVERY)
+        self._finishing = threading.Lock()  # one shutdown at a time
+        #: Set when a SIGTERM's exit has taken everything held: the process dies next,
+        #: and a caller that adds more is stopped there (:meth:`.Consumer.enqueue`).
+        self.frozen = False
 
     def _loop(self) -> None:
         """One worker thread: take a job, run it, until stopped."""
@@ -90,14 +102,14 @@ class Parts:
             if job is None:
                 return
             self.deliverer.run(job)
-            if logger.isEnabledFor(logging.DEBUG) and self._stats_debug.ready() is not None:
+            if logger.isEnabledFor(logging.DEBUG) and self._stats_debug.allow()[0]:
                 logger.debug("mixpanel-otel: stats %s", self.reporter.stats.snapshot())
 
     # -- callers ---------------------------------------------------------------------
 
     def admit(self, updates: list[GroupUpdate], wait: bool) -> None:
         """The slow path of enqueue: add what has room, wait for more, or overflow."""
-        max_block = self.max_block if wait else 0.0
+        max_block = self.options.max_block if wait else 0.0
         clock = self.lifecycle.clock
         wait_until: Optional[float] = None
         while True:
@@ -130,10 +142,10 @@ class Parts:
     def overflow(self, updates: list[GroupUpdate], reason: str, wait: bool) -> None:
         """Updates that found no room: to a spill job when there is a spool, else dropped."""
         if self.spool is not None:
-            updates = self._spill_later(updates, self.max_block if wait else 0.0)
+            updates = self._spill_later(updates, self.options.max_block if wait else 0.0)
             reason = "the spool writer is behind"
         if updates:
-            reason = f"{reason} (max_pending {self.max_pending})"
+            reason = f"{reason} (max_pending {self.options.max_pending})"
             self.ledger.settle(updates, Fate.DROPPED, f"dropped: {reason}")
             self.reporter.dropped(updates, reason)
 
@@ -157,9 +169,9 @@ class Parts:
         if not updates:
             return receipt
         failing = self.reporter.health.failing
-        full = self.ledger.held + len(updates) > self.max_pending
+        full = self.ledger.held + len(updates) > self.options.max_pending
         if self.spool is None and (failing or full):
-            reason = f"over max_pending ({self.max_pending})"
+            reason = f"over max_pending ({self.options.max_pending})"
             if failing:
                 reason = f"delivery is failing: {self.reporter.scrub(self.reporter.health.reason)}"
             refused = Receipt(len(updates), refused=True, reason=reason)
@@ -188,7 +200,7 @@ class Parts:
         sender = Sender(
             self.deliverer.sender.transport,
             SyncHooks(self.reporter.answered),
-            request_timeout=self.options["request_timeout"],
+            request_timeout=self.options.request_timeout,
             backoff=Backoff(0.25, 2.0),
             max_attempts=5,
         )
@@ -200,5 +212,106 @@ class Parts:
             reason = result.failed[0].reason if result.failed else result.reason
             raise MixpanelException(f"Mixpanel error: {self.reporter.scrub(reason)}")
 
-    def quiescent(self, timeout: float) -> bool:
-        return self.ledger.quiescent(timeout) and self.deliverer.quiescent(timeout)
+    # -- flush and exit --------------------------------------------------------------
+
+    def flush(self, deadline: float) -> bool:
+        """See :meth:`.Consumer.flush`."""
+        losses = self.reporter.losses
+        if self.lifecycle.stopped:  # after shutdown: send from this thread, spool the rest
+            return self.shutdown(deadline)
+        self.deliverer.adopt()
+        if not self.ledger.empty():
+            inline = not self.worker.ensure()
+            self.lifecycle.begin_flush(deadline if inline else None)
+            self.ledger.hurry()
+            try:
+                if not self._wait_empty(deadline, inline):
+                    return False
+            finally:
+                self.lifecycle.end_flush()
+        return self.reporter.losses == losses
+
+    def _wait_empty(self, deadline: float, inline: bool) -> bool:
+        """Wait until nothing is held; ``inline``: run the jobs from this thread."""
+        ledger, lifecycle = self.ledger, self.lifecycle
+        spool = self.spool is not None
+        while not ledger.empty():
+            now = lifecycle.clock()
+            left = deadline - now
+            if left <= 0:
+                return False
+            if not inline:
+                ledger.wait_for_change(min(left, 0.1))
+                continue
+            job = ledger.next_job(lifecycle, spool, block=False)
+            if job is not None:
+                self.deliverer.run(job)
+                continue
+            pause = lifecycle.paused_until - now
+            if not lifecycle.wait(min(left, pause if pause > 0 else 0.05)):
+                return ledger.empty()  # out of time
+        return True
+
+    def shutdown(self, deadline: float) -> bool:
+        """See :meth:`.Consumer.shutdown`; one at a time (a SIGTERM can ask while the exit runs)."""
+        if not self._finishing.acquire(timeout=max(0.0, deadline - self.lifecycle.clock())):
+            return False
+        try:
+            return self._shutdown(deadline)
+        finally:
+            self._finishing.release()
+
+    def _shutdown(self, deadline: float) -> bool:
+        ledger, lifecycle, reporter = self.ledger, self.lifecycle, self.reporter
+        if lifecycle.stopped and lifecycle.left_behind and ledger.empty():
+            return False  # nothing new since the last try: don't wait for the outage again
+        losses = reporter.losses
+        inline = lifecycle.stopped  # the workers have ended: send from this thread
+        send_until = deadline
+        if self.spool is not None:  # what is left goes to the spool before the deadline
+            send_until -= min(_SPILL_MAX, _SPILL_SHARE * max(0.0, deadline - lifecycle.clock()))
+        lifecycle.close(send_until)
+        ledger.hurry()
+        done = self._wait_empty(send_until, inline=inline or not self.worker.ensure())
+        lifecycle.stop(left_behind=False)
+        ledger.hurry()  # the workers end, once their job is done: a spill job being
+        self.worker.join(max(0.0, deadline - lifecycle.clock()) / 2)  # written is kept
+        self.frozen = process.dying()  # before the take: whoever adds after it sees it
+        front, back, sdk_lost = ledger.take_all()
+        left = front + back
+        unkept = left
+        if left and self.spool is not None:
+            unkept = self.deliverer.spill(front, back)
+        lost = {id(update) for update in unkept}
+        kept = [update for update in left if id(update) not in lost]
+        ledger.settle(kept, Fate.SPOOLED)
+        if unkept:
+            reason = "not delivered before exit"
+            if self.spool is not None:
+                reason += "; the spool could not keep them"
+            ledger.settle(unkept, Fate.DROPPED, reason)
+            reporter.dropped(unkept, reason)
+        reporter.dropped_texts(sdk_lost, "not delivered before exit")
+        updates = sum(update.stands_for for update in left) + len(sdk_lost)
+        if updates:
+            self._report_left(updates, sum(update.stands_for for update in kept))
+        lifecycle.stop(left_behind=bool(updates))
+        if self.spool is not None:
+            self.spool.close()
+            ledger.set_spool_rows(0)  # closed: the next process replays them
+        return done and not updates and reporter.losses == losses
+
+    def _report_left(self, updates: int, spooled: int) -> None:
+        """The exit line: what was not delivered, and where it went."""
+        health = self.reporter.health
+        why = health.reason if health.failing else "no answer in time"
+        outcome = [f"{spooled} kept in the spool for the next process"] if spooled else []
+        if updates - spooled:
+            outcome.append(f"{updates - spooled} lost")
+        logger.warning(
+            "mixpanel-otel: %d update(s) not delivered within the %.1f s shutdown timeout (%s); %s",
+            updates,
+            self.options.shutdown_timeout,
+            self.reporter.scrub(why),
+            ", ".join(outcome),
+        )

@@ -47,11 +47,6 @@ class Receipt:
     def settled(self) -> bool:
         return self._event.is_set()
 
-    @property
-    def ok(self) -> bool:
-        """Settled with every update delivered or spooled."""
-        return self.settled and not self.refused and self.delivered + self.spooled == self.total
-
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Block until every update is settled (or ``timeout`` s); True when settled."""
         return self._event.wait(timeout)

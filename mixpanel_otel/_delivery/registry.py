@@ -1,53 +1,31 @@
-"""The shared consumers of this process, and the process events they must survive.
+"""The shared consumers of this process: one per (token, API host) (:func:`get_consumer`).
 
-One consumer per (token, API host) (:func:`get_consumer`). Around them:
-
-- **exit**: ``atexit`` shuts every consumer down within one overall bound;
-- **SIGTERM**: when its action would kill the process (the default), a handler
-  flushes first, then lets the default action happen (same exit status); an
-  application's own Python handler is chained: we flush, then call it;
-- **one exit budget**: the first SIGTERM or exit flush starts the clock; every
-  later one (the exit after a chained handler, multiprocessing's finalizers)
-  gets what is left of the same ``shutdown_timeout``. Hooks registered with
-  :func:`flush_first` (the host's OpenTelemetry processors) run first, within it;
-- **fork**: the child starts with empty consumers and no threads, the parent
-  keeps its updates; a ``multiprocessing`` child (which ends with
-  ``os._exit``) flushes through multiprocessing's own exit finalizers,
-  registered by an after-fork callback (the child clears its finalizers first);
-- a **test seam**: :func:`override` routes every ``get_consumer()`` to one
-  consumer (``mixpanel_otel.testing`` uses it).
+Each is shut down by the process's exit steps (:mod:`.process`, stage
+``"consumers"``); across a ``fork()`` the child starts with empty consumers
+and no threads, the parent keeps its updates. :func:`override` is a test
+seam: every ``get_consumer()`` returns one consumer (``mixpanel_otel.testing``).
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import os
-import signal
-import sys
 import threading
-import time
 import weakref
 from collections.abc import Iterator
-from time import monotonic
-from types import FrameType
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional
 
-from .._config import CONSUMER_OPTIONS, check_arguments, resolve_options, resolve_target
-from . import signals
+from .._config import check_arguments, resolve_target
+from . import process
 from .consumer import Consumer
 from .stats import logger
 
-__all__ = ["flush_first", "get_consumer", "override", "reset", "shutdown_all"]
+__all__ = ["get_consumer", "override", "reset"]
 
 _LIVE: weakref.WeakSet[Consumer] = weakref.WeakSet()
 _SHARED: dict[tuple[str, str], Consumer] = {}
 _LOCK = threading.Lock()
 _OVERRIDE: list[Consumer] = []
-_OPTIONS: dict[tuple[str, str], dict[str, Any]] = {}  # each shared consumer's options
 _WARNED: set[tuple[str, str, str]] = set()
-
-_Handler = Union[Callable[[int, Optional[FrameType]], Any], int, None]
 
 
 def get_consumer(
@@ -71,39 +49,42 @@ def get_consumer(
         consumer = _SHARED.get(key)
         if consumer is None:
             consumer = _SHARED[key] = Consumer(token, base_url, **options)
-            given = {name: options[name] for name in CONSUMER_OPTIONS if name in options}
-            _OPTIONS[key] = resolve_options(given)
             register(consumer)
         else:
-            _warn_ignored(key, base_url, check_arguments(options))
+            _warn_ignored(consumer, key, check_arguments(options))
     return consumer
 
 
-def _warn_ignored(key: tuple[str, str], base_url: str, given: dict[str, Any]) -> None:
+def _warn_ignored(consumer: Consumer, key: tuple[str, str], given: dict[str, Any]) -> None:
     """Warn, once per option, that an option differs from the shared consumer's."""
-    kept = _OPTIONS.get(key, {})
     for name, value in given.items():
-        if name not in kept or kept[name] == value or (*key, name) in _WARNED:
+        kept = getattr(consumer.options, name, value)
+        if kept == value or (*key, name) in _WARNED:
             continue
         _WARNED.add((*key, name))
         logger.warning(
             "mixpanel-otel: the consumer for %s already exists and keeps %s=%r; %s=%r is "
             "ignored (options apply when the consumer is created: give them to the first "
             "front end or get_consumer() call, or set them in the environment)",
-            base_url,
+            consumer.base_url,
             name,
-            kept[name],
+            kept,
             name,
             value,
         )
 
 
 def register(consumer: Consumer) -> None:
-    """Flush ``consumer`` at exit, on SIGTERM and in multiprocessing children."""
+    """Shut ``consumer`` down at exit, on SIGTERM and in multiprocessing children."""
     _LIVE.add(consumer)
-    if consumer.flush_on_sigterm:
-        _install_sigterm_handler()
-    _watch_multiprocessing()
+    consumer.use_process = _use_process
+    _use_process(consumer)
+
+
+def _use_process(consumer: Consumer) -> None:
+    """The process hooks, for a new consumer or one first used after a fork."""
+    options = consumer.options
+    process.use(options.shutdown_timeout, options.flush_on_sigterm)
 
 
 @contextlib.contextmanager
@@ -121,295 +102,43 @@ def reset(timeout: float = 2.0) -> None:
     with _LOCK:
         consumers = list(_SHARED.values())
         _SHARED.clear()
-        _OPTIONS.clear()
         _WARNED.clear()
     for consumer in consumers:
         consumer.shutdown(timeout)
         _LIVE.discard(consumer)
 
 
-def flush_first(hook: Callable[[float], None]) -> None:
-    """Run ``hook(seconds)`` before the consumers are flushed at SIGTERM and exit.
+def shutdown_consumers(deadline: float) -> None:
+    """The exit step of the consumers: each shut down, one after the other, by ``deadline``.
 
-    For what sits upstream of the consumers: the host's OpenTelemetry batch
-    processors hold spans and log records for seconds before they reach our
-    exporters. Registered once per hook; it must not raise.
+    No new threads here: Python 3.12+ refuses to start one at exit, so a
+    consumer whose workers are gone sends from this thread.
     """
-    if hook not in _FIRST:
-        _FIRST.append(hook)
-
-
-_FIRST: list[Callable[[float], None]] = []
-_MARGIN = 0.1  # what a consumer still gets once the budget is spent
-_SPILL_GRACE = 1.0  # a SIGTERM waits this long past the deadline for the spill to finish
-
-
-class _Budget:
-    """The one exit deadline, started by the first SIGTERM or exit flush."""
-
-    deadline: Optional[float] = None
-
-    def start(self) -> float:
-        """The exit deadline, started now (``shutdown_timeout`` away) if not yet."""
-        if self.deadline is None:
-            bound = max((c.shutdown_timeout for c in list(_LIVE)), default=0.0)
-            self.deadline = monotonic() + bound
-        return self.deadline
-
-    def left(self) -> float:
-        return max(0.0, self.start() - monotonic())
-
-
-_budget = _Budget()
-
-
-def _flush_upstream(deadline: float) -> None:
-    for hook in list(_FIRST):
+    for consumer in list(_LIVE):
         try:
-            hook(max(0.0, deadline - monotonic()))
-        except Exception as exc:  # upstream's failure must not cost our flush
-            logger.error("mixpanel-otel: flushing upstream telemetry failed: %r", exc)
-
-
-def shutdown_all(timeout: Optional[float] = None) -> None:
-    """Shut every consumer down, one after the other, within one overall bound.
-
-    Without ``timeout`` the bound is what is left of the exit budget (a
-    SIGTERM flush before this one used the rest). No new threads here:
-    Python 3.12+ refuses to start one at exit, so a consumer whose workers
-    are gone sends from this thread.
-    """
-    consumers = list(_LIVE)
-    if not consumers:
-        return
-    deadline = _budget.start() if timeout is None else monotonic() + timeout
-    _flush_upstream(deadline)
-    for consumer in consumers:
-        try:
-            consumer.shutdown(max(_MARGIN, deadline - monotonic()))
+            consumer.close_by(deadline)
         except Exception as exc:  # never let one consumer cost the others their flush
             logger.error("mixpanel-otel: exit flush failed: %r", exc)
 
 
-# -- SIGTERM ---------------------------------------------------------------------------
-
-_sigterm_chained: list[_Handler] = []
-
-
-def _install_sigterm_handler() -> None:
-    """Flush on SIGTERM, when this is the main thread and the handler is not ours yet."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    try:
-        current = signal.getsignal(signal.SIGTERM)
-    except (AttributeError, ValueError):  # no SIGTERM here
-        return
-    if current is _on_sigterm or current == signal.SIG_IGN or current is None:
-        return  # ours already, ignored on purpose, or set from C code: leave it alone
-    try:
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    except (ValueError, OSError):
-        return
-    _sigterm_chained[:] = [] if current == signal.SIG_DFL else [current]
-
-
-_flushed_for_signal = threading.Event()
-_sigterm_seen = threading.Event()  # the handler ran: the nudges (:mod:`.signals`) stop
-_in_handler: list[bool] = []
-
-
-def _on_sigterm(signum: int, frame: Optional[FrameType]) -> None:
-    """Handle SIGTERM once at a time: one sent again meanwhile (a nudge, an impatient
-    supervisor) would otherwise start a second flush inside the first one's wait."""
-    _sigterm_seen.set()
-    if _in_handler:
-        return
-    _in_handler.append(True)
-    try:
-        _handle_sigterm(signum, frame)
-    finally:
-        _in_handler.clear()
-
-
-def _handle_sigterm(signum: int, frame: Optional[FrameType]) -> None:
-    """Flush (bounded by ``shutdown_timeout``), then do what SIGTERM did before us.
-
-    The flush runs in a helper thread while this handler waits: it runs in
-    the main thread between two bytecodes, maybe inside a consumer's lock.
-    When a lock is held (by this very thread, as far as we can tell), the
-    signal is deferred (:mod:`.signals`) to the moment the consumer lets go
-    of it; a watchdog flushes anyway if that moment does not come within
-    the exit bound.
-    """
-    chained = _sigterm_chained[0] if _sigterm_chained else signal.SIG_DFL
-    if callable(chained):
-        # The application stops gracefully and may still log: deliver at once from now on.
-        _in_helper_thread(_flush_eagerly, wait=_locks_free())
-        chained(signum, frame)
-        return
-    if not _flushed_for_signal.is_set():
-        if not _locks_free():
-            signals.defer(lambda: _on_sigterm(signum, None))
-            _in_helper_thread(_watchdog, wait=False)
-            return
-        _in_helper_thread(shutdown_all, wait=True)
-    # The default action: die by the signal, as if we were never here (exit status 143).
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _watchdog() -> None:
-    """A deferred signal not handled within half the exit budget: flush from here
-    within the other half, then kill."""
-    time.sleep(_budget.left() / 2)
-    if signals.pending:
-        shutdown_all()
-        _flushed_for_signal.set()
-        os.kill(os.getpid(), signal.SIGTERM)  # the main thread's handler now lets it kill
-
-
-def _locks_free() -> bool:
-    """Whether every consumer's locks can be taken now (a worker holds them only briefly)."""
-    return all(consumer.quiescent(0.05) for consumer in list(_LIVE))
-
-
-def _flush_eagerly() -> None:
-    consumers = list(_LIVE)
-    for consumer in consumers:
-        consumer.send_eagerly()
-    deadline = _budget.start()
-    _flush_upstream(deadline)
-    for consumer in consumers:
-        consumer.flush(max(_MARGIN, deadline - monotonic()))
-
-
-def _in_helper_thread(work: Callable[[], None], wait: bool) -> None:
-    """Run ``work`` in a helper thread; with ``wait``, wait for it within the exit budget."""
-    if not _LIVE:
-        return
-    left = _budget.left()
-    worker = threading.Thread(target=work, name="mixpanel-otel-sigterm", daemon=True)
-    try:
-        worker.start()
-    except RuntimeError:
-        work()
-        return
-    if wait:
-        worker.join(left + _SPILL_GRACE)
-
-
-# -- fork ------------------------------------------------------------------------------
-
-_fork_held: list[Consumer] = []
-
-
-_blocked_for_fork: list[bool] = []
-
-
-def _block_sigterm_for_fork() -> None:
-    """Keep a SIGTERM that reaches the child before its first step pending in the kernel.
-
-    CPython resets the child's Python-level signal flags right after ``fork()``
-    (they were meant for the parent): a SIGTERM that arrived before the child
-    first ran (``Pool.terminate()`` on a worker that a loaded machine had not
-    scheduled yet) would be forgotten, and the child, whose inherited handler
-    is ours, would live on where the default action killed it. Blocked across
-    the fork, the signal waits; the child unblocks it once the reset is done
-    (and, finding it pending, dies by it as the default action would).
-    """
-    _blocked_for_fork.clear()
-    if signal.getsignal(signal.SIGTERM) is not _on_sigterm or not hasattr(
-        signal, "pthread_sigmask"
-    ):
-        return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    if signal.SIGTERM not in before:
-        _blocked_for_fork.append(True)
-
-
-def _unblock_sigterm_after_fork() -> None:
-    if _blocked_for_fork:
-        _blocked_for_fork.clear()
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-
-
 def _before_fork() -> None:
-    _block_sigterm_for_fork()
-    if _LIVE:
-        _watch_multiprocessing()  # multiprocessing may have been imported since
     _LOCK.acquire()
-    _fork_held[:] = list(_LIVE)
-    for consumer in _fork_held:
+    for consumer in list(_LIVE):
         consumer.before_fork()
 
 
 def _after_fork_in_parent() -> None:
-    for consumer in _fork_held:
+    for consumer in list(_LIVE):
         consumer.after_fork_in_parent()
-    _fork_held.clear()
     _LOCK.release()
-    _unblock_sigterm_after_fork()
 
 
 def _after_fork_in_child() -> None:
     global _LOCK
-    for consumer in _fork_held:
+    for consumer in list(_LIVE):
         consumer.after_fork()
     _LOCK = threading.Lock()
-    _fork_held.clear()
-    _budget.deadline = None  # the child's exit is its own
-    _flushed_for_signal.clear()
-    _sigterm_seen.clear()
-    _in_handler.clear()
-    signals.forget_nudge_after_fork()
-    if _blocked_for_fork and signal.SIGTERM in signal.sigpending() and not _sigterm_chained:
-        # Sent before this child took a step: nothing here to flush yet, so do
-        # what the default action would have done, at once.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _unblock_sigterm_after_fork()
 
 
-# -- multiprocessing -------------------------------------------------------------------
-
-_MP_SENTINEL = type("_MultiprocessingFlush", (), {})()  # keeps the after-fork entry alive
-_mp_armed_in: list[int] = []
-_mp_watched_in: list[int] = []
-
-
-def _arm_multiprocessing(_: object = None) -> None:
-    """In a multiprocessing child: flush in multiprocessing's own exit finalizers,
-    since the child ends with ``os._exit`` and skips ``atexit``."""
-    util = sys.modules.get("multiprocessing.util")
-    if util is None:
-        return
-    if os.getpid() not in _mp_armed_in:
-        _mp_armed_in.append(os.getpid())
-        util.Finalize(None, shutdown_all, exitpriority=100)
-    if signal.getsignal(signal.SIGTERM) is _on_sigterm:  # ours now (maybe only now)
-        signals.nudge_on(signal.SIGTERM, _sigterm_seen)  # Pool.terminate() is noticed
-
-
-def _watch_multiprocessing() -> None:
-    """Arm every multiprocessing child (and this process, if it is one).
-
-    A child's finalizers are cleared when it starts (``_after_fork``), then
-    the after-fork callbacks run: that is where the flush is registered.
-    """
-    util = sys.modules.get("multiprocessing.util")
-    if util is None:
-        return
-    if os.getpid() not in _mp_watched_in:  # once per process: the registry only grows
-        _mp_watched_in.append(os.getpid())
-        util.register_after_fork(_MP_SENTINEL, _arm_multiprocessing)
-    process = sys.modules.get("multiprocessing.process")
-    if process is not None and process.parent_process() is not None:
-        _arm_multiprocessing()
-
-
-atexit.register(shutdown_all)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(
-        before=_before_fork,
-        after_in_parent=_after_fork_in_parent,
-        after_in_child=_after_fork_in_child,
-    )
+process.add_exit_step("consumers", shutdown_consumers)
+process.at_fork(_before_fork, _after_fork_in_parent, _after_fork_in_child)

@@ -94,8 +94,8 @@ class Reporter:
 
     def _tell(self, error: MixpanelException, messages: list[Any], throttled: bool) -> None:
         if self.on_error is None or getattr(self._inside, "yes", False):
-            suppressed = self._drop_warning.ready() if throttled else 0
-            if suppressed is not None:
+            allowed, suppressed = self._drop_warning.allow() if throttled else (True, 0)
+            if allowed:
                 logger.warning(
                     "mixpanel-otel: %d message(s) not delivered: %s (stats() counts them)%s",
                     len(messages),

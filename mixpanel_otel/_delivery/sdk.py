@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from typing import Any, Callable, Optional
 from urllib.parse import quote_plus
 
+from .._config import Options
 from .._exceptions import MixpanelException
 from .._wire import GroupUpdate, Truncations, endpoint_path, updates_from_message
 from .jobs import Lane
@@ -25,7 +26,7 @@ class SdkRoutes:
     def __init__(
         self,
         token: str,
-        options: dict[str, Any],
+        options: Options,
         truncations: Truncations,
         enqueue: Callable[[Iterable[GroupUpdate]], None],
     ) -> None:
@@ -56,7 +57,7 @@ class SdkRoutes:
     def _lane(
         self, endpoint: str, path: str, api_key: Optional[str], api_secret: Optional[str]
     ) -> Lane:
-        credentials = self._options["credentials"]
+        credentials = self._options.credentials
         if endpoint == "imports" and credentials is not None:
             # Service-account credentials, as the SDK's Consumer(credentials=...) uses them.
             project = quote_plus(str(credentials.project_id))

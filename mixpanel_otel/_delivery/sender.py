@@ -5,16 +5,18 @@ request bodies under Mixpanel's 2 MB limit, in order; it retries what is
 retryable with capped exponential backoff and jitter (honouring
 Retry-After), and when Mixpanel rejects a batch (``status: 0``, 413) it
 *splits* it in halves, message by message if need be, so only the bad
-messages fail. It knows nothing of threads, buffers or spools: the
-transport and the clock are injected and everything else goes through one
-:class:`Hooks` object, so it is tested against a fake transport in
-milliseconds, and ``GroupClient(sync=True)`` uses the same loop as the
-background workers.
+messages fail; a refusal of the project token fails the batch whole, as
+splitting it would only send every message again. It knows nothing of
+threads, buffers or spools: the transport and the clock are injected and
+everything else goes through one :class:`Hooks` object, so it is tested
+against a fake transport in milliseconds, and ``GroupClient(sync=True)``
+uses the same loop as the background workers.
 """
 
 from __future__ import annotations
 
 import random
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +31,34 @@ __all__ = ["Backoff", "Batch", "Hooks", "Messages", "Result", "Sender", "SyncHoo
 
 #: A server asking for a longer Retry-After than this is retried after this.
 RETRY_AFTER_CAP = 60.0
+
+#: A refusal of the project token, as the local sink ("invalid project token: ...",
+#: "$token is missing") and Mixpanel ("token, missing or empty", "Invalid token") word it.
+_TOKEN_REFUSAL = re.compile(r"(invalid (project )?token|\$?token)\b", re.IGNORECASE)
+#: One refused message of a verbose answer that names them: "message 3: <problem>".
+_PER_MESSAGE = re.compile(r"message (\d+): (.*)")
+
+
+def token_refusal(reason: str, size: int) -> Optional[str]:
+    """The problem, when a ``status: 0`` answer refuses the project token for a whole batch.
+
+    Every message of a batch carries the same token, so such a refusal is not
+    about one message and splitting cannot isolate it. An answer that names
+    its refused messages one by one is a token refusal only when it names all
+    ``size`` of them for the token (mixed tokens, from the SDK's ``send``, still split).
+    """
+    parts = [part.strip() for part in reason.split(";")]
+    named = [_PER_MESSAGE.fullmatch(part) for part in parts]
+    if all(named):
+        problems = {m.group(2) for m in named if m}
+        indexes = {m.group(1) for m in named if m}
+        if len(indexes) < size:
+            return None
+    else:
+        problems = {reason.strip()}
+    if all(_TOKEN_REFUSAL.match(problem) for problem in problems):
+        return "; ".join(sorted(problems))
+    return None
 
 
 @dataclass
@@ -237,13 +267,18 @@ class Sender:
         answer: Answer,
         result: Result,
     ) -> None:
-        """Split a rejected batch in halves; a fatal answer (401, 403, 4xx) fails it whole."""
+        """Split a rejected batch in halves; a fatal answer (401, 403, 4xx) or a refusal of
+        the project token fails it whole, with no request sent again."""
+        reason = answer.reason  # 401, 403, other 4xx, or one message rejected
         if answer.outcome is Outcome.REJECTED and len(chunk) > 1:
-            half = len(chunk) // 2
-            for part in (chunk[:half], chunk[half:]):
-                if result.unsent:
-                    result.unsent.extend(message.origin for message in part)
-                else:
-                    self._deliver(path, part, auth, extra, result)
-        else:  # 401, 403, other 4xx, or one message rejected: never sent again
-            result.failed.extend(Failure(m.origin, m.text, answer.reason) for m in chunk)
+            refused = token_refusal(answer.reason, len(chunk))
+            if refused is None:
+                half = len(chunk) // 2
+                for part in (chunk[:half], chunk[half:]):
+                    if result.unsent:
+                        result.unsent.extend(message.origin for message in part)
+                    else:
+                        self._deliver(path, part, auth, extra, result)
+                return
+            reason = f"{refused} (refused for the whole batch: not split, not retried)"
+        result.failed.extend(Failure(m.origin, m.text, reason) for m in chunk)

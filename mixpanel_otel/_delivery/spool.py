@@ -34,7 +34,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 from .stats import Throttle, logger
 
@@ -43,7 +43,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: no adoption across processes
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["Spool", "SpoolFile", "spooled_rows"]
+__all__ = ["Reading", "Spool", "SpoolFile", "spooled_rows"]
 
 _BUSY_TIMEOUT = 5.0  # seconds SQLite waits for another connection's transaction
 _SCHEMA = """
@@ -54,11 +54,20 @@ CREATE TABLE IF NOT EXISTS messages (
 """
 _ERRORS_EVERY = 60.0  # seconds between two spool errors in the log
 _REOPEN_AFTER = 5.0  # seconds before an open that failed is tried again
-_FULL = "full"  # in SQLite's "database or disk is full"
+_FULL = ("full", "disk I/O error")  # out of space, or past a file size limit: fail at once
+_CHUNK = 500  # rows a transaction: a small disk keeps what fits, not nothing
 #: Files of processes that forked away or were inherited: never closed here,
 #: since closing a SQLite connection in a forked child can remove the
 #: parent's WAL file under it.
 _INHERITED: list[Any] = []
+
+
+class Reading(NamedTuple):
+    """Rows in this process's file, and the order of the reading: every change is made
+    under the spool's lock, so a later reading (higher ``order``) saw all an earlier one saw."""
+
+    order: int
+    rows: int
 
 
 class Spool:
@@ -76,16 +85,24 @@ class Spool:
         self._token_field = '{"$token":' + json.dumps(token) + ","
         self._errors = Throttle(_ERRORS_EVERY)
         self._retry_open_at = 0.0
+        self._readings = 0
 
     @property
     def rows(self) -> int:
         """Rows in this process's file, as far as it knows."""
         return self._file.rows if self._file is not None else 0
 
+    def reading(self) -> Reading:
+        """The rows now, ordered against every other reading: a reader that keeps only
+        the latest never stores a count older than one it already has."""
+        with self._lock:
+            self._readings += 1
+            return Reading(self._readings, self.rows)
+
     def _error(self, text: str, *args: Any) -> None:
         """Log a spool error, at most once per ``_ERRORS_EVERY`` seconds."""
-        suppressed = self._errors.ready()
-        if suppressed is not None:
+        allowed, suppressed = self._errors.allow()
+        if allowed:
             more = f" ({suppressed} more spool error(s) since the last)" if suppressed else ""
             logger.error("mixpanel-otel: " + text + more, *args)
 
@@ -147,22 +164,18 @@ class Spool:
 
     def _adopt(self, path: str) -> int:
         lock_path = path[: -len(".sqlite3")] + ".lock"
+        fd = _lock_free(lock_path)
+        if fd is None:
+            return 0  # its process is alive
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError:
-            return 0
-        try:
-            if fcntl is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
-                    return 0  # its process is alive
             if not os.path.exists(path):
-                return 0  # not created yet, or adopted already
+                _remove(lock_path)  # adopted already: the lock is ours, just made
+                return 0
             try:
                 rows = _read_rows(path)
             except sqlite3.DatabaseError as exc:
                 _move_aside(path, exc)
+                _remove(lock_path)
                 return 0
             own = self._own()
             if own is None:
@@ -180,33 +193,43 @@ class Spool:
 
     # -- rows ----------------------------------------------------------------------
 
-    def append(self, texts: list[str], front: bool = False) -> bool:
-        """Write messages after every row (or before, with ``front``); False if not kept.
+    def append(self, texts: list[str], front: bool = False) -> int:
+        """Write messages after every row (or before, with ``front``), in order and in
+        chunks of :data:`_CHUNK` rows, a transaction each; how many were kept.
 
-        A busy file is waited for (SQLite's busy timeout) and tried again; a
-        full disk fails at once.
+        The first chunk that fails ends the write: what fits is kept. A busy
+        file is waited for (SQLite's busy timeout) and tried again; a full disk
+        fails at once, and the pages of the failed write are given back.
         """
         if not texts:
-            return True
+            return 0
         texts = [self._strip(text) for text in texts]
-        for attempt in range(3):
-            with self._lock:
-                own = self._own()
-                if own is None:
-                    return False
-                try:
-                    own.insert(texts, front)
-                    return True
-                except sqlite3.OperationalError as exc:  # busy, locked, disk full
-                    error: Exception = exc
-                    if _FULL in str(exc):
-                        break
-                except sqlite3.Error as exc:
-                    error = exc
+        kept = 0
+        with self._lock:
+            own = self._own()
+            if own is None:
+                return 0
+            try:
+                start = own.front_start(len(texts)) if front else None
+            except sqlite3.Error as exc:
+                self._error("spool %s could not keep %d message(s): %s", self.path, len(texts), exc)
+                return 0
+            while kept < len(texts):
+                chunk = texts[kept : kept + _CHUNK]
+                error = _insert_patiently(own, chunk, None if start is None else start + kept)
+                if error is not None:
+                    own.give_back_space()
+                    left = len(texts) - kept
+                    self._error(
+                        "spool %s could not keep %d message(s) (%d kept): %s",
+                        self.path,
+                        left,
+                        kept,
+                        error,
+                    )
                     break
-            time.sleep(0.05 * (attempt + 1))
-        self._error("spool %s could not keep %d message(s): %s", self.path, len(texts), error)
-        return False
+                kept += len(chunk)
+        return kept
 
     def peek(self, limit: int) -> list[tuple[int, str]]:
         """The oldest ``limit`` rows, ``(id, text)``, left in place until :meth:`ack`."""
@@ -220,10 +243,6 @@ class Spool:
         with self._lock:
             if ids and self._file is not None:
                 self._file.ack(ids)
-
-    def count(self) -> int:
-        with self._lock:
-            return self._file.count() if self._file is not None else 0
 
     def close(self) -> None:
         """Close the file; an empty one is removed, a full one stays for the next process."""
@@ -262,16 +281,20 @@ class SpoolFile:
         self._acked: set[int] = set()  # delivered, not deleted yet (a full disk)
         self._error = error
 
-    def insert(self, texts: list[str], front: bool = False) -> None:
-        """Write rows after every row, or before with ``front``; raises
+    def front_start(self, count: int) -> int:
+        """The first id of ``count`` rows that go before every row; raises
         :class:`sqlite3.Error`."""
+        first = self.db.execute("SELECT min(id) FROM messages").fetchone()[0]
+        return (first if first is not None else 1) - count
+
+    def insert(self, texts: list[str], start: Optional[int] = None) -> None:
+        """Write rows in one transaction, after every row or with ids from ``start``;
+        raises :class:`sqlite3.Error`."""
         if not texts:
             return
         db = self.db
         with _transaction(db):
-            if front:
-                first = db.execute("SELECT min(id) FROM messages").fetchone()[0]
-                start = (first if first is not None else 1) - len(texts)
+            if start is not None:
                 db.executemany(
                     "INSERT INTO messages (id, body) VALUES (?, ?)",
                     ((start + i, text) for i, text in enumerate(texts)),
@@ -279,6 +302,14 @@ class SpoolFile:
             else:
                 db.executemany("INSERT INTO messages (body) VALUES (?)", ((t,) for t in texts))
         self.rows += len(texts)
+
+    def give_back_space(self) -> None:
+        """After a failed write: empty the WAL, which holds the rolled-back pages and
+        would keep a small disk full until exit."""
+        try:
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:
+            pass
 
     def peek(self, limit: int) -> list[tuple[int, str]]:
         """The oldest ``limit`` rows not acknowledged, ``(id, body)``."""
@@ -313,14 +344,6 @@ class SpoolFile:
             self._error("spool %s could not delete sent rows yet: %s", self.path, exc)
             return
         self._acked.difference_update(ids)
-
-    def count(self) -> int:
-        try:
-            count = int(self.db.execute("SELECT count(*) FROM messages").fetchone()[0])
-            self.rows = max(0, count - len(self._acked))
-        except sqlite3.Error:
-            pass
-        return self.rows
 
     def close(self) -> bool:
         """Close the file and remove it if empty; whether it was."""
@@ -357,6 +380,25 @@ class _transaction:
                 pass
 
 
+def _insert_patiently(
+    own: SpoolFile, texts: list[str], start: Optional[int]
+) -> Optional[Exception]:
+    """Insert one chunk, trying a busy file again; the error that ended it, if any."""
+    error: Optional[Exception] = None
+    for attempt in range(3):
+        try:
+            own.insert(texts, start)
+            return None
+        except sqlite3.OperationalError as exc:  # busy, locked, disk full
+            error = exc
+            if any(word in str(exc) for word in _FULL):
+                return exc
+        except sqlite3.Error as exc:
+            return exc
+        time.sleep(0.05 * (attempt + 1))
+    return error
+
+
 def spooled_rows(directory: str, token: str, base_url: str) -> int:
     """Rows kept in ``directory`` for (token, API host), in every process's file."""
     total = 0
@@ -380,8 +422,8 @@ def _read_rows(path: str) -> list[str]:
         tables = source.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
         ).fetchall()
-        if not tables:
-            return []  # its process died before writing the schema
+        if not tables:  # its process died before writing the schema, or not ours
+            raise _Empty(path)
         columns = [row[1] for row in source.execute("PRAGMA table_info(messages)")]
         if tables != [("messages",)] or columns != ["id", "body"]:
             raise sqlite3.DatabaseError(
@@ -390,6 +432,22 @@ def _read_rows(path: str) -> list[str]:
         return [str(row[0]) for row in source.execute("SELECT body FROM messages ORDER BY id")]
     finally:
         source.close()
+
+
+def _lock_free(lock_path: str) -> Optional[int]:
+    """An open descriptor holding ``lock_path``'s lock, or None when its process
+    holds it (or it cannot be opened)."""
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return None
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+    return fd
 
 
 def _open(path: str) -> sqlite3.Connection:
@@ -418,9 +476,19 @@ def _remove(path: str) -> None:
         pass
 
 
+class _Empty(sqlite3.DatabaseError):
+    """A file with no table: no rows, but never deleted (it may not be ours)."""
+
+
 def _move_aside(path: str, exc: BaseException) -> None:
-    aside = f"{path}.corrupt-{int(time.time())}"
-    logger.error("mixpanel-otel: spool %s is unreadable (%s); moved aside to %s", path, exc, aside)
+    if isinstance(exc, _Empty):  # most likely a process killed as it created its file
+        aside = f"{path}.empty-{int(time.time())}"
+        logger.warning("mixpanel-otel: spool %s holds no table; set aside as %s", path, aside)
+    else:
+        aside = f"{path}.corrupt-{int(time.time())}"
+        logger.error(
+            "mixpanel-otel: spool %s is unreadable (%s); moved aside to %s", path, exc, aside
+        )
     for suffix in ("", "-wal", "-shm"):  # its WAL may hold its newest pages: kept with it
         try:
             os.replace(path + suffix, aside + suffix)

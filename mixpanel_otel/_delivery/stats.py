@@ -61,24 +61,25 @@ class Stats:
 
 
 class Throttle:
-    """Lets a warning through at most once per ``every`` seconds; counts the rest."""
+    """At most one warning of each kind every ``every`` seconds; counts the rest.
+    The one rate limit of every repeating warning (delivery, spool, front ends, gateway)."""
 
-    def __init__(self, every: float) -> None:
+    def __init__(self, every: float = 10.0) -> None:
         self.every = every
-        self._last = -every
-        self._suppressed = 0
         self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
 
-    def ready(self, now: Optional[float] = None) -> Optional[int]:
-        """None to stay quiet; else how many were suppressed since the last one."""
+    def allow(self, kind: str = "", now: Optional[float] = None) -> tuple[bool, int]:
+        """``(warn now?, warnings of this kind held back since the last one)``."""
         now = monotonic() if now is None else now
         with self._lock:
-            if now - self._last < self.every:
-                self._suppressed += 1
-                return None
-            self._last = now
-            suppressed, self._suppressed = self._suppressed, 0
-            return suppressed
+            last = self._last.get(kind)
+            if last is not None and now - last < self.every:
+                self._skipped[kind] = self._skipped.get(kind, 0) + 1
+                return False, 0
+            self._last[kind] = now
+            return True, self._skipped.pop(kind, 0)
 
 
 class Health:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Callable
 
 # Imported here, not in the thread: an import racing a fork (or the main
@@ -87,9 +88,11 @@ class Worker:
         return sum(thread.is_alive() for thread in self._threads)
 
     def join(self, timeout: float) -> None:
+        """Wait for the threads to end, ``timeout`` seconds in all."""
+        deadline = time.monotonic() + timeout
         for thread in list(self._threads):
             if thread is not threading.current_thread():
-                thread.join(timeout)
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     def _run(self) -> None:
         ident = threading.get_ident()

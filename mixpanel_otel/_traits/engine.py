@@ -8,8 +8,11 @@ that is the last ``window`` seconds less at most one bucket. A record
 already outside its window is ignored (counted as ``late``); a late record
 inside it counts. ``lifetime`` is one bucket that never leaves.
 
-Emission: a group's traits are recomputed when it is *due*: when a record
-came in, and each time its oldest bucket leaves a window. Changed values go
+Emission is scheduled on a monotonic clock, windows on the wall clock: a
+wall clock that steps makes every group due again (within one interval),
+and buckets the clock has not reached yet (after it stepped back) wait
+outside the value until it does. A group's traits are recomputed when it is
+*due*: when a record came in, and each time its oldest bucket leaves a window. Changed values go
 out as one ``$set`` (and a ``$unset`` for a trait whose window emptied
 that has no value, such as ``min``), at most once per ``interval`` seconds
 per group. A group whose windows are all empty is forgotten once its last
@@ -44,6 +47,7 @@ DEFAULT_EXACT_LIMIT = 256
 
 GroupKey = tuple[str, str]  # (group_key, group_id)
 _SETTLE_PER_LOCK = 64
+_STEP = 1.0  # seconds the wall clock may drift from the monotonic one before it "stepped"
 _UNSENT = object()
 
 
@@ -67,7 +71,9 @@ class TraitEngine:
 
     Args:
         interval: least seconds between two emissions for one group (``trait_interval``).
-        clock: wall-clock seconds (``time.time``); tests pass a fake one.
+        clock: wall-clock seconds (``time.time``): record times and windows.
+        monotonic: seconds for scheduling emission (``time.monotonic``; the fake
+            ``clock`` when a test passes one and no ``monotonic``).
         max_groups: groups tracked at once; the least recently observed is evicted past it.
         exact_limit: values a bucket keeps exactly before a sketch takes over
             (``count_distinct`` and percentiles).
@@ -79,11 +85,16 @@ class TraitEngine:
         *,
         interval: float = 60.0,
         clock: Callable[[], float] = _time.time,
+        monotonic: Optional[Callable[[], float]] = None,
         max_groups: int = DEFAULT_MAX_GROUPS,
         exact_limit: int = DEFAULT_EXACT_LIMIT,
     ) -> None:
         self.interval = interval
         self.clock = clock
+        if monotonic is None:
+            monotonic = _time.monotonic if clock is _time.time else clock
+        self.monotonic = monotonic
+        self._offset = clock() - monotonic()  # wall minus monotonic; changes when the wall steps
         self.max_groups = max_groups
         self.exact_limit = exact_limit
         self.traits: list[Trait] = []
@@ -126,7 +137,7 @@ class TraitEngine:
                         require_sketches()
                     position = len(self.traits)
                     self.traits.append(trait)
-                    aggregator = make_aggregator(trait.aggregate, self.exact_limit)
+                    aggregator = make_aggregator(trait.aggregate, self.exact_limit, trait.limit)
                     width = None if trait.window is None else trait.window / BUCKETS
                     self._aggregators.append(aggregator)
                     self._widths.append(width)
@@ -145,12 +156,17 @@ class TraitEngine:
         """Count ``value`` at ``time`` for the group; False when older than the window."""
         return self.observe_many(time, [(position, group_id, value)]) == 1
 
+    def record(self, time: float, items: list[tuple[int, str, Any]]) -> None:
+        """Count one record's observations (what a :class:`TraitFeed` hands over)."""
+        self.observe_many(time, items)
+
     def observe_many(self, time: float, items: Iterable[tuple[int, str, Any]]) -> int:
         """Count one record for several traits: ``(position, group_id, value)`` each.
 
         One clock reading and one lock for the record; how many were in their window.
         """
         now = self.clock()
+        mono = now - self._offset  # the monotonic clock, near enough to schedule by
         if time > now:
             time = now
         counted = 0
@@ -181,8 +197,8 @@ class TraitEngine:
                     if track:
                         self.changed.add(key)
                     due = group.sent_at + self.interval
-                    if due < now:
-                        due = now
+                    if due < mono:
+                        due = mono
                     if group.due is None or group.due > due:
                         self._schedule(group, due)
                 buckets = group.states.get(position)
@@ -225,18 +241,30 @@ class TraitEngine:
     # -- values ----------------------------------------------------------------------
 
     def _values(self, group: _Group, now: float) -> dict[str, Any]:
-        """Every trait of the group's key at ``now``, dropping buckets that left their window."""
+        """Every trait of the group's key at ``now``, dropping buckets that left their window
+        (buckets after ``now``, from before the wall clock stepped back, wait)."""
         values = {}
         for position in self._by_group_key.get(group.key[0], ()):
             buckets = group.states.get(position)
             aggregator = self._aggregators[position]
             width = self._widths[position]
+            summaries = buckets[1::2] if buckets else ()
             if buckets and width is not None:
-                self._expire(buckets, int(now // width) - BUCKETS)
-            if buckets:
-                values[self.traits[position].property] = aggregator.result(buckets[1::2])
+                current = int(now // width)
+                self._expire(buckets, current - BUCKETS)
+                if buckets and buckets[-2] > current:
+                    summaries = [
+                        summary
+                        for bucket, summary in zip(buckets[::2], buckets[1::2])
+                        if bucket <= current
+                    ]
+                else:
+                    summaries = buckets[1::2]
+            if summaries:
+                values[self.traits[position].property] = aggregator.result(summaries)
             else:
-                group.states.pop(position, None)
+                if not buckets:
+                    group.states.pop(position, None)
                 values[self.traits[position].property] = aggregator.empty
         return values
 
@@ -249,14 +277,18 @@ class TraitEngine:
                 return self._aggregators[self.position(trait)].empty
             return self._values(group, now)[trait.property]
 
-    def _next_expiry(self, group: _Group) -> Optional[float]:
-        """When the group's oldest bucket leaves its window (None: nothing will)."""
+    def _next_expiry(self, group: _Group, now: float) -> Optional[float]:
+        """When (wall clock) the group's oldest bucket leaves its window, or a bucket the
+        clock has not reached yet enters it (None: nothing will change by itself)."""
         soonest: Optional[float] = None
         for position, buckets in group.states.items():
             width = self._widths[position]
             if width is None or not buckets:
                 continue
             at = (buckets[0] + BUCKETS) * width
+            if buckets[-2] * width > now:
+                waiting = min(b for b in buckets[::2] if b * width > now)
+                at = min(at, waiting * width)
             if soonest is None or at < soonest:
                 soonest = at
         return soonest
@@ -274,24 +306,30 @@ class TraitEngine:
                 heapq.heappop(self._heap)
         return None
 
-    def due(self, now: Optional[float] = None, final: bool = False) -> list[GroupUpdate]:
-        """The updates due at ``now``: changed traits of the groups whose time has come.
+    def due(self, final: bool = False) -> list[GroupUpdate]:
+        """The updates due now: changed traits of the groups whose time has come.
 
         ``final`` (the process is about to stop): every changed trait, however
         recently its group was sent.
         """
-        now = self.clock() if now is None else now
+        now, mono = self.clock(), self.monotonic()
         updates: list[GroupUpdate] = []
-        if final:
+        stepped = abs(now - mono - self._offset) > _STEP
+        if final or stepped:
+            self._offset = now - mono
             with self._lock:
                 for scheduled in self._groups.values():
-                    if scheduled.due is not None:
-                        self._schedule(scheduled, now)  # its heap entries are now stale
+                    # Due now (at exit) or within an interval (the wall clock stepped,
+                    # so the expiries scheduled by it are wrong); old heap entries go stale.
+                    if final:
+                        self._schedule(scheduled, mono)
+                    elif scheduled.due is not None or scheduled.states:
+                        self._schedule(scheduled, max(mono, scheduled.sent_at + self.interval))
         more = True
         while more:  # a few groups per hold of the lock: records are not kept waiting
             with self._lock:
                 for _ in range(_SETTLE_PER_LOCK):
-                    more = bool(self._heap) and self._heap[0][0] <= now
+                    more = bool(self._heap) and self._heap[0][0] <= mono
                     if not more:
                         break
                     at, _, key = heapq.heappop(self._heap)
@@ -299,13 +337,13 @@ class TraitEngine:
                     if group is None or group.due != at:
                         continue
                     group.due = None
-                    self._settle(group, now, updates, final)
+                    self._settle(group, now, mono, updates, final)
         with self._lock:
             self.counts["traits_emitted"] += len(updates)
         return updates
 
     def _settle(
-        self, group: _Group, now: float, updates: list[GroupUpdate], final: bool = False
+        self, group: _Group, now: float, mono: float, updates: list[GroupUpdate], final: bool
     ) -> None:
         values = self._values(group, now)
         sent = group.sent
@@ -313,7 +351,7 @@ class TraitEngine:
         to_set = {p: v for p, v in changed.items() if v is not None}
         to_unset = [p for p, v in changed.items() if v is None and sent.get(p) is not None]
         ready = group.sent_at + self.interval
-        if (to_set or to_unset) and now < ready and not final:
+        if (to_set or to_unset) and mono < ready and not final:
             self._schedule(group, ready)  # changed, but sent too recently
             return
         if to_set or to_unset:
@@ -323,18 +361,39 @@ class TraitEngine:
             if to_unset:
                 updates.append(make_update(group_key, group_id, "$unset", to_unset, now))
             sent.update(changed)
-            group.sent_at = now
+            group.sent_at = mono
             if self.track_changes:
                 self.changed.add(group.key)
-        expiry = self._next_expiry(group)
+        expiry = self._next_expiry(group, now)
         if expiry is not None:
-            self._schedule(group, max(expiry, group.sent_at + self.interval))
+            at = mono + max(0.0, expiry - now)
+            self._schedule(group, max(at, group.sent_at + self.interval))
         elif not group.states:
             # Every window is empty and its values went out: forget the group.
             del self._groups[group.key]
             if self.track_changes:
                 self.changed.discard(group.key)
                 self.forgotten.add(group.key)
+
+    def unsend(self, updates: Iterable[GroupUpdate]) -> None:
+        """``updates`` were not delivered (nor spooled): what they set counts as unsent,
+        so it goes out again (within an interval) unless a newer value replaced it."""
+        mono = self.monotonic()
+        with self._lock:
+            for update in updates:
+                group = self._groups.get((update.group_key, str(update.group_id)))
+                if group is None:
+                    continue
+                properties = (
+                    update.payload if update.op == "$set" else dict.fromkeys(update.payload)
+                )
+                for prop, value in properties.items():
+                    if prop in group.sent and _same(group.sent[prop], value):
+                        del group.sent[prop]
+                if self.track_changes:
+                    self.changed.add(group.key)
+                if group.due is None or group.due > group.sent_at + self.interval:
+                    self._schedule(group, max(mono, group.sent_at + self.interval))
 
     # -- state (for the store) -------------------------------------------------------
 
@@ -346,9 +405,14 @@ class TraitEngine:
         with self._lock:
             return dict(self.counts)
 
-    def export_groups(self, keys: Iterable[GroupKey]) -> list[tuple[GroupKey, dict[str, Any]]]:
-        """The stored form of the given groups (those still tracked)."""
+    def export_groups(
+        self, keys: Iterable[GroupKey], unconfirmed: Optional[dict[GroupKey, set[str]]] = None
+    ) -> list[tuple[GroupKey, dict[str, Any]]]:
+        """The stored form of the given groups (those still tracked). Values in
+        ``unconfirmed`` (handed over, not yet delivered or spooled) are stored as unsent."""
         rows = []
+        unconfirmed = unconfirmed or {}
+        wall_minus_mono = self.clock() - self.monotonic()
         with self._lock:
             for key in keys:
                 group = self._groups.get(key)
@@ -361,27 +425,21 @@ class TraitEngine:
                     ]
                     for position, buckets in group.states.items()
                 }
-                rows.append(
-                    (
-                        key,
-                        {
-                            "sent": group.sent,
-                            "sent_at": group.sent_at if group.sent_at > -math.inf else None,
-                            "states": states,
-                        },
-                    )
-                )
+                pending = unconfirmed.get(key, ())
+                sent = {p: v for p, v in group.sent.items() if p not in pending}
+                sent_at = group.sent_at + wall_minus_mono if group.sent_at > -math.inf else None
+                rows.append((key, {"sent": sent, "sent_at": sent_at, "states": states}))
         return rows
 
     def import_group(self, key: GroupKey, data: dict[str, Any]) -> None:
         """Restore one stored group (states of traits no longer defined are dropped);
         it is due at once, so what changed while the process was down goes out."""
-        now = self.clock()
+        now, mono = self.clock(), self.monotonic()
         with self._lock:
             group = _Group(key)
             group.sent = dict(data.get("sent") or {})
-            sent_at = data.get("sent_at")
-            group.sent_at = -math.inf if sent_at is None else float(sent_at)
+            sent_at = data.get("sent_at")  # wall clock on disk, monotonic in memory
+            group.sent_at = -math.inf if sent_at is None else mono - max(0.0, now - sent_at)
             for signature, buckets in (data.get("states") or {}).items():
                 position = self._positions.get(signature)
                 if position is None:
@@ -393,16 +451,25 @@ class TraitEngine:
                 group.states[position] = state
                 if aggregator.name in ("first", "last"):
                     self._seq = max([self._seq, *(s[1] for s in state[1::2])])
+            if key in self._groups:
+                del self._groups[key]
             self._groups[key] = group
             if len(self._groups) > self.max_groups:
                 self._evict()
-            self._schedule(group, max(now, group.sent_at + self.interval))
+            self._schedule(group, max(mono, group.sent_at + self.interval))
 
     def release(self) -> None:
-        """Drop every group's state (at exit, once it is saved and sent)."""
+        """Drop every group's state (at exit, once it is saved and sent; or when another
+        process aggregates the shared state)."""
         with self._lock:
             self._groups.clear()
             self._heap.clear()
+            self.changed.clear()
+            self.forgotten.clear()
+
+    def signature_positions(self) -> dict[str, int]:
+        """Trait signature -> position, for observations logged by other processes."""
+        return dict(self._positions)
 
     def clear(self) -> None:
         """Forget every group (a forked child starts empty; its parent's lock may be held)."""

@@ -23,6 +23,7 @@ from .._config import CONSUMER_OPTIONS
 DEFAULT_FLUSH_INTERVAL = 0.2
 
 if TYPE_CHECKING:
+    from ._health import HealthSocket
     from ._server import Gateway
 
 __all__ = ["Gateway", "add_arguments", "main"]
@@ -37,6 +38,23 @@ def __getattr__(name: str) -> Any:
 
         return Gateway
     raise AttributeError(name)
+
+
+def _duration(text: str) -> float:
+    """Seconds from ``600`` or ``<n>s|m|h|d``."""
+    from .._rules import parse_window
+
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        seconds = parse_window(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds is None:
+        raise argparse.ArgumentTypeError("a duration, not lifetime")
+    return seconds
 
 
 def _env(name: str, default: Any) -> Any:
@@ -62,6 +80,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=int(_env("MIXPANEL_OTEL_GATEWAY_HTTP_PORT", 4318)),
         help="OTLP/HTTP port, also /health (env MIXPANEL_OTEL_GATEWAY_HTTP_PORT; default 4318)",
+    )
+    parser.add_argument(
+        "--dedupe-window",
+        type=_duration,
+        default=_duration(_env("MIXPANEL_OTEL_GATEWAY_DEDUPE_WINDOW", "10m")),
+        help="an Export call resent with the same content within this time (e.g. 600, "
+        "10m) counts once in computed traits; 0 turns it off "
+        "(env MIXPANEL_OTEL_GATEWAY_DEDUPE_WINDOW; default 10m)",
     )
     parser.add_argument(
         "--ack-timeout",
@@ -174,6 +200,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def _open_health_socket(gateway: Gateway) -> Optional[HealthSocket]:
+    """The health socket the container's health check asks, when the environment names one."""
+    from ._health import HEALTH_SOCKET_ENV, HealthSocket
+
+    path = os.environ.get(HEALTH_SOCKET_ENV)
+    if not path:
+        return None
+    health = HealthSocket(path, gateway.health).start()
+    logging.getLogger("mixpanel_otel.gateway").info(
+        "mixpanel-otel gateway: health on the Unix socket %s (mixpanel-otel health)", path
+    )
+    return health
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the gateway until SIGTERM or SIGINT, then stop gracefully."""
     logging.basicConfig(
@@ -214,6 +254,7 @@ def main(args: argparse.Namespace) -> int:
             grpc_port=args.grpc_port,
             http_port=args.http_port,
             ack_timeout=args.ack_timeout,
+            dedupe_window=args.dedupe_window,
             max_concurrent=args.max_concurrent,
             max_request_bytes=args.max_request_bytes,
             max_inflight_bytes=args.max_inflight_bytes,
@@ -247,6 +288,12 @@ def main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_hangup)
     gateway.start()
+    try:
+        health = _open_health_socket(gateway)
+    except MixpanelException as exc:
+        gateway.stop()
+        print(f"mixpanel-otel gateway: {exc}", file=sys.stderr)
+        return 2
     print(
         f"mixpanel-otel gateway: OTLP/gRPC on {gateway.grpc_address}, "
         f"OTLP/HTTP on {gateway.http_url} (health {gateway.http_url}/health), "
@@ -270,6 +317,8 @@ def main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     print("mixpanel-otel gateway: stopping", flush=True)
     delivered = gateway.stop()
+    if health is not None:
+        health.close()
     outcome = "everything delivered or spooled" if delivered else "some updates left"
     print(f"mixpanel-otel gateway: stopped ({outcome})", flush=True)
     return 0

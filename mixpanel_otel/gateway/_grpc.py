@@ -27,7 +27,7 @@ from grpc import aio
 
 from ._ingest import Call, Ingest, Outcome
 from ._otlp import LOGS, TRACES, Signal, retry_info, status_body
-from ._security import Throttle, Tokens
+from ._security import ClientLog, Tokens
 
 __all__ = ["GrpcServer"]
 
@@ -173,11 +173,11 @@ class GrpcServer:
         max_request_bytes: int,
         tokens: Optional[Tokens] = None,
         credentials: Optional[grpc.ServerCredentials] = None,
-        throttle: Optional[Throttle] = None,
+        throttle: Optional[ClientLog] = None,
     ) -> None:
         self.ingest = ingest
         self.tokens = tokens or Tokens()
-        self.throttle = throttle or Throttle()
+        self.throttle = throttle or ClientLog()
         self._pool = ThreadPoolExecutor(max_concurrent + 2, thread_name_prefix="otlp-grpc")
         self._loop = asyncio.new_event_loop()
         self._thread: Optional[threading.Thread] = None

@@ -32,7 +32,7 @@ from .._body import BodyError, BodyTimeout, BodyTooLarge, framing, read_body
 from ._ingest import Answer, Call, Ingest, Outcome
 from ._limits import Budget
 from ._otlp import LOGS, TRACES, Signal, status_body
-from ._security import HostCheck, Throttle, Tokens
+from ._security import ClientLog, HostCheck, Tokens
 
 __all__ = ["HttpServer"]
 
@@ -396,7 +396,7 @@ class HttpServer(ThreadingHTTPServer):
         tls: Optional[ssl.SSLContext] = None,
         host_check: Optional[HostCheck] = None,
         receiving: Optional[Budget] = None,
-        throttle: Optional[Throttle] = None,
+        throttle: Optional[ClientLog] = None,
     ) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.ingest = ingest
@@ -405,7 +405,7 @@ class HttpServer(ThreadingHTTPServer):
         self.tokens = tokens or Tokens()
         self.host_check = host_check
         self.receiving = receiving or Budget(16 * max_request_bytes)
-        self.throttle = throttle or Throttle()
+        self.throttle = throttle or ClientLog()
         self._connections = threading.BoundedSemaphore(_MAX_CONNECTIONS)
         self._peer_lock = threading.Lock()
         self._per_peer: dict[str, int] = {}

@@ -10,6 +10,7 @@ and updates Mixpanel refused for good: partial success, not retried.
 from __future__ import annotations
 
 import enum
+import hashlib
 import threading
 from dataclasses import dataclass, replace
 from time import monotonic
@@ -29,6 +30,7 @@ __all__ = ["PROTOCOLS", "Answer", "Call", "Ingest", "Outcome", "json_cost"]
 #: Time kept back from a gRPC deadline to send the answer before it expires.
 _DEADLINE_MARGIN = 0.2
 _DEFAULT_RETRY_AFTER = 1.0
+DEFAULT_DEDUPE_WINDOW = 600.0
 
 
 class _NoRoom(Exception):
@@ -103,6 +105,8 @@ class Ingest:
         budget: decoded bytes being parsed and translated across calls
             (``--max-inflight-bytes``); a call waits for room up to ``ack_timeout``.
         policy: the operations and group keys forwarded; others are rejected records.
+        dedupe_window: seconds within which a call resent with the same content is
+            not counted again by the computed traits (``--dedupe-window``).
     """
 
     def __init__(
@@ -114,8 +118,10 @@ class Ingest:
         limits: Optional[Limits] = None,
         budget: Optional[Budget] = None,
         policy: Optional[Policy] = None,
+        dedupe_window: float = DEFAULT_DEDUPE_WINDOW,
     ) -> None:
         self.front = front
+        self.dedupe_window = dedupe_window
         self.consumer = consumer
         self.ack_timeout = ack_timeout
         self.limits = limits or Limits()
@@ -244,12 +250,13 @@ class Ingest:
         gzip: bool,
         deadline: float,
         call: Call,
-    ) -> tuple[Ingested, int, list[str]]:
+    ) -> tuple[Ingested, int, list[str], str]:
         """Decompress, parse, check and translate ``body`` within the memory budget.
 
         What is reserved is what the work will cost, before it starts: the
         decoded size (a gzip body's claim, grown while inflating if there is
-        room), and for OTLP/JSON what its values will cost once parsed.
+        room), and for OTLP/JSON what its values will cost once parsed. Also the
+        digest of its content (a resent call has the same).
         """
         limit = self.limits.max_request_bytes
         size = max(gzip_claim(body, limit), len(body)) if gzip else len(body)
@@ -283,6 +290,7 @@ class Ingest:
                     if cost > held and not (cost <= budget.capacity and budget.grow(cost - held)):
                         raise _NoRoom
                     held = max(held, cost)
+            digest = hashlib.sha256(signal.name.encode() + b"\0" + body).hexdigest()
             if json_encoding:
                 request = decode(signal, body, True, self.limits.max_records)
                 removed, reasons = check_request(signal, request, self.limits)
@@ -291,7 +299,7 @@ class Ingest:
             del body
             call.release()  # the body is parsed: its bytes are no longer held
             result = self.front.walker(signal.adapter).read(signal.records(request))
-            return result, removed, reasons
+            return result, removed, reasons, digest
         finally:
             budget.release(held, call.peer)
 
@@ -306,7 +314,7 @@ class Ingest:
     ) -> Answer:
         try:
             with held_observations() as traits:  # counted once the call is acknowledged
-                result, removed, over = self._decoded(
+                result, removed, over, digest = self._decoded(
                     signal,
                     body,
                     json_encoding,
@@ -358,7 +366,10 @@ class Ingest:
                 reasons.append(
                     f"{receipt.failed} update(s) refused by Mixpanel: {'; '.join(receipt.errors)}"
                 )
-        TraitFeed.commit(traits)  # a retried call is not counted twice
+        try:  # durable before the answer; a call resent within the window counts once
+            TraitFeed.commit(traits, digest, self.dedupe_window)
+        except Exception as exc:
+            return self._retry(None, f"the call's trait observations were not saved: {exc!r}")
         self._count(accepted=1, rejected_records=rejected)
         return Answer(Outcome.OK, rejected=rejected, message="; ".join(reasons))
 

@@ -6,7 +6,7 @@
 - :class:`Policy`: which operations and group keys the gateway forwards.
 - :func:`loopback_host`: the ``Host`` check that stops DNS rebinding against
   a gateway on loopback without authentication.
-- :class:`Throttle`: at most one log line per kind per interval.
+- :class:`ClientLog`: log lines about misbehaving clients, scrubbed and throttled.
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ import hmac
 import ipaddress
 import logging
 import ssl
-import threading
 from collections.abc import Iterable
-from time import monotonic
 from typing import Callable, Optional
 
+from .._delivery.stats import Throttle
 from .._exceptions import MixpanelException
 from .._wire import GroupUpdate
 
@@ -27,7 +26,7 @@ __all__ = [
     "OPERATIONS",
     "HostCheck",
     "Policy",
-    "Throttle",
+    "ClientLog",
     "Tokens",
     "is_loopback",
     "loopback_host",
@@ -228,33 +227,21 @@ class Policy:
         return kept, len(updates) - len(kept), reasons
 
 
-class Throttle:
-    """At most one log line per kind every ``interval`` seconds; counts the rest.
+class ClientLog:
+    """Log lines about misbehaving clients: at most one per kind every ``every``
+    seconds (the rest counted), each with the Mixpanel token scrubbed."""
 
-    ``scrub`` removes the Mixpanel token from every line :meth:`warn` writes.
-    """
-
-    def __init__(self, interval: float = 10.0, scrub: Callable[[str], str] = str) -> None:
-        self.interval = interval
+    def __init__(self, every: float = 10.0, scrub: Callable[[str], str] = str) -> None:
         self.scrub = scrub
-        self._lock = threading.Lock()
-        self._last: dict[str, float] = {}
-        self._skipped: dict[str, int] = {}
+        self._throttle = Throttle(every)
 
     def allow(self, kind: str) -> tuple[bool, int]:
-        """``(log now?, lines skipped since the last one)``."""
-        now = monotonic()
-        with self._lock:
-            last = self._last.get(kind)
-            if last is not None and now - last < self.interval:
-                self._skipped[kind] = self._skipped.get(kind, 0) + 1
-                return False, 0
-            self._last[kind] = now
-            return True, self._skipped.pop(kind, 0)
+        """``(log now?, lines held back since the last one)``."""
+        return self._throttle.allow(kind)
 
     def warn(self, kind: str, message: str) -> None:
-        """Log a client's mistake: one line, at most one per kind every ``interval`` s."""
-        now, skipped = self.allow(kind)
+        """Log a client's mistake: one line, at most one per kind every ``every`` s."""
+        now, skipped = self._throttle.allow(kind)
         if now:
             more = f" ({skipped} more like it not logged)" if skipped else ""
             logger.warning("mixpanel-otel gateway: %s%s", self.scrub(message), more)

@@ -19,7 +19,7 @@ from .._traits import finish as finish_traits
 from . import DEFAULT_FLUSH_INTERVAL
 from ._grpc import GrpcServer
 from ._http import HttpServer
-from ._ingest import Ingest
+from ._ingest import DEFAULT_DEDUPE_WINDOW, Ingest
 from ._limits import (
     DEFAULT_MAX_ATTRIBUTES,
     DEFAULT_MAX_INFLIGHT_BYTES,
@@ -28,7 +28,7 @@ from ._limits import (
     Budget,
     Limits,
 )
-from ._security import HostCheck, Policy, Throttle, Tokens, is_loopback, read_file, server_tls
+from ._security import ClientLog, HostCheck, Policy, Tokens, is_loopback, read_file, server_tls
 
 __all__ = ["Gateway", "ListenError"]
 
@@ -44,6 +44,8 @@ class Gateway:
         grpc_port, http_port: 0 picks a free port (see ``grpc_address``/``http_url``).
         ack_timeout: longest an Export call waits for its updates to be delivered or
             spooled before it is answered with the retryable failure.
+        dedupe_window: seconds within which an Export call resent with the same content
+            counts once in computed traits (``--dedupe-window``, default 10 minutes).
         max_concurrent: Export calls handled at once per protocol; more are answered
             "overloaded" (HTTP 429, gRPC RESOURCE_EXHAUSTED).
         max_request_bytes: largest request body, before and after decompression.
@@ -75,6 +77,7 @@ class Gateway:
         grpc_port: int = 4317,
         http_port: int = 4318,
         ack_timeout: float = 5.0,
+        dedupe_window: float = DEFAULT_DEDUPE_WINDOW,
         max_concurrent: int = 32,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
@@ -129,9 +132,10 @@ class Gateway:
             limits=limits,
             budget=Budget(max_inflight_bytes),
             policy=policy,
+            dedupe_window=dedupe_window,
         )
         self.tokens = tokens
-        throttle = Throttle(scrub=self.ingest.scrub)
+        throttle = ClientLog(scrub=self.ingest.scrub)
         try:
             self._grpc = GrpcServer(
                 host,

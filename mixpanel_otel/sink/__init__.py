@@ -11,13 +11,17 @@ delivery code can be tested for real.
 
 Stdlib only (``http.server`` + ``sqlite3``), one module per concern:
 :mod:`.protocol` (bodies, validation, answers), :mod:`.store` (SQLite),
-:mod:`.faults`, :mod:`.server` (HTTP and sockets), :mod:`.pages` (HTML and
-the JSON API) and :mod:`.service` (the :class:`Sink` tying them together).
+:mod:`.faults`, :mod:`.server` (HTTP and sockets), :mod:`.connections` (the
+connection cap, deadlines and memory caps), :mod:`.access` (which Host names
+and origins it answers), :mod:`.pages` (HTML and the JSON API) with
+:mod:`.display` (values as shown) and :mod:`.redact` (tokens masked), and
+:mod:`.service` (the :class:`Sink` tying them together).
 """
 
 from __future__ import annotations
 
 from .._semantics import apply_operation
+from .connections import ConnectionLimits
 from .faults import Fault
 from .pages import format_profiles_table
 from .protocol import validate_group_message
@@ -25,6 +29,7 @@ from .service import Sink
 from .store import read_profiles
 
 __all__ = [
+    "ConnectionLimits",
     "Fault",
     "Sink",
     "apply_operation",

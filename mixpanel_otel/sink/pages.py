@@ -5,25 +5,32 @@ endpoint's messages (``/messages?endpoint=track``) and the refused messages
 with Mixpanel's reasons (``/rejected``). Lists refresh in place: a small
 script fetches ``/api/...`` and rebuilds the table's rows, so what a user
 typed in the search boxes stays. The profile list is paged (``page``,
-``per_page``); long ids and values are cut, with the whole value in the
-cell's ``title`` (shown on hover), and every cell wraps rather than widening
-the page. Everything is read through the store's
-public queries (:class:`~mixpanel_otel.sink.store.Reader`) and every value
-is escaped (by ``html.escape`` here, by ``textContent`` in the script).
+``per_page``, links above and below the table); long ids and values are cut
+between JSON tokens and floats rounded (:mod:`.display`), with the whole
+value in the cell's ``title`` (shown on hover); cells wrap between words and
+a table too wide for the window scrolls inside its own box. Everything is
+read through the store's public queries
+(:class:`~mixpanel_otel.sink.store.Reader`), every value is escaped (by
+``html.escape`` here, by ``textContent`` in the script), every token masked
+(:mod:`.redact`), and each page carries a Content-Security-Policy that lets
+only its own style and script run.
 :func:`format_profiles_table` is the text table of ``mixpanel-otel profiles``.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
 import json
-import re
 import sqlite3
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional
 from urllib.parse import parse_qs, quote, urlencode
 
+from .display import preview, rounded, short_float
 from .protocol import ENDPOINTS
+from .redact import redact
 from .store import Reader
 
 __all__ = ["format_profiles_table", "handle_get"]
@@ -52,6 +59,15 @@ def _clip(text: str, width: int) -> str:
     if len(text) <= width:
         return text
     return text[: max(width - 3, 0)] + "..." if width > 3 else text[:width]
+
+
+def _shown(value: Any, width: int, **extra: str) -> Cell:
+    """A cell showing ``value`` as JSON cut between tokens; the whole JSON on hover when cut."""
+    whole = _compact(value)
+    cell: Cell = {"t": preview(value, width), **extra}
+    if cell["t"] != json.dumps(value, ensure_ascii=False, sort_keys=True):
+        cell["f"] = _clip(whole, _TITLE_LIMIT)
+    return cell
 
 
 def _cut(text: str, width: int, **extra: str) -> Cell:
@@ -98,14 +114,13 @@ h1{font-size:1.3rem;margin:0 0 .8rem}h2{font-size:1.05rem;margin:1.6rem 0 .5rem}
 a{color:#0b5cad;text-decoration:none}a:hover{text-decoration:underline}
 nav{margin:0 0 1rem;padding:0 0 .5rem;border-bottom:1px solid #e3e3e3}nav a{margin-right:1rem}
 nav a.here{font-weight:600;color:#222}
+.scroll{overflow-x:auto;max-width:100%}
 table{border-collapse:collapse;width:100%}
-th,td{text-align:left;padding:.3rem .6rem;border-bottom:1px solid #e3e3e3;vertical-align:top;
-overflow-wrap:anywhere}
-h1{overflow-wrap:anywhere}
+th,td{text-align:left;padding:.3rem .6rem;border-bottom:1px solid #e3e3e3;vertical-align:top}
+h1,details pre{overflow-wrap:anywhere}
 th{background:#f6f7f9;font-weight:600}
 code,pre,td.code{font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,monospace}
-td.code,code{word-break:break-all}
-pre{margin:0;white-space:pre-wrap;overflow-wrap:anywhere}
+pre{margin:0;white-space:pre-wrap}
 td[title]{cursor:help}.pager a{margin-right:1rem}
 form{margin:0 0 1rem}input{padding:.25rem .4rem;margin-right:.5rem}
 .muted{color:#777}td.muted{white-space:nowrap}td.bad{color:#a40000}
@@ -119,7 +134,7 @@ _SCRIPT = """
   if (!table) return;
   var form = document.querySelector("form.live");
   var summary = document.getElementById("summary");
-  var pager = document.getElementById("pager");
+  var pagers = document.querySelectorAll(".pager");
   var every = Math.max(0.2, parseFloat(document.body.dataset.refresh) || 5) * 1000;
   var timer = null, asked = 0;
   function params() {
@@ -147,13 +162,13 @@ _SCRIPT = """
     });
     table.replaceChild(body, table.tBodies[0]);
     if (summary) summary.textContent = data.summary;
-    if (pager && data.pager) {
+    if (data.pager) pagers.forEach(function (pager) {
       while (pager.firstChild) pager.removeChild(pager.firstChild);
       data.pager.forEach(function (link) {
         var a = document.createElement("a");
         a.href = link.href; a.textContent = link.t; pager.appendChild(a);
       });
-    }
+    });
     Object.keys(data.counts || {}).forEach(function (key) {
       var count = document.querySelector('[data-count="' + key + '"]');
       if (count) count.textContent = "(" + data.counts[key] + ")";
@@ -189,6 +204,19 @@ _SCRIPT = """
   later(every);
 })();
 """
+
+
+def _source_hash(source: str) -> str:
+    digest = hashlib.sha256(source.encode("utf-8")).digest()
+    return "'sha256-" + base64.b64encode(digest).decode("ascii") + "'"
+
+
+#: Only the page's own style and script run, it fetches only from the sink, and no site
+#: may frame it: a value that escaped escaping still could not run or phone home.
+CONTENT_SECURITY_POLICY = (
+    f"default-src 'none'; style-src {_source_hash(_CSS)}; script-src {_source_hash(_SCRIPT)};"
+    " connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
 
 
 def _page(title: str, body: str, refresh: Optional[float] = None) -> str:
@@ -256,13 +284,17 @@ def _live_table(
 ) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     table = (
-        f'<p class="muted" id="summary">{html.escape(summary)}</p>'
-        f'<table data-api="{html.escape(api)}"><thead><tr>{head}</tr></thead>'
-        f"<tbody>{_cells_html(rows)}</tbody></table>"
+        f'<div class="scroll"><table data-api="{html.escape(api)}"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{_cells_html(rows)}</tbody></table></div>"
     )
+    summary_html = f'<p class="muted" id="summary">{html.escape(summary)}</p>'
     if pager is None:
-        return table
-    return table + f'<p class="pager" id="pager">{_links_html(pager)}</p>'
+        return summary_html + table
+    links = _links_html(pager)
+    return (
+        f'{summary_html}<p class="pager" id="pager-top">{links}</p>'
+        f'{table}<p class="pager" id="pager">{links}</p>'
+    )
 
 
 def _links_html(links: list[Cell]) -> str:
@@ -308,7 +340,7 @@ def _profile_page(store: Reader, query: dict[str, str]) -> tuple[list[list[Cell]
         [
             _cut(row["group_key"], _KEY_WIDTH),
             _cut(row["group_id"], _ID_WIDTH, href=_profile_link(row["group_key"], row["group_id"])),
-            _cut(_compact(row["properties"]), 300, c="code"),
+            _shown(row["properties"], 300, c="code"),
             {"t": _when(row["updated_at"]), "c": "muted"},
         ]
         for row in rows
@@ -326,40 +358,32 @@ def _profile_page(store: Reader, query: dict[str, str]) -> tuple[list[list[Cell]
     return cells, summary, pager
 
 
-_TOKEN_IN_TEXT = re.compile(r'("\$token"\s*:\s*)"[^"]*"')
-
-
-def _redacted(message: Any) -> Any:
-    """``message`` with its ``$token`` shown as ``<token>``: pages never show the token."""
-    if isinstance(message, str):
-        return _TOKEN_IN_TEXT.sub(r'\1"<token>"', message)
-    if isinstance(message, dict):
-        return {
-            name: "<token>" if name == "$token" else _redacted(value)
-            for name, value in message.items()
-        }
-    if isinstance(message, list):
-        return [_redacted(item) for item in message]
-    return message
-
-
 def _contains(needle: str) -> Callable[[str], bool]:
     folded = needle.casefold()
     return lambda text: folded in text.casefold()
 
 
-def _message_rows(store: Reader, query: dict[str, str]) -> tuple[list[list[Cell]], str]:
+def _found(matches: Callable[[str], bool], message: Any) -> bool:
+    """Whether a search finds ``message`` as stored (compact JSON) or as shown (spaced)."""
+    if isinstance(message, str):
+        return matches(message)
+    return matches(_compact(message)) or matches(json.dumps(message, ensure_ascii=False))
+
+
+def _message_rows(
+    store: Reader, query: dict[str, str], token: Optional[str]
+) -> tuple[list[list[Cell]], str]:
     endpoint = query.get("endpoint") or "track"
     wanted = query.get("q", "")
     scan = _SCAN_LIMIT if wanted else _MESSAGE_LIMIT
     matches = _contains(wanted)
     cells: list[list[Cell]] = []
     for item in store.recent_messages(endpoint, scan):
-        text = _compact(_redacted(item["message"]))
-        if wanted and not matches(text):
+        message = redact(item["message"], token)
+        if wanted and not _found(matches, message):
             continue
         cells.append(
-            [{"t": _when(item["received_at"]), "c": "muted"}, {"t": _clip(text, 600), "c": "code"}]
+            [{"t": _when(item["received_at"]), "c": "muted"}, _shown(message, 600, c="code")]
         )
         if len(cells) >= _MESSAGE_LIMIT:
             break
@@ -371,22 +395,29 @@ def _message_rows(store: Reader, query: dict[str, str]) -> tuple[list[list[Cell]
     return cells, summary
 
 
-def _rejected_rows(store: Reader, query: dict[str, str]) -> tuple[list[list[Cell]], str]:
+def _rejected_rows(
+    store: Reader, query: dict[str, str], token: Optional[str]
+) -> tuple[list[list[Cell]], str]:
     wanted = query.get("q", "")
     matches = _contains(wanted)
     cells: list[list[Cell]] = []
     limit = _SCAN_LIMIT if wanted else _MESSAGE_LIMIT
     for item in store.rejected(query.get("endpoint") or None, limit):
-        message = _redacted(item["message"])
+        message = redact(item["message"], token)
+        reason = redact(item["reason"], token)
         text = message if isinstance(message, str) else _compact(message)
-        if wanted and not (matches(text) or matches(item["reason"])):
+        if wanted and not (_found(matches, message) or matches(reason)):
             continue
+        if isinstance(message, str):
+            shown = _cut(text, 600, c="code")
+        else:
+            shown = _shown(message, 600, c="code")
         cells.append(
             [
                 {"t": _when(item["received_at"]), "c": "muted"},
                 {"t": "/" + item["endpoint"]},
-                {"t": item["reason"], "c": "bad"},
-                {"t": _clip(text, 600), "c": "code"},
+                {"t": reason, "c": "bad"},
+                shown,
             ]
         )
         if len(cells) >= _MESSAGE_LIMIT:
@@ -427,10 +458,10 @@ def _render_list(store: Reader, query: dict[str, str]) -> str:
     return _page("mixpanel-otel sink", "".join(parts), refresh=_refresh(query))
 
 
-def _render_messages(store: Reader, query: dict[str, str]) -> str:
+def _render_messages(store: Reader, query: dict[str, str], token: Optional[str]) -> str:
     esc = html.escape
     endpoint = query.get("endpoint") or "track"
-    rows, summary = _message_rows(store, query)
+    rows, summary = _message_rows(store, query, token)
     parts = [
         _nav(store, f"/messages?endpoint={endpoint}"),
         f"<h1>Messages on /{esc(endpoint)}</h1>",
@@ -443,9 +474,9 @@ def _render_messages(store: Reader, query: dict[str, str]) -> str:
     return _page(f"/{endpoint} - mixpanel-otel sink", "".join(parts), refresh=_refresh(query))
 
 
-def _render_rejected(store: Reader, query: dict[str, str]) -> str:
+def _render_rejected(store: Reader, query: dict[str, str], token: Optional[str]) -> str:
     esc = html.escape
-    rows, summary = _rejected_rows(store, query)
+    rows, summary = _rejected_rows(store, query, token)
     parts = [
         _nav(store, "/rejected"),
         "<h1>Rejected messages</h1>",
@@ -477,33 +508,50 @@ def _render_profile(store: Reader, group_key: str, group_id: str) -> tuple[bool,
     elif not props:
         parts.append('<p class="muted">This profile has no properties.</p>')
     else:
-        parts.append("<table><thead><tr><th>property</th><th>value</th></tr></thead><tbody>")
+        parts.append(
+            '<div class="scroll"><table><thead><tr><th>property</th><th>value</th></tr></thead>'
+            "<tbody>"
+        )
         for name in sorted(props):
-            value = props[name]
-            shown = (
-                value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, indent=1)
-            )
-            parts.append(f"<tr><td>{esc(name)}</td><td><pre>{esc(shown)}</pre></td></tr>")
-        parts.append("</tbody></table>")
+            shown, whole = _property_text(props[name])
+            title = f' title="{esc(whole)}"' if whole != shown else ""
+            parts.append(f"<tr><td>{esc(name)}</td><td{title}><pre>{esc(shown)}</pre></td></tr>")
+        parts.append("</tbody></table></div>")
     parts.append(f"<h2>Last updates ({len(updates)}, newest first)</h2>")
     if updates:
         parts.append(
-            "<table><thead><tr><th>received</th><th>$time</th><th>operation</th>"
-            "<th>payload</th></tr></thead><tbody>"
+            '<div class="scroll"><table><thead><tr><th>received</th><th>$time</th>'
+            "<th>operation</th><th>payload</th></tr></thead><tbody>"
         )
         for update in reversed(updates):
-            payload = _compact(update["payload"])
+            payload = _shown(update["payload"], 500)
+            title = f' title="{esc(payload["f"])}"' if "f" in payload else ""
             parts.append(
                 f'<tr><td class="muted">{esc(_when(update["received_at"]))}</td>'
                 f'<td class="muted">{esc(_when(update["time"]))}</td>'
                 f"<td><code>{esc(update['op'])}</code></td>"
-                f"<td{_title(payload, 500)}><code>{esc(_clip(payload, 500))}</code></td></tr>"
+                f"<td{title}><code>{esc(payload['t'])}</code></td></tr>"
             )
-        parts.append("</tbody></table>")
+        parts.append("</tbody></table></div>")
     else:
         parts.append('<p class="muted">No updates recorded.</p>')
     title = f"{group_key} / {group_id} - mixpanel-otel sink"
     return props is not None, _page(title, "".join(parts))
+
+
+def _property_text(value: Any) -> tuple[str, str]:
+    """A property value as shown (floats rounded) and whole, for its ``title``."""
+    if isinstance(value, str):
+        return value, value
+    if isinstance(value, float):
+        return short_float(value), json.dumps(value)
+    whole = json.dumps(value, ensure_ascii=False, indent=1)
+    return _rounded_json(value), _clip(whole, _TITLE_LIMIT)
+
+
+def _rounded_json(value: Any) -> str:
+    """``value`` as indented JSON with its floats rounded for display."""
+    return json.dumps(rounded(value), ensure_ascii=False, indent=1)
 
 
 def _title(text: str, width: int) -> str:
@@ -516,7 +564,8 @@ def _json(code: int, payload: Any) -> Reply:
 
 
 def _html(code: int, page: str) -> Reply:
-    return code, page.encode("utf-8"), "text/html; charset=utf-8", []
+    headers = [("Content-Security-Policy", CONTENT_SECURITY_POLICY)]
+    return code, page.encode("utf-8"), "text/html; charset=utf-8", headers
 
 
 def _table(store: Reader, rows_and_summary: tuple[list[list[Cell]], str]) -> Reply:
@@ -524,8 +573,8 @@ def _table(store: Reader, rows_and_summary: tuple[list[list[Cell]], str]) -> Rep
     return _json(200, {"summary": summary, "rows": rows, "counts": store.counts()})
 
 
-def handle_get(store: Reader, path: str) -> Reply:
-    """The answer to a GET of ``path`` (with its query string)."""
+def handle_get(store: Reader, path: str, token: Optional[str] = None) -> Reply:
+    """The answer to a GET of ``path`` (with its query string); ``token`` is masked too."""
     path, _, query_string = path.partition("?")
     query = {k: v[0] for k, v in parse_qs(query_string, keep_blank_values=True).items()}
     try:
@@ -536,9 +585,9 @@ def handle_get(store: Reader, path: str) -> Reply:
             found, page = _render_profile(store, key, gid)
             return _html(200 if found else 404, page)
         if path == "/messages":
-            return _html(200, _render_messages(store, query))
+            return _html(200, _render_messages(store, query, token))
         if path == "/rejected":
-            return _html(200, _render_rejected(store, query))
+            return _html(200, _render_rejected(store, query, token))
         if path == "/api/profile-list":
             rows, summary, pager = _profile_page(store, query)
             return _json(
@@ -546,9 +595,9 @@ def handle_get(store: Reader, path: str) -> Reply:
                 {"summary": summary, "rows": rows, "counts": store.counts(), "pager": pager},
             )
         if path == "/api/messages":
-            return _table(store, _message_rows(store, query))
+            return _table(store, _message_rows(store, query, token))
         if path == "/api/rejected":
-            return _table(store, _rejected_rows(store, query))
+            return _table(store, _rejected_rows(store, query, token))
         if path == "/api/profiles":
             return _json(
                 200, store.profiles(query.get("group_key") or None, query.get("q") or None)

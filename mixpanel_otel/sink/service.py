@@ -20,11 +20,13 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Optional, Union
 from urllib.parse import parse_qs
 
 from . import pages
+from .access import Access
+from .connections import ConnectionLimits
 from .faults import Fault, FaultScript
 from .protocol import (
     ENDPOINTS,
@@ -113,6 +115,12 @@ class Sink:
             may instead answer ``1`` and drop the events later; the sink
             refuses them at once so the mistake shows. The token is never
             shown in the sink's reprs, logs or answers.
+        allowed_hosts: ``Host`` names to answer besides loopback names and
+            ``host`` (a docker-compose service name; ``*`` for any). Other
+            names are refused with 403, as are state-changing requests a
+            browser sends from another origin (a web page posting a form).
+        limits: the connection cap and the idle, head and body deadlines
+            (:class:`~mixpanel_otel.sink.connections.ConnectionLimits`).
     """
 
     def __init__(
@@ -123,6 +131,8 @@ class Sink:
         verbose: bool = False,
         latency: float = 0.0,
         token: Optional[str] = None,
+        allowed_hosts: Iterable[str] = (),
+        limits: Optional[ConnectionLimits] = None,
     ) -> None:
         host, family = _listen_address(host)
         if token is not None and (not isinstance(token, str) or not token):
@@ -143,7 +153,6 @@ class Sink:
         self._state_lock = threading.Lock()
         self._stop_lock = threading.Lock()
         self._faults = FaultScript()
-        self._connections: set[socket.socket] = set()
         self._closed = False
         self._thread: Optional[threading.Thread] = None
         self._serving = threading.Event()
@@ -156,7 +165,13 @@ class Sink:
             self._remove_tempdir()
             raise
         try:
-            self._server = SinkServer((host, port), self, family)
+            self._server = SinkServer(
+                (host, port),
+                self,
+                family,
+                limits or ConnectionLimits(),
+                Access(host, allowed_hosts),
+            )
         except BaseException:
             self.store.close()
             self._remove_tempdir()
@@ -222,13 +237,7 @@ class Sink:
             ):
                 self._shutdown_loop()
             self._server.server_close()
-            with self._state_lock:
-                connections = list(self._connections)
-            for conn in connections:
-                try:
-                    conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            self._server.connections.close_all()
             if self._thread is not None and self._thread is not threading.current_thread():
                 self._thread.join(timeout=5)
             self._closed = True
@@ -254,13 +263,6 @@ class Sink:
             shutil.rmtree(self._tempdir, ignore_errors=True)
             self._tempdir = None
 
-    def _track_connection(self, conn: socket.socket, opened: bool) -> None:
-        with self._state_lock:
-            if opened:
-                self._connections.add(conn)
-            else:
-                self._connections.discard(conn)
-
     # -- faults and counters
 
     def script(self, *faults: Fault) -> None:
@@ -274,7 +276,12 @@ class Sink:
 
     @property
     def counters(self) -> JSONDict:
-        """A snapshot: requests, messages, batch_sizes, bytes, rejected (+ errors, faults)."""
+        """A snapshot: requests, messages, batch_sizes, bytes, rejected (+ errors, faults).
+
+        ``errors`` counts every answer with an error, including the connections
+        and requests refused before they were read (the connection cap, a
+        foreign ``Host``, another origin's browser post).
+        """
         with self._state_lock:
             snapshot = dict(self._counters)
             snapshot["batch_sizes"] = list(self._batch_sizes)
@@ -429,4 +436,4 @@ class Sink:
 
     def handle_get(self, path: str) -> Reply:
         """The answer to a GET: a page, the JSON API, or the health check."""
-        return pages.handle_get(self.store, path)
+        return pages.handle_get(self.store, path, self._token)

@@ -177,4 +177,4 @@ def test_receipts_count_each_fate():
         receipt.settle(fate)
     assert not receipt.settled
     receipt.settle(Fate.FAILED, "bad")
-    assert receipt.settled and not receipt.ok and receipt.errors == ["bad"]
+    assert receipt.settled and receipt.failed == 1 and receipt.errors == ["bad"]

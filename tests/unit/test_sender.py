@@ -6,7 +6,7 @@ import json
 from urllib.parse import parse_qs
 
 from mixpanel_otel._delivery.encode import Encoder, Updates
-from mixpanel_otel._delivery.sender import Backoff, Messages, Sender
+from mixpanel_otel._delivery.sender import Backoff, Messages, Sender, token_refusal
 from mixpanel_otel._transport import Answer, Outcome, classify
 from mixpanel_otel._wire import MAX_BATCH_BYTES, make_update
 
@@ -112,6 +112,30 @@ def test_a_rejected_batch_is_split_so_only_bad_messages_are_lost_in_order():
         for i in request
     ]
     assert sent == list("abdegh"), "delivered pieces go out in their order"
+
+
+def test_a_refusal_of_the_token_fails_the_batch_whole_in_one_request():
+    clock = Clock()
+    sink_words = "; ".join(
+        f"message {n}: invalid project token: $token is not this project's token" for n in range(4)
+    )
+    for reason in (sink_words, "token, missing or empty", "Invalid token"):
+        transport = FakeTransport(Answer(Outcome.REJECTED, reason))
+        result = sender(transport, clock).deliver("/groups", messages(*"abcd"))
+        assert len(transport.requests) == 1, reason
+        assert [f.origin.group_id for f in result.failed] == list("abcd")
+        assert all("not split" in f.reason for f in result.failed)
+
+
+def test_token_refusal_tells_the_whole_request_from_some_messages():
+    refused = "invalid project token: $token is not this project's token"
+    assert token_refusal(f"message 0: {refused}; message 1: {refused}", 2) == refused
+    assert token_refusal(f"message 1: {refused}", 2) is None, "mixed tokens: split"
+    assert token_refusal("$token is missing", 3) == "$token is missing"
+    assert token_refusal("message 0: $set value for 'token': string longer", 1) is None
+    assert token_refusal("message 0: $group_key is missing", 1) is None
+    assert token_refusal("bad $group_id", 5) is None
+    assert token_refusal("tokens_used must be a number", 5) is None
 
 
 def test_the_deadline_leaves_the_rest_unsent_in_order():

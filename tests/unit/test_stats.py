@@ -43,9 +43,10 @@ def test_a_blip_that_never_warned_recovers_silently(caplog):
 
 def test_throttle_lets_one_through_per_period_and_counts_the_rest():
     throttle = Throttle(10.0)
-    assert throttle.ready(0.0) == 0
-    assert throttle.ready(1.0) is None and throttle.ready(2.0) is None
-    assert throttle.ready(10.5) == 2
+    assert throttle.allow(now=0.0) == (True, 0)
+    assert throttle.allow(now=1.0) == throttle.allow(now=2.0) == (False, 0)
+    assert throttle.allow("other", now=2.0) == (True, 0)  # each kind on its own
+    assert throttle.allow(now=10.5) == (True, 2)
 
 
 def test_stats_count_by_name():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Optional
 
@@ -43,6 +44,10 @@ def _traits(window: str) -> list[Trait]:
         }
         if aggregate != "count":
             table["of"] = "user" if aggregate in ("count_distinct", "first", "last") else "v"
+        if aggregate in ("most_frequent", "distinct_values"):
+            table["of"] = "tag"
+        if aggregate == "distinct_values":
+            table["limit"] = 3
         tables.append(table)
     return load_all({"trait": tables}).traits
 
@@ -69,6 +74,12 @@ def _brute(trait: Trait, records: list[dict[str, Any]], group: str, now: float) 
         return len({distinct_key(v) for v in values})
     if aggregate == "sum":
         return sum(values)
+    if aggregate == "distinct_values":
+        latest: dict[Any, dict[str, Any]] = {}
+        for r in sorted(rows, key=lambda r: (r["time"], r["seq"])):
+            latest[_tag_identity(r["tag"])] = r
+        newest_first = sorted(latest.values(), key=lambda r: (r["time"], r["seq"]), reverse=True)
+        return [r["tag"] for r in newest_first[: trait.limit]]
     if not rows:
         return None
     if aggregate == "min":
@@ -81,7 +92,23 @@ def _brute(trait: Trait, records: list[dict[str, Any]], group: str, now: float) 
         return min(rows, key=lambda r: (r["time"], r["seq"]))[trait.of]
     if aggregate == "last":
         return max(rows, key=lambda r: (r["time"], r["seq"]))[trait.of]
+    if aggregate == "most_frequent":
+        counts: dict[Any, int] = {}
+        for r in rows:
+            counts[_tag_identity(r["tag"])] = counts.get(_tag_identity(r["tag"]), 0) + 1
+        top = max(counts.values())
+        tied = [r for r in rows if counts[_tag_identity(r["tag"])] == top]
+        return max(tied, key=lambda r: (r["time"], r["seq"]))["tag"]
     return nearest_rank(sorted(values), int(aggregate[1:]) / 100)
+
+
+def _tag_identity(value: Any) -> tuple[str, Any]:
+    """Which values are one: true is not 1, "1" is not 1, 1 is 1.0."""
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, (int, float)):
+        return ("number", float(value))
+    return ("string", value)
 
 
 def _agrees(trait: Trait, got: Any, want: Any, values: list[float], exact: bool) -> bool:
@@ -95,6 +122,8 @@ def _agrees(trait: Trait, got: Any, want: Any, values: list[float], exact: bool)
         at_or_below = sum(v <= got for v in values) / n
         slack = KLL_RANK_ERROR * 3 + 1 / n
         return below - slack <= q <= at_or_below + slack
+    if aggregate in ("most_frequent", "distinct_values"):
+        return json.dumps(got) == json.dumps(want)  # type-strict: true is not 1
     if isinstance(want, float) or isinstance(got, float):
         return want is not None and got is not None and math.isclose(got, want, rel_tol=1e-9)
     return bool(got == want)
@@ -108,6 +137,7 @@ record = st.fixed_dictionaries(
         "offset": st.one_of(st.integers(-65, 1), st.floats(-100, 2)),  # late, or ahead
         "v": st.one_of(st.integers(-50, 50), st.floats(-1e3, 1e3, allow_nan=False)),
         "user": st.sampled_from(["u1", "u2", "u3", "u4", "u5", "u6", "u7"]),
+        "tag": st.sampled_from([1, 1.0, True, "1", "a", "b", 2, False, 0]),
         "check": st.booleans(),
     }
 )
@@ -396,7 +426,8 @@ class TestTables:
         lines = str(caught.value).splitlines()
         assert lines == [
             "rules: trait 2, key 'aggregate': unknown aggregate 'median' (known: count, sum, "
-            "min, max, avg, count_distinct, first, last, p50, p90, p95, p99)",
+            "min, max, avg, count_distinct, first, last, p50, p90, p95, p99, most_frequent, "
+            "distinct_values)",
             "rules: trait 3, key 'of': missing: sum needs the attribute it aggregates",
             "rules: trait 4, key 'window': bad window '7 days' (expected <n>s, <n>m, <n>h, "
             '<n>d, e.g. "7d", or "lifetime")',
@@ -408,7 +439,7 @@ class TestTables:
         path = tmp_path / "rules.toml"
         path.write_text(BAD_TABLES)
         check = run_check("token", "http://127.0.0.1:9", rules=str(path))
-        failures = [line for line in check.lines if line.lstrip().startswith("FAIL")]
+        failures = [line for line in check.lines if line.lstrip().startswith("FAIL  rules")]
         assert len(failures) == 3 and not check.ok
         assert "trait 3, key 'of'" in failures[1]
 
@@ -420,6 +451,13 @@ class TestTables:
             ({"group_id": ""}, "group_id.*non-empty"),
             ({"when": {"@nope": 1}}, "unknown '@nope'"),
             ({"every": "1d"}, "unknown key"),
+            ({"limit": 5}, "only distinct_values takes a limit"),
+            ({"aggregate": "distinct_values", "of": "x", "limit": 256}, "from 1 to 255"),
+            ({"aggregate": "distinct_values", "of": "x", "limit": 0}, "from 1 to 255"),
+            ({"when": {"x": {"gte": [1]}}}, "when.x.gte.*number or a string"),
+            ({"when": {"x": {"in": 3}}}, "when.x.in.*list"),
+            ({"when": {"x": {"exists": 1}}}, "exists takes true or false"),
+            ({"when": {"x": {"like": "a"}}}, "unknown operator 'like'"),
         ],
     )
     def test_other_mistakes_are_named(self, table: dict[str, Any], message: str) -> None:
@@ -445,29 +483,44 @@ class TestTables:
 
 
 class TestStore:
-    def test_saved_groups_come_back_and_forgotten_ones_are_deleted(self, tmp_path) -> None:
+    def test_saved_groups_and_the_cursor_come_back_and_the_log_after_it(self, tmp_path) -> None:
         from mixpanel_otel._traits.store import TraitStore
 
         clock = Clock(1000.0)
         traits = _traits("1m")
-        engine = TraitEngine(traits, clock=clock, max_groups=2)
+        engine = TraitEngine(traits, clock=clock)
         store = TraitStore(str(tmp_path), "token\nhost")
-        store.load(engine)
-        for group in ("a", "b"):
-            for trait in traits:
-                value = "u1" if trait.of == "user" else 5
-                engine.observe(engine.position(trait), group, 999.0, value)
-        store.save(engine)
-        engine.observe(0, "c", 999.0, 1)  # evicts "a"
-        store.save(engine)
-        store.close()
-        again = TraitEngine(traits, clock=clock)
-        reopened = TraitStore(str(tmp_path), "token\nhost")
-        assert reopened.load(again) == 2
-        assert again.value(traits[0], "a") == 0  # evicted, deleted from the file
-        for trait in traits:
-            assert again.value(trait, "b") == engine.value(trait, "b"), trait
-        assert TraitStore(str(tmp_path), "other\nhost").load(TraitEngine(traits)) == 0
+        sig = traits[0].signature  # count
+        assert store.append([(999.0, [(sig, "a", None)]), (999.0, [(sig, "b", None)])])
+        assert store.append([(999.0, [(sig, "a", None)])])
+        ((first, batch), (second, _)) = store.read_after(0)
+        assert first < second and batch == [
+            [999.0, [[sig, "a", None]]],
+            [999.0, [[sig, "b", None]]],
+        ]
+        for _, observations in batch:
+            engine.observe_many(999.0, [(0, observations[0][1], None)])
+        store.save(first, engine.export_groups([("company", "a"), ("company", "b")]), [])
+        assert [number for number, _ in store.read_after(0)] == [second]  # included: deleted
+        cursor, groups = TraitStore(str(tmp_path), "token\nhost").load()
+        assert cursor == first and sorted(key for key, _ in groups) == [
+            ("company", "a"),
+            ("company", "b"),
+        ]
+        assert TraitStore(str(tmp_path), "other\nhost").load() == (0, [])
+
+    def test_one_aggregator_at_a_time_and_a_resent_digest_counts_once(self, tmp_path) -> None:
+        from mixpanel_otel._traits.store import TraitStore
+
+        one, two = TraitStore(str(tmp_path), "s"), TraitStore(str(tmp_path), "s")
+        assert one.try_lead() and not two.try_lead()
+        one.resign()
+        assert two.try_lead() and not one.try_lead()
+        batch = [(1.0, [("sig", "a", None)])]
+        assert one.append(batch, "digest", 600.0, now=1000.0)
+        assert not two.append(batch, "digest", 600.0, now=1599.0)  # within the window
+        assert two.append(batch, "digest", 600.0, now=1601.0)  # past it: a new call
+        assert len(one.read_after(0)) == 2
 
 
 def test_the_final_emission_sends_every_change_however_recent() -> None:
@@ -501,3 +554,123 @@ def test_a_rules_when_can_test_an_at_special() -> None:
     assert [(u.op, u.payload) for u in updates] == [("$set", {"failed": "checkout"})]
     specials["@status"] = "OK"
     assert from_rule(rule, {"tenant": "acme"}, {}, 1.0, specials.get, None, []) == []
+
+
+def _identity(value: Any) -> Any:
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, (int, float)):
+        return ("number", float(value))
+    if isinstance(value, str):
+        return ("string", value)
+    return ("other", repr(value))
+
+
+def _brute_operator(op: str, operand: Any, value: Any) -> bool:
+    """The ``when`` operators, the slow and obvious way."""
+    present = value is not None
+    if op == "eq":
+        return present and _identity(value) == _identity(operand)
+    if op == "ne":
+        return not (present and _identity(value) == _identity(operand))
+    if op == "in":
+        return present and _identity(value) in [_identity(x) for x in operand]
+    if op == "not_in":
+        return not (present and _identity(value) in [_identity(x) for x in operand])
+    if op == "exists":
+        return present is operand
+    if op == "contains":
+        if isinstance(value, str):
+            return isinstance(operand, str) and operand in value
+        if isinstance(value, (list, tuple)):
+            return _identity(operand) in [_identity(x) for x in value]
+        return False
+    kinds = {"string"} if isinstance(operand, str) else {"number"}
+    if not present or _identity(value)[0] not in kinds:
+        return False
+    return {
+        "gt": value > operand,
+        "gte": value >= operand,
+        "lt": value < operand,
+        "lte": value <= operand,
+    }[op]
+
+
+scalars = st.one_of(
+    st.sampled_from([0, 1, 1.0, 2, 500, 499.5, True, False, "1", "a", "ab", "b", ""]),
+    st.integers(-3, 600),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    op=st.sampled_from(
+        ["eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in", "exists", "contains"]
+    ),
+    operand=st.one_of(scalars, st.lists(scalars, max_size=4), st.booleans()),
+    value=st.one_of(st.none(), scalars, st.lists(scalars, min_size=2, max_size=3)),
+    plain=st.booleans(),
+)
+def test_when_operators_equal_brute_force(op: str, operand: Any, value: Any, plain: bool) -> None:
+    table = {"group_key": "c", "group_id": "t", "set": {"p": "x"}}
+    if plain and op in ("eq", "in"):
+        when: Any = operand  # a plain value means eq, a list in
+        op = "in" if isinstance(operand, list) else "eq"
+    else:
+        when = {op: operand}
+    try:
+        (rule,) = load_all({"rule": [{**table, "when": {"x": when}}]}).rules
+    except MixpanelException:
+        return  # an operand that does not suit the operator (checked in TestTables)
+    ((name, test),) = rule.conditions
+    assert name == "x"
+    assert test(value) is _brute_operator(op, operand, value), (op, operand, value)
+
+
+def test_when_equality_is_type_strict_in_rules_and_traits() -> None:
+    from mixpanel_otel._translate import from_rule
+
+    (rule,) = load_all(
+        {"rule": [{"group_key": "c", "group_id": "t", "when": {"ok": True}, "set": {"p": "x"}}]}
+    ).rules
+    read = {"t": "acme", "x": 1}
+    assert from_rule(rule, {**read, "ok": 1}, {}, 1.0, dict().get, None, []) == []
+    assert len(from_rule(rule, {**read, "ok": True}, {}, 1.0, dict().get, None, [])) == 1
+    trait = _one(when={"http.status_code": {"gte": 500}, "tier": 1})
+    engine = TraitEngine([trait], clock=Clock(1000.0))
+    from mixpanel_otel._traits.runtime import TraitFeed
+
+    feed = TraitFeed([trait], engine, [0])
+    for status, tier in [(500, 1.0), (503, 1), (404, 1), (500, True), ("500", 1), (None, 1)]:
+        feed.observe(
+            {"tenant": "acme", "http.status_code": status, "tier": tier}, {}, 999.0, dict().get, []
+        )
+    assert engine.value(trait, "acme") == 2
+
+
+def test_after_the_wall_clock_steps_back_an_hour_values_are_right_within_one_interval() -> None:
+    wall, mono = Clock(1_000_000.0), Clock(50.0)
+    trait = _one(window="10m")
+    engine = TraitEngine([trait], interval=10.0, clock=wall, monotonic=mono)
+
+    def tick(seconds: float) -> list[Any]:
+        wall.now += seconds
+        mono.now += seconds
+        return _sets(engine.due())
+
+    stamps = [wall.now - 5, wall.now - 3, wall.now - 1]
+    for stamp in stamps:
+        engine.observe(0, "acme", stamp)
+    assert tick(0) == [("acme", "$set", {"n": 3})]
+    wall.now -= 3600  # the wall clock steps back; the monotonic one does not
+    new_stamps = [wall.now + 1, wall.now + 2]
+    for stamp in new_stamps:
+        engine.observe(0, "acme", stamp)
+    # Within one trait_interval, the value counts the records the new clock stamped
+    # in its window (those stamped ahead of it wait until the clock reaches them).
+    sent = tick(2) + tick(8)
+    assert sent[-1] == ("acme", "$set", {"n": 2}), sent
+    # The window still slides: the new records leave it ten minutes later.
+    for _ in range(70):
+        sent += tick(10)
+    assert sent[-1] == ("acme", "$set", {"n": 0}), sent[-3:]

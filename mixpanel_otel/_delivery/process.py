@@ -1,0 +1,404 @@
+"""The one owner of what the library does to its host process.
+
+Installed when the first shared consumer of a process is made (docs/delivery.md,
+"What the library does to your process"), and put back by :func:`shutdown`:
+
+- an ``atexit`` hook that runs the **exit steps**, in one explicit order: the
+  host's OpenTelemetry providers, the traits' final values, the consumers;
+- **one exit budget**: the first of ``shutdown()``, a SIGTERM or ``atexit``
+  starts a deadline ``shutdown_timeout`` away; every later flush draws from it;
+- a **SIGTERM watch**, only while SIGTERM has its default action: the signal
+  is noticed in C (``faulthandler`` writes to a pipe of ours), so a thread
+  of ours flushes without waiting for the main thread, then the process dies
+  by the signal. An application's own handler is never replaced or called;
+- in a **multiprocessing** child (which ends with ``os._exit``): a finalizer
+  of multiprocessing's own that runs the exit steps;
+- **at-fork** hooks: a child starts with nothing of ours, no thread, no
+  descriptor, until it uses the library itself.
+"""
+
+from __future__ import annotations
+
+import atexit
+import faulthandler
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable, Optional
+
+from .stats import logger
+
+__all__ = [
+    "STAGES",
+    "add_exit_step",
+    "dying",
+    "exit_deadline",
+    "run_exit_steps",
+    "shutdown",
+    "use",
+]
+
+#: The exit steps run stage by stage, in this order.
+STAGES = ("providers", "traits", "consumers")
+DEFAULT_SHUTDOWN_TIMEOUT = 5.0
+_GRACE = 2.0  # past the deadline, for an exit step that overruns (a slow disk, a loaded machine)
+
+ExitStep = Callable[[float], None]
+
+
+class _Budget:
+    """The one exit deadline (``time.monotonic()``), started by the first exit."""
+
+    def __init__(self) -> None:
+        self.deadline: Optional[float] = None
+
+    def start(self, seconds: float) -> float:
+        if self.deadline is None:
+            self.deadline = time.monotonic() + seconds
+        return self.deadline
+
+
+class _ExitSteps:
+    """The ordered exit steps; each runs once per exit, with what is left of the budget."""
+
+    def __init__(self) -> None:
+        self._steps: dict[str, list[ExitStep]] = {stage: [] for stage in STAGES}
+        self._lock = threading.Lock()  # one exit at a time: a SIGTERM may come during atexit
+
+    def add(self, stage: str, step: ExitStep) -> None:
+        if stage not in self._steps:
+            raise ValueError(f"stage must be one of {', '.join(STAGES)}, not {stage!r}")
+        if step not in self._steps[stage]:
+            self._steps[stage].append(step)
+
+    def run(self, deadline: float) -> None:
+        if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            return
+        try:
+            for stage in STAGES:
+                for step in list(self._steps[stage]):
+                    try:
+                        step(deadline)
+                    except Exception as exc:  # one step's failure must not cost the others
+                        logger.error("mixpanel-otel: exit step %s failed: %r", stage, exc)
+        finally:
+            self._lock.release()
+
+    def after_fork(self) -> None:
+        self._lock = threading.Lock()
+
+
+class _SigtermWatch:
+    """Notices a default-action SIGTERM in C and handles it in a thread of ours.
+
+    ``faulthandler.register`` installs a C handler that writes to our pipe
+    (restarting any system call it interrupts: the main thread goes on as if
+    nothing happened); the watcher thread, woken by the write, runs the exit
+    steps, restores the default action and sends the signal again: the
+    process dies by it (exit status 143), whatever the main thread is doing
+    (a long database query, a blocking read). ``signal.getsignal`` shows our
+    Python handler, so a framework that saves and later restores the handler
+    (uvicorn re-raises the signal after its graceful shutdown) hands the
+    signal back to us.
+    """
+
+    def __init__(self) -> None:
+        self.pid = 0  # the process whose watch this is (0: none)
+        self._fds: tuple[int, int] = (-1, -1)
+        self._stopping = False
+        self._blocked_for_fork = False
+
+    @property
+    def armed(self) -> bool:
+        return self.pid == os.getpid()
+
+    def arm(self) -> bool:
+        """Watch SIGTERM if its action is the default and this is the main thread."""
+        if self.armed or threading.current_thread() is not threading.main_thread():
+            return self.armed
+        try:
+            if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+                return False  # the application's (or ignored): none of ours
+        except (AttributeError, ValueError):  # no SIGTERM on this platform
+            return False
+        read, write = os.pipe()
+        os.set_blocking(write, False)  # a full pipe must not block a signal handler
+        watcher = threading.Thread(
+            target=self._watch, args=(read,), name="mixpanel-otel-sigterm", daemon=True
+        )
+        try:
+            watcher.start()
+        except RuntimeError:  # interpreter shutdown
+            os.close(read)
+            os.close(write)
+            return False
+        self._fds, self.pid, self._stopping = (read, write), os.getpid(), False
+        # faulthandler remembers the action it replaces and puts it back on unregister:
+        # make that the default action, with our Python handler on top of it.
+        faulthandler.register(signal.SIGTERM, write, all_threads=True, chain=False)
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        faulthandler.unregister(signal.SIGTERM)
+        faulthandler.register(signal.SIGTERM, write, all_threads=True, chain=False)
+        return True
+
+    def disarm(self) -> None:
+        """Put SIGTERM back as it was (unless the application has changed it since)."""
+        if not self.armed:
+            return
+        ours = signal.getsignal(signal.SIGTERM) is _on_sigterm
+        if ours:
+            faulthandler.unregister(signal.SIGTERM)
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        self._stopping = True
+        os.write(self._fds[1], b"\n")  # wakes the watcher, which ends
+        self.pid = 0
+
+    def _watch(self, read: int) -> None:
+        try:
+            os.read(read, 65536)
+        except OSError:
+            return
+        finally:
+            if self._stopping:
+                for fd in (read, self._fds[1]):
+                    _close(fd)
+        if not self._stopping:
+            _exit_by_signal()
+
+    # -- fork: the child must not write to its parent's pipe --------------------------
+
+    def before_fork(self) -> None:
+        """Keep a SIGTERM for the child pending until it has forgotten our pipe."""
+        self._blocked_for_fork = False
+        if self.armed and hasattr(signal, "pthread_sigmask"):
+            before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            self._blocked_for_fork = signal.SIGTERM not in before
+
+    def after_fork_in_parent(self) -> None:
+        if self._blocked_for_fork:
+            self._blocked_for_fork = False
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+    def after_fork_in_child(self) -> None:
+        """Forget the parent's watch: the default action again, no thread, no descriptor."""
+        if self.pid:
+            if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+                faulthandler.unregister(signal.SIGTERM)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            for fd in self._fds:
+                _close(fd)
+            self.pid, self._fds = 0, (-1, -1)
+        self.after_fork_in_parent()  # a SIGTERM sent meanwhile now does what it did before
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+class _Hooks:
+    """What is installed in this process, and the consumers' budget."""
+
+    def __init__(self) -> None:
+        self.dying = False  # a SIGTERM's exit: the process ends when the steps are done
+        self.installed = False
+        self.shutdown_timeout = 0.0  # the largest of the consumers'
+        self.used_in = 0  # the pid where use() last ran
+        self.finalizer: Any = None  # multiprocessing's Finalize, in a child
+
+
+_budget = _Budget()
+_steps = _ExitSteps()
+_watch = _SigtermWatch()
+_hooks = _Hooks()
+_lock = threading.Lock()
+
+
+def add_exit_step(stage: str, step: ExitStep) -> None:
+    """Run ``step(deadline)`` at exit, SIGTERM and :func:`shutdown`, in ``stage``.
+
+    Stages run in the order of :data:`STAGES` (``"providers"``, ``"traits"``,
+    ``"consumers"``); ``deadline`` is a ``time.monotonic()`` time. Added once
+    per step; a step must return by the deadline and should not raise.
+    """
+    _steps.add(stage, step)
+
+
+def use(shutdown_timeout: float, watch_sigterm: bool) -> None:
+    """Install the hooks (once per process): a consumer was made, or used after a fork."""
+    with _lock:
+        _hooks.shutdown_timeout = max(_hooks.shutdown_timeout, shutdown_timeout)
+        if not _hooks.installed:
+            _hooks.installed = True
+            atexit.register(_at_exit)
+        if _hooks.used_in != os.getpid():
+            _hooks.used_in = os.getpid()
+            _watch_multiprocessing_exit()
+    if watch_sigterm:
+        _watch.arm()
+
+
+def dying() -> bool:
+    """Whether this exit ends in death by SIGTERM as soon as the exit steps are done."""
+    return _hooks.dying
+
+
+def exit_deadline() -> Optional[float]:
+    """The exit budget's deadline once an exit has begun, else None."""
+    return _budget.deadline
+
+
+def run_exit_steps(timeout: Optional[float] = None) -> None:
+    """Start the exit budget (``timeout``, else the consumers' ``shutdown_timeout``)
+    if not yet, and run the exit steps within it."""
+    seconds = timeout if timeout is not None else _hooks.shutdown_timeout
+    deadline = _budget.start(seconds or DEFAULT_SHUTDOWN_TIMEOUT)
+    _shielded(lambda: _steps.run(deadline), deadline)
+
+
+def _shielded(work: Callable[[], None], deadline: float) -> None:
+    """Run ``work`` in a thread of its own while the main thread waits for it.
+
+    An application's SIGTERM handler that raises (``sys.exit()``) raises in
+    the main thread: it would cut the exit steps short and lose what they
+    hold. The steps go on in their thread; the exception follows once they
+    are done (within the budget).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        work()
+        return
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            work()
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=run, name="mixpanel-otel-exit", daemon=True)
+    interrupted: Optional[BaseException] = None
+    try:
+        worker.start()
+    except RuntimeError:  # no new thread at interpreter shutdown (Python 3.12+)
+        work()
+        return
+    except BaseException as exc:  # start() waits for the thread: the handler may raise there
+        interrupted = exc
+        if worker.ident is None:  # not started after all
+            work()
+            done.set()
+    while not done.is_set():
+        left = deadline + _GRACE - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            done.wait(left)
+        except BaseException as exc:  # the application's handler: it ran, its exit waits
+            interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted
+
+
+def shutdown(timeout: Optional[float] = None) -> None:
+    """Run the exit steps now, then put back everything installed (see the module)."""
+    run_exit_steps(timeout)
+    with _lock:
+        _watch.disarm()
+        if _hooks.installed:
+            atexit.unregister(_at_exit)
+            _hooks.installed = False
+        if _hooks.finalizer is not None:
+            _hooks.finalizer.cancel()
+            _hooks.finalizer = None
+        _hooks.used_in = 0
+
+
+def _at_exit() -> None:
+    run_exit_steps()
+
+
+def _exit_by_signal() -> None:
+    """Run the exit steps (from a thread of ours), then die by SIGTERM's default action."""
+    _hooks.dying = True
+    try:
+        run_exit_steps()
+    finally:
+        faulthandler.unregister(signal.SIGTERM)  # the default action, from any thread
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """Our Python handler, which runs when someone restored it and raised SIGTERM
+    (the main thread may be stopped inside one of our locks: the steps run in a
+    thread of their own, :func:`_shielded`)."""
+    _hooks.dying = True
+    try:
+        run_exit_steps()
+    finally:
+        faulthandler.unregister(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+# -- multiprocessing -------------------------------------------------------------------
+
+
+def _watch_multiprocessing_exit() -> None:
+    """In a multiprocessing child, which ends with ``os._exit`` and skips ``atexit``:
+    run the exit steps in multiprocessing's own exit finalizers."""
+    process = sys.modules.get("multiprocessing.process")
+    util = sys.modules.get("multiprocessing.util")
+    if process is None or util is None or process.parent_process() is None:
+        return
+    _hooks.finalizer = util.Finalize(None, run_exit_steps, exitpriority=100)
+
+
+# -- fork ------------------------------------------------------------------------------
+
+_fork_callbacks: list[tuple[Callable[[], None], Callable[[], None], Callable[[], None]]] = []
+
+
+def at_fork(
+    before: Callable[[], None], in_parent: Callable[[], None], in_child: Callable[[], None]
+) -> None:
+    """Also run these around a ``fork()`` (the registry's: hold and reset the consumers)."""
+    _fork_callbacks.append((before, in_parent, in_child))
+
+
+def _before_fork() -> None:
+    _watch.before_fork()
+    for before, _, _ in _fork_callbacks:
+        before()
+
+
+def _after_fork_in_parent() -> None:
+    for _, in_parent, _ in reversed(_fork_callbacks):
+        in_parent()
+    _watch.after_fork_in_parent()
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()
+    _steps.after_fork()
+    _budget.deadline = None  # the child's exit is its own
+    _hooks.finalizer = None
+    _hooks.dying = False
+    for _, _, in_child in reversed(_fork_callbacks):
+        in_child()
+    _watch.after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )

@@ -1,0 +1,381 @@
+"""What the library does to its host process (issue 28), with real subprocesses.
+
+An application's own SIGTERM handler runs at once and once, with its flags;
+a default-action SIGTERM is flushed without waiting for the main thread and
+still kills; multiprocessing children get nothing of ours until they use the
+library; gunicorn workers and ``shutdown()`` share one exit budget; the
+host's OpenTelemetry providers are flushed through their public API.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import pytest
+import requests
+
+from mixpanel_otel._delivery.spool import spooled_rows
+
+from .helpers import EXAMPLES, TOKEN, AppProcess, Child, Plan, compare, free_port, sink_env
+from .test_crash import BlackHole, _move_spool, replay
+
+pytestmark = pytest.mark.slow  # every test here runs subprocesses
+
+
+def _finish(child: Child, timeout: float = 60) -> tuple[int, str, str]:
+    try:
+        code = child.wait(timeout)
+        return code, child.stdout, child.stderr
+    finally:
+        child.close()
+
+
+# -- 1. a multiprocessing child's own SIGTERM handler ------------------------------------
+
+POOL_WITH_HANDLER = """
+import multiprocessing, signal
+ctx = multiprocessing.get_context(sys.argv[1])
+calls_dir = os.environ["CALLS"]
+
+def on_term(signum, frame):
+    with open(os.path.join(calls_dir, str(os.getpid())), "a") as f:
+        f.write("called\\n")
+    sys.exit(0)  # as many applications do: the exit path delivers
+
+def init():
+    signal.signal(signal.SIGTERM, on_term)
+
+def work(n):
+    client, _ = make(flush_interval=60)
+    emit(client, f"w{n}", [f"w{n}-{j}" for j in range(3)], 50)
+    return os.getpid()
+
+if __name__ == "__main__":
+    client, consumer = make(flush_interval=60)
+    emit(client, "parent", ["parent0"], 10)
+    pool = ctx.Pool(2, initializer=init)
+    pids = set(pool.map(work, range(4), chunksize=1))
+    pool.terminate()  # SIGTERM to every worker
+    pool.join()
+    print("PIDS", sorted(pids))
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_a_pool_childs_own_sigterm_handler_runs_once_and_its_exit_delivers(
+    sink, tmp_path, method
+):
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    child = Child(
+        POOL_WITH_HANDLER, sink.url, str(tmp_path), "pool", method, CALLS=str(calls),
+        MIXPANEL_OTEL_SHUTDOWN_TIMEOUT=3,
+    )
+    code, out, err = _finish(child)
+    assert code == 0, err
+    for name in os.listdir(calls):
+        assert (calls / name).read_text() == "called\n", (name, err)
+    assert os.listdir(calls), f"no worker's handler ran: {err}"
+    plan = Plan().emit("parent", ["parent0"], 10)
+    for n in range(4):
+        plan.emit(f"w{n}", [f"w{n}-{j}" for j in range(3)], 50)
+    outcome = compare(sink, plan)
+    assert not outcome.lost and not outcome.stale, (outcome, err)
+
+
+EXECUTOR = """
+import concurrent.futures, multiprocessing
+
+def work(n):
+    client, _ = make(flush_interval=60)
+    emit(client, f"w{n}", [f"w{n}-{j}" for j in range(3)], 50)
+    return n
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context(sys.argv[1])
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx) as executor:
+        assert sorted(executor.map(work, range(4))) == [0, 1, 2, 3]
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_process_pool_executor_workers_deliver_at_their_exit(sink, tmp_path, method):
+    child = Child(EXECUTOR, sink.url, str(tmp_path), "executor", method)
+    code, out, err = _finish(child)
+    assert code == 0, err
+    plan = Plan()
+    for n in range(4):
+        plan.emit(f"w{n}", [f"w{n}-{j}" for j in range(3)], 50)
+    outcome = compare(sink, plan)
+    assert not outcome.lost and not outcome.stale, (outcome, err)
+
+
+# -- 7. a child that never uses the library ----------------------------------------------
+
+POOL_FOOTPRINT = """
+import multiprocessing
+ctx = multiprocessing.get_context("fork")
+
+def footprint(_=None):
+    names = [t.name for t in threading.enumerate()]
+    fds = os.listdir("/proc/self/fd")
+    opened = set()
+    for fd in fds:
+        try:
+            opened.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # the listing's own descriptor, closed since
+            pass
+    return names, {target for target in opened if not target.startswith("/proc/")}
+
+client, consumer = make(flush_interval=60)
+emit(client, "parent", ["parent0"], 10)
+assert client.flush(10)
+print("PARENT", footprint()[0], flush=True)
+with ctx.Pool(1) as pool:
+    inherited = footprint()[1]  # the child has the parent's descriptors, none more
+    names, opened = pool.map(footprint, [0])[0]
+    print("POOL CHILD", names, opened - inherited, flush=True)
+    assert names == ["MainThread"] and opened <= inherited
+queue = ctx.SimpleQueue()
+child = ctx.Process(target=lambda: queue.put(footprint()))
+child.start()
+inherited = footprint()[1]  # after start(): the pipes it shares with the child
+names, opened = queue.get()
+child.join()
+print("PROCESS CHILD", names, opened - inherited, flush=True)
+assert names == ["MainThread"] and opened <= inherited
+print("OK")
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads /proc/self/fd")
+def test_a_child_that_never_enqueues_gets_no_thread_and_no_descriptor(sink, tmp_path):
+    code, out, err = _finish(Child(POOL_FOOTPRINT, sink.url, str(tmp_path), "footprint"))
+    assert code == 0, (out, err)
+    assert "OK" in out, (out, err)
+    assert "mixpanel-otel-sigterm" in out.split("PARENT")[1].splitlines()[0], out
+
+
+# -- 4. and 6. an application's handler installed first -----------------------------------
+
+APP_HANDLER_FIRST = """
+import ctypes, signal
+
+class Sigaction(ctypes.Structure):  # glibc's struct sigaction on Linux
+    _fields_ = [("handler", ctypes.c_void_p), ("mask", ctypes.c_ulong * 16),
+                ("flags", ctypes.c_int), ("restorer", ctypes.c_void_p)]
+
+SA_RESTART = 0x10000000
+
+def sa_restart():
+    action = Sigaction()
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.sigaction(signal.SIGTERM, None, ctypes.byref(action)) == 0
+    return bool(action.flags & SA_RESTART)
+
+seen = []
+
+def on_term(signum, frame):  # what gunicorn, uvicorn or Celery do: note it, stop gracefully
+    seen.append(consumer.stats()["requests"])
+
+signal.signal(signal.SIGTERM, on_term)
+signal.siginterrupt(signal.SIGTERM, False)  # gunicorn's workers: system calls restart
+assert sa_restart()
+client, consumer = make(flush_interval=60)
+emit(client, "a", ["app0", "app1"], 50)
+print("HANDLER KEPT", signal.getsignal(signal.SIGTERM) is on_term, flush=True)
+print("SA_RESTART KEPT", sa_restart(), flush=True)
+mark("ready")
+while not seen:
+    signal.pause()
+emit(client, "b", ["app0"], 1)  # the application still logs while it stops
+print("REQUESTS IN HANDLER", seen[0], "AFTER", consumer.stats()["requests"], flush=True)
+print("CALLS", len(seen), flush=True)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads glibc's sigaction")
+def test_an_application_handler_installed_first_runs_at_once_with_its_flags(sink, tmp_path):
+    child = Child(APP_HANDLER_FIRST, sink.url, str(tmp_path), "apphandler")
+    try:
+        assert child.wait_mark("ready", 30), child.stderr
+        child.proc.send_signal(signal.SIGTERM)
+        code = child.wait(30)
+        out, err = child.stdout, child.stderr
+    finally:
+        child.close()
+    assert code == 0, err  # the application's handler decided: it did not exit
+    assert "HANDLER KEPT True" in out, out
+    assert "SA_RESTART KEPT True" in out, out
+    # No flush before the application's handler, and no eager sending after it.
+    assert "REQUESTS IN HANDLER 0 AFTER 0" in out, out
+    assert "CALLS 1" in out, out
+    # Delivery happened in the application's own exit path (atexit).
+    outcome = compare(sink, Plan().emit("a", ["app0", "app1"], 50).emit("b", ["app0"], 1))
+    assert not outcome.lost, outcome
+
+
+# -- 5. a default-action SIGTERM while the main thread is in a long C call ----------------
+
+LONG_QUERY = """
+import sqlite3
+client, consumer = make(flush_interval=60, shutdown_timeout=3)
+emit(client, "q", [f"q{i}" for i in range(20)], 100)
+db = sqlite3.connect(":memory:")
+mark("ready")
+# Never ends; sqlite releases the GIL while it runs.
+db.execute("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
+           "SELECT count(*) FROM c").fetchall()
+mark("query ended")
+"""
+
+
+def test_sigterm_during_a_long_sqlite_query_delivers_then_dies_by_the_signal(sink, tmp_path):
+    child = Child(LONG_QUERY, sink.url, str(tmp_path), "query")
+    try:
+        assert child.wait_mark("ready", 30), child.stderr
+        code = child.terminate(timeout=30)  # the old handler waited for the query: forever
+        err = child.stderr
+    finally:
+        child.close()
+    assert code == -signal.SIGTERM, err
+    outcome = compare(sink, Plan().emit("q", [f"q{i}" for i in range(20)], 100))
+    assert not outcome.lost and not outcome.stale, outcome
+
+
+# -- 8. the host's providers, flushed through their public API ----------------------------
+
+PROVIDERS = """
+import atexit, gc
+scans = []
+_get_referrers = gc.get_referrers
+gc.get_referrers = lambda *objects: scans.append(1) or _get_referrers(*objects)
+atexit.register(lambda: print("HEAP SCANS", len(scans), flush=True))  # runs last
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+import mixpanel_otel
+from mixpanel_otel import MixpanelSpanExporter
+
+def provider():
+    made = TracerProvider()
+    # Held for a minute: only a flush at exit gets these spans out.
+    made.add_span_processor(BatchSpanProcessor(MixpanelSpanExporter(flush_interval=60),
+                                               schedule_delay_millis=60_000))
+    return made
+
+trace.set_tracer_provider(provider())
+other = provider()
+mixpanel_otel.flush_at_exit(other)
+for tracer, group in ((trace.get_tracer("app"), "global0"), (other.get_tracer("job"), "other0")):
+    with tracer.start_as_current_span("work") as span:
+        span.set_attribute("mixpanel.group_key", "company")
+        span.set_attribute("mixpanel.group_id", group)
+        span.set_attribute("mixpanel.$set.plan", "pro")
+"""
+
+
+def test_exit_flushes_the_global_and_handed_over_providers_without_a_heap_scan(sink, tmp_path):
+    code, out, err = _finish(Child(PROVIDERS, sink.url, str(tmp_path), "providers"))
+    assert code == 0, err
+    assert "HEAP SCANS 0" in out, (out, err)
+    assert sink.profile("company", "global0") == {"plan": "pro"}, err
+    assert sink.profile("company", "other0") == {"plan": "pro"}, err
+
+
+# -- 3. one exit budget: shutdown() and atexit, spill included -----------------------------
+
+ONE_BUDGET = """
+import mixpanel_otel
+client, consumer = make(spool_dir=os.environ["SPOOL"], flush_interval=0.05, shutdown_timeout=2)
+emit(client, "h", [f"h{i}" for i in range(500)], 1000)
+time.sleep(0.3)  # requests are in flight, unanswered
+mixpanel_otel.shutdown()  # a framework's shutdown hook; atexit comes next, with what is left
+emit(client, "late", ["late0"], 1)  # after shutdown(): waits for a flush
+consumer.flush(10)  # capped by what is left of the budget
+"""
+
+
+def test_shutdown_atexit_and_flush_share_one_budget_and_the_spill_fits_in_it(sink, tmp_path):
+    hole = BlackHole()
+    spool = str(tmp_path / "spool")
+    child = Child(ONE_BUDGET, hole.url, str(tmp_path), "budget", timed_exit=True, SPOOL=spool)
+    try:
+        assert child.wait(60) == 0, child.stderr
+        err = child.stderr
+    finally:
+        child.close()
+        hole.close()
+    # The exit line states the setting, not what was left of it.
+    assert "within the 2.0 s shutdown timeout" in err, err
+    assert "kept in the spool" in err and "lost" not in err, err
+    _move_spool(spool, hole.url, sink.url)
+    replay(sink, str(tmp_path), spool)
+    plan = Plan().emit("h", [f"h{i}" for i in range(500)], 1000)
+    outcome = compare(sink, plan)
+    assert not outcome.lost and not outcome.stale, outcome
+
+
+EXIT_BOUND = """
+client, consumer = make(spool_dir=os.environ["SPOOL"], flush_interval=0.05, shutdown_timeout=2,
+                        max_pending=50_000)
+emit(client, "x", [f"x{i}" for i in range(5000)], 10_000)
+time.sleep(0.3)  # requests are in flight, unanswered
+"""
+
+
+def test_exit_with_a_spool_and_a_silent_server_ends_within_the_bound(sink, tmp_path):
+    hole = BlackHole()
+    spool = str(tmp_path / "spool")
+    child = Child(EXIT_BOUND, hole.url, str(tmp_path), "bound", timed_exit=True, SPOOL=spool)
+    try:
+        assert child.wait(60) == 0, child.stderr
+        took, err = child.exit_seconds, child.stderr
+    finally:
+        child.close()
+        hole.close()
+    assert "kept in the spool" in err and "lost" not in err, (took, err)
+    assert spooled_rows(spool, TOKEN, hole.url) > 0
+    # shutdown_timeout + 0.5 s is the promise; 2.5 s more for a loaded machine.
+    assert took < 2 + 0.5 + 2.5, (took, err)
+
+
+# -- 2. gunicorn with a Mixpanel that hangs at shutdown -------------------------------------
+
+
+@pytest.mark.parametrize("spool", [True, False])
+def test_gunicorn_workers_exit_in_time_when_mixpanel_hangs(sink, tmp_path, spool):
+    hole = BlackHole()
+    port = free_port()
+    env = {"MIXPANEL_OTEL_SPOOL_DIR": str(tmp_path / "spool")} if spool else {}
+    server = AppProcess(
+        [sys.executable, "-m", "gunicorn", "-c", os.path.join(EXAMPLES, "gunicorn.conf.py"),
+         "--chdir", EXAMPLES, "-b", f"127.0.0.1:{port}", "gunicorn_app:app"],
+        port,
+        sink_env(hole.url, MIXPANEL_OTEL_FLUSH_INTERVAL="0.2", **env),
+    )
+    tenants = [f"t{i}" for i in range(40)]
+    try:
+        server.wait_ready("/")
+        for tenant in tenants:
+            requests.get(f"{server.url}/", headers={"X-Tenant-Id": tenant}, timeout=30)
+    finally:
+        code = server.stop(signal.SIGTERM)
+        hole.close()
+    output = server.output
+    assert code == 0, output
+    assert "SIGKILL" not in output and "TIMEOUT" not in output, output
+    assert "within the 5.0 s shutdown timeout" in output, output
+    if not spool:
+        assert "lost" in output, output
+        return
+    assert "lost" not in output, output
+    _move_spool(str(tmp_path / "spool"), hole.url, sink.url)
+    replay(sink, str(tmp_path), str(tmp_path / "spool"))
+    profiles = {p["group_id"]: p["properties"] for p in sink.profiles()}
+    for tenant in tenants:
+        assert profiles.get(tenant, {}).get("seen") is True, (tenant, output)
+        assert profiles[tenant].get("workers"), (tenant, output)
