@@ -106,8 +106,10 @@ def test_tiny_chunks_do_not_cost_many_times_their_size(served) -> None:
                 b"Content-Type: application/x-www-form-urlencoded\r\n\r\n" + body
             )
             answer = conn.recv(200)
-        except OSError:  # refused part way (too many chunks) and closed: fine
-            answer = b"HTTP/1.1 (closed)"
+        except (BrokenPipeError, ConnectionResetError):
+            # _body.py refuses a body of more than 4096 chunks (400) and the connection is
+            # closed while the rest of the body is still being sent.
+            answer = b"HTTP/1.1 (refused before the body was all sent)"
     assert answer.startswith(b"HTTP/1.1 "), answer
     grown = _status(pid, "VmHWM") / 1024 - before
     assert grown < 64, f"peak RSS grew {grown:.0f} MiB for a 2 MiB body"
@@ -215,50 +217,3 @@ def test_large_bodies_in_flight_have_a_budget(served) -> None:
         for conn in held:
             conn.close()
     assert grown < 128, f"peak RSS grew {grown:.0f} MiB for 150 bodies"  # 285 MB before
-
-
-def test_the_attacks_together_stay_under_300_mib(served) -> None:
-    """Slowloris, huge heads, stalled large bodies and tiny chunks at once."""
-    import threading
-
-    pid = served.proc.pid
-    threads_before = _status(pid, "Threads")
-    body_head = (
-        _HEAD
-        + b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 2000000\r\n\r\n"
-    )
-    pad = b"".join(b"X-Pad-%d: %s\r\n" % (n, b"a" * 60_000) for n in range(99))
-    chunked = (
-        _HEAD
-        + b"Transfer-Encoding: chunked\r\n\r\n"
-        + b"2\r\nab\r\n" * (1024 * 1024)
-        + b"0\r\n\r\n"
-    )
-    held: list[socket.socket] = []
-    lock = threading.Lock()
-
-    def attack(count: int, head: bytes, payload: bytes) -> None:
-        conns = _hold(served.port, count, head, payload)
-        with lock:
-            held.extend(conns)
-
-    attacks = [
-        threading.Thread(target=attack, args=(600, _HEAD, b"")),
-        threading.Thread(target=attack, args=(30, _HEAD, pad)),
-        threading.Thread(target=attack, args=(100, body_head, b"a" * 1_900_000)),
-        threading.Thread(target=attack, args=(2, chunked, b"")),
-    ]
-    try:
-        for thread in attacks:
-            thread.start()
-        for thread in attacks:
-            thread.join(120)
-        _legitimate_post(served.url, "during-the-attacks")
-        most_threads = _status(pid, "Threads")
-        peak_rss_mib = _status(pid, "VmHWM") / 1024
-    finally:
-        with lock:
-            for conn in held:
-                conn.close()
-    assert peak_rss_mib < 300, peak_rss_mib
-    assert most_threads <= threads_before + ConnectionLimits().max_connections + 8, most_threads

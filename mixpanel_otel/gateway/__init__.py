@@ -112,8 +112,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-inflight-bytes",
         type=int,
         default=8 * 1024 * 1024,
-        help="decoded request bytes being parsed at once, across calls; a parsed request "
-        "takes up to ~30 times its size (default 8 MiB; at least --max-request-bytes)",
+        help="what the requests being parsed at once may cost, across calls and protocols: "
+        "a protobuf request its decoded size (parsed, up to ~30 times that), OTLP/JSON more "
+        "(default 8 MiB; at least --max-request-bytes)",
     )
     parser.add_argument(
         "--max-records",

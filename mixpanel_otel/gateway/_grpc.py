@@ -129,6 +129,10 @@ class _Turns:
             return True
         except asyncio.TimeoutError:
             return entry[1].done()  # granted as the time ran out: it is held
+        except asyncio.CancelledError:
+            if entry[1].done():  # granted, and the call went away: the turn goes back
+                self.give_back(peer)
+            raise
         finally:
             if entry in self._waiting:
                 self._waiting.remove(entry)

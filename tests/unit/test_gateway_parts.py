@@ -116,14 +116,34 @@ class TestReadBody:
 class TestBudget:
     def test_reserves_up_to_capacity_first_come_first_served(self):
         budget = Budget(10)
-        assert budget.acquire(6, time.monotonic())
-        assert not budget.acquire(5, time.monotonic())  # no room, deadline passed
-        assert budget.acquire(4, time.monotonic())
+        assert budget.acquire(6, time.monotonic(), "a")
+        assert not budget.acquire(5, time.monotonic(), "b")  # no room, deadline passed
+        assert budget.acquire(4, time.monotonic(), "b")
         assert not budget.try_acquire(1)
-        budget.release(6)
+        budget.release(6, "a")
         assert budget.try_acquire(6)
         assert budget.used == 10
         assert not budget.acquire(11, time.monotonic() + 60)  # never fits: no wait
+
+    def test_a_caller_holding_its_share_waits_and_others_pass_it(self):
+        import threading
+
+        budget = Budget(100, per_peer=1)
+        assert budget.acquire(10, time.monotonic(), "attacker")
+        granted: list[str] = []
+
+        def wait(peer: str) -> None:
+            if budget.acquire(10, time.monotonic() + 60, peer):
+                granted.append(peer)
+
+        waiting = threading.Thread(target=wait, args=("attacker",))
+        waiting.start()  # queued first, but its caller already holds its one reservation
+        assert budget.acquire(10, time.monotonic(), "other")  # passes it, without waiting
+        assert granted == []
+        budget.release(10, "attacker")
+        waiting.join(60)
+        assert granted == ["attacker"]
+        assert budget.grow(80) and not budget.grow(1)
 
 
 class TestGunzip:
