@@ -234,8 +234,10 @@ class GrpcServer:
             if not self._open.try_take(peer):
                 self.ingest.count(overloaded=1)
                 self._client_error("calls", f"{peer} has {_CALLS_PER_PEER} calls open")
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls open from this address"
+                await _abort(
+                    context,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "too many calls open from this address",
                 )
             try:
                 return await self._export(signal, context, peer)
@@ -251,8 +253,8 @@ class GrpcServer:
             if not self.tokens.allows(metadata.get("authorization")):
                 ingest.count(unauthenticated=1)
                 self._client_error("auth", f"missing or wrong bearer token ({context.peer()})")
-                await context.abort(
-                    grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token"
+                await _abort(
+                    context, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token"
                 )
         remaining = context.time_remaining()
         wait = _RECEIVE_TIMEOUT if remaining is None else min(remaining, _RECEIVE_TIMEOUT)
@@ -261,7 +263,7 @@ class GrpcServer:
         if not await self._receiving.take(peer, wait):
             ingest.count(overloaded=1)
             self._client_error("receiving", f"no turn to receive a request for {peer}")
-            await self._abort(
+            await self._abort_with(
                 context,
                 Outcome.OVERLOADED,
                 "too many request messages being received at once",
@@ -286,7 +288,7 @@ class GrpcServer:
         if answer.outcome is Outcome.OK:
             return signal.response_bytes(answer.rejected, answer.message, False)
         retry_after = 1.0 if answer.outcome is Outcome.STOPPING else answer.retry_after
-        await self._abort(context, answer.outcome, answer.message, retry_after)
+        await self._abort_with(context, answer.outcome, answer.message, retry_after)
         raise AssertionError("unreachable")  # abort raises
 
     async def _read(self, context: aio.ServicerContext, wait: float) -> bytes:
@@ -297,7 +299,8 @@ class GrpcServer:
         except asyncio.TimeoutError:
             ingest.count(invalid_requests=1)
             self._client_error("silent", f"no request message within {_RECEIVE_TIMEOUT:.0f} s")
-            await context.abort(
+            await _abort(
+                context,
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"the request message did not arrive within {_RECEIVE_TIMEOUT:.0f} s",
             )
@@ -305,14 +308,14 @@ class GrpcServer:
             # Over the size limit, or the stream ended: one throttled line, no traceback.
             ingest.count(invalid_requests=1)
             self._client_error("message", f"request message refused: {exc!r}"[:300])
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "request message refused")
+            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "request message refused")
         if request is aio.EOF:
             ingest.count(invalid_requests=1)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no request message")
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "no request message")
         body: bytes = request
         return body
 
-    async def _abort(
+    async def _abort_with(
         self,
         context: aio.ServicerContext,
         outcome: Outcome,
@@ -326,7 +329,7 @@ class GrpcServer:
                 ("grpc-status-details-bin", status_body(code.value[0], message, retry_after)),
                 ("google.rpc.retryinfo-bin", retry_info(retry_after)),
             )
-        await context.abort(code, message, trailers)
+        await _abort(context, code, message, trailers)
 
     def start(self) -> None:
         self._loop.run_until_complete(self._server.start())
@@ -351,3 +354,16 @@ class GrpcServer:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout)
         self._pool.shutdown(wait=False)
+
+
+async def _abort(
+    context: aio.ServicerContext, code: grpc.StatusCode, message: str, *trailers: Any
+) -> None:
+    """End the call with ``code``; a call whose caller is already gone ends as cancelled
+    (grpcio logs a traceback for any other exception out of a handler)."""
+    try:
+        await context.abort(code, message, *trailers)
+    except aio.AbortError:
+        raise
+    except Exception:  # ExecuteBatchError: the status has nobody to go to
+        raise asyncio.CancelledError() from None
