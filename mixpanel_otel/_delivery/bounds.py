@@ -24,15 +24,15 @@ class Bounds:
 
     def spill_has_room(self) -> bool:
         """Whether overflow may queue for a spill job without waiting."""
-        return len(self._dispatch.to_spill) < self._spill_room
+        return self._dispatch.overflow < self._spill_room
 
     def spill_fits(self, updates: list[GroupUpdate], patient: bool) -> int:
         """How many of ``updates`` may queue for a spill job. A ``patient`` caller
         leaves room for a few batches only (then waits); the rest go while under
         ``max_pending_bytes`` waiting, since the writer is only slow."""
         dispatch = self._dispatch
-        count = self._spill_room - len(dispatch.to_spill) if patient else len(updates)
-        room = self.max_pending_bytes - dispatch.to_spill_bytes
+        count = self._spill_room - dispatch.overflow if patient else len(updates)
+        room = self.max_pending_bytes - dispatch.overflow_bytes
         taken = 0
         for update in updates[: max(0, count)]:
             room -= update.size

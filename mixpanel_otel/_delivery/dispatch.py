@@ -52,6 +52,9 @@ class Dispatch:
         self.sdk = self.sdk_bytes = 0  # SDK messages waiting in lanes
         self.to_spill: list[GroupUpdate] = []  # overflow waiting for a spill job
         self.to_spill_bytes = 0
+        #: The overflow part of ``to_spill`` (what :class:`.Bounds` limits): the rest is
+        #: what the buffer held when it came, queued ahead of it to keep each group in order.
+        self.overflow = self.overflow_bytes = 0
         self.spool_rows = 0  # rows known to be in this process's spool
         self.partial = False  # send partial batches now (interval tick, flush, exit)
         #: Updates that came back unsent while the spool held newer rows: the
@@ -116,8 +119,13 @@ class Dispatch:
         return lane
 
     def add_to_spill(self, updates: list[GroupUpdate]) -> None:
-        self.to_spill.extend(updates)
-        self.to_spill_bytes += sum(update.size for update in updates)
+        """Overflow joins the spill queue behind everything pending now: the queue
+        stays older than whatever the buffer takes after it, group by group."""
+        queued = self.buffer.take_all() + updates
+        self.to_spill.extend(queued)
+        self.to_spill_bytes += sum(update.size for update in queued)
+        self.overflow += len(updates)
+        self.overflow_bytes += sum(update.size for update in updates)
 
     # -- out -----------------------------------------------------------------------
 
@@ -129,8 +137,9 @@ class Dispatch:
         """
         jobs = self.jobs
         if self.to_spill and not any(job.kind is Kind.SPILL for job in jobs):
-            updates = self.buffer.take_all() + self.to_spill
+            updates = self.to_spill + self.buffer.take_all()  # the buffer's are newer
             self.to_spill, self.to_spill_bytes = [], 0
+            self.overflow = self.overflow_bytes = 0
             return self._start(Job(Kind.SPILL, updates))
         if sum(job.kind is not Kind.SPILL for job in jobs) >= in_flight_limit:
             return None
@@ -232,8 +241,9 @@ class Dispatch:
                 front.extend(job.updates)
             elif job.kind is Kind.SDK:
                 lost += job.texts
-        back += self.buffer.take_all() + self.to_spill
+        back += self.to_spill + self.buffer.take_all()
         self.to_spill, self.to_spill_bytes = [], 0
+        self.overflow = self.overflow_bytes = 0
         for lane in self.lanes.values():
             lost += lane.queue
             lane.queue.clear()

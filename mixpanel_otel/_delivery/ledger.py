@@ -169,6 +169,7 @@ class Ledger:
     def to_spill(self, updates: list[GroupUpdate], patient: bool) -> int:
         """Queue overflow for a spill job, as much as :meth:`.Bounds.spill_fits`; how many."""
         with self._lock:
+            self._move_inbox()  # appended before this overflow: older than it
             taken = self._bounds.spill_fits(updates, patient)
             self._dispatch.add_to_spill(updates[:taken])
             self._count()

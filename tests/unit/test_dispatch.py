@@ -178,3 +178,25 @@ def test_receipts_count_each_fate():
     assert not receipt.settled
     receipt.settle(Fate.FAILED, "bad")
     assert receipt.settled and receipt.failed == 1 and receipt.errors == ["bad"]
+
+
+def test_overflow_queued_for_the_spool_stays_behind_older_and_ahead_of_newer_updates():
+    """An update that overflows to the spool is newer than what the buffer held and
+    older than what the buffer takes after it: the spill writes each group in that
+    order (the four-process spool test once saw a group end on an older value)."""
+    dispatch = Dispatch(batch_size=10)
+    add(dispatch, update("g", payload={"last": 1}))
+    dispatch.add_to_spill([update("g", payload={"last": 2})])  # no room: overflow
+    add(dispatch, update("g", payload={"last": 3}))  # room again (a job finished)
+    job = dispatch.pick(spool_ready=True, in_flight_limit=8)
+    assert job is not None and job.kind is Kind.SPILL
+    assert [u.payload["last"] for u in job.updates] == [1, 2, 3]
+
+
+def test_the_exit_takes_the_spill_queue_ahead_of_newer_buffered_updates():
+    dispatch = Dispatch(batch_size=10)
+    add(dispatch, update("g", payload={"last": 1}))
+    dispatch.add_to_spill([update("g", payload={"last": 2})])
+    add(dispatch, update("g", payload={"last": 3}))
+    front, back, lost = dispatch.take_all()
+    assert [u.payload["last"] for u in front + back] == [1, 2, 3] and not lost
