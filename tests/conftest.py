@@ -17,6 +17,12 @@ from mixpanel_otel.sink import Sink
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
+# The tests use gRPC clients in the runner and start children with subprocess. On Python
+# 3.9 (fork + exec, with fork handlers) grpcio 1.80 restarts its poller in the forked child,
+# whose descriptors subprocess has closed, and the child dies before exec with "epoll_wait
+# error: Bad file descriptor" (grpc/grpc#43055). No test here needs gRPC across a fork.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 # Property tests: 300 examples in the everyday run; HYPOTHESIS_PROFILE=deep for a long hunt.
 settings.register_profile("default", max_examples=300)
 settings.register_profile("deep", max_examples=5000)
