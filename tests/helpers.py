@@ -530,3 +530,14 @@ def flat(group_id: str, group_key: str = "company", **properties: Any) -> dict[s
     attributes: dict[str, Any] = {"mixpanel.group_key": group_key, "mixpanel.group_id": group_id}
     attributes.update({f"mixpanel.$set.{k}": v for k, v in properties.items()})
     return attributes
+
+
+def protobuf_field(tag: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field: its key byte ``tag``, a varint length, ``payload``
+    (the attack tests build hostile OTLP requests by hand)."""
+    size, length = bytearray(), len(payload)
+    while True:
+        byte, length = length & 0x7F, length >> 7
+        size.append(byte | 0x80 if length else byte)
+        if not length:
+            return bytes([tag]) + bytes(size) + payload

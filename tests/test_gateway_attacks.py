@@ -33,7 +33,7 @@ from opentelemetry.exporter.otlp.proto.http._log_exporter import (  # noqa: E402
 from opentelemetry.sdk._logs import LoggerProvider  # noqa: E402
 from opentelemetry.sdk._logs.export import SimpleLogRecordProcessor  # noqa: E402
 
-from tests.helpers import ROOT, TOKEN, GatewayProcess, _written, flat  # noqa: E402
+from tests.helpers import ROOT, TOKEN, GatewayProcess, _written, flat, protobuf_field  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -46,26 +46,17 @@ _PROTOBUF = "application/x-protobuf"
 # -- what the attacks send ------------------------------------------------------------------
 
 
-def _delimited(tag: int, payload: bytes) -> bytes:
-    size, length = bytearray(), len(payload)
-    while True:
-        byte, length = length & 0x7F, length >> 7
-        size.append(byte | 0x80 if length else byte)
-        if not length:
-            return bytes([tag]) + bytes(size) + payload
-
-
 def _heavy_request(size: int) -> bytes:
     """An ExportLogsServiceRequest of about ``size`` bytes that parses to ~20 times that:
     log records of 100 tiny attributes each (every one under the caps)."""
-    kv = _delimited(0x32, _delimited(0x0A, b"k") + _delimited(0x12, b""))
-    record = _delimited(0x12, kv * 100)
-    return _delimited(0x0A, _delimited(0x12, record * (size // len(record))))
+    kv = protobuf_field(0x32, protobuf_field(0x0A, b"k") + protobuf_field(0x12, b""))
+    record = protobuf_field(0x12, kv * 100)
+    return protobuf_field(0x0A, protobuf_field(0x12, record * (size // len(record))))
 
 
 def _empty_attributes(size: int) -> bytes:
     """One record of empty attributes: refused on the wire, cheap to refuse."""
-    return _delimited(0x0A, _delimited(0x12, _delimited(0x12, b"\x32\x00" * (size // 2))))
+    return protobuf_field(0x0A, protobuf_field(0x12, protobuf_field(0x12, b"\x32\x00" * (size // 2))))
 
 
 def _connect(gateway: GatewayProcess, source: str = _ATTACKER) -> socket.socket:

@@ -49,6 +49,7 @@ from tests.helpers import (  # noqa: E402
     flat,
     logs_request,
     process_env,
+    protobuf_field,
 )
 
 _LOGS_EXPORT = "/opentelemetry.proto.collector.logs.v1.LogsService/Export"
@@ -396,19 +397,10 @@ def test_delete_is_refused_by_default_and_allowed_with_the_flag(sink, start_gate
 _MiB = 1024 * 1024
 
 
-def _delimited(tag: int, payload: bytes) -> bytes:
-    size, length = bytearray(), len(payload)
-    while True:
-        byte, length = length & 0x7F, length >> 7
-        size.append(byte | 0x80 if length else byte)
-        if not length:
-            return bytes([tag]) + bytes(size) + payload
-
-
 def _empty_attributes(size: int) -> bytes:
     """An ExportLogsServiceRequest of about ``size`` bytes: one record of empty attributes."""
     record = b"\x32\x00" * (size // 2)  # LogRecord.attributes (6): an empty KeyValue each
-    return _delimited(0x0A, _delimited(0x12, _delimited(0x12, record)))
+    return protobuf_field(0x0A, protobuf_field(0x12, protobuf_field(0x12, record)))
 
 
 class _Attacks:
