@@ -56,7 +56,8 @@ def _heavy_request(size: int) -> bytes:
 
 def _empty_attributes(size: int) -> bytes:
     """One record of empty attributes: refused on the wire, cheap to refuse."""
-    return protobuf_field(0x0A, protobuf_field(0x12, protobuf_field(0x12, b"\x32\x00" * (size // 2))))
+    records = protobuf_field(0x12, b"\x32\x00" * (size // 2))
+    return protobuf_field(0x0A, protobuf_field(0x12, records))
 
 
 def _connect(gateway: GatewayProcess, source: str = _ATTACKER) -> socket.socket:
