@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterable, Sequence
+from operator import attrgetter
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -108,10 +109,11 @@ class Consumer:
     def enqueue(self, updates: Iterable[GroupUpdate]) -> None:
         """Queue updates from the caller's thread: no I/O, never raises. Usually an
         append; past the bounds, admission (:mod:`.admission`): wait, or overflow."""
-        if not isinstance(updates, list):
+        if type(updates) is not list:
             updates = list(updates)
+        size = updates[0].size if len(updates) == 1 else sum(map(_size, updates))
         parts = self.parts
-        if not self._ledger.offer(updates, sum(update.size for update in updates)):
+        if not self._ledger.offer(updates, size):
             parts = self._own_parts()
             parts.admit(updates, wait=True)
         if parts.frozen:
@@ -228,6 +230,7 @@ class Consumer:
 
 
 _DEFAULT_FLUSH_TIMEOUT = 30.0
+_size = attrgetter("size")
 
 
 def _wait_for_the_end() -> None:
