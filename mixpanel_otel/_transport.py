@@ -214,6 +214,11 @@ class Transport:
         scheme = self.base_url.split(":", 1)[0]
         proxy = proxies.get(scheme) or proxies.get("all")
         if proxy:
+            # As requests does: credentials in the proxy's URL go in Proxy-Authorization.
+            user, password = requests.utils.get_auth_from_url(proxy)
+            if user:
+                auth = urllib3.make_headers(proxy_basic_auth=f"{user}:{password}")
+                options["proxy_headers"] = auth
             return urllib3.ProxyManager(proxy, **options)
         return urllib3.PoolManager(**options)
 
