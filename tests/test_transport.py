@@ -184,6 +184,8 @@ class ConnectProxy(Front):
     request (absolute URL) is answered "1" itself, as Mixpanel would."""
 
     def serve(self, conn: socket.socket) -> None:
+        if self.tls is not None:  # an https:// proxy URL: TLS to the proxy first
+            conn = self.tls.wrap_socket(conn, server_side=True)
         head, rest = _read_head(conn)
         self.heads.append(head)
         if head.startswith(b"CONNECT "):
@@ -283,6 +285,23 @@ def test_https_goes_through_the_proxy_from_the_environment_and_no_proxy_bypasses
         assert answer.outcome is Outcome.OK, answer
         assert len(proxy.heads) == 1, "NO_PROXY was not honoured"
         assert sink.profile("company", "direct") == {"n": 1}
+    finally:
+        proxy.close()
+
+
+def test_https_through_an_https_proxy_is_tls_inside_tls(sink, tls_front, certificates, clean_env):
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certificates["cert"], certificates["key"])
+    proxy = ConnectProxy(tls_front.port, tls=context)
+    try:
+        clean_env.setenv("REQUESTS_CA_BUNDLE", certificates["ca"])
+        clean_env.setenv("HTTPS_PROXY", f"https://127.0.0.1:{proxy.port}")
+        answer = Transport(f"https://127.0.0.1:{tls_front.port}", 10).post(
+            "/groups", _message_body("tls-proxy")
+        )
+        assert answer.outcome is Outcome.OK, answer
+        assert proxy.heads[0].startswith(b"CONNECT 127.0.0.1:")
+        assert sink.profile("company", "tls-proxy") == {"n": 1}
     finally:
         proxy.close()
 
