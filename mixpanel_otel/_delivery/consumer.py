@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterable, Sequence
-from operator import attrgetter
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -111,7 +110,7 @@ class Consumer:
         append; past the bounds, admission (:mod:`.admission`): wait, or overflow."""
         if type(updates) is not list:
             updates = list(updates)
-        size = updates[0].size if len(updates) == 1 else sum(map(_size, updates))
+        size = updates[0].size if len(updates) == 1 else sum([u.size for u in updates])
         parts = self.parts
         if not self._ledger.offer(updates, size):
             parts = self._own_parts()
@@ -230,7 +229,6 @@ class Consumer:
 
 
 _DEFAULT_FLUSH_TIMEOUT = 30.0
-_size = attrgetter("size")
 
 
 def _wait_for_the_end() -> None:

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from operator import attrgetter
 from typing import Optional
 
 from .._wire import GroupUpdate
 from .buffer import GroupKey, group_of
 
 __all__ = ["Job", "Kind", "Lane"]
-
-_size = attrgetter("size")
 
 
 class Kind(enum.Enum):
@@ -65,7 +62,7 @@ class Job:
         self.lane = lane
         self.texts = texts or []
         self.count = len(self.updates) + len(self.texts)
-        self.bytes = sum(map(_size, self.updates)) + sum(map(len, self.texts))
+        self.bytes = sum([u.size for u in self.updates]) + sum(map(len, self.texts))
         self.abandoned = False  # the exit deadline passed: the exit took its updates
 
     def __repr__(self) -> str:
