@@ -178,6 +178,7 @@ class Transport:
         self._proxy_pool: Optional[urllib3.ProxyManager] = None  # an https:// proxy only
         self._local = threading.local()
         self._open: set[http.client.HTTPConnection] = set()  # every thread's, for close()
+        self._held: list[Any] = []  # locks taken across a fork()
 
     def _routed(self) -> _Route:
         route = self._route
@@ -274,6 +275,31 @@ class Transport:
             conn.close()
             with self._lock:
                 self._open.discard(conn)
+
+    def hold(self) -> None:
+        """Before ``fork()``: take the transport's lock (and an https:// proxy pool's),
+        released on both sides after it, so no copy is left held by a thread of the
+        parent. urllib3's pools are not fork-safe: a child would wait for ever at exit
+        in the pool's finalizer."""
+        self._lock.acquire()
+        self._held.append(self._lock)
+        manager = self._proxy_pool
+        if manager is None:
+            return
+        pools = manager.pools
+        pools.lock.acquire()
+        self._held.append(pools.lock)
+        for key in pools.keys():  # noqa: SIM118 (the container cannot be iterated)
+            connections = pools[key].pool
+            if connections is not None:
+                connections.mutex.acquire()
+                self._held.append(connections.mutex)
+
+    def let_go(self) -> None:
+        """After ``fork()``, in the parent and in the child: release what :meth:`hold` took."""
+        held, self._held = self._held, []
+        for lock in reversed(held):
+            lock.release()
 
     def close(self) -> None:
         with self._lock:
