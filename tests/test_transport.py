@@ -381,3 +381,25 @@ def test_each_thread_reuses_its_own_connection(sink, clean_env):
         assert front.connections <= 3
     finally:
         front.close()
+
+
+def test_threads_past_the_connection_count_do_not_keep_one_open(sink, clean_env):
+    front = Front(sink.port)
+    try:
+        transport = Transport(f"http://127.0.0.1:{front.port}", 10, connections=1)
+        assert transport.post("/groups", _message_body("kept")).outcome is Outcome.OK
+        outcomes: list[Outcome] = []
+
+        def post_twice() -> None:  # a caller thread of a sync client, say
+            for i in range(2):
+                outcomes.append(transport.post("/groups", _message_body(f"once{i}")).outcome)
+
+        other = threading.Thread(target=post_twice)
+        other.start()
+        other.join(30)
+        assert transport.post("/groups", _message_body("kept again")).outcome is Outcome.OK
+        assert outcomes == [Outcome.OK] * 2
+        assert front.connections == 3  # the first thread's, kept; one for each other post
+        assert sink.profile("company", "once1") == {"n": 1}
+    finally:
+        front.close()
