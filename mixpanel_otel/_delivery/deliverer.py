@@ -9,7 +9,6 @@ Each result goes back to the :class:`~.ledger.Ledger`; counts, health and
 
 from __future__ import annotations
 
-import threading
 from typing import Optional
 
 from .._transport import Answer, Post
@@ -56,7 +55,6 @@ class Deliverer:
             backoff=backoff,
             clock=lifecycle.clock,
         )
-        self._spool_lock = threading.Lock()  # one writer at a time keeps the spool in order
 
     # -- Hooks -----------------------------------------------------------------------
 
@@ -139,20 +137,13 @@ class Deliverer:
         kept is counted as spooled)."""
         assert self.spool is not None
         result = Result()
-        with self._spool_lock:
-            fronts = Updates(self.encoder, front).messages(result)
-            backs = Updates(self.encoder, back).messages(result)
-            kept = self.spool.append([m.text for m in fronts], front=True)
-            if kept < len(fronts):  # the rest goes after rows it must precede: not kept
-                unkept = fronts[kept:] + backs
-            else:
-                kept_back = self.spool.append([m.text for m in backs])
-                unkept = backs[kept_back:]
-                kept += kept_back
+        fronts = Updates(self.encoder, front).messages(result)
+        backs = Updates(self.encoder, back).messages(result)
+        kept = self.spool.append([m.text for m in backs], before=[m.text for m in fronts])
         if kept:
             self.reporter.stats.add("spooled", kept)
         self.reporter.failed(result.failed)
-        return [message.origin for message in unkept]
+        return [message.origin for message in (fronts + backs)[kept:]]
 
     def adopt(self) -> None:
         """Take over the spool files of processes that are gone."""

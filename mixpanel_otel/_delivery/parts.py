@@ -22,7 +22,7 @@ from .._exceptions import MixpanelException
 from .._transport import Post
 from .._wire import GroupUpdate
 from . import process
-from .admission import Admission, decide
+from .admission import overflow_reason
 from .deliverer import Deliverer
 from .encode import Encoder, Updates
 from .ledger import Ledger
@@ -87,7 +87,7 @@ class Parts:
         # One thread more than requests in flight with a spool: a spill never waits.
         threads = options.max_in_flight + (1 if self.spool is not None else 0)
         self.worker = Worker(self._loop, threads, "mixpanel-otel-worker")
-        self._stats_debug = Throttle(_STATS_DEBUG_EVERY)
+        self._stats_debug = Throttle(_STATS_DEBUG_EVERY, lock=self.reporter.stats.lock)
         self._finishing = threading.Lock()  # one shutdown at a time
         #: Set when a SIGTERM's exit has taken everything held: the process dies next,
         #: and a caller that adds more is stopped there (:meth:`.Consumer.enqueue`).
@@ -117,14 +117,14 @@ class Parts:
             if not updates:
                 return
             now = clock()
-            verdict, reason = decide(
+            reason = overflow_reason(
                 failing=self.reporter.health.failing,
                 max_block=max_block,
                 wait_until=wait_until,
                 now=now,
                 can_wait=self._can_wait(),
             )
-            if verdict is Admission.OVERFLOW:
+            if reason:
                 self.overflow(updates, reason, wait)
                 return
             if wait_until is None:
@@ -291,7 +291,7 @@ class Parts:
                 reason += "; the spool could not keep them"
             ledger.settle(unkept, Fate.DROPPED, reason)
             reporter.dropped(unkept, reason)
-        reporter.dropped_texts(sdk_lost, "not delivered before exit")
+        reporter.dropped(sdk_lost, "not delivered before exit")
         updates = sum(update.stands_for for update in left) + len(sdk_lost)
         if updates:
             self._report_left(updates, sum(update.stands_for for update in kept))
