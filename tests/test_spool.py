@@ -16,10 +16,10 @@ import pytest
 
 from mixpanel_otel import GroupClient
 from mixpanel_otel._delivery.jobs import Kind
-from mixpanel_otel._delivery.spool import Spool, spooled_rows
+from mixpanel_otel._delivery.spool import Spool
 
 from .conftest import TOKEN
-from .helpers import run
+from .helpers import run, spooled_rows
 
 WAIT = 30.0  # generous bound for a step another thread takes
 

@@ -48,6 +48,10 @@ class Deliverer:
         self.encoder = encoder
         self.spool = spool
         self._backoff = backoff
+        # The sender's other hooks are the lifecycle's: pauses, waits, the exit deadline.
+        self.may_post = lifecycle.wait_out_pause
+        self.wait = lifecycle.wait
+        self.deadline = lifecycle.exit_deadline
         self.sender = Sender(
             transport,
             self,
@@ -55,8 +59,6 @@ class Deliverer:
             backoff=backoff,
             clock=lifecycle.clock,
         )
-
-    # -- Hooks -----------------------------------------------------------------------
 
     def answered(self, answer: Answer) -> None:
         was_failing = self.reporter.health.failing
@@ -66,15 +68,6 @@ class Deliverer:
             self.lifecycle.pause(pause)
         if not was_failing and self.reporter.health.failing:
             self.ledger.hurry()  # callers waiting for room overflow now, not after max_block
-
-    def may_post(self) -> bool:
-        return self.lifecycle.wait_out_pause()
-
-    def wait(self, delay: float) -> bool:
-        return self.lifecycle.wait(delay)
-
-    def deadline(self) -> Optional[float]:
-        return self.lifecycle.exit_deadline()
 
     # -- jobs ------------------------------------------------------------------------
 
@@ -127,8 +120,8 @@ class Deliverer:
             self.reporter.stats.add("errors")
             logger.error("mixpanel-otel spill error: %s", self.reporter.scrub(repr(exc)))
             unkept = job.updates
-        reading = self.spool.reading() if self.spool is not None else None
-        lost = self.ledger.finish_spill(job, unkept, reading)
+        assert self.spool is not None
+        lost = self.ledger.finish_spill(job, unkept, self.spool.reading())
         self.reporter.dropped(lost, "the spool could not keep them and memory is full")
 
     def spill(self, front: list[GroupUpdate], back: list[GroupUpdate]) -> list[GroupUpdate]:

@@ -44,7 +44,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: no adoption across processes
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["Reading", "Spool", "SpoolFile", "spooled_rows"]
+__all__ = ["Reading", "Spool", "SpoolFile"]
 
 _BUSY_TIMEOUT = 5.0  # seconds SQLite waits for another connection's transaction
 _SCHEMA = """
@@ -347,21 +347,6 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
         raise
 
 
-def spooled_rows(directory: str, token: str, base_url: str) -> int:
-    """Rows kept in ``directory`` for (token, API host), in every process's file."""
-    total = 0
-    for path in Spool(directory, token, base_url).orphans():
-        try:
-            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=_BUSY_TIMEOUT)
-            try:
-                total += int(db.execute("SELECT count(*) FROM messages").fetchone()[0])
-            finally:
-                db.close()
-        except sqlite3.Error:
-            continue
-    return total
-
-
 def _read_rows(path: str) -> list[str]:
     """The rows of another process's file, oldest first; a file that is not a
     spool (another schema) raises :class:`sqlite3.DatabaseError`."""
@@ -424,14 +409,13 @@ class _Empty(sqlite3.DatabaseError):
 
 
 def _move_aside(path: str, exc: BaseException) -> None:
-    if isinstance(exc, _Empty):  # most likely a process killed as it created its file
-        aside = f"{path}.empty-{int(time.time())}"
-        logger.warning("mixpanel-otel: spool %s holds no table; set aside as %s", path, aside)
-    else:
-        aside = f"{path}.corrupt-{int(time.time())}"
-        logger.error(
-            "mixpanel-otel: spool %s is unreadable (%s); moved aside to %s", path, exc, aside
-        )
+    empty = isinstance(exc, _Empty)  # most likely a process killed as it created its file
+    aside = f"{path}.{'empty' if empty else 'corrupt'}-{int(time.time())}"
     for suffix in ("", "-wal", "-shm"):  # its WAL may hold its newest pages: kept with it
         with contextlib.suppress(OSError):
             os.replace(path + suffix, aside + suffix)
+    if empty:
+        logger.warning("mixpanel-otel: spool %s holds no table; set aside as %s", path, aside)
+    else:
+        text = "mixpanel-otel: spool %s is unreadable (%s); moved aside to %s"
+        logger.error(text, path, exc, aside)
