@@ -506,6 +506,8 @@ def test_sigterm_python_m_uvicorn_delivers_what_the_app_logs_while_shutting_down
 # -- 5. fork and multiprocessing ---------------------------------------------------------
 
 FORKER = """
+import faulthandler, signal
+faulthandler.enable()  # a hung child is sent SIGABRT first: its threads' stacks go to stderr
 options = {"spool_dir": os.environ["SPOOL"]} if os.environ.get("SPOOL") else {}
 client, consumer = make(flush_interval=0.05, shutdown_timeout=1, **options)
 stop = threading.Event()
@@ -548,6 +550,8 @@ for n, pid in enumerate(children):
                 failed.append((n, os.waitstatus_to_exitcode(status)))
             break
         if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGABRT)
+            time.sleep(2)
             os.kill(pid, 9)
             os.waitpid(pid, 0)
             hung.append(n)
