@@ -20,7 +20,6 @@ from .lifecycle import Lifecycle
 from .report import Reporter
 from .sender import Backoff, Result, Sender
 from .spool import Reading, Spool
-from .stats import logger
 
 __all__ = ["Deliverer"]
 
@@ -89,8 +88,7 @@ class Deliverer:
             else:
                 result, reading = self._replay()
         except Exception as exc:  # a bug must not lose the batch or kill the thread
-            self.reporter.stats.add("errors")
-            logger.error("mixpanel-otel worker error: %s", self.reporter.scrub(repr(exc)))
+            self.reporter.error("the worker", exc)
             result = Result(unsent=list(job.updates or job.texts))
             self.lifecycle.wait(1.0)  # and must not spin
         self.ledger.finish(job, result, reading)
@@ -117,8 +115,7 @@ class Deliverer:
         try:
             unkept = self.spill([], job.updates)
         except Exception as exc:  # a bug must not leave the job out forever
-            self.reporter.stats.add("errors")
-            logger.error("mixpanel-otel spill error: %s", self.reporter.scrub(repr(exc)))
+            self.reporter.error("a spill", exc)
             unkept = job.updates
         assert self.spool is not None
         lost = self.ledger.finish_spill(job, unkept, self.spool.reading())

@@ -61,6 +61,11 @@ class Reporter:
         elif answer.outcome is Outcome.OK:
             self.health.success()
 
+    def error(self, what: str, exc: BaseException) -> None:
+        """A bug of ours or a callback that raised: counted in ``errors`` and logged."""
+        self.stats.add("errors")
+        logger.error("mixpanel-otel: %s raised %s", what, self.scrub(repr(exc)))
+
     def failed(self, failures: Sequence[Failure]) -> None:
         """Messages Mixpanel rejected, or that cannot be sent (unsendable)."""
         if not failures:
@@ -101,7 +106,6 @@ class Reporter:
         try:
             self.on_error(error, [shown(message, self._token) for message in messages])
         except Exception as exc:
-            self.stats.add("errors")
-            logger.error("mixpanel-otel: on_error raised %s", self.scrub(repr(exc)))
+            self.error("on_error", exc)
         finally:
             self._inside.yes = False
