@@ -127,9 +127,10 @@ class Deliverer:
         kept is counted as spooled)."""
         assert self.spool is not None
         result = Result()
-        fronts = Updates(self.encoder, front).messages(result)
-        backs = Updates(self.encoder, back).messages(result)
-        kept = self.spool.append([m.text for m in backs], before=[m.text for m in fronts])
+        with self.spool.lock:  # encoding too: a spill that began first is written first
+            fronts = Updates(self.encoder, front).messages(result)
+            backs = Updates(self.encoder, back).messages(result)
+            kept = self.spool.append([m.text for m in backs], before=[m.text for m in fronts])
         if kept:
             self.reporter.stats.add("spooled", kept)
         self.reporter.failed(result.failed)

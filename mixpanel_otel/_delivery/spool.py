@@ -78,12 +78,14 @@ class Spool:
         digest = hashlib.sha256(f"{token}\n{base_url}".encode()).hexdigest()[:16]
         self.directory = directory
         self.prefix = os.path.join(directory, f"mixpanel-otel-{digest}")
-        self._lock = threading.Lock()
+        #: Held by every change; re-entrant, so a writer that encodes its rows holds it
+        #: around encoding and :meth:`append` both, and two writers keep their order.
+        self.lock = threading.RLock()
         self._file: Optional[SpoolFile] = None
         self._lock_fd: Optional[int] = None
         self.path = ""  # this process's file, once it has one
         self._token_field = '{"$token":' + json.dumps(token) + ","
-        # Every error is logged under self._lock: the throttle needs no lock of its own.
+        # Every error is logged under self.lock: the throttle needs no lock of its own.
         self._errors = Throttle(_ERRORS_EVERY, lock=contextlib.nullcontext())
         self._retry_open_at = 0.0
         self._readings = 0
@@ -91,7 +93,7 @@ class Spool:
     def reading(self) -> Reading:
         """The rows now, ordered against every other reading: a reader that keeps only
         the latest never stores a count older than one it already has."""
-        with self._lock:
+        with self.lock:
             self._readings += 1
             return Reading(self._readings, self._file.rows if self._file is not None else 0)
 
@@ -146,7 +148,7 @@ class Spool:
 
     def adopt(self) -> int:
         """Move the rows of every orphaned file into this process's; return how many."""
-        with self._lock:
+        with self.lock:
             return sum(self._adopt(path) for path in self.orphans())
 
     def _adopt(self, path: str) -> int:
@@ -192,7 +194,7 @@ class Spool:
         if not texts and not before:
             return 0
         kept = 0
-        with self._lock:
+        with self.lock:
             own = self._own()
             if own is None:
                 return 0
@@ -212,20 +214,20 @@ class Spool:
 
     def peek(self, limit: int) -> list[tuple[int, str]]:
         """The oldest ``limit`` rows, ``(id, text)``, left in place until :meth:`ack`."""
-        with self._lock:
+        with self.lock:
             if self._file is None:
                 return []
             return [(i, self._unstrip(body)) for i, body in self._file.peek(limit)]
 
     def ack(self, ids: list[int]) -> None:
         """Delete rows that were delivered (or refused for good)."""
-        with self._lock:
+        with self.lock:
             if ids and self._file is not None:
                 self._file.ack(ids)
 
     def close(self) -> None:
         """Close the file; an empty one is removed, a full one stays for the next process."""
-        with self._lock:
+        with self.lock:
             own, self._file = self._file, None
             fd, self._lock_fd = self._lock_fd, None
             if own is not None and own.close():
@@ -235,7 +237,7 @@ class Spool:
 
     def forget_after_fork(self) -> None:
         """In a forked child: let go of the parent's file without touching it."""
-        self._lock = threading.Lock()
+        self.lock = threading.RLock()
         if self._file is not None:
             _INHERITED.append(self._file.db)  # never closed here: see _INHERITED
         if self._lock_fd is not None:

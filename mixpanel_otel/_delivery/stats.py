@@ -67,7 +67,7 @@ class Throttle:
     The one rate limit of every repeating warning (delivery, spool, front ends, gateway).
     ``lock`` guards it: its own unless given."""
 
-    def __init__(self, every: float = 10.0, lock: Optional[ContextManager[Any]] = None) -> None:
+    def __init__(self, every: float, lock: Optional[ContextManager[Any]] = None) -> None:
         self.every = every
         self._lock = lock if lock is not None else threading.Lock()
         self._last: dict[str, float] = {}
