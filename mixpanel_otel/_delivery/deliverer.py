@@ -91,12 +91,13 @@ class Deliverer:
             self.reporter.error("the worker", exc)
             result = Result(unsent=list(job.updates or job.texts))
             self.lifecycle.wait(1.0)  # and must not spin
-        self.ledger.finish(job, result, reading)
+        # Counted before the ledger hears of it: a flush returns as soon as it does.
         stats = self.reporter.stats
         stats.add("sent", len(result.delivered))
         if result.filtered:
             stats.add("filtered", len(result.filtered))
         self.reporter.failed(result.failed)
+        self.ledger.finish(job, result, reading)
 
     def _replay(self) -> tuple[Result, Reading]:
         assert self.spool is not None
