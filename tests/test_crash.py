@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from mixpanel_otel._delivery.spool import Spool, spooled_rows
+from mixpanel_otel._delivery.spool import Spool
 from mixpanel_otel.sink import Fault
 
 from .helpers import (
@@ -30,6 +30,7 @@ from .helpers import (
     run,
     script,
     spool_files,
+    spooled_rows,
     wait_http,
 )
 

@@ -144,7 +144,7 @@ class Consumer:
         parts = self._own_parts()
         key, lane = routed
         if not parts.ledger.add_sdk(key, lane, json_message):
-            parts.reporter.dropped_texts([json_message], "the consumer is full")
+            parts.reporter.dropped([json_message], "the consumer is full")
         elif not parts.worker.started:
             parts.worker.ensure()
 
