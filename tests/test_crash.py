@@ -84,6 +84,40 @@ def replay(sink, workdir, spool, name="replay"):
 # -- 1. kill -9 in a crash loop ---------------------------------------------------------
 
 
+ADOPT_THEN_DIE = """
+from mixpanel_otel._delivery import spool as spool_module
+remove = spool_module._remove
+def remove_or_die(path):  # SIGKILL right after the adopted rows are committed
+    if path.endswith(".sqlite3"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    remove(path)
+spool_module._remove = remove_or_die
+client, consumer = make(spool_dir=os.environ["SPOOL"], flush_interval=60)
+consumer.flush(30)
+"""
+
+
+def test_a_process_killed_as_it_adopts_a_spool_leaves_each_row_to_be_sent_once(sink, tmp_path):
+    # Adoption copies an orphan's rows into the adopter's file, then removes the orphan.
+    # Killed between the two, both files held the rows, and the next process sent them
+    # all twice (and, had the adopter spooled newer rows, the old ones after them).
+    spool = str(tmp_path / "spool")
+    groups = [f"adopt{i}" for i in range(20)]
+    seed_spool(sink, str(tmp_path), spool, "a", groups, 200)
+    sink.down = True
+    try:
+        code, out, err = run(
+            "import signal\n" + ADOPT_THEN_DIE, sink.url, str(tmp_path), "adopter", SPOOL=spool
+        )
+    finally:
+        sink.down = False
+    assert code == -signal.SIGKILL, (code, err)
+    replay(sink, str(tmp_path), spool)
+    outcome = compare(sink, Plan().emit("a", groups, 200))
+    assert not outcome.lost and not outcome.stale, outcome
+    assert outcome.duplicate_messages == 0, outcome
+
+
 def test_sigkill_crash_loop_while_replaying_a_spool_loses_nothing(sink, tmp_path):
     rng = random.Random(SEED)
     spool = str(tmp_path / "spool")

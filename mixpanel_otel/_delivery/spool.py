@@ -52,6 +52,9 @@ CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY,  -- send order; rows put in front get lower numbers
     body TEXT NOT NULL       -- one wire message, JSON
 );
+CREATE TABLE IF NOT EXISTS adopted (
+    name TEXT PRIMARY KEY    -- a file whose rows are in this one (see Spool.adopt)
+);
 """
 _ERRORS_EVERY = 60.0  # seconds between two spool errors in the log
 _REOPEN_AFTER = 5.0  # seconds before an open that failed is tried again
@@ -147,39 +150,58 @@ class Spool:
         return sorted((path for path in paths if path != self.path), key=_mtime)
 
     def adopt(self) -> int:
-        """Move the rows of every orphaned file into this process's; return how many."""
-        with self.lock:
-            return sum(self._adopt(path) for path in self.orphans())
+        """Move the rows of every orphaned file into this process's; return how many.
 
-    def _adopt(self, path: str) -> int:
-        lock_path = path[: -len(".sqlite3")] + ".lock"
-        try:
-            fd = _take_lock(lock_path)
-        except OSError:
-            return 0  # its process is alive
+        The rows and the orphan's name go in one transaction, and the orphan is
+        removed after it: a process killed in between leaves a file whose name
+        another file lists, and that file is removed, not adopted twice.
+        """
+        with self.lock:
+            taken = []
+            for path in self.orphans():
+                try:
+                    taken.append((path, _take_lock(_lock_path(path))))
+                except OSError:
+                    continue  # its process is alive
+            try:
+                copied = self._adopted_names([path for path, _ in taken])
+                return sum(self._adopt(path, copied) for path, _ in taken)
+            finally:
+                for path, fd in taken:
+                    if not os.path.exists(path):
+                        _remove(_lock_path(path))  # adopted: the lock is ours, not its owner's
+                    os.close(fd)
+
+    def _adopted_names(self, paths: list[str]) -> set[str]:
+        """The files whose rows are already in one of ``paths`` or in this process's."""
+        names: set[str] = set()
+        for path in paths + ([self.path] if self.path else []):
+            with contextlib.suppress(sqlite3.Error):
+                names.update(_read_names(path))
+        return names
+
+    def _adopt(self, path: str, copied: set[str]) -> int:
+        name = os.path.basename(path)
         try:
             if not os.path.exists(path):
-                _remove(lock_path)  # adopted already: the lock is ours, just made
+                return 0
+            if name in copied:  # its rows were copied; the copier died before removing it
+                _remove_file(path)
                 return 0
             try:
-                rows = _read_rows(path)
+                rows, names = _read_rows(path)
             except sqlite3.DatabaseError as exc:
                 _move_aside(path, exc)
-                _remove(lock_path)
                 return 0
             own = self._own()
             if own is None:
                 return 0
-            own.insert(rows)
-            for suffix in ("", "-wal", "-shm"):
-                _remove(path + suffix)
-            _remove(lock_path)
+            own.insert(rows, adopted=[name, *names])
+            _remove_file(path)
             return len(rows)
         except (OSError, sqlite3.Error) as exc:
             logger.error("mixpanel-otel: could not adopt spool %s: %s", path, exc)
             return 0
-        finally:
-            os.close(fd)
 
     # -- rows ----------------------------------------------------------------------
 
@@ -265,12 +287,18 @@ class SpoolFile:
         first = self.db.execute("SELECT min(id) FROM messages").fetchone()[0]
         return (first if first is not None else 1) - count
 
-    def insert(self, texts: list[str], start: Optional[int] = None) -> None:
-        """Write rows in one transaction, after every row or with ids from ``start``."""
-        if not texts:
+    def insert(
+        self, texts: list[str], start: Optional[int] = None, adopted: Sequence[str] = ()
+    ) -> None:
+        """Write rows in one transaction, after every row or with ids from ``start``;
+        ``adopted``: the names of the files they came from, noted in the same one."""
+        if not texts and not adopted:
             return
         db = self.db
         with _transaction(db):
+            db.executemany(
+                "INSERT OR IGNORE INTO adopted (name) VALUES (?)", ((n,) for n in adopted)
+            )
             if start is not None:
                 db.executemany(
                     "INSERT INTO messages (id, body) VALUES (?, ?)",
@@ -349,24 +377,52 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
         raise
 
 
-def _read_rows(path: str) -> list[str]:
-    """The rows of another process's file, oldest first; a file that is not a
-    spool (another schema) raises :class:`sqlite3.DatabaseError`."""
+def _read_rows(path: str) -> tuple[list[str], list[str]]:
+    """The rows of another process's file, oldest first, and the files it adopted;
+    a file that is not a spool (another schema) raises :class:`sqlite3.DatabaseError`."""
     source = sqlite3.connect(path, timeout=_BUSY_TIMEOUT, isolation_level=None)
     try:
-        tables = source.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
-        ).fetchall()
+        query = "SELECT name FROM sqlite_master WHERE type = 'table'"
+        tables = [row[0] for row in source.execute(query)]
         if not tables:  # its process died before writing the schema, or not ours
             raise _Empty(path)
         columns = [row[1] for row in source.execute("PRAGMA table_info(messages)")]
-        if tables != [("messages",)] or columns != ["id", "body"]:
-            raise sqlite3.DatabaseError(
-                f"not a mixpanel-otel spool (tables {[t[0] for t in tables]})"
-            )
-        return [str(row[0]) for row in source.execute("SELECT body FROM messages ORDER BY id")]
+        # Files of versions before the adopted table have messages alone.
+        if sorted(tables) not in (["messages"], ["adopted", "messages"]) or columns != [
+            "id",
+            "body",
+        ]:
+            raise sqlite3.DatabaseError(f"not a mixpanel-otel spool (tables {sorted(tables)})")
+        rows = [str(row[0]) for row in source.execute("SELECT body FROM messages ORDER BY id")]
+        names = (
+            [str(row[0]) for row in source.execute("SELECT name FROM adopted")]
+            if ("adopted" in tables)
+            else []
+        )
+        return rows, names
     finally:
         source.close()
+
+
+def _read_names(path: str) -> list[str]:
+    """The files ``path`` adopted (none for a file without the table)."""
+    source = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=_BUSY_TIMEOUT)
+    try:
+        return [str(row[0]) for row in source.execute("SELECT name FROM adopted")]
+    except sqlite3.OperationalError:  # no such table
+        return []
+    finally:
+        source.close()
+
+
+def _lock_path(path: str) -> str:
+    return path[: -len(".sqlite3")] + ".lock"
+
+
+def _remove_file(path: str) -> None:
+    """A spool file with its WAL and shared memory."""
+    for suffix in ("", "-wal", "-shm"):
+        _remove(path + suffix)
 
 
 def _take_lock(lock_path: str) -> int:
