@@ -88,6 +88,97 @@ def test_a_pool_childs_own_sigterm_handler_runs_once_and_its_exit_delivers(sink,
     assert not outcome.lost and not outcome.stale, (outcome, err)
 
 
+EXIT_INTERRUPTED = """
+import multiprocessing, signal, threading
+from multiprocessing import util
+ctx = multiprocessing.get_context(sys.argv[1])
+kind, where = sys.argv[2], sys.argv[3]
+calls_dir = os.environ["CALLS"]
+armed = []
+
+def on_term(signum, frame):
+    with open(os.path.join(calls_dir, str(os.getpid())), "a") as f:
+        f.write("called\\n")
+    sys.exit(0)
+
+def signal_now():  # the SIGTERM lands here: the handler raises SystemExit in this frame
+    if "fired" not in armed:  # one signal, though a spawned child's exit may call this twice
+        armed.append("fired")
+        signal.raise_signal(signal.SIGTERM)
+
+def work(n):
+    signal.signal(signal.SIGTERM, on_term)
+    client, _ = make(flush_interval=60)
+    emit(client, f"w{n}", [f"w{n}-{j}" for j in range(3)], 50)
+    if armed:
+        return n
+    armed.append(n)
+    if where == "target":
+        signal_now()
+    elif where == "exit_function":  # multiprocessing's exit routine, before our finalizer
+        util.Finalize(None, signal_now, exitpriority=1000)
+    else:  # threading's shutdown hooks, which _bootstrap runs last, before ours
+        threading._register_atexit(signal_now)
+    return n
+
+if __name__ == "__main__":
+    if kind == "pool":
+        with ctx.Pool(2) as pool:
+            assert sorted(pool.map(work, range(4), chunksize=1)) == [0, 1, 2, 3]
+            pool.close()
+            pool.join()
+    else:
+        for n in range(2):
+            child = ctx.Process(target=work, args=(n,))
+            child.start()
+            child.join()
+            # Out of threading's shutdown, SystemExit leaves _bootstrap: CPython's own code.
+            assert child.exitcode == 0 or where == "threading_shutdown", child.exitcode
+    print("DONE", flush=True)
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+@pytest.mark.parametrize(
+    "kind, where",
+    [
+        ("process", "target"),
+        ("process", "exit_function"),
+        ("process", "threading_shutdown"),
+        ("pool", "exit_function"),
+    ],
+)
+def test_a_childs_handler_raising_anywhere_on_its_way_out_costs_no_update(
+    sink, tmp_path, method, kind, where
+):
+    """The child's exit steps run once whether the application's handler raises
+    SystemExit in the target, in multiprocessing's exit routine or in threading's
+    shutdown hooks (issue 28 item 1: a pool worker's 100 updates were lost)."""
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    child = Child(
+        EXIT_INTERRUPTED,
+        sink.url,
+        str(tmp_path),
+        "interrupted",
+        method,
+        kind,
+        where,
+        CALLS=str(calls),
+        MIXPANEL_OTEL_SHUTDOWN_TIMEOUT=3,
+    )
+    code, out, err = _finish(child)
+    assert code == 0 and "DONE" in out, err
+    assert os.listdir(calls), f"no child's handler ran: {err}"
+    for name in os.listdir(calls):
+        assert (calls / name).read_text() == "called\n", (name, err)
+    plan = Plan()
+    for n in range(4 if kind == "pool" else 2):
+        plan.emit(f"w{n}", [f"w{n}-{j}" for j in range(3)], 50)
+    outcome = compare(sink, plan)
+    assert not outcome.lost and not outcome.stale, (outcome, err)
+
+
 EXECUTOR = """
 import concurrent.futures, multiprocessing
 

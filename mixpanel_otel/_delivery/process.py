@@ -11,8 +11,9 @@ Installed when the first shared consumer of a process is made (docs/delivery.md,
   is noticed in C (``faulthandler`` writes to a pipe of ours), so a thread
   of ours flushes without waiting for the main thread, then the process dies
   by the signal. An application's own handler is never replaced or called;
-- in a **multiprocessing** child (which ends with ``os._exit``): a finalizer
-  of multiprocessing's own that runs the exit steps;
+- in a **multiprocessing** child (which ends with ``os._exit``): the exit
+  steps, once, from the first of two points on its way out (see
+  :func:`_watch_multiprocessing_exit`);
 - **at-fork** hooks: a child starts with nothing of ours, no thread, no
   descriptor, until it uses the library itself.
 """
@@ -66,6 +67,7 @@ class _ExitSteps:
     def __init__(self) -> None:
         self._steps: dict[str, list[ExitStep]] = {stage: [] for stage in STAGES}
         self._lock = threading.Lock()  # one exit at a time: a SIGTERM may come during atexit
+        self.child_exit_in = 0  # the multiprocessing child whose exit steps are still due
 
     def add(self, stage: str, step: ExitStep) -> None:
         if stage not in self._steps:
@@ -73,10 +75,16 @@ class _ExitSteps:
         if step not in self._steps[stage]:
             self._steps[stage].append(step)
 
-    def run(self, deadline: float) -> None:
+    def run(self, deadline: float, child_exit: bool = False) -> None:
+        """Run every step by ``deadline``; a ``child_exit`` run only if none has begun
+        (a later one waits here for the first to end)."""
         if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             return
         try:
+            if child_exit:
+                if self.child_exit_in != os.getpid():
+                    return
+                self.child_exit_in = 0
             for stage in STAGES:
                 for step in list(self._steps[stage]):
                     try:
@@ -211,7 +219,6 @@ class _Hooks:
         self.installed = False
         self.shutdown_timeout = 0.0  # the largest of the consumers'
         self.used_in = 0  # the pid where use() last ran
-        self.finalizer: Any = None  # multiprocessing's Finalize, in a child
 
 
 _budget = _Budget()
@@ -255,12 +262,12 @@ def exit_deadline() -> Optional[float]:
     return _budget.deadline
 
 
-def run_exit_steps(timeout: Optional[float] = None) -> None:
+def run_exit_steps(timeout: Optional[float] = None, child_exit: bool = False) -> None:
     """Start the exit budget (``timeout``, else the consumers' ``shutdown_timeout``)
     if not yet, and run the exit steps within it."""
     seconds = timeout if timeout is not None else _hooks.shutdown_timeout
     deadline = _budget.start(seconds or DEFAULT_SHUTDOWN_TIMEOUT)
-    _shielded(lambda: _steps.run(deadline), deadline)
+    _shielded(lambda: _steps.run(deadline, child_exit), deadline)
 
 
 def _shielded(work: Callable[[], None], deadline: float) -> None:
@@ -314,9 +321,7 @@ def shutdown(timeout: Optional[float] = None) -> None:
         if _hooks.installed:
             atexit.unregister(_at_exit)
             _hooks.installed = False
-        if _hooks.finalizer is not None:
-            _hooks.finalizer.cancel()
-            _hooks.finalizer = None
+        _steps.child_exit_in = 0
         _hooks.used_in = 0
 
 
@@ -354,12 +359,34 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def _watch_multiprocessing_exit() -> None:
     """In a multiprocessing child, which ends with ``os._exit`` and skips ``atexit``:
-    run the exit steps in multiprocessing's own exit finalizers."""
+    run the exit steps once, from the first of two points on its way out.
+
+    An application's SIGTERM handler may raise SystemExit anywhere on that way
+    (in the target, in the pool's loop, in multiprocessing's exit routine), and
+    whatever runs after it in the same block is skipped. The two points are
+    never both skipped by one SystemExit: multiprocessing's exit finalizers
+    (run by ``Process._bootstrap`` up to 3.12, by ``atexit`` after it from
+    3.13) and threading's shutdown hooks, which ``_bootstrap`` runs in its last
+    ``finally``, after it has caught the SystemExit. Neither needs a thread or
+    a descriptor until it runs.
+    """
     process = sys.modules.get("multiprocessing.process")
     util = sys.modules.get("multiprocessing.util")
     if process is None or util is None or process.parent_process() is None:
         return
-    _hooks.finalizer = util.Finalize(None, run_exit_steps, exitpriority=100)
+    _steps.child_exit_in = os.getpid()
+    util.Finalize(None, _child_exit, exitpriority=100)
+    register = getattr(threading, "_register_atexit", None)  # CPython 3.9+, private
+    if register is not None:
+        try:
+            register(_child_exit)
+        except RuntimeError:  # threading is shutting down: the finalizer will do
+            pass
+
+
+def _child_exit() -> None:
+    if _steps.child_exit_in == os.getpid():  # not a grandchild's copy, not put back
+        run_exit_steps(child_exit=True)
 
 
 # -- fork ------------------------------------------------------------------------------
@@ -391,7 +418,6 @@ def _after_fork_in_child() -> None:
     _lock = threading.Lock()
     _steps.after_fork()
     _budget.deadline = None  # the child's exit is its own
-    _hooks.finalizer = None
     _hooks.dying = False
     for _, _, in_child in reversed(_fork_callbacks):
         in_child()
