@@ -91,6 +91,7 @@ def test_a_pool_childs_own_sigterm_handler_runs_once_and_its_exit_delivers(sink,
 EXIT_INTERRUPTED = """
 import multiprocessing, signal, threading
 from multiprocessing import util
+from mixpanel_otel._delivery import process
 ctx = multiprocessing.get_context(sys.argv[1])
 kind, where = sys.argv[2], sys.argv[3]
 calls_dir = os.environ["CALLS"]
@@ -106,9 +107,14 @@ def signal_now():  # the SIGTERM lands here: the handler raises SystemExit in th
         armed.append("fired")
         signal.raise_signal(signal.SIGTERM)
 
+def note_exit_steps(deadline):
+    with open(os.path.join(calls_dir, f"{os.getpid()}.exit"), "a") as f:
+        f.write("ran\\n")
+
 def work(n):
     signal.signal(signal.SIGTERM, on_term)
     client, _ = make(flush_interval=60)
+    process.add_exit_step("providers", note_exit_steps)
     emit(client, f"w{n}", [f"w{n}-{j}" for j in range(3)], 50)
     if armed:
         return n
@@ -169,9 +175,11 @@ def test_a_childs_handler_raising_anywhere_on_its_way_out_costs_no_update(
     )
     code, out, err = _finish(child)
     assert code == 0 and "DONE" in out, err
-    assert os.listdir(calls), f"no child's handler ran: {err}"
-    for name in os.listdir(calls):
-        assert (calls / name).read_text() == "called\n", (name, err)
+    handled = [name for name in os.listdir(calls) if not name.endswith(".exit")]
+    assert handled, f"no child's handler ran: {err}"
+    for name in os.listdir(calls):  # each handler, and each child's exit steps, once
+        assert (calls / name).read_text() in ("called\n", "ran\n"), (name, err)
+    assert {f"{name}.exit" for name in handled} <= set(os.listdir(calls)), err
     plan = Plan()
     for n in range(4 if kind == "pool" else 2):
         plan.emit(f"w{n}", [f"w{n}-{j}" for j in range(3)], 50)

@@ -326,7 +326,7 @@ def shutdown(timeout: Optional[float] = None) -> None:
 
 
 def _at_exit() -> None:
-    run_exit_steps()
+    run_exit_steps(child_exit=_in_multiprocessing_child())  # a spawned child ends here too
 
 
 def _exit_by_signal() -> None:
@@ -370,9 +370,8 @@ def _watch_multiprocessing_exit() -> None:
     ``finally``, after it has caught the SystemExit. Neither needs a thread or
     a descriptor until it runs.
     """
-    process = sys.modules.get("multiprocessing.process")
     util = sys.modules.get("multiprocessing.util")
-    if process is None or util is None or process.parent_process() is None:
+    if util is None or not _in_multiprocessing_child():
         return
     _steps.child_exit_in = os.getpid()
     util.Finalize(None, _child_exit, exitpriority=100)
@@ -382,6 +381,11 @@ def _watch_multiprocessing_exit() -> None:
             register(_child_exit)
         except RuntimeError:  # threading is shutting down: the finalizer will do
             pass
+
+
+def _in_multiprocessing_child() -> bool:
+    process = sys.modules.get("multiprocessing.process")
+    return process is not None and process.parent_process() is not None
 
 
 def _child_exit() -> None:
