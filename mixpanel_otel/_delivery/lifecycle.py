@@ -53,9 +53,6 @@ class Lifecycle:
         self._hurry = threading.Event()
         self._wait = wait or self._event_wait
 
-    def __repr__(self) -> str:
-        return f"<Lifecycle {self.phase.name}>"
-
     @property
     def phase(self) -> Phase:
         if self._phase is Phase.RUNNING and self._flushes:
@@ -113,13 +110,9 @@ class Lifecycle:
     def exit_deadline(self) -> Optional[float]:
         """When requests and retries stop: the exit's deadline (also once stopped:
         a request still out then gives up), or an inline flush's."""
-        if self._phase is Phase.CLOSING or self._phase is Phase.STOPPED:
+        if self._phase in (Phase.CLOSING, Phase.STOPPED):
             return self.deadline
         return self._inline_until
-
-    def time_left(self) -> bool:
-        deadline = self.exit_deadline()
-        return deadline is None or deadline - self.clock() > 0.01
 
     def wait(self, delay: float) -> bool:
         """Sleep before a retry, cut short by flush() or shutdown; False when out of time."""
@@ -130,7 +123,8 @@ class Lifecycle:
                 return False
             delay = min(delay, left)
         self._wait(max(0.0, delay))
-        return self.time_left()
+        deadline = self.exit_deadline()
+        return deadline is None or deadline - self.clock() > 0.01
 
     def wait_out_pause(self) -> bool:
         """Before each request: wait while a 429 pauses the consumer; False to stop."""

@@ -21,6 +21,7 @@ Installed when the first shared consumer of a process is made (docs/delivery.md,
 from __future__ import annotations
 
 import atexit
+import contextlib
 import faulthandler
 import os
 import signal
@@ -47,18 +48,6 @@ DEFAULT_SHUTDOWN_TIMEOUT = 5.0
 _GRACE = 2.0  # past the deadline, for an exit step that overruns (a slow disk, a loaded machine)
 
 ExitStep = Callable[[float], None]
-
-
-class _Budget:
-    """The one exit deadline (``time.monotonic()``), started by the first exit."""
-
-    def __init__(self) -> None:
-        self.deadline: Optional[float] = None
-
-    def start(self, seconds: float) -> float:
-        if self.deadline is None:
-            self.deadline = time.monotonic() + seconds
-        return self.deadline
 
 
 class _ExitSteps:
@@ -139,8 +128,7 @@ class _SigtermWatch:
         try:
             watcher.start()
         except RuntimeError:  # interpreter shutdown
-            os.close(read)
-            os.close(write)
+            _close(read, write)
             return False
         self._fds, self.pid, self._stopping = (read, write), os.getpid(), False
         # faulthandler remembers the action it replaces and puts it back on unregister:
@@ -157,8 +145,7 @@ class _SigtermWatch:
         """Put SIGTERM back as it was (unless the application has changed it since)."""
         if not self.armed:
             return
-        ours = signal.getsignal(signal.SIGTERM) is _on_sigterm
-        if ours:
+        if signal.getsignal(signal.SIGTERM) is _on_sigterm:
             faulthandler.unregister(signal.SIGTERM)
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -173,8 +160,7 @@ class _SigtermWatch:
             return
         finally:
             if self._stopping:
-                for fd in (read, self._fds[1]):
-                    _close(fd)
+                _close(read, self._fds[1])
         if not self._stopping:
             _exit_by_signal()
 
@@ -198,34 +184,38 @@ class _SigtermWatch:
             if signal.getsignal(signal.SIGTERM) is _on_sigterm:
                 faulthandler.unregister(signal.SIGTERM)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            for fd in self._fds:
-                _close(fd)
+            _close(*self._fds)
             self.pid, self._fds = 0, (-1, -1)
         self.after_fork_in_parent()  # a SIGTERM sent meanwhile now does what it did before
 
 
-def _close(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
+def _close(*fds: int) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 class _Hooks:
-    """What is installed in this process, and the consumers' budget."""
+    """What is installed in this process, and the one exit budget."""
 
     def __init__(self) -> None:
         self.dying = False  # a SIGTERM's exit: the process ends when the steps are done
         self.installed = False
         self.shutdown_timeout = 0.0  # the largest of the consumers'
         self.used_in = 0  # the pid where use() last ran
+        self.deadline: Optional[float] = None  # ``time.monotonic()``, set by the first exit
+
+    def start_budget(self, seconds: float) -> float:
+        if self.deadline is None:
+            self.deadline = time.monotonic() + seconds
+        return self.deadline
 
 
-_budget = _Budget()
 _steps = _ExitSteps()
 _watch = _SigtermWatch()
 _hooks = _Hooks()
-_lock = threading.Lock()
+#: The hooks' state, and the registry's consumers (held across ``fork()``).
+lock = threading.Lock()
 
 
 def add_exit_step(stage: str, step: ExitStep) -> None:
@@ -240,7 +230,7 @@ def add_exit_step(stage: str, step: ExitStep) -> None:
 
 def use(shutdown_timeout: float, watch_sigterm: bool) -> None:
     """Install the hooks (once per process): a consumer was made, or used after a fork."""
-    with _lock:
+    with lock:
         _hooks.shutdown_timeout = max(_hooks.shutdown_timeout, shutdown_timeout)
         if not _hooks.installed:
             _hooks.installed = True
@@ -259,14 +249,14 @@ def dying() -> bool:
 
 def exit_deadline() -> Optional[float]:
     """The exit budget's deadline once an exit has begun, else None."""
-    return _budget.deadline
+    return _hooks.deadline
 
 
 def run_exit_steps(timeout: Optional[float] = None, child_exit: bool = False) -> None:
     """Start the exit budget (``timeout``, else the consumers' ``shutdown_timeout``)
     if not yet, and run the exit steps within it."""
     seconds = timeout if timeout is not None else _hooks.shutdown_timeout
-    deadline = _budget.start(seconds or DEFAULT_SHUTDOWN_TIMEOUT)
+    deadline = _hooks.start_budget(seconds or DEFAULT_SHUTDOWN_TIMEOUT)
     _shielded(lambda: _steps.run(deadline, child_exit), deadline)
 
 
@@ -281,15 +271,7 @@ def _shielded(work: Callable[[], None], deadline: float) -> None:
     if threading.current_thread() is not threading.main_thread():
         work()
         return
-    done = threading.Event()
-
-    def run() -> None:
-        try:
-            work()
-        finally:
-            done.set()
-
-    worker = threading.Thread(target=run, name="mixpanel-otel-exit", daemon=True)
+    worker = threading.Thread(target=work, name="mixpanel-otel-exit", daemon=True)
     interrupted: Optional[BaseException] = None
     try:
         worker.start()
@@ -300,13 +282,12 @@ def _shielded(work: Callable[[], None], deadline: float) -> None:
         interrupted = exc
         if worker.ident is None:  # not started after all
             work()
-            done.set()
-    while not done.is_set():
+    while worker.is_alive():
         left = deadline + _GRACE - time.monotonic()
         if left <= 0:
             break
         try:
-            done.wait(left)
+            worker.join(left)
         except BaseException as exc:  # the application's handler: it ran, its exit waits
             interrupted = interrupted or exc
     if interrupted is not None:
@@ -316,7 +297,7 @@ def _shielded(work: Callable[[], None], deadline: float) -> None:
 def shutdown(timeout: Optional[float] = None) -> None:
     """Run the exit steps now, then put back everything installed (see the module)."""
     run_exit_steps(timeout)
-    with _lock:
+    with lock:
         _watch.disarm()
         if _hooks.installed:
             atexit.unregister(_at_exit)
@@ -330,7 +311,10 @@ def _at_exit() -> None:
 
 
 def _exit_by_signal() -> None:
-    """Run the exit steps (from a thread of ours), then die by SIGTERM's default action."""
+    """Run the exit steps, then die by SIGTERM's default action: from the watcher
+    thread, or as our Python handler when someone restored it and raised SIGTERM
+    (the main thread may then be stopped inside one of our locks: the steps run
+    in a thread of their own, :func:`_shielded`)."""
     _hooks.dying = True
     try:
         run_exit_steps()
@@ -342,16 +326,7 @@ def _exit_by_signal() -> None:
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    """Our Python handler, which runs when someone restored it and raised SIGTERM
-    (the main thread may be stopped inside one of our locks: the steps run in a
-    thread of their own, :func:`_shielded`)."""
-    _hooks.dying = True
-    try:
-        run_exit_steps()
-    finally:
-        faulthandler.unregister(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
+    _exit_by_signal()
 
 
 # -- multiprocessing -------------------------------------------------------------------
@@ -377,10 +352,8 @@ def _watch_multiprocessing_exit() -> None:
     util.Finalize(None, _child_exit, exitpriority=100)
     register = getattr(threading, "_register_atexit", None)  # CPython 3.9+, private
     if register is not None:
-        try:
+        with contextlib.suppress(RuntimeError):  # shutting down: the finalizer will do
             register(_child_exit)
-        except RuntimeError:  # threading is shutting down: the finalizer will do
-            pass
 
 
 def _in_multiprocessing_child() -> bool:
@@ -407,6 +380,7 @@ def at_fork(
 
 def _before_fork() -> None:
     _watch.before_fork()
+    lock.acquire()
     for before, _, _ in _fork_callbacks:
         before()
 
@@ -414,14 +388,15 @@ def _before_fork() -> None:
 def _after_fork_in_parent() -> None:
     for _, in_parent, _ in reversed(_fork_callbacks):
         in_parent()
+    lock.release()
     _watch.after_fork_in_parent()
 
 
 def _after_fork_in_child() -> None:
-    global _lock
-    _lock = threading.Lock()
+    global lock
+    lock = threading.Lock()
     _steps.after_fork()
-    _budget.deadline = None  # the child's exit is its own
+    _hooks.deadline = None  # the child's exit is its own
     _hooks.dying = False
     for _, _, in_child in reversed(_fork_callbacks):
         in_child()
