@@ -161,6 +161,7 @@ class Transport:
         self._lock = threading.Lock()
         self._pool: Optional[urllib3.PoolManager] = None
         self._headers: dict[str, str] = {}
+        self._held: list[Any] = []  # the pool's locks, taken across a fork()
 
     def _manager(self) -> urllib3.PoolManager:
         pool = self._pool
@@ -197,6 +198,31 @@ class Transport:
         if proxy:
             return urllib3.ProxyManager(proxy, **options)
         return urllib3.PoolManager(**options)
+
+    def hold(self) -> None:
+        """Before ``fork()``: take the pool's locks, released on both sides after it.
+
+        urllib3's pools are not fork-safe: a child whose copy of a pool's lock was
+        held by a thread of the parent (a worker taking a connection) would wait on
+        it for ever once it touches that pool, and its finalizer does, at exit.
+        """
+        manager = self._pool
+        if manager is None:
+            return
+        pools = manager.pools
+        pools.lock.acquire()
+        self._held.append(pools.lock)
+        for key in pools.keys():  # noqa: SIM118 (the container cannot be iterated)
+            connections = pools[key].pool
+            if connections is not None:
+                connections.mutex.acquire()
+                self._held.append(connections.mutex)
+
+    def let_go(self) -> None:
+        """After ``fork()``, in the parent and in the child: release what :meth:`hold` took."""
+        held, self._held = self._held, []
+        for lock in reversed(held):
+            lock.release()
 
     def close(self) -> None:
         with self._lock:

@@ -29,6 +29,17 @@ settings.register_profile("deep", max_examples=5000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
+@pytest.fixture(autouse=True)
+def _no_consumer_outlives_its_test() -> Iterator[None]:
+    """Shut down the shared consumers a test left behind: one still retrying against
+    its test's sink would post to whatever server reuses that port next (and take the
+    fault a later test scripted for its own consumer)."""
+    yield
+    from mixpanel_otel.testing import reset_consumers
+
+    reset_consumers(timeout=0.5)
+
+
 @pytest.fixture
 def sink(tmp_path) -> Iterator[Sink]:
     """A fresh local Mixpanel sink on a temporary SQLite file, serving on a free port."""

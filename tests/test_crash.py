@@ -505,6 +505,8 @@ def test_sigterm_python_m_uvicorn_delivers_what_the_app_logs_while_shutting_down
 # -- 5. fork and multiprocessing ---------------------------------------------------------
 
 FORKER = """
+import faulthandler, signal
+faulthandler.enable()  # a hung child is sent SIGABRT first: its threads' stacks go to stderr
 options = {"spool_dir": os.environ["SPOOL"]} if os.environ.get("SPOOL") else {}
 client, consumer = make(flush_interval=0.05, shutdown_timeout=1, **options)
 stop = threading.Event()
@@ -547,6 +549,8 @@ for n, pid in enumerate(children):
                 failed.append((n, os.waitstatus_to_exitcode(status)))
             break
         if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGABRT)
+            time.sleep(2)
             os.kill(pid, 9)
             os.waitpid(pid, 0)
             hung.append(n)
@@ -630,6 +634,51 @@ def test_fork_during_the_parents_first_request(sink, tmp_path):
     count = int(out.split("P ")[1].split()[0])
     outcome = compare(sink, Plan().emit("p", ["p0", "p1"], count).emit("child", ["child0"], 30))
     assert not outcome.lost and not outcome.stale, outcome
+
+
+def test_fork_while_a_worker_holds_the_connection_pools_lock(sink, tmp_path):
+    # The parent's worker threads take urllib3's pool lock for every request. A child
+    # forked while one held it had a copy held by nobody, and its exit hung for ever in
+    # urllib3's finalizer of that pool (seen as "HUNG" in the twenty-forks test).
+    code, out, err = run(
+        """
+        import faulthandler, signal
+        faulthandler.enable()
+        client, consumer = make(flush_interval=0.05)
+        client.group_set("company", "parent", {"n": 1})
+        assert client.flush(10)
+        pools = consumer.transport._pool.pools
+        connections = pools[next(iter(pools.keys()))].pool
+        taken = threading.Event()
+        def take_a_connection():  # what a worker does, slowed down
+            with connections.mutex:
+                taken.set()
+                time.sleep(0.5)
+        threading.Thread(target=take_a_connection).start()
+        taken.wait()
+        pid = os.fork()
+        if pid == 0:
+            client.group_set("company", "child", {"n": 2})
+            sys.exit(0)  # the exit steps, then urllib3's finalizers
+        started, done = time.monotonic(), (0, 0)
+        while time.monotonic() - started < 20 and done == (0, 0):
+            done = os.waitpid(pid, os.WNOHANG)
+            time.sleep(0.01)
+        if done == (0, 0):
+            os.kill(pid, signal.SIGABRT)  # its stacks go to stderr
+            time.sleep(2)
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        print("CHILD", "hung" if done == (0, 0) else os.waitstatus_to_exitcode(done[1]))
+        """,
+        sink.url,
+        str(tmp_path),
+        "poollock",
+        timeout=60,
+    )
+    assert code == 0, err
+    assert "CHILD 0" in out, (out, err)
+    assert sink.profile("company", "child") == {"n": 2}
 
 
 POOL = """

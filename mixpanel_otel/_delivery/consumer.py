@@ -212,15 +212,21 @@ class Consumer:
         return self.parts
 
     def before_fork(self) -> None:
-        """Hold the lock across ``fork()``, so the child's copy is not taken mid-change."""
+        """Hold the locks across ``fork()``, so the child's copies are not taken mid-change."""
         self.parts.ledger.hold()
+        if isinstance(self.transport, Transport):
+            self.transport.hold()
 
     def after_fork_in_parent(self) -> None:
         """Let go of what :meth:`before_fork` took."""
+        if isinstance(self.transport, Transport):
+            self.transport.let_go()
         self.parts.ledger.let_go()
 
     def after_fork(self) -> None:
         """In a forked child: start empty; the parent keeps (and delivers) its updates."""
+        if isinstance(self.transport, Transport):
+            self.transport.let_go()  # the parent's pool: its finalizer closes our copies
         if self.parts.spool is not None:
             self.parts.spool.forget_after_fork()
         self._fresh()

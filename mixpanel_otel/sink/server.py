@@ -226,7 +226,7 @@ class _Handler(BaseHTTPRequestHandler):
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         self.log_request(code)
         try:
-            self.wfile.write(head + body)
+            self.connection.sendall(head + body)  # a raw write may send only part
         except OSError:
             self.close_connection = True
 
