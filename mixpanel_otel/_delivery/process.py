@@ -83,22 +83,15 @@ class _ExitSteps:
         finally:
             self._lock.release()
 
-    def after_fork(self) -> None:
-        self._lock = threading.Lock()
-
 
 class _SigtermWatch:
     """Notices a default-action SIGTERM in C and handles it in a thread of ours.
 
     ``faulthandler.register`` installs a C handler that writes to our pipe
-    (restarting any system call it interrupts: the main thread goes on as if
-    nothing happened); the watcher thread, woken by the write, runs the exit
-    steps, restores the default action and sends the signal again: the
-    process dies by it (exit status 143), whatever the main thread is doing
-    (a long database query, a blocking read). ``signal.getsignal`` shows our
-    Python handler, so a framework that saves and later restores the handler
-    (uvicorn re-raises the signal after its graceful shutdown) hands the
-    signal back to us.
+    (restarting any system call it interrupts); the watcher thread, woken by
+    the write, runs the exit steps and dies by the signal, whatever the main
+    thread is doing. ``signal.getsignal`` shows our Python handler, so a
+    framework that restores the handler it saved (uvicorn) hands it back to us.
     """
 
     def __init__(self) -> None:
@@ -136,7 +129,7 @@ class _SigtermWatch:
         # all_threads=False: it dumps only the interrupted thread's own frames; reading
         # other threads' frames from a signal handler while they run can crash.
         faulthandler.register(signal.SIGTERM, write, all_threads=False, chain=False)
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        signal.signal(signal.SIGTERM, _exit_by_signal)
         faulthandler.unregister(signal.SIGTERM)
         faulthandler.register(signal.SIGTERM, write, all_threads=False, chain=False)
         return True
@@ -145,7 +138,7 @@ class _SigtermWatch:
         """Put SIGTERM back as it was (unless the application has changed it since)."""
         if not self.armed:
             return
-        if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+        if signal.getsignal(signal.SIGTERM) is _exit_by_signal:
             faulthandler.unregister(signal.SIGTERM)
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -181,7 +174,7 @@ class _SigtermWatch:
     def after_fork_in_child(self) -> None:
         """Forget the parent's watch: the default action again, no thread, no descriptor."""
         if self.pid:
-            if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+            if signal.getsignal(signal.SIGTERM) is _exit_by_signal:
                 faulthandler.unregister(signal.SIGTERM)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
             _close(*self._fds)
@@ -310,7 +303,7 @@ def _at_exit() -> None:
     run_exit_steps(child_exit=_in_multiprocessing_child())  # a spawned child ends here too
 
 
-def _exit_by_signal() -> None:
+def _exit_by_signal(*signal_args: Any) -> None:
     """Run the exit steps, then die by SIGTERM's default action: from the watcher
     thread, or as our Python handler when someone restored it and raised SIGTERM
     (the main thread may then be stopped inside one of our locks: the steps run
@@ -325,10 +318,6 @@ def _exit_by_signal() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    _exit_by_signal()
-
-
 # -- multiprocessing -------------------------------------------------------------------
 
 
@@ -337,13 +326,11 @@ def _watch_multiprocessing_exit() -> None:
     run the exit steps once, from the first of two points on its way out.
 
     An application's SIGTERM handler may raise SystemExit anywhere on that way
-    (in the target, in the pool's loop, in multiprocessing's exit routine), and
-    whatever runs after it in the same block is skipped. The two points are
-    never both skipped by one SystemExit: multiprocessing's exit finalizers
-    (run by ``Process._bootstrap`` up to 3.12, by ``atexit`` after it from
-    3.13) and threading's shutdown hooks, which ``_bootstrap`` runs in its last
-    ``finally``, after it has caught the SystemExit. Neither needs a thread or
-    a descriptor until it runs.
+    (the target, the pool's loop, multiprocessing's exit routine), skipping what
+    follows in that block; one SystemExit never skips both points:
+    multiprocessing's exit finalizers (run by ``Process._bootstrap`` up to 3.12,
+    by ``atexit`` after it from 3.13) and threading's shutdown hooks, which
+    ``_bootstrap`` runs in its last ``finally``, after catching the SystemExit.
     """
     util = sys.modules.get("multiprocessing.util")
     if util is None or not _in_multiprocessing_child():
@@ -395,7 +382,7 @@ def _after_fork_in_parent() -> None:
 def _after_fork_in_child() -> None:
     global lock
     lock = threading.Lock()
-    _steps.after_fork()
+    _steps._lock = threading.Lock()
     _hooks.deadline = None  # the child's exit is its own
     _hooks.dying = False
     for _, _, in_child in reversed(_fork_callbacks):
