@@ -319,6 +319,48 @@ def test_an_application_handler_installed_first_runs_at_once_with_its_flags(sink
     assert not outcome.lost, outcome
 
 
+HANDLER_DURING_EXIT = """
+import atexit, signal
+from mixpanel_otel._delivery import process
+handled = threading.Event()
+atexit.register(lambda: print("HELD AFTER THE EXIT STEPS", consumer.stats()["pending"]))
+
+def on_term(signum, frame):
+    handled.set()
+    sys.exit(3)
+
+def main_thread_waits_for_the_steps():
+    frame, names = sys._current_frames().get(threading.main_thread().ident), []
+    while frame is not None:
+        names.append(frame.f_code.co_name)
+        frame = frame.f_back
+    return "_shielded" in names and "start" not in names
+
+def signal_the_main_thread(deadline):  # the SIGTERM comes while the exit steps run
+    while not main_thread_waits_for_the_steps():
+        time.sleep(0.01)
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+    assert handled.wait(30)
+    time.sleep(0.5)  # a provider's flush that takes a while
+
+signal.signal(signal.SIGTERM, on_term)
+process.add_exit_step("providers", signal_the_main_thread)
+client, consumer = make(flush_interval=60)
+emit(client, "x", ["x0", "x1"], 100)
+"""
+
+
+def test_an_application_handler_raising_while_the_exit_steps_run_waits_for_them(sink, tmp_path):
+    """The handler's SystemExit lands in the main thread's wait for the exit thread:
+    the wait goes on, the consumers' step delivers. (Joining the thread there lost
+    them: an interrupted ``Thread.join`` marks a running thread stopped.)"""
+    code, out, err = _finish(Child(HANDLER_DURING_EXIT, sink.url, str(tmp_path), "during"))
+    assert code == 0, err  # atexit: the handler's SystemExit ends the hook, not the process
+    assert "HELD AFTER THE EXIT STEPS 0" in out, (out, err)
+    outcome = compare(sink, Plan().emit("x", ["x0", "x1"], 100))
+    assert not outcome.lost and not outcome.stale, (outcome, err)
+
+
 # -- 5. a default-action SIGTERM while the main thread is in a long C call ----------------
 
 LONG_QUERY = """

@@ -264,7 +264,15 @@ def _shielded(work: Callable[[], None], deadline: float) -> None:
     if threading.current_thread() is not threading.main_thread():
         work()
         return
-    worker = threading.Thread(target=work, name="mixpanel-otel-exit", daemon=True)
+    done = threading.Event()  # not Thread.join: one interrupted marks the thread stopped
+
+    def run() -> None:
+        try:
+            work()
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=run, name="mixpanel-otel-exit", daemon=True)
     interrupted: Optional[BaseException] = None
     try:
         worker.start()
@@ -274,13 +282,13 @@ def _shielded(work: Callable[[], None], deadline: float) -> None:
     except BaseException as exc:  # start() waits for the thread: the handler may raise there
         interrupted = exc
         if worker.ident is None:  # not started after all
-            work()
-    while worker.is_alive():
+            run()
+    while not done.is_set():
         left = deadline + _GRACE - time.monotonic()
         if left <= 0:
             break
         try:
-            worker.join(left)
+            done.wait(left)
         except BaseException as exc:  # the application's handler: it ran, its exit waits
             interrupted = interrupted or exc
     if interrupted is not None:
