@@ -38,9 +38,7 @@ class Lifecycle:
     """
 
     def __init__(
-        self,
-        clock: Callable[[], float],
-        wait: Optional[Callable[[float], bool]] = None,
+        self, clock: Callable[[], float], wait: Optional[Callable[[float], bool]] = None
     ) -> None:
         self.clock = clock
         self._phase = Phase.RUNNING

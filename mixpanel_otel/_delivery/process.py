@@ -32,15 +32,7 @@ from typing import Any, Callable, Optional
 
 from .stats import logger
 
-__all__ = [
-    "STAGES",
-    "add_exit_step",
-    "dying",
-    "exit_deadline",
-    "run_exit_steps",
-    "shutdown",
-    "use",
-]
+__all__ = ["add_exit_step", "at_fork", "dying", "exit_deadline", "lock", "shutdown", "use"]
 
 #: The exit steps run stage by stage, in this order.
 STAGES = ("providers", "traits", "consumers")
