@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from time import time as now
 from typing import Any, Optional, Union
 
 from ._exceptions import MixpanelException
 from ._frontend import ConsumerLike, DisabledConsumer, open_consumer
-from ._wire import GroupUpdate, group_updates, updates_from_message
+from ._wire import GroupUpdate, group_updates, make_update, updates_from_message
 
 __all__ = ["GroupClient", "resolve_consumer"]
 
@@ -129,9 +130,14 @@ class GroupClient:
         """One operation, without building a message to take apart again."""
         consumer = self.consumer
         try:
-            updates = group_updates(
-                group_key, group_id, {op: payload}, meta, None, consumer.truncations
-            )
+            if meta is None:  # the usual call: what group_updates() would do, one step
+                updates = [
+                    make_update(group_key, group_id, op, payload, now(), None, consumer.truncations)
+                ]
+            else:
+                updates = group_updates(
+                    group_key, group_id, {op: payload}, meta, None, consumer.truncations
+                )
         except MixpanelException:
             consumer.count_invalid()
             raise

@@ -30,6 +30,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -41,11 +42,29 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any, Optional
 
+from mixpanel_otel._delivery.spool import Spool
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 TOKEN = "test-token"
 #: The command line, run from this checkout by this interpreter.
 CLI = [sys.executable, "-m", "mixpanel_otel._cli"]
+
+
+def spooled_rows(directory: str, token: str, base_url: str) -> int:
+    """Rows kept in ``directory`` for (token, API host), in every process's spool file."""
+    total = 0
+    for path in Spool(directory, token, base_url).orphans():
+        try:
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+            try:
+                total += int(db.execute("SELECT count(*) FROM messages").fetchone()[0])
+            finally:
+                db.close()
+        except sqlite3.Error:
+            continue
+    return total
+
 
 # -- starting and stopping processes ----------------------------------------------------
 

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from mixpanel_otel._delivery.spool import Spool, spooled_rows
+from mixpanel_otel._delivery.spool import Spool
 from mixpanel_otel.sink import Fault
 
 from .helpers import (
@@ -30,6 +30,7 @@ from .helpers import (
     run,
     script,
     spool_files,
+    spooled_rows,
     wait_http,
 )
 
@@ -636,10 +637,11 @@ def test_fork_during_the_parents_first_request(sink, tmp_path):
     assert not outcome.lost and not outcome.stale, outcome
 
 
-def test_fork_while_a_worker_holds_the_connection_pools_lock(sink, tmp_path):
-    # The parent's worker threads take urllib3's pool lock for every request. A child
-    # forked while one held it had a copy held by nobody, and its exit hung for ever in
-    # urllib3's finalizer of that pool (seen as "HUNG" in the twenty-forks test).
+def test_fork_while_a_worker_holds_the_transports_lock(sink, tmp_path):
+    # A worker takes the transport's lock to open its connection (urllib3's pool lock,
+    # before http.client, for every request). A child forked while one held urllib3's
+    # had a copy held by nobody, and its exit hung for ever in urllib3's finalizer of that
+    # pool (seen as "HUNG" in the twenty-forks test): the fork now waits for the lock.
     code, out, err = run(
         """
         import faulthandler, signal
@@ -647,14 +649,13 @@ def test_fork_while_a_worker_holds_the_connection_pools_lock(sink, tmp_path):
         client, consumer = make(flush_interval=0.05)
         client.group_set("company", "parent", {"n": 1})
         assert client.flush(10)
-        pools = consumer.transport._pool.pools
-        connections = pools[next(iter(pools.keys()))].pool
+        lock = consumer.transport._lock
         taken = threading.Event()
-        def take_a_connection():  # what a worker does, slowed down
-            with connections.mutex:
+        def open_a_connection():  # what a worker does, slowed down
+            with lock:
                 taken.set()
                 time.sleep(0.5)
-        threading.Thread(target=take_a_connection).start()
+        threading.Thread(target=open_a_connection).start()
         taken.wait()
         pid = os.fork()
         if pid == 0:

@@ -111,7 +111,7 @@ def test_a_proxy_page_with_status_200_is_retried_not_failed(sink, consumers):
         client.group_set("company", f"g{i}", {"i": i})
     assert consumer.flush(10)
     stats = consumer.stats()
-    assert stats["failed"] == 0 and stats["sent"] == 20 and stats["retries"] == 3
+    assert stats["failed"] == 0 and stats["sent"] == 20 and stats["retries"] == 3, stats
 
 
 def test_flush_cuts_a_backoff_wait_short(sink, consumers):

@@ -25,10 +25,10 @@ import pytest
 import requests
 
 from mixpanel_otel import GroupClient
-from mixpanel_otel._delivery.spool import Spool, spooled_rows
+from mixpanel_otel._delivery.spool import Spool
 
 from .conftest import TOKEN
-from .helpers import Child, Plan, compare, start_example
+from .helpers import Child, Plan, compare, spooled_rows, start_example
 
 BLOB = {f"p{k}": "x" * 240 for k in range(8)}  # about 2 KB a message
 

@@ -16,9 +16,17 @@ import sys
 import pytest
 import requests
 
-from mixpanel_otel._delivery.spool import spooled_rows
-
-from .helpers import EXAMPLES, TOKEN, AppProcess, Child, Plan, compare, free_port, sink_env
+from .helpers import (
+    EXAMPLES,
+    TOKEN,
+    AppProcess,
+    Child,
+    Plan,
+    compare,
+    free_port,
+    sink_env,
+    spooled_rows,
+)
 from .test_crash import BlackHole, _move_spool, replay
 
 pytestmark = pytest.mark.slow  # every test here runs subprocesses

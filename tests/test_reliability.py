@@ -13,11 +13,11 @@ import pytest
 
 from mixpanel_otel import GroupClient
 from mixpanel_otel._delivery.lifecycle import Phase
-from mixpanel_otel._delivery.spool import Spool, spooled_rows
+from mixpanel_otel._delivery.spool import Spool
 from mixpanel_otel.sink import Fault
 
 from .conftest import TOKEN
-from .helpers import run_script
+from .helpers import run_script, spooled_rows
 
 
 def _client(make_consumer, sink, **options):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 import threading
 import time
 
@@ -16,10 +17,10 @@ import pytest
 
 from mixpanel_otel import GroupClient
 from mixpanel_otel._delivery.jobs import Kind
-from mixpanel_otel._delivery.spool import Spool, spooled_rows
+from mixpanel_otel._delivery.spool import Spool
 
 from .conftest import TOKEN
-from .helpers import run
+from .helpers import run, spooled_rows
 
 WAIT = 30.0  # generous bound for a step another thread takes
 
@@ -176,6 +177,29 @@ def test_a_small_disk_keeps_what_fits_and_gives_the_rest_of_the_space_back(sink,
     )
     assert replayed[0] == 0, replayed[2]
     assert sink.counters["messages"] >= rows and spooled_rows(spool_dir, TOKEN, sink.url) == 0
+
+
+def test_a_write_whose_commit_fails_is_rolled_back_and_the_next_write_works(tmp_path):
+    """A COMMIT that fails leaves SQLite's transaction open: the spool rolls it back,
+    or every later write would fail ("cannot start a transaction within a transaction")."""
+    spool = Spool(str(tmp_path), TOKEN, "http://127.0.0.1:9")
+    assert spool.append([wire("a")]) == 1
+    other = sqlite3.connect(spool.path, isolation_level=None)
+    other.executescript(
+        """
+        CREATE TABLE parent (id INTEGER PRIMARY KEY);
+        CREATE TABLE child (id INTEGER REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED);
+        CREATE TRIGGER orphan AFTER INSERT ON messages BEGIN INSERT INTO child VALUES (1); END;
+        """
+    )
+    # Checked at COMMIT only (deferred): the insert succeeds, its COMMIT fails.
+    spool._file.db.execute("PRAGMA foreign_keys = ON")
+    assert spool.append([wire("b")]) == 0
+    other.execute("DROP TRIGGER orphan")  # waits on a transaction left open, then fails
+    other.close()
+    assert spool.append([wire("c")]) == 1
+    assert [json.loads(text)["$group_id"] for _, text in spool.peek(10)] == ["a", "c"]
+    spool.close()
 
 
 def test_every_foreign_file_is_moved_aside_and_no_lock_is_left(sink, tmp_path, make_consumer):

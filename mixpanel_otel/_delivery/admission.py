@@ -10,32 +10,21 @@ when there is one, else dropped, counted and warned about with the reason.
 
 from __future__ import annotations
 
-import enum
 from typing import Optional
 
-__all__ = ["Admission", "decide"]
+__all__ = ["overflow_reason"]
 
 
-class Admission(enum.Enum):
-    WAIT = "wait"
-    OVERFLOW = "overflow"
-
-
-def decide(
-    *,
-    failing: bool,
-    max_block: float,
-    wait_until: Optional[float],
-    now: float,
-    can_wait: bool,
-) -> tuple[Admission, str]:
-    """WAIT or OVERFLOW for an update that finds no room, with the reason for an overflow."""
+def overflow_reason(
+    *, failing: bool, max_block: float, wait_until: Optional[float], now: float, can_wait: bool
+) -> str:
+    """Why an update that finds no room overflows now; empty when it waits."""
     if failing:
-        return Admission.OVERFLOW, "delivery is failing"
+        return "delivery is failing"
     if max_block <= 0:
-        return Admission.OVERFLOW, "max_block is 0"
+        return "max_block is 0"
     if not can_wait:
-        return Admission.OVERFLOW, "nothing can make room while this thread waits"
+        return "nothing can make room while this thread waits"
     if wait_until is not None and now >= wait_until:
-        return Admission.OVERFLOW, f"no room within max_block ({max_block:g} s)"
-    return Admission.WAIT, ""
+        return f"no room within max_block ({max_block:g} s)"
+    return ""

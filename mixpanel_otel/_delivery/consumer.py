@@ -108,10 +108,11 @@ class Consumer:
     def enqueue(self, updates: Iterable[GroupUpdate]) -> None:
         """Queue updates from the caller's thread: no I/O, never raises. Usually an
         append; past the bounds, admission (:mod:`.admission`): wait, or overflow."""
-        if not isinstance(updates, list):
+        if type(updates) is not list:
             updates = list(updates)
+        size = updates[0].size if len(updates) == 1 else sum([u.size for u in updates])
         parts = self.parts
-        if not self._ledger.offer(updates, sum(update.size for update in updates)):
+        if not self._ledger.offer(updates, size):
             parts = self._own_parts()
             parts.admit(updates, wait=True)
         if parts.frozen:
@@ -143,7 +144,7 @@ class Consumer:
         parts = self._own_parts()
         key, lane = routed
         if not parts.ledger.add_sdk(key, lane, json_message):
-            parts.reporter.dropped_texts([json_message], "the consumer is full")
+            parts.reporter.dropped([json_message], "the consumer is full")
         elif not parts.worker.started:
             parts.worker.ensure()
 

@@ -9,7 +9,6 @@ Each result goes back to the :class:`~.ledger.Ledger`; counts, health and
 
 from __future__ import annotations
 
-import threading
 from typing import Optional
 
 from .._transport import Answer, Post
@@ -21,7 +20,6 @@ from .lifecycle import Lifecycle
 from .report import Reporter
 from .sender import Backoff, Result, Sender
 from .spool import Reading, Spool
-from .stats import logger
 
 __all__ = ["Deliverer"]
 
@@ -49,6 +47,10 @@ class Deliverer:
         self.encoder = encoder
         self.spool = spool
         self._backoff = backoff
+        # The sender's other hooks are the lifecycle's: pauses, waits, the exit deadline.
+        self.may_post = lifecycle.wait_out_pause
+        self.wait = lifecycle.wait
+        self.deadline = lifecycle.exit_deadline
         self.sender = Sender(
             transport,
             self,
@@ -56,9 +58,6 @@ class Deliverer:
             backoff=backoff,
             clock=lifecycle.clock,
         )
-        self._spool_lock = threading.Lock()  # one writer at a time keeps the spool in order
-
-    # -- Hooks -----------------------------------------------------------------------
 
     def answered(self, answer: Answer) -> None:
         was_failing = self.reporter.health.failing
@@ -68,15 +67,6 @@ class Deliverer:
             self.lifecycle.pause(pause)
         if not was_failing and self.reporter.health.failing:
             self.ledger.hurry()  # callers waiting for room overflow now, not after max_block
-
-    def may_post(self) -> bool:
-        return self.lifecycle.wait_out_pause()
-
-    def wait(self, delay: float) -> bool:
-        return self.lifecycle.wait(delay)
-
-    def deadline(self) -> Optional[float]:
-        return self.lifecycle.exit_deadline()
 
     # -- jobs ------------------------------------------------------------------------
 
@@ -98,16 +88,16 @@ class Deliverer:
             else:
                 result, reading = self._replay()
         except Exception as exc:  # a bug must not lose the batch or kill the thread
-            self.reporter.stats.add("errors")
-            logger.error("mixpanel-otel worker error: %s", self.reporter.scrub(repr(exc)))
+            self.reporter.error("the worker", exc)
             result = Result(unsent=list(job.updates or job.texts))
             self.lifecycle.wait(1.0)  # and must not spin
-        self.ledger.finish(job, result, reading)
+        # Counted before the ledger hears of it: a flush returns as soon as it does.
         stats = self.reporter.stats
         stats.add("sent", len(result.delivered))
         if result.filtered:
             stats.add("filtered", len(result.filtered))
         self.reporter.failed(result.failed)
+        self.ledger.finish(job, result, reading)
 
     def _replay(self) -> tuple[Result, Reading]:
         assert self.spool is not None
@@ -126,11 +116,10 @@ class Deliverer:
         try:
             unkept = self.spill([], job.updates)
         except Exception as exc:  # a bug must not leave the job out forever
-            self.reporter.stats.add("errors")
-            logger.error("mixpanel-otel spill error: %s", self.reporter.scrub(repr(exc)))
+            self.reporter.error("a spill", exc)
             unkept = job.updates
-        reading = self.spool.reading() if self.spool is not None else None
-        lost = self.ledger.finish_spill(job, unkept, reading)
+        assert self.spool is not None
+        lost = self.ledger.finish_spill(job, unkept, self.spool.reading())
         self.reporter.dropped(lost, "the spool could not keep them and memory is full")
 
     def spill(self, front: list[GroupUpdate], back: list[GroupUpdate]) -> list[GroupUpdate]:
@@ -139,20 +128,14 @@ class Deliverer:
         kept is counted as spooled)."""
         assert self.spool is not None
         result = Result()
-        with self._spool_lock:
+        with self.spool.lock:  # encoding too: a spill that began first is written first
             fronts = Updates(self.encoder, front).messages(result)
             backs = Updates(self.encoder, back).messages(result)
-            kept = self.spool.append([m.text for m in fronts], front=True)
-            if kept < len(fronts):  # the rest goes after rows it must precede: not kept
-                unkept = fronts[kept:] + backs
-            else:
-                kept_back = self.spool.append([m.text for m in backs])
-                unkept = backs[kept_back:]
-                kept += kept_back
+            kept = self.spool.append([m.text for m in backs], before=[m.text for m in fronts])
         if kept:
             self.reporter.stats.add("spooled", kept)
         self.reporter.failed(result.failed)
-        return [message.origin for message in unkept]
+        return [message.origin for message in (fronts + backs)[kept:]]
 
     def adopt(self) -> None:
         """Take over the spool files of processes that are gone."""

@@ -107,42 +107,21 @@ class Encoder:
     def updates(
         self, updates: list[GroupUpdate]
     ) -> tuple[list[Message], list[tuple[GroupUpdate, Unsendable]], list[GroupUpdate]]:
-        """Messages for a batch, with the unsendable and the filtered updates.
-
-        One loop with everything local: this is the worker's per-message cost.
-        """
+        """Messages for a batch, with the unsendable and the filtered updates (a batch
+        that cannot go in one piece: :meth:`batch_body` is the usual path)."""
         messages: list[Message] = []
         unsendable: list[tuple[GroupUpdate, Unsendable]] = []
         filtered: list[GroupUpdate] = []
-        if self.before_send is not None:
-            for update in updates:
-                try:
-                    message = self.update(update)
-                except Unsendable as exc:
-                    unsendable.append((update, exc))
-                    continue
-                if message is None:
-                    filtered.append(update)
-                else:
-                    messages.append(message)
-            return messages, unsendable, filtered
-        token, dumps, append, quote = self.token, _dumps, messages.append, quote_form
         for update in updates:
-            wire = wire_message(token, update)
             try:
-                text = dumps(wire)
-            except (TypeError, ValueError) as exc:
-                reason = f"message cannot be encoded as JSON: {exc}"
-                unsendable.append((update, Unsendable(reason, wire)))
+                message = self.update(update)
+            except Unsendable as exc:
+                unsendable.append((update, exc))
                 continue
-            quoted = quote(text)
-            if len(text) > MAX_MESSAGE_BYTES or len(quoted) > _MAX_QUOTED:
-                try:
-                    self._check(text, quoted, update, wire)
-                except Unsendable as exc:
-                    unsendable.append((update, exc))
-                continue
-            append(Message(text, quoted, update))
+            if message is None:
+                filtered.append(update)
+            else:
+                messages.append(message)
         return messages, unsendable, filtered
 
     def batch_body(self, updates: list[GroupUpdate]) -> Optional[str]:

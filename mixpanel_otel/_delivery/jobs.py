@@ -62,7 +62,7 @@ class Job:
         self.lane = lane
         self.texts = texts or []
         self.count = len(self.updates) + len(self.texts)
-        self.bytes = sum(u.size for u in self.updates) + sum(map(len, self.texts))
+        self.bytes = sum([u.size for u in self.updates]) + sum(map(len, self.texts))
         self.abandoned = False  # the exit deadline passed: the exit took its updates
 
     def __repr__(self) -> str:

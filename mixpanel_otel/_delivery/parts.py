@@ -1,13 +1,6 @@
-"""The parts of one consumer, built together (a forked child builds new ones).
-
-Also what needs more than one part: admission and its overflow,
-:meth:`Parts.submit` for receipts, the synchronous path, the worker
-threads' loop, and how the consumer empties itself: :meth:`Parts.flush`
-waits for the workers to finish everything held (or runs the jobs from its
-own thread when no worker can run); :meth:`Parts.shutdown` does the same
-until shortly before its deadline, stops the workers, and writes what is
-left, the jobs in flight included, to the spool before the deadline (or
-reports it lost).
+"""The parts of one consumer, built together (a forked child builds new ones), and what
+needs more than one of them: the workers' loop, admission and overflow, receipts, the
+synchronous path, flush and shutdown (what is left at the deadline goes to the spool).
 """
 
 from __future__ import annotations
@@ -22,7 +15,7 @@ from .._exceptions import MixpanelException
 from .._transport import Post
 from .._wire import GroupUpdate
 from . import process
-from .admission import Admission, decide
+from .admission import overflow_reason
 from .deliverer import Deliverer
 from .encode import Encoder, Updates
 from .ledger import Ledger
@@ -38,7 +31,6 @@ __all__ = ["Parts"]
 
 _HEALTH_WARN_TICKS = 5  # warn when failing for this many flush intervals (at most 30 s)
 _STATS_DEBUG_EVERY = 60.0
-_DEFAULT_FLUSH_TIMEOUT = 30.0
 # Of a shutdown's time, what is kept for writing the rest to the spool (at most _SPILL_MAX s).
 _SPILL_SHARE = 0.25
 _SPILL_MAX = 1.0
@@ -87,7 +79,7 @@ class Parts:
         # One thread more than requests in flight with a spool: a spill never waits.
         threads = options.max_in_flight + (1 if self.spool is not None else 0)
         self.worker = Worker(self._loop, threads, "mixpanel-otel-worker")
-        self._stats_debug = Throttle(_STATS_DEBUG_EVERY)
+        self._stats_debug = Throttle(_STATS_DEBUG_EVERY, lock=self.reporter.stats.lock)
         self._finishing = threading.Lock()  # one shutdown at a time
         #: Set when a SIGTERM's exit has taken everything held: the process dies next,
         #: and a caller that adds more is stopped there (:meth:`.Consumer.enqueue`).
@@ -117,14 +109,14 @@ class Parts:
             if not updates:
                 return
             now = clock()
-            verdict, reason = decide(
+            reason = overflow_reason(
                 failing=self.reporter.health.failing,
                 max_block=max_block,
                 wait_until=wait_until,
                 now=now,
                 can_wait=self._can_wait(),
             )
-            if verdict is Admission.OVERFLOW:
+            if reason:
                 self.overflow(updates, reason, wait)
                 return
             if wait_until is None:
@@ -188,14 +180,13 @@ class Parts:
     def deliver_now(self, updates: list[GroupUpdate]) -> None:
         """Send from this thread with the official SDK ``Consumer``'s patience (a few
         quick retries); raise unless Mixpanel accepted every update."""
-        result = Result()
+        stats, result = self.reporter.stats, Result()
         messages = Updates(self.encoder, updates).messages(result)
         if result.failed:
-            self.reporter.stats.add("failed", len(result.failed))
+            stats.add("failed", len(result.failed))
             raise MixpanelException(result.failed[0].reason)
         if not messages:
             return
-        stats = self.reporter.stats
         stats.add("enqueued", len(messages))
         sender = Sender(
             self.deliverer.sender.transport,
@@ -279,9 +270,7 @@ class Parts:
         self.frozen = process.dying()  # before the take: whoever adds after it sees it
         front, back, sdk_lost = ledger.take_all()
         left = front + back
-        unkept = left
-        if left and self.spool is not None:
-            unkept = self.deliverer.spill(front, back)
+        unkept = self.deliverer.spill(front, back) if left and self.spool is not None else left
         lost = {id(update) for update in unkept}
         kept = [update for update in left if id(update) not in lost]
         ledger.settle(kept, Fate.SPOOLED)
@@ -291,7 +280,7 @@ class Parts:
                 reason += "; the spool could not keep them"
             ledger.settle(unkept, Fate.DROPPED, reason)
             reporter.dropped(unkept, reason)
-        reporter.dropped_texts(sdk_lost, "not delivered before exit")
+        reporter.dropped(sdk_lost, "not delivered before exit")
         updates = sum(update.stands_for for update in left) + len(sdk_lost)
         if updates:
             self._report_left(updates, sum(update.stands_for for update in kept))

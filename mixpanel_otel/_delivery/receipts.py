@@ -53,14 +53,7 @@ class Receipt:
 
     def settle(self, fate: Fate, reason: str = "") -> None:
         """Record one update's fate (called by the consumer, under its lock)."""
-        if fate is Fate.DELIVERED:
-            self.delivered += 1
-        elif fate is Fate.SPOOLED:
-            self.spooled += 1
-        elif fate is Fate.FAILED:
-            self.failed += 1
-        else:
-            self.dropped += 1
+        setattr(self, fate.value, getattr(self, fate.value) + 1)  # the count named as the fate
         if reason and len(self.errors) < 20 and reason not in self.errors:
             self.errors.append(reason)
         if self.delivered + self.spooled + self.failed + self.dropped >= self.total:

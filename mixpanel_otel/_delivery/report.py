@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from .._exceptions import MixpanelException
 from .._transport import Answer, Outcome
@@ -40,8 +40,9 @@ class Reporter:
         self._secret = secret  # a service account's, when one is configured
         self.on_error = on_error
         self.stats = Stats()
-        self.health = Health(health_warn_after, clock=clock, scrub=self.scrub)
-        self._drop_warning = Throttle(_DROP_WARN_EVERY)
+        lock = self.stats.lock  # the reporter's one lock
+        self.health = Health(health_warn_after, clock=clock, scrub=self.scrub, lock=lock)
+        self._drop_warning = Throttle(_DROP_WARN_EVERY, lock=lock)
         self._inside = threading.local()  # on_error running on this thread
         self.losses = 0  # updates and messages failed or dropped, ever (flush compares)
 
@@ -60,6 +61,11 @@ class Reporter:
         elif answer.outcome is Outcome.OK:
             self.health.success()
 
+    def error(self, what: str, exc: BaseException) -> None:
+        """A bug of ours or a callback that raised: counted in ``errors`` and logged."""
+        self.stats.add("errors")
+        logger.error("mixpanel-otel: %s raised %s", what, self.scrub(repr(exc)))
+
     def failed(self, failures: Sequence[Failure]) -> None:
         """Messages Mixpanel rejected, or that cannot be sent (unsendable)."""
         if not failures:
@@ -72,25 +78,18 @@ class Reporter:
         for reason, messages in by_reason.items():
             self._tell(MixpanelException(self.scrub(reason)), messages, throttled=False)
 
-    def dropped(self, updates: Sequence[GroupUpdate], reason: str) -> None:
-        """Updates that will not be delivered: no room, no spool to keep them, no time."""
-        if not updates:
+    def dropped(self, lost: Sequence[Union[GroupUpdate, str]], reason: str) -> None:
+        """Updates (or SDK messages' texts) that will not be delivered: no room, no spool
+        to keep them, no time."""
+        if not lost:
             return
-        count = sum(update.stands_for for update in updates)
+        count = sum(1 if isinstance(item, str) else item.stands_for for item in lost)
         self.stats.add("dropped", count)
         self.losses += count
-        token = self._token
-        messages: list[Any] = (
-            [wire_message(token, u) for u in updates] if self.on_error else list(updates)
-        )
+        messages: list[Any] = list(lost)
+        if self.on_error:  # only on_error sees the messages themselves
+            messages = [m if isinstance(m, str) else wire_message(self._token, m) for m in lost]
         self._tell(MixpanelException(f"dropped: {self.scrub(reason)}"), messages, throttled=True)
-
-    def dropped_texts(self, texts: Sequence[str], reason: str) -> None:
-        """SDK messages that will not be delivered."""
-        if texts:
-            self.stats.add("dropped", len(texts))
-            self.losses += len(texts)
-            self._tell(MixpanelException(f"dropped: {reason}"), list(texts), throttled=True)
 
     def _tell(self, error: MixpanelException, messages: list[Any], throttled: bool) -> None:
         if self.on_error is None or getattr(self._inside, "yes", False):
@@ -107,7 +106,6 @@ class Reporter:
         try:
             self.on_error(error, [shown(message, self._token) for message in messages])
         except Exception as exc:
-            self.stats.add("errors")
-            logger.error("mixpanel-otel: on_error raised %s", self.scrub(repr(exc)))
+            self.error("on_error", exc)
         finally:
             self._inside.yes = False

@@ -16,16 +16,16 @@ moved aside and reported, never deleted.
 
 Hygiene: the directory is created 0700 and the files 0600; rows hold no
 ``$token`` (it is stripped on write and put back on read). A full disk
-degrades to memory: the write fails at once (no retry sleeps), one
-throttled error says so, and the caller counts what was not kept. Rows
-acknowledged while they cannot be deleted (SQLite needs space to delete)
-are remembered and skipped, and deleted once space returns: never sent
-twice. An open that fails releases what it took and is not tried again
-for a while.
+degrades to memory: the write fails at once, one throttled error says so,
+and the caller counts what was not kept. Rows acknowledged while they
+cannot be deleted (SQLite needs space to delete) are remembered and
+skipped, and deleted once space returns: never sent twice. An open that
+fails releases what it took and is not tried again for a while.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -34,6 +34,7 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from typing import Any, Callable, NamedTuple, Optional
 
 from .stats import Throttle, logger
@@ -43,7 +44,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: no adoption across processes
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["Reading", "Spool", "SpoolFile", "spooled_rows"]
+__all__ = ["Reading", "Spool", "SpoolFile"]
 
 _BUSY_TIMEOUT = 5.0  # seconds SQLite waits for another connection's transaction
 _SCHEMA = """
@@ -54,7 +55,6 @@ CREATE TABLE IF NOT EXISTS messages (
 """
 _ERRORS_EVERY = 60.0  # seconds between two spool errors in the log
 _REOPEN_AFTER = 5.0  # seconds before an open that failed is tried again
-_FULL = ("full", "disk I/O error")  # out of space, or past a file size limit: fail at once
 _CHUNK = 500  # rows a transaction: a small disk keeps what fits, not nothing
 #: Files of processes that forked away or were inherited: never closed here,
 #: since closing a SQLite connection in a forked child can remove the
@@ -78,29 +78,26 @@ class Spool:
         digest = hashlib.sha256(f"{token}\n{base_url}".encode()).hexdigest()[:16]
         self.directory = directory
         self.prefix = os.path.join(directory, f"mixpanel-otel-{digest}")
-        self._lock = threading.Lock()
+        #: Held by every change; re-entrant, so a writer that encodes its rows holds it
+        #: around encoding and :meth:`append` both, and two writers keep their order.
+        self.lock = threading.RLock()
         self._file: Optional[SpoolFile] = None
         self._lock_fd: Optional[int] = None
         self.path = ""  # this process's file, once it has one
         self._token_field = '{"$token":' + json.dumps(token) + ","
-        self._errors = Throttle(_ERRORS_EVERY)
+        # Every error is logged under self.lock: the throttle needs no lock of its own.
+        self._errors = Throttle(_ERRORS_EVERY, lock=contextlib.nullcontext())
         self._retry_open_at = 0.0
         self._readings = 0
-
-    @property
-    def rows(self) -> int:
-        """Rows in this process's file, as far as it knows."""
-        return self._file.rows if self._file is not None else 0
 
     def reading(self) -> Reading:
         """The rows now, ordered against every other reading: a reader that keeps only
         the latest never stores a count older than one it already has."""
-        with self._lock:
+        with self.lock:
             self._readings += 1
-            return Reading(self._readings, self.rows)
+            return Reading(self._readings, self._file.rows if self._file is not None else 0)
 
     def _error(self, text: str, *args: Any) -> None:
-        """Log a spool error, at most once per ``_ERRORS_EVERY`` seconds."""
         allowed, suppressed = self._errors.allow()
         if allowed:
             more = f" ({suppressed} more spool error(s) since the last)" if suppressed else ""
@@ -110,17 +107,13 @@ class Spool:
 
     def _own(self) -> Optional[SpoolFile]:
         """This process's file, created (and locked) on first use."""
-        if self._file is not None:
+        if self._file is not None or time.monotonic() < self._retry_open_at:
             return self._file
-        if time.monotonic() < self._retry_open_at:
-            return None
         fd: Optional[int] = None
         stem = f"{self.prefix}-{os.getpid()}-{secrets.token_hex(4)}"
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            fd = os.open(stem + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-            if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd = _take_lock(stem + ".lock")
             os.close(os.open(stem + ".sqlite3", os.O_RDWR | os.O_CREAT, 0o600))
             self._file = SpoolFile(stem + ".sqlite3", self._error)
         except (OSError, sqlite3.Error) as exc:
@@ -151,21 +144,18 @@ class Spool:
         """Spool files of this (token, host) but this process's, oldest first
         (their owners may be alive: :meth:`adopt` takes only the unlocked ones)."""
         paths = glob.glob(glob.escape(self.prefix) + "*.sqlite3")
-        paths = [path for path in paths if path != self.path]
-        return sorted(paths, key=_mtime)
+        return sorted((path for path in paths if path != self.path), key=_mtime)
 
     def adopt(self) -> int:
         """Move the rows of every orphaned file into this process's; return how many."""
-        moved = 0
-        with self._lock:
-            for path in self.orphans():
-                moved += self._adopt(path)
-        return moved
+        with self.lock:
+            return sum(self._adopt(path) for path in self.orphans())
 
     def _adopt(self, path: str) -> int:
         lock_path = path[: -len(".sqlite3")] + ".lock"
-        fd = _lock_free(lock_path)
-        if fd is None:
+        try:
+            fd = _take_lock(lock_path)
+        except OSError:
             return 0  # its process is alive
         try:
             if not os.path.exists(path):
@@ -193,60 +183,51 @@ class Spool:
 
     # -- rows ----------------------------------------------------------------------
 
-    def append(self, texts: list[str], front: bool = False) -> int:
-        """Write messages after every row (or before, with ``front``), in order and in
-        chunks of :data:`_CHUNK` rows, a transaction each; how many were kept.
-
-        The first chunk that fails ends the write: what fits is kept. A busy
-        file is waited for (SQLite's busy timeout) and tried again; a full disk
-        fails at once, and the pages of the failed write are given back.
+    def append(self, texts: Sequence[str], before: Sequence[str] = ()) -> int:
+        """Write ``before`` in front of every row and ``texts`` after every row, in order,
+        in chunks of :data:`_CHUNK` rows (a transaction each); how many were kept,
+        ``before`` first. The first chunk that fails ends the write, so what fits is
+        kept and nothing goes after rows it must precede. A busy file is waited for
+        (SQLite's busy timeout); a full disk fails at once, and the pages of the
+        failed write are given back.
         """
-        if not texts:
+        if not texts and not before:
             return 0
-        texts = [self._strip(text) for text in texts]
         kept = 0
-        with self._lock:
+        with self.lock:
             own = self._own()
             if own is None:
                 return 0
             try:
-                start = own.front_start(len(texts)) if front else None
+                start = own.front_start(len(before)) if before else None
+                for part, first in ((before, start), (texts, None)):
+                    for at in range(0, len(part), _CHUNK):
+                        chunk = [self._strip(text) for text in part[at : at + _CHUNK]]
+                        own.insert(chunk, None if first is None else first + at)
+                        kept += len(chunk)
             except sqlite3.Error as exc:
-                self._error("spool %s could not keep %d message(s): %s", self.path, len(texts), exc)
-                return 0
-            while kept < len(texts):
-                chunk = texts[kept : kept + _CHUNK]
-                error = _insert_patiently(own, chunk, None if start is None else start + kept)
-                if error is not None:
-                    own.give_back_space()
-                    left = len(texts) - kept
-                    self._error(
-                        "spool %s could not keep %d message(s) (%d kept): %s",
-                        self.path,
-                        left,
-                        kept,
-                        error,
-                    )
-                    break
-                kept += len(chunk)
+                own.give_back_space()
+                left = len(before) + len(texts) - kept
+                text = "spool %s could not keep %d message(s) (%d kept): %s"
+                self._error(text, self.path, left, kept, exc)
         return kept
 
     def peek(self, limit: int) -> list[tuple[int, str]]:
         """The oldest ``limit`` rows, ``(id, text)``, left in place until :meth:`ack`."""
-        with self._lock:
+        with self.lock:
             if self._file is None:
                 return []
             return [(i, self._unstrip(body)) for i, body in self._file.peek(limit)]
 
     def ack(self, ids: list[int]) -> None:
         """Delete rows that were delivered (or refused for good)."""
-        with self._lock:
+        with self.lock:
             if ids and self._file is not None:
                 self._file.ack(ids)
 
     def close(self) -> None:
         """Close the file; an empty one is removed, a full one stays for the next process."""
-        with self._lock:
+        with self.lock:
             own, self._file = self._file, None
             fd, self._lock_fd = self._lock_fd, None
             if own is not None and own.close():
@@ -256,14 +237,12 @@ class Spool:
 
     def forget_after_fork(self) -> None:
         """In a forked child: let go of the parent's file without touching it."""
-        self._lock = threading.Lock()
+        self.lock = threading.RLock()
         if self._file is not None:
             _INHERITED.append(self._file.db)  # never closed here: see _INHERITED
         if self._lock_fd is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(self._lock_fd)  # our copy only; the parent's lock stays
-            except OSError:
-                pass
         self._file = None
         self._lock_fd = None
         self.path = ""
@@ -282,14 +261,12 @@ class SpoolFile:
         self._error = error
 
     def front_start(self, count: int) -> int:
-        """The first id of ``count`` rows that go before every row; raises
-        :class:`sqlite3.Error`."""
+        """The first id of ``count`` rows that go before every row."""
         first = self.db.execute("SELECT min(id) FROM messages").fetchone()[0]
         return (first if first is not None else 1) - count
 
     def insert(self, texts: list[str], start: Optional[int] = None) -> None:
-        """Write rows in one transaction, after every row or with ids from ``start``;
-        raises :class:`sqlite3.Error`."""
+        """Write rows in one transaction, after every row or with ids from ``start``."""
         if not texts:
             return
         db = self.db
@@ -306,10 +283,8 @@ class SpoolFile:
     def give_back_space(self) -> None:
         """After a failed write: empty the WAL, which holds the rolled-back pages and
         would keep a small disk full until exit."""
-        try:
+        with contextlib.suppress(sqlite3.Error):
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error:
-            pass
 
     def peek(self, limit: int) -> list[tuple[int, str]]:
         """The oldest ``limit`` rows not acknowledged, ``(id, body)``."""
@@ -361,57 +336,17 @@ class SpoolFile:
         return empty
 
 
-class _transaction:
-    """``with _transaction(db):`` BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, kind: Any, value: Any, traceback: Any) -> None:
-        if kind is None:
-            self.db.execute("COMMIT")
-        else:
-            try:
-                self.db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-
-
-def _insert_patiently(
-    own: SpoolFile, texts: list[str], start: Optional[int]
-) -> Optional[Exception]:
-    """Insert one chunk, trying a busy file again; the error that ended it, if any."""
-    error: Optional[Exception] = None
-    for attempt in range(3):
-        try:
-            own.insert(texts, start)
-            return None
-        except sqlite3.OperationalError as exc:  # busy, locked, disk full
-            error = exc
-            if any(word in str(exc) for word in _FULL):
-                return exc
-        except sqlite3.Error as exc:
-            return exc
-        time.sleep(0.05 * (attempt + 1))
-    return error
-
-
-def spooled_rows(directory: str, token: str, base_url: str) -> int:
-    """Rows kept in ``directory`` for (token, API host), in every process's file."""
-    total = 0
-    for path in Spool(directory, token, base_url).orphans():
-        try:
-            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=_BUSY_TIMEOUT)
-            try:
-                total += int(db.execute("SELECT count(*) FROM messages").fetchone()[0])
-            finally:
-                db.close()
-        except sqlite3.Error:
-            continue
-    return total
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT; a failure, the COMMIT's too, rolls back and raises."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
 
 
 def _read_rows(path: str) -> list[str]:
@@ -434,19 +369,16 @@ def _read_rows(path: str) -> list[str]:
         source.close()
 
 
-def _lock_free(lock_path: str) -> Optional[int]:
-    """An open descriptor holding ``lock_path``'s lock, or None when its process
-    holds it (or it cannot be opened)."""
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError:
-        return None
+def _take_lock(lock_path: str) -> int:
+    """A descriptor holding ``lock_path``'s lock; :class:`OSError` when another
+    process holds it (or it cannot be opened)."""
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     if fcntl is not None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            return None
+            raise
     return fd
 
 
@@ -470,10 +402,8 @@ def _mtime(path: str) -> float:
 
 
 def _remove(path: str) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.remove(path)
-    except OSError:
-        pass
 
 
 class _Empty(sqlite3.DatabaseError):
@@ -481,16 +411,13 @@ class _Empty(sqlite3.DatabaseError):
 
 
 def _move_aside(path: str, exc: BaseException) -> None:
-    if isinstance(exc, _Empty):  # most likely a process killed as it created its file
-        aside = f"{path}.empty-{int(time.time())}"
+    empty = isinstance(exc, _Empty)  # most likely a process killed as it created its file
+    aside = f"{path}.{'empty' if empty else 'corrupt'}-{int(time.time())}"
+    for suffix in ("", "-wal", "-shm"):  # its WAL may hold its newest pages: kept with it
+        with contextlib.suppress(OSError):
+            os.replace(path + suffix, aside + suffix)
+    if empty:
         logger.warning("mixpanel-otel: spool %s holds no table; set aside as %s", path, aside)
     else:
-        aside = f"{path}.corrupt-{int(time.time())}"
-        logger.error(
-            "mixpanel-otel: spool %s is unreadable (%s); moved aside to %s", path, exc, aside
-        )
-    for suffix in ("", "-wal", "-shm"):  # its WAL may hold its newest pages: kept with it
-        try:
-            os.replace(path + suffix, aside + suffix)
-        except OSError:
-            pass
+        text = "mixpanel-otel: spool %s is unreadable (%s); moved aside to %s"
+        logger.error(text, path, exc, aside)

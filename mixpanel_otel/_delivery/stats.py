@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import threading
 from time import monotonic
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 __all__ = ["COUNTERS", "TRAIT_COUNTERS", "Health", "Stats", "Throttle", "logger"]
 
 logger = logging.getLogger("mixpanel_otel")
+_HEALTH_REPEAT = 60.0  # seconds between two warnings that delivery is still failing
 
 #: The counters of ``stats()``, each a number of messages unless it says otherwise.
 COUNTERS = (
@@ -45,28 +46,30 @@ TRAIT_COUNTERS = (
 
 
 class Stats:
-    """Named counters, safe from any thread."""
+    """Named counters, safe from any thread. Their ``lock`` is the reporter's one lock:
+    the consumer's health and its throttled warnings share it."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
         self._counts = dict.fromkeys(COUNTERS, 0)
 
     def add(self, name: str, count: int = 1) -> None:
-        with self._lock:
+        with self.lock:
             self._counts[name] += count
 
     def snapshot(self) -> dict[str, int]:
-        with self._lock:
+        with self.lock:
             return dict(self._counts)
 
 
 class Throttle:
     """At most one warning of each kind every ``every`` seconds; counts the rest.
-    The one rate limit of every repeating warning (delivery, spool, front ends, gateway)."""
+    The one rate limit of every repeating warning (delivery, spool, front ends, gateway).
+    ``lock`` guards it: its own unless given."""
 
-    def __init__(self, every: float = 10.0) -> None:
+    def __init__(self, every: float, lock: Optional[ContextManager[Any]] = None) -> None:
         self.every = every
-        self._lock = threading.Lock()
+        self._lock = lock if lock is not None else threading.Lock()
         self._last: dict[str, float] = {}
         self._skipped: dict[str, int] = {}
 
@@ -87,22 +90,21 @@ class Health:
 
     Failing starts with the first retryable failure and ends with the next
     success. Once it has lasted ``warn_after`` seconds a warning names the
-    reason (DNS, connection refused, HTTP status and body), repeated at most every
-    ``repeat`` seconds; recovery gets one line.
+    reason (DNS, connection refused, HTTP status and body), repeated at most
+    once a minute; recovery gets one line.
     """
 
     def __init__(
         self,
         warn_after: float,
-        repeat: float = 60.0,
         clock: Callable[[], float] = monotonic,
         scrub: Callable[[str], str] = str,
+        lock: Optional[ContextManager[Any]] = None,
     ) -> None:
         self.warn_after = warn_after
-        self.repeat = repeat
         self._clock = clock
         self._scrub = scrub
-        self._lock = threading.Lock()
+        self._lock = lock if lock is not None else threading.Lock()
         self.failing_since: Optional[float] = None
         self.reason = ""
         self._warned_at: Optional[float] = None
@@ -119,7 +121,7 @@ class Health:
                 self.failing_since = now
             lasted = now - self.failing_since
             due = lasted >= self.warn_after and (
-                self._warned_at is None or now - self._warned_at >= self.repeat
+                self._warned_at is None or now - self._warned_at >= _HEALTH_REPEAT
             )
             if due:
                 self._warned_at = now
@@ -137,8 +139,7 @@ class Health:
         now = self._clock()
         with self._lock:
             since, warned = self.failing_since, self._warned_at
-            self.failing_since = None
-            self._warned_at = None
+            self.failing_since = self._warned_at = None
         if since is not None and warned is not None:
             logger.warning("mixpanel-otel: delivery recovered after %.0f s", now - since)
 

@@ -358,3 +358,23 @@ class TestAfterExit:
         before = len(transport.requests)
         parts.deliverer.run(job)  # the worker that held it comes back from its request
         assert len(transport.requests) - before <= 1, "no retries once stopped"
+
+
+def test_a_jobs_result_is_counted_before_a_flush_can_see_it_finished(make, errors):
+    # A flush returns once the ledger holds nothing. The worker counted "sent" and
+    # "failed" only after telling the ledger, so a flush could return True with the
+    # refusal not yet counted, and stats() just after it could miss the delivery.
+    consumer, transport, client = make(refuse=("bad",))
+    ledger = consumer.parts.ledger
+    finish = ledger.finish
+    seen = []
+
+    def finish_and_look(*args, **kwargs):
+        seen.append({k: consumer.parts.reporter.stats.snapshot()[k] for k in ("sent", "failed")})
+        return finish(*args, **kwargs)
+
+    ledger.finish = finish_and_look
+    for group_id in ("a", "bad", "c"):
+        client.group_set("company", group_id, {"plan": "pro"})
+    assert not consumer.flush(5)
+    assert seen[-1] == {"sent": 2, "failed": 1}

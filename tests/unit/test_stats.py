@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from mixpanel_otel._delivery.admission import Admission, decide
+from mixpanel_otel._delivery.admission import overflow_reason
 from mixpanel_otel._delivery.stats import Health, Stats, Throttle
 
 
@@ -58,13 +58,12 @@ def test_stats_count_by_name():
 
 def test_admission_waits_only_while_delivery_succeeds_and_time_is_left():
     healthy = dict(failing=False, max_block=5.0, wait_until=None, now=0.0, can_wait=True)
-    assert decide(**healthy)[0] is Admission.WAIT
-    assert decide(**dict(healthy, wait_until=5.0, now=4.0))[0] is Admission.WAIT
+    assert overflow_reason(**healthy) == ""
+    assert overflow_reason(**dict(healthy, wait_until=5.0, now=4.0)) == ""
     for change, reason in (
         ({"failing": True}, "failing"),
         ({"max_block": 0.0}, "max_block is 0"),
         ({"can_wait": False}, "nothing can make room"),
         ({"wait_until": 5.0, "now": 5.0}, "no room within max_block"),
     ):
-        verdict, why = decide(**dict(healthy, **change))
-        assert verdict is Admission.OVERFLOW and reason in why
+        assert reason in overflow_reason(**dict(healthy, **change))
