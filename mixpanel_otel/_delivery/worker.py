@@ -1,11 +1,11 @@
 """The worker: the consumer's background threads, started on demand.
 
 Each thread runs the consumer's loop (take a job, run it) until the loop
-returns. A worker belongs to one process: a forked child's consumer makes new
-parts, and a new worker with them. Threads run with OpenTelemetry
-instrumentation suppressed, so their own HTTP requests make no spans, and
-their idents are in :data:`WORKER_THREADS`, so a logging front end can ignore
-what they log.
+returns. A fork leaves the child without threads: its owner calls
+:meth:`Worker.after_fork` there (a consumer makes a new worker instead).
+Threads run with OpenTelemetry instrumentation suppressed, so their own HTTP
+requests make no spans, and their idents are in :data:`WORKER_THREADS`, so a
+logging front end can ignore what they log.
 """
 
 from __future__ import annotations
@@ -69,6 +69,13 @@ class Worker:
                 self._threads.append(thread)
             self.started = self._running > 0
             return self.started
+
+    def after_fork(self) -> None:
+        """In a forked child: no thread of the parent's runs here."""
+        self._lock = threading.Lock()
+        self._threads = []
+        self._running = 0
+        self.started = False
 
     def alive(self) -> int:
         return sum(thread.is_alive() for thread in self._threads)
