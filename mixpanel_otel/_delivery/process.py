@@ -100,11 +100,8 @@ class _SigtermWatch:
         """Watch SIGTERM if its action is the default and this is the main thread."""
         if self.armed or threading.current_thread() is not threading.main_thread():
             return self.armed
-        try:
-            if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-                return False  # the application's (or ignored): none of ours
-        except (AttributeError, ValueError):  # no SIGTERM on this platform
-            return False
+        if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+            return False  # the application's (or ignored): none of ours
         read, write = os.pipe()
         os.set_blocking(write, False)  # a full pipe must not block a signal handler
         watcher = threading.Thread(
@@ -292,9 +289,8 @@ def shutdown(timeout: Optional[float] = None) -> None:
     run_exit_steps(timeout)
     with lock:
         _watch.disarm()
-        if _hooks.installed:
-            atexit.unregister(_at_exit)
-            _hooks.installed = False
+        atexit.unregister(_at_exit)
+        _hooks.installed = False
         _steps.child_exit_in = 0
         _hooks.used_in = 0
 
