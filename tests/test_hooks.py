@@ -96,6 +96,105 @@ def test_a_pool_childs_own_sigterm_handler_runs_once_and_its_exit_delivers(sink,
     assert not outcome.lost and not outcome.stale, (outcome, err)
 
 
+EXIT_INTERRUPTED = """
+import multiprocessing, signal, threading
+from multiprocessing import util
+from mixpanel_otel._delivery import process
+ctx = multiprocessing.get_context(sys.argv[1])
+kind, where = sys.argv[2], sys.argv[3]
+calls_dir = os.environ["CALLS"]
+armed = []
+
+def on_term(signum, frame):
+    with open(os.path.join(calls_dir, str(os.getpid())), "a") as f:
+        f.write("called\\n")
+    sys.exit(0)
+
+def signal_now():  # the SIGTERM lands here: the handler raises SystemExit in this frame
+    if "fired" not in armed:  # one signal, though a spawned child's exit may call this twice
+        armed.append("fired")
+        signal.raise_signal(signal.SIGTERM)
+
+def note_exit_steps(deadline):
+    with open(os.path.join(calls_dir, f"{os.getpid()}.exit"), "a") as f:
+        f.write("ran\\n")
+
+def work(n):
+    signal.signal(signal.SIGTERM, on_term)
+    client, _ = make(flush_interval=60)
+    process.add_exit_step("providers", note_exit_steps)
+    emit(client, f"w{n}", [f"w{n}-{j}" for j in range(3)], 50)
+    if armed:
+        return n
+    armed.append(n)
+    if where == "target":
+        signal_now()
+    elif where == "exit_function":  # multiprocessing's exit routine, before our finalizer
+        util.Finalize(None, signal_now, exitpriority=1000)
+    else:  # threading's shutdown hooks, which _bootstrap runs last, before ours
+        threading._register_atexit(signal_now)
+    return n
+
+if __name__ == "__main__":
+    if kind == "pool":
+        with ctx.Pool(2) as pool:
+            assert sorted(pool.map(work, range(4), chunksize=1)) == [0, 1, 2, 3]
+            pool.close()
+            pool.join()
+    else:
+        for n in range(2):
+            child = ctx.Process(target=work, args=(n,))
+            child.start()
+            child.join()
+            # Out of threading's shutdown, SystemExit leaves _bootstrap: CPython's own code.
+            assert child.exitcode == 0 or where == "threading_shutdown", child.exitcode
+    print("DONE", flush=True)
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+@pytest.mark.parametrize(
+    "kind, where",
+    [
+        ("process", "target"),
+        ("process", "exit_function"),
+        ("process", "threading_shutdown"),
+        ("pool", "exit_function"),
+    ],
+)
+def test_a_childs_handler_raising_anywhere_on_its_way_out_costs_no_update(
+    sink, tmp_path, method, kind, where
+):
+    """The child's exit steps run once whether the application's handler raises
+    SystemExit in the target, in multiprocessing's exit routine or in threading's
+    shutdown hooks (issue 28 item 1: a pool worker's 100 updates were lost)."""
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    child = Child(
+        EXIT_INTERRUPTED,
+        sink.url,
+        str(tmp_path),
+        "interrupted",
+        method,
+        kind,
+        where,
+        CALLS=str(calls),
+        MIXPANEL_OTEL_SHUTDOWN_TIMEOUT=3,
+    )
+    code, out, err = _finish(child)
+    assert code == 0 and "DONE" in out, err
+    handled = [name for name in os.listdir(calls) if not name.endswith(".exit")]
+    assert handled, f"no child's handler ran: {err}"
+    for name in os.listdir(calls):  # each handler, and each child's exit steps, once
+        assert (calls / name).read_text() in ("called\n", "ran\n"), (name, err)
+    assert {f"{name}.exit" for name in handled} <= set(os.listdir(calls)), err
+    plan = Plan()
+    for n in range(4 if kind == "pool" else 2):
+        plan.emit(f"w{n}", [f"w{n}-{j}" for j in range(3)], 50)
+    outcome = compare(sink, plan)
+    assert not outcome.lost and not outcome.stale, (outcome, err)
+
+
 EXECUTOR = """
 import concurrent.futures, multiprocessing
 
@@ -226,6 +325,48 @@ def test_an_application_handler_installed_first_runs_at_once_with_its_flags(sink
     # Delivery happened in the application's own exit path (atexit).
     outcome = compare(sink, Plan().emit("a", ["app0", "app1"], 50).emit("b", ["app0"], 1))
     assert not outcome.lost, outcome
+
+
+HANDLER_DURING_EXIT = """
+import atexit, signal
+from mixpanel_otel._delivery import process
+handled = threading.Event()
+atexit.register(lambda: print("HELD AFTER THE EXIT STEPS", consumer.stats()["pending"]))
+
+def on_term(signum, frame):
+    handled.set()
+    sys.exit(3)
+
+def main_thread_waits_for_the_steps():
+    frame, names = sys._current_frames().get(threading.main_thread().ident), []
+    while frame is not None:
+        names.append(frame.f_code.co_name)
+        frame = frame.f_back
+    return "_shielded" in names and "start" not in names
+
+def signal_the_main_thread(deadline):  # the SIGTERM comes while the exit steps run
+    while not main_thread_waits_for_the_steps():
+        time.sleep(0.01)
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+    assert handled.wait(30)
+    time.sleep(0.5)  # a provider's flush that takes a while
+
+signal.signal(signal.SIGTERM, on_term)
+process.add_exit_step("providers", signal_the_main_thread)
+client, consumer = make(flush_interval=60)
+emit(client, "x", ["x0", "x1"], 100)
+"""
+
+
+def test_an_application_handler_raising_while_the_exit_steps_run_waits_for_them(sink, tmp_path):
+    """The handler's SystemExit lands in the main thread's wait for the exit thread:
+    the wait goes on, the consumers' step delivers. (Joining the thread there lost
+    them: an interrupted ``Thread.join`` marks a running thread stopped.)"""
+    code, out, err = _finish(Child(HANDLER_DURING_EXIT, sink.url, str(tmp_path), "during"))
+    assert code == 0, err  # atexit: the handler's SystemExit ends the hook, not the process
+    assert "HELD AFTER THE EXIT STEPS 0" in out, (out, err)
+    outcome = compare(sink, Plan().emit("x", ["x0", "x1"], 100))
+    assert not outcome.lost and not outcome.stale, (outcome, err)
 
 
 # -- 5. a default-action SIGTERM while the main thread is in a long C call ----------------

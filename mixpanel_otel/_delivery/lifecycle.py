@@ -8,10 +8,9 @@ One state machine instead of flags::
 
 ``FLUSHING`` is RUNNING while a :meth:`Consumer.flush` waits. CLOSING has
 the *deadline* for sending: retries stop there and whatever is left goes to
-the spool. STOPPED notes whether the last shutdown *left*
-updates behind, so the next one does not wait for the same outage again.
-A 429 (or Retry-After) *pauses* every request until a time the lifecycle
-keeps.
+the spool. STOPPED notes whether the last shutdown *left* updates behind, so
+the next one does not wait for the same outage again. A 429 (or Retry-After)
+*pauses* every request until a time the lifecycle keeps.
 """
 
 from __future__ import annotations
@@ -34,14 +33,12 @@ class Lifecycle:
     """The consumer's phase, its deadline and the pause; waits that they cut short.
 
     ``wait(seconds) -> bool`` (injected by tests with a fake clock) sleeps and
-    returns True when it was cut short; by default an event that
-    :meth:`hurry` sets.
+    returns True when it was cut short; by default on an event that a flush or a
+    shutdown sets.
     """
 
     def __init__(
-        self,
-        clock: Callable[[], float],
-        wait: Optional[Callable[[float], bool]] = None,
+        self, clock: Callable[[], float], wait: Optional[Callable[[float], bool]] = None
     ) -> None:
         self.clock = clock
         self._phase = Phase.RUNNING
@@ -49,12 +46,9 @@ class Lifecycle:
         self._inline_until: Optional[float] = None  # a flush sending from its own thread
         self.deadline: Optional[float] = None  # CLOSING: when sending stops
         self.left_behind = False  # STOPPED with updates not delivered
-        self._paused_until = 0.0
+        self.paused_until = 0.0  # a 429: no request before then
         self._hurry = threading.Event()
         self._wait = wait or self._event_wait
-
-    def __repr__(self) -> str:
-        return f"<Lifecycle {self.phase.name}>"
 
     @property
     def phase(self) -> Phase:
@@ -76,10 +70,6 @@ class Lifecycle:
     def urgent(self) -> bool:
         """Partial batches go now, not on the next interval (a flush, an exit)."""
         return self.phase is not Phase.RUNNING
-
-    @property
-    def paused_until(self) -> float:
-        return self._paused_until
 
     # -- transitions ------------------------------------------------------------------
 
@@ -106,20 +96,16 @@ class Lifecycle:
 
     def pause(self, seconds: float) -> None:
         """A 429: no request before ``seconds`` from now (at most 60)."""
-        self._paused_until = max(self._paused_until, self.clock() + min(seconds, 60.0))
+        self.paused_until = max(self.paused_until, self.clock() + min(seconds, 60.0))
 
     # -- the sender's waits -----------------------------------------------------------
 
     def exit_deadline(self) -> Optional[float]:
         """When requests and retries stop: the exit's deadline (also once stopped:
         a request still out then gives up), or an inline flush's."""
-        if self._phase is Phase.CLOSING or self._phase is Phase.STOPPED:
+        if self._phase in (Phase.CLOSING, Phase.STOPPED):
             return self.deadline
         return self._inline_until
-
-    def time_left(self) -> bool:
-        deadline = self.exit_deadline()
-        return deadline is None or deadline - self.clock() > 0.01
 
     def wait(self, delay: float) -> bool:
         """Sleep before a retry, cut short by flush() or shutdown; False when out of time."""
@@ -130,12 +116,13 @@ class Lifecycle:
                 return False
             delay = min(delay, left)
         self._wait(max(0.0, delay))
-        return self.time_left()
+        deadline = self.exit_deadline()
+        return deadline is None or deadline - self.clock() > 0.01
 
     def wait_out_pause(self) -> bool:
         """Before each request: wait while a 429 pauses the consumer; False to stop."""
         while True:
-            left = self._paused_until - self.clock()
+            left = self.paused_until - self.clock()
             if left <= 0:
                 return True
             if not self.wait(left):

@@ -11,8 +11,9 @@ Installed when the first shared consumer of a process is made (docs/delivery.md,
   is noticed in C (``faulthandler`` writes to a pipe of ours), so a thread
   of ours flushes without waiting for the main thread, then the process dies
   by the signal. An application's own handler is never replaced or called;
-- in a **multiprocessing** child (which ends with ``os._exit``): a finalizer
-  of multiprocessing's own that runs the exit steps;
+- in a **multiprocessing** child (which ends with ``os._exit``): the exit
+  steps, once, from the first of two points on its way out (see
+  :func:`_watch_multiprocessing_exit`);
 - **at-fork** hooks: a child starts with nothing of ours, no thread, no
   descriptor, until it uses the library itself.
 """
@@ -20,6 +21,7 @@ Installed when the first shared consumer of a process is made (docs/delivery.md,
 from __future__ import annotations
 
 import atexit
+import contextlib
 import faulthandler
 import os
 import signal
@@ -30,15 +32,7 @@ from typing import Any, Callable, Optional
 
 from .stats import logger
 
-__all__ = [
-    "STAGES",
-    "add_exit_step",
-    "dying",
-    "exit_deadline",
-    "run_exit_steps",
-    "shutdown",
-    "use",
-]
+__all__ = ["add_exit_step", "at_fork", "dying", "exit_deadline", "lock", "shutdown", "use"]
 
 #: The exit steps run stage by stage, in this order.
 STAGES = ("providers", "traits", "consumers")
@@ -48,24 +42,13 @@ _GRACE = 2.0  # past the deadline, for an exit step that overruns (a slow disk, 
 ExitStep = Callable[[float], None]
 
 
-class _Budget:
-    """The one exit deadline (``time.monotonic()``), started by the first exit."""
-
-    def __init__(self) -> None:
-        self.deadline: Optional[float] = None
-
-    def start(self, seconds: float) -> float:
-        if self.deadline is None:
-            self.deadline = time.monotonic() + seconds
-        return self.deadline
-
-
 class _ExitSteps:
     """The ordered exit steps; each runs once per exit, with what is left of the budget."""
 
     def __init__(self) -> None:
         self._steps: dict[str, list[ExitStep]] = {stage: [] for stage in STAGES}
         self._lock = threading.Lock()  # one exit at a time: a SIGTERM may come during atexit
+        self.child_exit_in = 0  # the multiprocessing child whose exit steps are still due
 
     def add(self, stage: str, step: ExitStep) -> None:
         if stage not in self._steps:
@@ -73,10 +56,16 @@ class _ExitSteps:
         if step not in self._steps[stage]:
             self._steps[stage].append(step)
 
-    def run(self, deadline: float) -> None:
+    def run(self, deadline: float, child_exit: bool = False) -> None:
+        """Run every step by ``deadline``; a ``child_exit`` run only if none has begun
+        (a later one waits here for the first to end)."""
         if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             return
         try:
+            if child_exit:
+                if self.child_exit_in != os.getpid():
+                    return
+                self.child_exit_in = 0
             for stage in STAGES:
                 for step in list(self._steps[stage]):
                     try:
@@ -86,22 +75,15 @@ class _ExitSteps:
         finally:
             self._lock.release()
 
-    def after_fork(self) -> None:
-        self._lock = threading.Lock()
-
 
 class _SigtermWatch:
     """Notices a default-action SIGTERM in C and handles it in a thread of ours.
 
     ``faulthandler.register`` installs a C handler that writes to our pipe
-    (restarting any system call it interrupts: the main thread goes on as if
-    nothing happened); the watcher thread, woken by the write, runs the exit
-    steps, restores the default action and sends the signal again: the
-    process dies by it (exit status 143), whatever the main thread is doing
-    (a long database query, a blocking read). ``signal.getsignal`` shows our
-    Python handler, so a framework that saves and later restores the handler
-    (uvicorn re-raises the signal after its graceful shutdown) hands the
-    signal back to us.
+    (restarting any system call it interrupts); the watcher thread, woken by
+    the write, runs the exit steps and dies by the signal, whatever the main
+    thread is doing. ``signal.getsignal`` shows our Python handler, so a
+    framework that restores the handler it saved (uvicorn) hands it back to us.
     """
 
     def __init__(self) -> None:
@@ -118,11 +100,8 @@ class _SigtermWatch:
         """Watch SIGTERM if its action is the default and this is the main thread."""
         if self.armed or threading.current_thread() is not threading.main_thread():
             return self.armed
-        try:
-            if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-                return False  # the application's (or ignored): none of ours
-        except (AttributeError, ValueError):  # no SIGTERM on this platform
-            return False
+        if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+            return False  # the application's (or ignored): none of ours
         read, write = os.pipe()
         os.set_blocking(write, False)  # a full pipe must not block a signal handler
         watcher = threading.Thread(
@@ -131,8 +110,7 @@ class _SigtermWatch:
         try:
             watcher.start()
         except RuntimeError:  # interpreter shutdown
-            os.close(read)
-            os.close(write)
+            _close(read, write)
             return False
         self._fds, self.pid, self._stopping = (read, write), os.getpid(), False
         # faulthandler remembers the action it replaces and puts it back on unregister:
@@ -140,7 +118,7 @@ class _SigtermWatch:
         # all_threads=False: it dumps only the interrupted thread's own frames; reading
         # other threads' frames from a signal handler while they run can crash.
         faulthandler.register(signal.SIGTERM, write, all_threads=False, chain=False)
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        signal.signal(signal.SIGTERM, _exit_by_signal)
         faulthandler.unregister(signal.SIGTERM)
         faulthandler.register(signal.SIGTERM, write, all_threads=False, chain=False)
         return True
@@ -149,8 +127,7 @@ class _SigtermWatch:
         """Put SIGTERM back as it was (unless the application has changed it since)."""
         if not self.armed:
             return
-        ours = signal.getsignal(signal.SIGTERM) is _on_sigterm
-        if ours:
+        if signal.getsignal(signal.SIGTERM) is _exit_by_signal:
             faulthandler.unregister(signal.SIGTERM)
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -165,8 +142,7 @@ class _SigtermWatch:
             return
         finally:
             if self._stopping:
-                for fd in (read, self._fds[1]):
-                    _close(fd)
+                _close(read, self._fds[1])
         if not self._stopping:
             _exit_by_signal()
 
@@ -187,38 +163,41 @@ class _SigtermWatch:
     def after_fork_in_child(self) -> None:
         """Forget the parent's watch: the default action again, no thread, no descriptor."""
         if self.pid:
-            if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+            if signal.getsignal(signal.SIGTERM) is _exit_by_signal:
                 faulthandler.unregister(signal.SIGTERM)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            for fd in self._fds:
-                _close(fd)
+            _close(*self._fds)
             self.pid, self._fds = 0, (-1, -1)
         self.after_fork_in_parent()  # a SIGTERM sent meanwhile now does what it did before
 
 
-def _close(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
+def _close(*fds: int) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 class _Hooks:
-    """What is installed in this process, and the consumers' budget."""
+    """What is installed in this process, and the one exit budget."""
 
     def __init__(self) -> None:
         self.dying = False  # a SIGTERM's exit: the process ends when the steps are done
         self.installed = False
         self.shutdown_timeout = 0.0  # the largest of the consumers'
         self.used_in = 0  # the pid where use() last ran
-        self.finalizer: Any = None  # multiprocessing's Finalize, in a child
+        self.deadline: Optional[float] = None  # ``time.monotonic()``, set by the first exit
+
+    def start_budget(self, seconds: float) -> float:
+        if self.deadline is None:
+            self.deadline = time.monotonic() + seconds
+        return self.deadline
 
 
-_budget = _Budget()
 _steps = _ExitSteps()
 _watch = _SigtermWatch()
 _hooks = _Hooks()
-_lock = threading.Lock()
+#: The hooks' state, and the registry's consumers (held across ``fork()``).
+lock = threading.Lock()
 
 
 def add_exit_step(stage: str, step: ExitStep) -> None:
@@ -233,7 +212,7 @@ def add_exit_step(stage: str, step: ExitStep) -> None:
 
 def use(shutdown_timeout: float, watch_sigterm: bool) -> None:
     """Install the hooks (once per process): a consumer was made, or used after a fork."""
-    with _lock:
+    with lock:
         _hooks.shutdown_timeout = max(_hooks.shutdown_timeout, shutdown_timeout)
         if not _hooks.installed:
             _hooks.installed = True
@@ -252,15 +231,15 @@ def dying() -> bool:
 
 def exit_deadline() -> Optional[float]:
     """The exit budget's deadline once an exit has begun, else None."""
-    return _budget.deadline
+    return _hooks.deadline
 
 
-def run_exit_steps(timeout: Optional[float] = None) -> None:
+def run_exit_steps(timeout: Optional[float] = None, child_exit: bool = False) -> None:
     """Start the exit budget (``timeout``, else the consumers' ``shutdown_timeout``)
     if not yet, and run the exit steps within it."""
     seconds = timeout if timeout is not None else _hooks.shutdown_timeout
-    deadline = _budget.start(seconds or DEFAULT_SHUTDOWN_TIMEOUT)
-    _shielded(lambda: _steps.run(deadline), deadline)
+    deadline = _hooks.start_budget(seconds or DEFAULT_SHUTDOWN_TIMEOUT)
+    _shielded(lambda: _steps.run(deadline, child_exit), deadline)
 
 
 def _shielded(work: Callable[[], None], deadline: float) -> None:
@@ -274,7 +253,7 @@ def _shielded(work: Callable[[], None], deadline: float) -> None:
     if threading.current_thread() is not threading.main_thread():
         work()
         return
-    done = threading.Event()
+    done = threading.Event()  # not Thread.join: one interrupted marks the thread stopped
 
     def run() -> None:
         try:
@@ -292,8 +271,7 @@ def _shielded(work: Callable[[], None], deadline: float) -> None:
     except BaseException as exc:  # start() waits for the thread: the handler may raise there
         interrupted = exc
         if worker.ident is None:  # not started after all
-            work()
-            done.set()
+            run()
     while not done.is_set():
         left = deadline + _GRACE - time.monotonic()
         if left <= 0:
@@ -309,23 +287,23 @@ def _shielded(work: Callable[[], None], deadline: float) -> None:
 def shutdown(timeout: Optional[float] = None) -> None:
     """Run the exit steps now, then put back everything installed (see the module)."""
     run_exit_steps(timeout)
-    with _lock:
+    with lock:
         _watch.disarm()
-        if _hooks.installed:
-            atexit.unregister(_at_exit)
-            _hooks.installed = False
-        if _hooks.finalizer is not None:
-            _hooks.finalizer.cancel()
-            _hooks.finalizer = None
+        atexit.unregister(_at_exit)
+        _hooks.installed = False
+        _steps.child_exit_in = 0
         _hooks.used_in = 0
 
 
 def _at_exit() -> None:
-    run_exit_steps()
+    run_exit_steps(child_exit=_in_multiprocessing_child())  # a spawned child ends here too
 
 
-def _exit_by_signal() -> None:
-    """Run the exit steps (from a thread of ours), then die by SIGTERM's default action."""
+def _exit_by_signal(*signal_args: Any) -> None:
+    """Run the exit steps, then die by SIGTERM's default action: from the watcher
+    thread, or as our Python handler when someone restored it and raised SIGTERM
+    (the main thread may then be stopped inside one of our locks: the steps run
+    in a thread of their own, :func:`_shielded`)."""
     _hooks.dying = True
     try:
         run_exit_steps()
@@ -336,30 +314,39 @@ def _exit_by_signal() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    """Our Python handler, which runs when someone restored it and raised SIGTERM
-    (the main thread may be stopped inside one of our locks: the steps run in a
-    thread of their own, :func:`_shielded`)."""
-    _hooks.dying = True
-    try:
-        run_exit_steps()
-    finally:
-        faulthandler.unregister(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 # -- multiprocessing -------------------------------------------------------------------
 
 
 def _watch_multiprocessing_exit() -> None:
     """In a multiprocessing child, which ends with ``os._exit`` and skips ``atexit``:
-    run the exit steps in multiprocessing's own exit finalizers."""
-    process = sys.modules.get("multiprocessing.process")
+    run the exit steps once, from the first of two points on its way out.
+
+    An application's SIGTERM handler may raise SystemExit anywhere on that way
+    (the target, the pool's loop, multiprocessing's exit routine), skipping what
+    follows in that block; one SystemExit never skips both points:
+    multiprocessing's exit finalizers (run by ``Process._bootstrap`` up to 3.12,
+    by ``atexit`` after it from 3.13) and threading's shutdown hooks, which
+    ``_bootstrap`` runs in its last ``finally``, after catching the SystemExit.
+    """
     util = sys.modules.get("multiprocessing.util")
-    if process is None or util is None or process.parent_process() is None:
+    if util is None or not _in_multiprocessing_child():
         return
-    _hooks.finalizer = util.Finalize(None, run_exit_steps, exitpriority=100)
+    _steps.child_exit_in = os.getpid()
+    util.Finalize(None, _child_exit, exitpriority=100)
+    register = getattr(threading, "_register_atexit", None)  # CPython 3.9+, private
+    if register is not None:
+        with contextlib.suppress(RuntimeError):  # shutting down: the finalizer will do
+            register(_child_exit)
+
+
+def _in_multiprocessing_child() -> bool:
+    process = sys.modules.get("multiprocessing.process")
+    return process is not None and process.parent_process() is not None
+
+
+def _child_exit() -> None:
+    if _steps.child_exit_in == os.getpid():  # not a grandchild's copy, not put back
+        run_exit_steps(child_exit=True)
 
 
 # -- fork ------------------------------------------------------------------------------
@@ -376,6 +363,7 @@ def at_fork(
 
 def _before_fork() -> None:
     _watch.before_fork()
+    lock.acquire()
     for before, _, _ in _fork_callbacks:
         before()
 
@@ -383,15 +371,15 @@ def _before_fork() -> None:
 def _after_fork_in_parent() -> None:
     for _, in_parent, _ in reversed(_fork_callbacks):
         in_parent()
+    lock.release()
     _watch.after_fork_in_parent()
 
 
 def _after_fork_in_child() -> None:
-    global _lock
-    _lock = threading.Lock()
-    _steps.after_fork()
-    _budget.deadline = None  # the child's exit is its own
-    _hooks.finalizer = None
+    global lock
+    lock = threading.Lock()
+    _steps._lock = threading.Lock()
+    _hooks.deadline = None  # the child's exit is its own
     _hooks.dying = False
     for _, _, in_child in reversed(_fork_callbacks):
         in_child()

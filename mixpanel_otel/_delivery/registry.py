@@ -9,10 +9,8 @@ seam: every ``get_consumer()`` returns one consumer (``mixpanel_otel.testing``).
 from __future__ import annotations
 
 import contextlib
-import threading
-import weakref
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .._config import check_arguments, resolve_target
 from . import process
@@ -21,11 +19,10 @@ from .stats import logger
 
 __all__ = ["get_consumer", "override", "reset"]
 
-_LIVE: weakref.WeakSet[Consumer] = weakref.WeakSet()
+# Guarded by process.lock, which is also held across fork().
 _SHARED: dict[tuple[str, str], Consumer] = {}
-_LOCK = threading.Lock()
-_OVERRIDE: list[Consumer] = []
 _WARNED: set[tuple[str, str, str]] = set()
+_OVERRIDE: list[Consumer] = []
 
 
 def get_consumer(
@@ -44,14 +41,15 @@ def get_consumer(
         return _OVERRIDE[-1]
     region = options.pop("region", None)
     token, base_url = resolve_target(token, api_host, region)
-    with _LOCK:
-        key = (token, base_url)
+    key = (token, base_url)
+    with process.lock:
         consumer = _SHARED.get(key)
-        if consumer is None:
-            consumer = _SHARED[key] = Consumer(token, base_url, **options)
-            register(consumer)
-        else:
+        if consumer is not None:
             _warn_ignored(consumer, key, check_arguments(options))
+            return consumer
+        consumer = _SHARED[key] = Consumer(token, base_url, **options)
+        consumer.use_process = _use_process
+    _use_process(consumer)  # outside the lock, which use() takes
     return consumer
 
 
@@ -74,17 +72,9 @@ def _warn_ignored(consumer: Consumer, key: tuple[str, str], given: dict[str, Any
         )
 
 
-def register(consumer: Consumer) -> None:
-    """Shut ``consumer`` down at exit, on SIGTERM and in multiprocessing children."""
-    _LIVE.add(consumer)
-    consumer.use_process = _use_process
-    _use_process(consumer)
-
-
 def _use_process(consumer: Consumer) -> None:
     """The process hooks, for a new consumer or one first used after a fork."""
-    options = consumer.options
-    process.use(options.shutdown_timeout, options.flush_on_sigterm)
+    process.use(consumer.options.shutdown_timeout, consumer.options.flush_on_sigterm)
 
 
 @contextlib.contextmanager
@@ -99,13 +89,12 @@ def override(consumer: Consumer) -> Iterator[Consumer]:
 
 def reset(timeout: float = 2.0) -> None:
     """Shut down and forget every shared consumer (between tests)."""
-    with _LOCK:
+    with process.lock:
         consumers = list(_SHARED.values())
         _SHARED.clear()
         _WARNED.clear()
     for consumer in consumers:
         consumer.shutdown(timeout)
-        _LIVE.discard(consumer)
 
 
 def shutdown_consumers(deadline: float) -> None:
@@ -114,31 +103,24 @@ def shutdown_consumers(deadline: float) -> None:
     No new threads here: Python 3.12+ refuses to start one at exit, so a
     consumer whose workers are gone sends from this thread.
     """
-    for consumer in list(_LIVE):
+    for consumer in list(_SHARED.values()):
         try:
             consumer.close_by(deadline)
         except Exception as exc:  # never let one consumer cost the others their flush
             logger.error("mixpanel-otel: exit flush failed: %r", exc)
 
 
-def _before_fork() -> None:
-    _LOCK.acquire()
-    for consumer in list(_LIVE):
-        consumer.before_fork()
+def _each_consumer(method: str) -> Callable[[], None]:
+    def call() -> None:
+        for consumer in list(_SHARED.values()):
+            getattr(consumer, method)()
 
-
-def _after_fork_in_parent() -> None:
-    for consumer in list(_LIVE):
-        consumer.after_fork_in_parent()
-    _LOCK.release()
-
-
-def _after_fork_in_child() -> None:
-    global _LOCK
-    for consumer in list(_LIVE):
-        consumer.after_fork()
-    _LOCK = threading.Lock()
+    return call
 
 
 process.add_exit_step("consumers", shutdown_consumers)
-process.at_fork(_before_fork, _after_fork_in_parent, _after_fork_in_child)
+process.at_fork(
+    before=_each_consumer("before_fork"),
+    in_parent=_each_consumer("after_fork_in_parent"),
+    in_child=_each_consumer("after_fork"),
+)

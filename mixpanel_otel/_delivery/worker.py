@@ -1,16 +1,15 @@
-"""The worker: the consumer's background threads, started on demand, pid-stamped.
+"""The worker: the consumer's background threads, started on demand.
 
-Each thread runs the consumer's loop (take a job, run it)
-until the loop returns. A fork leaves the child without threads; the pid
-stamp tells :meth:`Worker.ensure` to start new ones there. Threads run with
-OpenTelemetry instrumentation suppressed, so their own HTTP requests make
-no spans, and their idents are in :data:`WORKER_THREADS`, so a logging
-front end can ignore what they log.
+Each thread runs the consumer's loop (take a job, run it) until the loop
+returns. A fork leaves the child without threads: its owner calls
+:meth:`Worker.after_fork` there (a consumer makes a new worker instead).
+Threads run with OpenTelemetry instrumentation suppressed, so their own HTTP
+requests make no spans, and their idents are in :data:`WORKER_THREADS`, so a
+logging front end can ignore what they log.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from typing import Callable
@@ -41,13 +40,12 @@ def _suppress_instrumentation() -> None:
 
 
 class Worker:
-    """Up to ``count`` daemon threads running ``loop``; restarted after a fork or a crash."""
+    """Up to ``count`` daemon threads running ``loop``; restarted after a crash."""
 
     def __init__(self, loop: Callable[[], None], count: int, name: str) -> None:
         self._loop = loop
         self.count = count
         self.name = name
-        self._pid = os.getpid()
         self._threads: list[threading.Thread] = []
         self._running = 0  # threads started whose loop has not ended
         self._lock = threading.Lock()
@@ -59,10 +57,6 @@ class Worker:
         if not self.enabled:
             return False
         with self._lock:
-            if self._pid != os.getpid():
-                self._pid = os.getpid()
-                self._threads = []
-                self._running = 0
             self._threads = [thread for thread in self._threads if thread.is_alive()]
             while len(self._threads) < self.count:
                 thread = threading.Thread(target=self._run, name=self.name, daemon=True)
@@ -79,7 +73,6 @@ class Worker:
     def after_fork(self) -> None:
         """In a forked child: no thread of the parent's runs here."""
         self._lock = threading.Lock()
-        self._pid = os.getpid()
         self._threads = []
         self._running = 0
         self.started = False
