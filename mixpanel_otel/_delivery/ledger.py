@@ -16,7 +16,7 @@ finished; all are woken when a job finishes).
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .._wire import GroupUpdate
 from .bounds import Bounds
@@ -28,20 +28,10 @@ from .sender import Result
 from .spool import Reading
 from .stats import Stats
 
-__all__ = ["Ledger", "Pace", "Tick"]
+if TYPE_CHECKING:
+    from .lifecycle import Lifecycle
 
-
-class Pace(Protocol):
-    """What the ledger asks of the lifecycle when handing out jobs."""
-
-    @property
-    def stopped(self) -> bool: ...  # workers end
-
-    @property
-    def urgent(self) -> bool: ...  # send partial batches now (flush, exit)
-
-    @property
-    def paused_until(self) -> float: ...  # a 429 pauses every request until then
+__all__ = ["Ledger", "Tick"]
 
 
 class Tick:
@@ -70,26 +60,6 @@ class Tick:
         return min(max(0.001, timeout), self.interval)
 
 
-class Guard:
-    """The ledger's one lock and its two conditions; held across a ``fork()``."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.work = threading.Condition(self.lock)  # workers: one woken per job due
-        self.change = threading.Condition(self.lock)  # callers: room, or all finished
-
-    def wake_one(self) -> None:
-        with self.lock:
-            self.work.notify()
-
-    def hold(self) -> None:
-        """Take the lock across a ``fork()`` (:meth:`let_go` after it, in the parent)."""
-        self.lock.acquire()
-
-    def let_go(self) -> None:
-        self.lock.release()
-
-
 class Ledger:
     """Inbox, buffer, lanes, jobs in flight and their counts; the one lock."""
 
@@ -107,15 +77,21 @@ class Ledger:
         self._stats = stats
         self.batch_size = batch_size
         self.max_in_flight = max_in_flight
-        guard = Guard()
-        self._lock, self._work, self._change = guard.lock, guard.work, guard.change
-        self.hold, self.let_go = guard.hold, guard.let_go
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)  # workers: one woken per job due
+        self._change = threading.Condition(self._lock)  # callers: room, or all finished
+        #: Taken across a ``fork()`` (released after it, in the parent).
+        self.hold, self.let_go = self._lock.acquire, self._lock.release
         self._dispatch = Dispatch(batch_size)
         self._bounds = Bounds(self._dispatch, max_pending, max_pending_bytes)
-        self._inbox = Inbox(batch_size, self._bounds, guard.wake_one)
+        self._inbox = Inbox(batch_size, self._bounds, self._wake_one)
         self.offer = self._inbox.offer
         self._tick = Tick(flush_interval, clock)
         self._spool_read = 0  # order of the spool reading ``spool_rows`` comes from
+
+    def _wake_one(self) -> None:
+        with self._lock:
+            self._work.notify()
 
     @property
     def held(self) -> int:
@@ -178,7 +154,7 @@ class Ledger:
 
     # -- workers ---------------------------------------------------------------------
 
-    def next_job(self, pace: Pace, spool: bool, block: bool = True) -> Optional[Job]:
+    def next_job(self, pace: Lifecycle, spool: bool, block: bool = True) -> Optional[Job]:
         """The next job due. Blocking (a worker): waits for one, None once stopped.
         Not blocking (a flush with no worker): None when none is due now."""
         dispatch = self._dispatch

@@ -387,19 +387,12 @@ def _read_rows(path: str) -> tuple[list[str], list[str]]:
         if not tables:  # its process died before writing the schema, or not ours
             raise _Empty(path)
         columns = [row[1] for row in source.execute("PRAGMA table_info(messages)")]
-        # Files of versions before the adopted table have messages alone.
-        if sorted(tables) not in (["messages"], ["adopted", "messages"]) or columns != [
-            "id",
-            "body",
-        ]:
+        known = sorted(tables) in (["messages"], ["adopted", "messages"])  # older: messages
+        if not known or columns != ["id", "body"]:
             raise sqlite3.DatabaseError(f"not a mixpanel-otel spool (tables {sorted(tables)})")
         rows = [str(row[0]) for row in source.execute("SELECT body FROM messages ORDER BY id")]
-        names = (
-            [str(row[0]) for row in source.execute("SELECT name FROM adopted")]
-            if ("adopted" in tables)
-            else []
-        )
-        return rows, names
+        adopted = source.execute("SELECT name FROM adopted") if "adopted" in tables else ()
+        return rows, [str(row[0]) for row in adopted]
     finally:
         source.close()
 
