@@ -51,6 +51,16 @@ TOKEN = "test-token"
 CLI = [sys.executable, "-m", "mixpanel_otel._cli"]
 
 
+def example_gunicorn(port: int) -> list[str]:
+    """The command that serves examples/gunicorn_app.py with examples/gunicorn.conf.py."""
+    conf = os.path.join(EXAMPLES, "gunicorn.conf.py")
+    return [sys.executable, "-m", "gunicorn", "-c", conf, "--chdir", EXAMPLES] + [
+        "-b",
+        f"127.0.0.1:{port}",
+        "gunicorn_app:app",
+    ]
+
+
 def spooled_rows(directory: str, token: str, base_url: str) -> int:
     """Rows kept in ``directory`` for (token, API host), in every process's spool file."""
     total = 0

@@ -10,7 +10,7 @@ import sys
 import pytest
 import requests
 
-from .helpers import EXAMPLES, AppProcess, free_port, sink_env
+from .helpers import EXAMPLES, AppProcess, example_gunicorn, free_port, sink_env
 
 pytestmark = pytest.mark.slow  # real subprocesses
 
@@ -64,18 +64,7 @@ def test_mixpanel_sdk_background(sink):
 def test_gunicorn_conf_with_post_fork(sink):
     port = free_port()
     server = AppProcess(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "-c",
-            os.path.join(EXAMPLES, "gunicorn.conf.py"),
-            "--chdir",
-            EXAMPLES,
-            "-b",
-            f"127.0.0.1:{port}",
-            "gunicorn_app:app",
-        ],
+        example_gunicorn(port),
         port,
         sink_env(sink.url, MIXPANEL_OTEL_FLUSH_INTERVAL="0.2"),
     )

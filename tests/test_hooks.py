@@ -17,12 +17,12 @@ import pytest
 import requests
 
 from .helpers import (
-    EXAMPLES,
     TOKEN,
     AppProcess,
     Child,
     Plan,
     compare,
+    example_gunicorn,
     free_port,
     sink_env,
     spooled_rows,
@@ -505,18 +505,7 @@ def test_gunicorn_workers_exit_in_time_when_mixpanel_hangs(sink, tmp_path, spool
     port = free_port()
     env = {"MIXPANEL_OTEL_SPOOL_DIR": str(tmp_path / "spool")} if spool else {}
     server = AppProcess(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "-c",
-            os.path.join(EXAMPLES, "gunicorn.conf.py"),
-            "--chdir",
-            EXAMPLES,
-            "-b",
-            f"127.0.0.1:{port}",
-            "gunicorn_app:app",
-        ],
+        example_gunicorn(port),
         port,
         sink_env(hole.url, MIXPANEL_OTEL_FLUSH_INTERVAL="0.2", **env),
     )

@@ -18,7 +18,16 @@ from mixpanel_otel._config import check_arguments, known_environment, unknown_en
 from mixpanel_otel._exceptions import MixpanelException
 from mixpanel_otel._launch import zero_code_defaults
 
-from .helpers import CLI, EXAMPLES, ROOT, TOKEN, AppProcess, free_port, process_env, sink_env
+from .helpers import (
+    CLI,
+    ROOT,
+    TOKEN,
+    AppProcess,
+    example_gunicorn,
+    free_port,
+    process_env,
+    sink_env,
+)
 
 
 def _python(source: str, env: dict[str, str], cwd=None) -> subprocess.CompletedProcess[str]:
@@ -252,8 +261,7 @@ def test_the_fastapi_lifespan_snippet_runs_without_a_token():
 def test_gunicorn_worker_exit_without_a_token(tmp_path):
     port = free_port()
     server = AppProcess(
-        [sys.executable, "-m", "gunicorn", "-c", os.path.join(EXAMPLES, "gunicorn.conf.py")]
-        + ["--chdir", EXAMPLES, "-b", f"127.0.0.1:{port}", "gunicorn_app:app"],
+        example_gunicorn(port),
         port,
         _clean_env(),
         cwd=str(tmp_path),

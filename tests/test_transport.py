@@ -8,25 +8,21 @@ they record what they saw (connections, request heads) for the test to read.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import socket
 import ssl
 import threading
-from typing import Any, Optional
+from typing import Optional
 from urllib.parse import quote_plus
 
 import pytest
 
 pytest.importorskip("cryptography")
 
-from cryptography import x509  # noqa: E402
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
 
 from mixpanel_otel._transport import Outcome, Transport  # noqa: E402
+
+from .pki import write_pki  # noqa: E402
 
 TOKEN = "transport-token"
 
@@ -39,64 +35,11 @@ def _message_body(group_id: str) -> str:
 # -- certificates -------------------------------------------------------------------------
 
 
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _pem(cert: Any) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _issue(subject: str, key: Any, issuer: Optional[Any], issuer_key: Any, ca: bool) -> Any:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(issuer.subject if issuer is not None else _name(subject))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), False
-        )
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), True)
-    )
-    if ca:
-        usage = x509.KeyUsage(True, False, False, False, False, True, True, False, False)
-    else:
-        usage = x509.KeyUsage(True, False, True, False, True, False, False, False, False)
-        builder = builder.add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False
-        ).add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            False,
-        )
-    return builder.add_extension(usage, True).sign(issuer_key, hashes.SHA256())
-
-
 @pytest.fixture(scope="module")
 def certificates(tmp_path_factory) -> dict[str, str]:
     """A CA bundle and a server certificate for 127.0.0.1 it signed (files)."""
-    folder = tmp_path_factory.mktemp("tls")
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _issue("transport test CA", ca_key, None, ca_key, ca=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = _issue("127.0.0.1", key, ca, ca_key, ca=False)
-    paths = {"ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "key.pem"}
-    paths["ca"].write_bytes(_pem(ca))
-    paths["cert"].write_bytes(_pem(cert))
-    paths["key"].write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return {name: str(path) for name, path in paths.items()}
+    files = write_pki(tmp_path_factory.mktemp("tls"))
+    return {"ca": files["ca.pem"], "cert": files["server.pem"], "key": files["server-key.pem"]}
 
 
 # -- servers in front of the sink ---------------------------------------------------------
