@@ -397,6 +397,81 @@ def test_sigterm_during_a_long_sqlite_query_delivers_then_dies_by_the_signal(sin
     assert not outcome.lost and not outcome.stale, outcome
 
 
+NON_PYTHON_THREAD = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.pthread_create.argtypes = [ctypes.POINTER(ctypes.c_ulong)] + [ctypes.c_void_p] * 3
+client, consumer = make(flush_interval=60, shutdown_timeout=3)
+emit(client, "c", [f"c{i}" for i in range(5)], 100)
+# A thread Python knows nothing of (a C library's worker), waiting in pause(): no
+# Python thread state, so nothing of Python's may run there.
+thread = ctypes.c_ulong()
+assert libc.pthread_create(ctypes.byref(thread), None,
+                           ctypes.cast(libc.pause, ctypes.c_void_p), None) == 0
+signal.pthread_kill(thread.value, signal.SIGTERM)  # the kernel may pick any thread
+time.sleep(30)
+print("NOT KILLED", flush=True)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="starts a thread with libc")
+def test_a_sigterm_that_lands_in_a_thread_python_does_not_know_still_delivers_and_kills(
+    sink, tmp_path
+):
+    """A C handler that reads the interrupted thread's Python frames
+    (``faulthandler``) finds none there, writes nothing, and the signal is lost."""
+    child = Child("import signal\n" + NON_PYTHON_THREAD, sink.url, str(tmp_path), "cthread")
+    code, out, err = _finish(child)
+    assert code == -signal.SIGTERM, (code, out, err)
+    outcome = compare(sink, Plan().emit("c", [f"c{i}" for i in range(5)], 100))
+    assert not outcome.lost and not outcome.stale, outcome
+
+
+WAKEUP_DESCRIPTOR = """
+import asyncio, signal
+import mixpanel_otel
+
+def wakeup_fd():
+    current = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(current)
+    return current
+
+hosts = os.pipe()
+os.set_blocking(hosts[1], False)
+if sys.argv[1] == "host-first":  # trio, Twisted: theirs before the library's
+    signal.set_wakeup_fd(hosts[1])
+client, consumer = make(flush_interval=60)
+print("HOST'S KEPT" if wakeup_fd() == hosts[1] else "OURS" if wakeup_fd() != -1 else "NONE")
+if sys.argv[1] == "shutdown":
+    mixpanel_otel.shutdown()
+    print("AFTER SHUTDOWN", wakeup_fd())
+    sys.exit(0)
+
+async def main():  # asyncio takes the descriptor for its own signals
+    asyncio.get_running_loop().add_signal_handler(signal.SIGINT, lambda: None)
+    emit(client, "w", ["w0", "w1"], 50)
+    os.kill(os.getpid(), signal.SIGTERM)
+    await asyncio.sleep(30)
+
+asyncio.run(main())
+print("NOT KILLED", flush=True)
+"""
+
+
+@pytest.mark.parametrize("case", ["free", "host-first", "shutdown"])
+def test_the_wakeup_descriptor_is_taken_only_while_free_and_given_back(sink, tmp_path, case):
+    """Another library's descriptor is left alone, and a SIGTERM still delivers
+    and kills through our handler when the descriptor is asyncio's."""
+    code, out, err = _finish(Child(WAKEUP_DESCRIPTOR, sink.url, str(tmp_path), "wakeup", case))
+    if case == "shutdown":
+        assert code == 0 and "OURS" in out and "AFTER SHUTDOWN -1" in out, (out, err)
+        return
+    assert ("HOST'S KEPT" if case == "host-first" else "OURS") in out, (out, err)
+    assert code == -signal.SIGTERM, (code, out, err)
+    outcome = compare(sink, Plan().emit("w", ["w0", "w1"], 50))
+    assert not outcome.lost and not outcome.stale, outcome
+
+
 # -- 8. the host's providers, flushed through their public API ----------------------------
 
 PROVIDERS = """

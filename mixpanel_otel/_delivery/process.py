@@ -8,9 +8,10 @@ Installed when the first shared consumer of a process is made (docs/delivery.md,
 - **one exit budget**: the first of ``shutdown()``, a SIGTERM or ``atexit``
   starts a deadline ``shutdown_timeout`` away; every later flush draws from it;
 - a **SIGTERM watch**, only while SIGTERM has its default action: the signal
-  is noticed in C (``faulthandler`` writes to a pipe of ours), so a thread
-  of ours flushes without waiting for the main thread, then the process dies
-  by the signal. An application's own handler is never replaced or called;
+  is noticed in C (CPython's handler writes to our wakeup descriptor), so a
+  thread of ours flushes without waiting for the main thread, then the
+  process dies by the signal. An application's own handler is never replaced
+  or called;
 - in a **multiprocessing** child (which ends with ``os._exit``): the exit
   steps, once, from the first of two points on its way out (see
   :func:`_watch_multiprocessing_exit`);
@@ -79,17 +80,22 @@ class _ExitSteps:
 class _SigtermWatch:
     """Notices a default-action SIGTERM in C and handles it in a thread of ours.
 
-    ``faulthandler.register`` installs a C handler that writes to our pipe
-    (restarting any system call it interrupts); the watcher thread, woken by
-    the write, runs the exit steps and dies by the signal, whatever the main
-    thread is doing. ``signal.getsignal`` shows our Python handler, so a
-    framework that restores the handler it saved (uvicorn) hands it back to us.
+    Our Python handler is installed with ``SA_RESTART``; CPython's C handler,
+    which runs in whichever thread the kernel picks (a C library's own thread
+    too), writes the signal's number to the **wakeup descriptor**
+    (``signal.set_wakeup_fd``), our pipe: the watcher thread reads it and runs
+    the exit steps, then the process dies by the signal, whatever the main
+    thread is doing. The handler itself, run later by the main thread, does the
+    same (the steps run once; it waits for them), which covers a process whose
+    wakeup descriptor is someone else's (asyncio, trio, Twisted): we take the
+    descriptor only while it is free, and give it back. ``signal.getsignal``
+    shows our handler, so a framework that restores the handler it saved
+    (uvicorn) hands the signal back to us.
     """
 
     def __init__(self) -> None:
         self.pid = 0  # the process whose watch this is (0: none)
-        self._fds: tuple[int, int] = (-1, -1)
-        self._stopping = False
+        self._fds: tuple[int, int] = (-1, -1)  # the pipe, if the wakeup descriptor is ours
         self._blocked_for_fork = False
 
     @property
@@ -102,49 +108,92 @@ class _SigtermWatch:
             return self.armed
         if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
             return False  # the application's (or ignored): none of ours
+        # faulthandler remembers the action it replaces and puts it back on
+        # unregister, from any thread: that is how the watcher restores the default
+        # action before it re-sends the signal (signal.signal works only in the main
+        # thread). Its own C handler is replaced at once, so it never runs.
+        with open(os.devnull, "wb") as nowhere:
+            faulthandler.register(signal.SIGTERM, nowhere, chain=False)
+            signal.signal(signal.SIGTERM, _on_sigterm)
+        signal.siginterrupt(signal.SIGTERM, False)  # the main thread's system calls restart
+        self.pid = os.getpid()
+        self._take_wakeup()
+        return True
+
+    def _take_wakeup(self) -> None:
         read, write = os.pipe()
         os.set_blocking(write, False)  # a full pipe must not block a signal handler
+        previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        if previous != -1:  # someone else's: put it back; our handler alone will do
+            signal.set_wakeup_fd(previous, warn_on_full_buffer=False)
+            _close(read, write)
+            return
         watcher = threading.Thread(
             target=self._watch, args=(read,), name="mixpanel-otel-sigterm", daemon=True
         )
         try:
             watcher.start()
         except RuntimeError:  # interpreter shutdown
+            signal.set_wakeup_fd(-1)
             _close(read, write)
-            return False
-        self._fds, self.pid, self._stopping = (read, write), os.getpid(), False
-        # faulthandler remembers the action it replaces and puts it back on unregister:
-        # make that the default action, with our Python handler on top of it.
-        # all_threads=False: it dumps only the interrupted thread's own frames; reading
-        # other threads' frames from a signal handler while they run can crash.
-        faulthandler.register(signal.SIGTERM, write, all_threads=False, chain=False)
-        signal.signal(signal.SIGTERM, _exit_by_signal)
-        faulthandler.unregister(signal.SIGTERM)
-        faulthandler.register(signal.SIGTERM, write, all_threads=False, chain=False)
-        return True
+            return
+        self._fds = (read, write)
 
     def disarm(self) -> None:
-        """Put SIGTERM back as it was (unless the application has changed it since)."""
+        """Put SIGTERM and the wakeup descriptor back as they were (unless the
+        application has changed them since)."""
         if not self.armed:
             return
-        if signal.getsignal(signal.SIGTERM) is _exit_by_signal:
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        if _sigterm_is_ours():
             faulthandler.unregister(signal.SIGTERM)
-            if threading.current_thread() is threading.main_thread():
+            if in_main_thread:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        self._stopping = True
-        os.write(self._fds[1], b"\n")  # wakes the watcher, which ends
-        self.pid = 0
+        if self._fds != (-1, -1):
+            read, write = self._fds
+            os.write(write, b"\0")  # wakes the watcher, which closes the read end and ends
+            self._give_back_wakeup(write)
+        self.pid, self._fds = 0, (-1, -1)
+
+    @staticmethod
+    def _give_back_wakeup(write: int) -> None:
+        with contextlib.suppress(ValueError):  # not the main thread
+            previous = signal.set_wakeup_fd(-1)
+            if previous == write:
+                _close(write)
+                return
+            signal.set_wakeup_fd(previous, warn_on_full_buffer=False)  # changed since
+        # Still the wakeup descriptor, maybe: never let its number be reused
+        # for a file the C handler would then write to.
+        nowhere = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(nowhere, write)
+        _close(nowhere)
+
+    def hears(self) -> bool:
+        """Whether the watcher hears signals: our pipe is the wakeup descriptor
+        (the main thread only; asyncio may have taken it since)."""
+        if not self.armed or self._fds == (-1, -1):
+            return False
+        ours = self._fds[1]
+        current = signal.set_wakeup_fd(ours, warn_on_full_buffer=False)
+        if current != ours:
+            signal.set_wakeup_fd(current, warn_on_full_buffer=False)
+        return current == ours
 
     def _watch(self, read: int) -> None:
         try:
-            os.read(read, 65536)
-        except OSError:
-            return
+            while True:
+                try:
+                    data = os.read(read, 512)
+                except OSError:
+                    return
+                if not data or 0 in data:  # disarmed
+                    return
+                if signal.SIGTERM in data and _sigterm_is_ours():
+                    _exit_by_signal()
+                    return
         finally:
-            if self._stopping:
-                _close(read, self._fds[1])
-        if not self._stopping:
-            _exit_by_signal()
+            _close(read)
 
     # -- fork: the child must not write to its parent's pipe --------------------------
 
@@ -163,12 +212,19 @@ class _SigtermWatch:
     def after_fork_in_child(self) -> None:
         """Forget the parent's watch: the default action again, no thread, no descriptor."""
         if self.pid:
-            if signal.getsignal(signal.SIGTERM) is _exit_by_signal:
+            if _sigterm_is_ours():
                 faulthandler.unregister(signal.SIGTERM)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            _close(*self._fds)
+            if self._fds != (-1, -1):
+                read, write = self._fds
+                _close(read)
+                self._give_back_wakeup(write)
             self.pid, self._fds = 0, (-1, -1)
         self.after_fork_in_parent()  # a SIGTERM sent meanwhile now does what it did before
+
+
+def _sigterm_is_ours() -> bool:
+    return signal.getsignal(signal.SIGTERM) is _on_sigterm
 
 
 def _close(*fds: int) -> None:
@@ -299,11 +355,19 @@ def _at_exit() -> None:
     run_exit_steps(child_exit=_in_multiprocessing_child())  # a spawned child ends here too
 
 
-def _exit_by_signal(*signal_args: Any) -> None:
+def _on_sigterm(*signal_args: Any) -> None:
+    """Our SIGTERM handler, run by the main thread: nothing to do if the watcher
+    heard the signal (the main thread goes on, as it would without us, until the
+    watcher kills the process); else it delivers and kills from here."""
+    if not _watch.hears():
+        _exit_by_signal()
+
+
+def _exit_by_signal() -> None:
     """Run the exit steps, then die by SIGTERM's default action: from the watcher
-    thread, or as our Python handler when someone restored it and raised SIGTERM
-    (the main thread may then be stopped inside one of our locks: the steps run
-    in a thread of their own, :func:`_shielded`)."""
+    thread, or from our handler when the watcher does not hear signals (the main
+    thread may then be stopped inside one of our locks: the steps run in a
+    thread of their own, :func:`_shielded`)."""
     _hooks.dying = True
     try:
         run_exit_steps()
