@@ -570,3 +570,37 @@ def protobuf_field(tag: int, payload: bytes) -> bytes:
         size.append(byte | 0x80 if length else byte)
         if not length:
             return bytes([tag]) + bytes(size) + payload
+
+
+def relay_bytes(
+    source: socket.socket, target: socket.socket, seen: Optional[list[bytes]] = None
+) -> None:
+    """Copy ``source`` to ``target`` until either end closes, then shut both
+    (keeping what passed in ``seen``): a proxy's or a man in the middle's pipe."""
+    try:
+        while True:
+            data = source.recv(65536)
+            if not data:
+                break
+            if seen is not None:
+                seen.append(data)
+            target.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for sock in (source, target):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def recv_until(conn: socket.socket, marker: bytes) -> bytes:
+    """What ``conn`` sends until ``marker`` has come (or the peer closes)."""
+    data = b""
+    while marker not in data:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data

@@ -33,7 +33,16 @@ from opentelemetry.exporter.otlp.proto.http._log_exporter import (  # noqa: E402
 from opentelemetry.sdk._logs import LoggerProvider  # noqa: E402
 from opentelemetry.sdk._logs.export import SimpleLogRecordProcessor  # noqa: E402
 
-from tests.helpers import ROOT, TOKEN, GatewayProcess, _written, flat, protobuf_field  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    ROOT,
+    TOKEN,
+    GatewayProcess,
+    _written,
+    flat,
+    protobuf_field,
+    recv_until,
+    relay_bytes,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -71,13 +80,7 @@ def _raw_post(
     """Send a request head (without its final empty line) and body; the status line."""
     with _connect(gateway, source) as conn:
         conn.sendall(head + b"\r\n\r\n" + body)
-        answer = b""
-        while b"\r\n" not in answer:
-            data = conn.recv(4096)
-            if not data:
-                break
-            answer += data
-        return answer.split(b"\r\n", 1)[0]
+        return recv_until(conn, b"\r\n").split(b"\r\n", 1)[0]
 
 
 def _post_head(path: str, content_type: str = _PROTOBUF, **headers: str) -> bytes:
@@ -199,24 +202,7 @@ class _Relay:
                 return
             self.sockets += [client, upstream]
             for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
-
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while True:
-                data = source.recv(1 << 16)
-                if not data:
-                    break
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                threading.Thread(target=relay_bytes, args=(source, sink), daemon=True).start()
 
     def close(self) -> None:
         self.closing = True

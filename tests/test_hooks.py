@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from typing import Any, Optional
 
 import pytest
 import requests
@@ -38,6 +39,33 @@ def _finish(child: Child, timeout: float = 60) -> tuple[int, str, str]:
         return code, child.stdout, child.stderr
     finally:
         child.close()
+
+
+def _run_noting_calls(
+    sink: Any, tmp_path: Any, source: str, name: str, *args: str
+) -> tuple[int, str, str, Any]:
+    """Run a script whose children note each handler call in a file of
+    ``calls/`` (named by pid); its exit status, output, and that folder."""
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    child = Child(
+        source,
+        sink.url,
+        str(tmp_path),
+        name,
+        *args,
+        CALLS=str(calls),
+        MIXPANEL_OTEL_SHUTDOWN_TIMEOUT=3,
+    )
+    return (*_finish(child), calls)
+
+
+def _workers_plan(workers: int, plan: Optional[Plan] = None) -> Plan:
+    """What ``work(n)`` in the scripts below emits, for each worker."""
+    plan = plan or Plan()
+    for n in range(workers):
+        plan.emit(f"w{n}", [f"w{n}-{j}" for j in range(3)], 50)
+    return plan
 
 
 # -- 1. a multiprocessing child's own SIGTERM handler ------------------------------------
@@ -73,26 +101,12 @@ if __name__ == "__main__":
 
 @pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
 def test_a_pool_childs_own_sigterm_handler_runs_once_and_its_exit_delivers(sink, tmp_path, method):
-    calls = tmp_path / "calls"
-    calls.mkdir()
-    child = Child(
-        POOL_WITH_HANDLER,
-        sink.url,
-        str(tmp_path),
-        "pool",
-        method,
-        CALLS=str(calls),
-        MIXPANEL_OTEL_SHUTDOWN_TIMEOUT=3,
-    )
-    code, out, err = _finish(child)
+    code, out, err, calls = _run_noting_calls(sink, tmp_path, POOL_WITH_HANDLER, "pool", method)
     assert code == 0, err
     for name in os.listdir(calls):
         assert (calls / name).read_text() == "called\n", (name, err)
     assert os.listdir(calls), f"no worker's handler ran: {err}"
-    plan = Plan().emit("parent", ["parent0"], 10)
-    for n in range(4):
-        plan.emit(f"w{n}", [f"w{n}-{j}" for j in range(3)], 50)
-    outcome = compare(sink, plan)
+    outcome = compare(sink, _workers_plan(4, Plan().emit("parent", ["parent0"], 10)))
     assert not outcome.lost and not outcome.stale, (outcome, err)
 
 
@@ -168,30 +182,16 @@ def test_a_childs_handler_raising_anywhere_on_its_way_out_costs_no_update(
     """The child's exit steps run once whether the application's handler raises
     SystemExit in the target, in multiprocessing's exit routine or in threading's
     shutdown hooks (issue 28 item 1: a pool worker's 100 updates were lost)."""
-    calls = tmp_path / "calls"
-    calls.mkdir()
-    child = Child(
-        EXIT_INTERRUPTED,
-        sink.url,
-        str(tmp_path),
-        "interrupted",
-        method,
-        kind,
-        where,
-        CALLS=str(calls),
-        MIXPANEL_OTEL_SHUTDOWN_TIMEOUT=3,
+    code, out, err, calls = _run_noting_calls(
+        sink, tmp_path, EXIT_INTERRUPTED, "interrupted", method, kind, where
     )
-    code, out, err = _finish(child)
     assert code == 0 and "DONE" in out, err
     handled = [name for name in os.listdir(calls) if not name.endswith(".exit")]
     assert handled, f"no child's handler ran: {err}"
     for name in os.listdir(calls):  # each handler, and each child's exit steps, once
         assert (calls / name).read_text() in ("called\n", "ran\n"), (name, err)
     assert {f"{name}.exit" for name in handled} <= set(os.listdir(calls)), err
-    plan = Plan()
-    for n in range(4 if kind == "pool" else 2):
-        plan.emit(f"w{n}", [f"w{n}-{j}" for j in range(3)], 50)
-    outcome = compare(sink, plan)
+    outcome = compare(sink, _workers_plan(4 if kind == "pool" else 2))
     assert not outcome.lost and not outcome.stale, (outcome, err)
 
 
@@ -215,10 +215,7 @@ def test_process_pool_executor_workers_deliver_at_their_exit(sink, tmp_path, met
     child = Child(EXECUTOR, sink.url, str(tmp_path), "executor", method)
     code, out, err = _finish(child)
     assert code == 0, err
-    plan = Plan()
-    for n in range(4):
-        plan.emit(f"w{n}", [f"w{n}-{j}" for j in range(3)], 50)
-    outcome = compare(sink, plan)
+    outcome = compare(sink, _workers_plan(4))
     assert not outcome.lost and not outcome.stale, (outcome, err)
 
 

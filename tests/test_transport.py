@@ -22,6 +22,7 @@ pytest.importorskip("cryptography")
 
 from mixpanel_otel._transport import Outcome, Transport  # noqa: E402
 
+from .helpers import recv_until, relay_bytes  # noqa: E402
 from .pki import write_pki  # noqa: E402
 
 TOKEN = "transport-token"
@@ -45,33 +46,8 @@ def certificates(tmp_path_factory) -> dict[str, str]:
 # -- servers in front of the sink ---------------------------------------------------------
 
 
-def _pipe(source: socket.socket, target: socket.socket, seen: Optional[list[bytes]]) -> None:
-    try:
-        while True:
-            data = source.recv(65536)
-            if not data:
-                break
-            if seen is not None:
-                seen.append(data)
-            target.sendall(data)
-    except OSError:
-        pass
-    finally:
-        for sock in (source, target):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-
 def _read_head(conn: socket.socket) -> tuple[bytes, bytes]:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = conn.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
+    head, _, rest = recv_until(conn, b"\r\n\r\n").partition(b"\r\n\r\n")
     return head, rest
 
 
@@ -114,8 +90,8 @@ class Front:
         upstream = socket.create_connection(("127.0.0.1", self.target_port))
         if first:
             upstream.sendall(first)
-        threading.Thread(target=_pipe, args=(upstream, conn, None), daemon=True).start()
-        _pipe(conn, upstream, self.sent)
+        threading.Thread(target=relay_bytes, args=(upstream, conn), daemon=True).start()
+        relay_bytes(conn, upstream, self.sent)
 
     def close(self) -> None:
         self._closed.set()
