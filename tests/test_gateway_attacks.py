@@ -469,7 +469,10 @@ def test_5_silent_streams_from_one_address_leave_calls_for_others(sink, start_ga
     attack = _Attack()
     attack.run(lambda n: _silent_streams(attack, attacker.address, 1100, 9)).wait_started(1)
     try:
-        time.sleep(1)  # the streams open (nothing to wait on from outside)
+        # Opening 1,100 streams holds grpcio's poller for a moment (longer on a loaded
+        # machine; docs/gateway.md): the steady attack starts once one call got through.
+        settled = GrpcLogExporter(endpoint=gateway.grpc, insecure=True, timeout=30)
+        assert _export_with(settled, "real-grpc-silent-settled") == "SUCCESS"
         for round_number in range(3):
             _probe(gateway, f"silent-{round_number}")
     finally:

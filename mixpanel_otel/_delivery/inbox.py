@@ -55,6 +55,10 @@ class Inbox:
         """Hand every update to ``add`` in order (the ledger's lock is held);
         returns how many moved and how many of them merged."""
         inbox = self._updates
+        # Counted as held before they leave: a caller offering meanwhile sees
+        # fewer waiting, and must not see the old held count beside them.
+        self.held += len(inbox)
+        self.held_bytes += self._bytes
         self._bytes = 0
         moved = merged = 0
         while inbox:

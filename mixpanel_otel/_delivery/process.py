@@ -85,10 +85,10 @@ class _SigtermWatch:
     too), writes the signal's number to the **wakeup descriptor**
     (``signal.set_wakeup_fd``), our pipe: the watcher thread reads it and runs
     the exit steps, then the process dies by the signal, whatever the main
-    thread is doing. The handler itself, run later by the main thread, does the
-    same (the steps run once; it waits for them), which covers a process whose
-    wakeup descriptor is someone else's (asyncio, trio, Twisted): we take the
-    descriptor only while it is free, and give it back. ``signal.getsignal``
+    thread is doing. The handler itself, run later by the main thread, returns
+    at once when the watcher heard the signal; it runs the exit steps itself
+    only when the wakeup descriptor is someone else's (asyncio, trio, Twisted):
+    we take the descriptor only while it is free, and give it back. ``signal.getsignal``
     shows our handler, so a framework that restores the handler it saved
     (uvicorn) hands the signal back to us.
     """

@@ -200,3 +200,34 @@ def test_the_exit_takes_the_spill_queue_ahead_of_newer_buffered_updates():
     add(dispatch, update("g", payload={"last": 3}))
     front, back, lost = dispatch.take_all()
     assert [u.payload["last"] for u in front + back] == [1, 2, 3] and not lost
+
+
+# -- inbox -----------------------------------------------------------------------------
+
+
+def test_a_caller_offering_while_the_inbox_is_moved_never_passes_max_pending():
+    """The inbox is emptied one update at a time under the ledger's lock while
+    callers offer without it: a caller that came in mid-move saw fewer waiting
+    and the old held count, and was admitted past the bound (1,005 held of a
+    1,000 maximum, in a loaded run)."""
+    from types import SimpleNamespace
+
+    from mixpanel_otel._delivery.inbox import Inbox
+
+    inbox = Inbox(200, SimpleNamespace(max_pending=10, max_pending_bytes=10**9), lambda: None)
+    inbox.count(held=0, held_bytes=0)
+    for i in range(10):
+        assert inbox.offer([update(f"g{i}")], 100)
+    assert not inbox.offer([update("full")], 100)
+    held = []
+    admitted = []
+
+    def add_while_a_caller_offers(moved):
+        held.append(moved)
+        admitted.append(inbox.offer([update(f"late{len(held)}")], 100))  # another thread
+        return 0
+
+    inbox.move(add_while_a_caller_offers)
+    assert admitted == [False] * 10
+    inbox.count(held=len(held), held_bytes=100 * len(held))  # what the ledger publishes
+    assert not inbox.offer([update("still full")], 100)
