@@ -123,9 +123,7 @@ class _SigtermWatch:
     def _take_wakeup(self) -> None:
         read, write = os.pipe()
         os.set_blocking(write, False)  # a full pipe must not block a signal handler
-        previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
-        if previous != -1:  # someone else's: put it back; our handler alone will do
-            signal.set_wakeup_fd(previous, warn_on_full_buffer=False)
+        if not _replace_wakeup(-1, write):  # someone else's: our handler alone will do
             _close(read, write)
             return
         watcher = threading.Thread(
@@ -150,7 +148,7 @@ class _SigtermWatch:
             if in_main_thread:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if self._fds != (-1, -1):
-            read, write = self._fds
+            write = self._fds[1]
             os.write(write, b"\0")  # wakes the watcher, which closes the read end and ends
             self._give_back_wakeup(write)
         self.pid, self._fds = 0, (-1, -1)
@@ -158,11 +156,9 @@ class _SigtermWatch:
     @staticmethod
     def _give_back_wakeup(write: int) -> None:
         with contextlib.suppress(ValueError):  # not the main thread
-            previous = signal.set_wakeup_fd(-1)
-            if previous == write:
+            if _replace_wakeup(write, -1):
                 _close(write)
                 return
-            signal.set_wakeup_fd(previous, warn_on_full_buffer=False)  # changed since
         # Still the wakeup descriptor, maybe: never let its number be reused
         # for a file the C handler would then write to.
         nowhere = os.open(os.devnull, os.O_WRONLY)
@@ -174,11 +170,7 @@ class _SigtermWatch:
         (the main thread only; asyncio may have taken it since)."""
         if not self.armed or self._fds == (-1, -1):
             return False
-        ours = self._fds[1]
-        current = signal.set_wakeup_fd(ours, warn_on_full_buffer=False)
-        if current != ours:
-            signal.set_wakeup_fd(current, warn_on_full_buffer=False)
-        return current == ours
+        return _replace_wakeup(self._fds[1], self._fds[1])
 
     def _watch(self, read: int) -> None:
         try:
@@ -221,6 +213,15 @@ class _SigtermWatch:
                 self._give_back_wakeup(write)
             self.pid, self._fds = 0, (-1, -1)
         self.after_fork_in_parent()  # a SIGTERM sent meanwhile now does what it did before
+
+
+def _replace_wakeup(expected: int, new: int) -> bool:
+    """Make ``new`` the wakeup descriptor if it is ``expected`` (-1: none), else leave
+    it as it is; whether it was (the main thread only: ValueError elsewhere)."""
+    previous = signal.set_wakeup_fd(new, warn_on_full_buffer=False)
+    if previous != expected:
+        signal.set_wakeup_fd(previous, warn_on_full_buffer=False)
+    return previous == expected
 
 
 def _sigterm_is_ours() -> bool:
